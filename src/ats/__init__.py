@@ -1,0 +1,51 @@
+"""Adaptive Token Sampling (ATS) for pretrained vision transformers.
+
+    import timm, ats
+    model = timm.create_model("deit_small_patch16_224", pretrained=True)
+    ats.patch(model, ats.ATSConfig.multi_stage(rho=1.0))
+    logits = model(images)
+    ats.last_stats(model).gflops
+"""
+from typing import Optional, Sequence
+
+from torch import nn
+
+from .config import ATSConfig, TokenBudget
+from .flops import ViTShape
+from .patch.timm import last_stats_timm, patch_timm, unpatch_timm, upper_bound_flops
+from .stats import ATSStats
+
+__version__ = "0.1.0"
+__all__ = ["ATSConfig", "ATSStats", "TokenBudget", "gflops", "is_patched", "last_stats", "patch", "unpatch"]
+
+
+def patch(model: nn.Module, config: ATSConfig) -> nn.Module:
+    """Apply ATS to ``model`` in place and return it; patching again replaces the config."""
+    if not isinstance(config, ATSConfig):
+        raise TypeError(f"config must be an ats.ATSConfig, got {type(config).__name__}; "
+                        "e.g. ats.ATSConfig.multi_stage(rho=1.0)")
+    return patch_timm(model, config)
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Remove ATS from ``model`` in place: its forward is the original one again."""
+    return unpatch_timm(model)
+
+
+def is_patched(model: nn.Module) -> bool:
+    return hasattr(model, "_ats")
+
+
+def last_stats(model: nn.Module) -> ATSStats:
+    """Statistics of the last forward of a patched model (tokens per block, GFLOPs per image, ...)."""
+    return last_stats_timm(model)
+
+
+def gflops(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> float:
+    """Analytic GFLOPs per image: of an unpatched model, or the upper bound of a patched one.
+
+    input_size: (C, H, W); defaults to the model's own.
+    """
+    shape = ViTShape.from_model(model, input_size)
+    config = model._ats.config if is_patched(model) else None
+    return upper_bound_flops(model, shape, config) / 1e9

@@ -1,0 +1,140 @@
+"""What to sample where: token budgets per block and the ATS options."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Union
+
+import torch
+
+SAMPLERS = ("inverse_transform", "topk")
+SCORES = ("cls", "self_attention")
+
+#: The paper's multi-stage schedule starts at block 3 (0-based) and runs to the last block.
+MULTI_STAGE_FIRST_BLOCK = 3
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """How many samples K an ATS block draws, for each image.
+
+    Either a fixed ``k`` (single-stage, e.g. K=108) or a ratio ``rho`` of the tokens entering the
+    block (multi-stage: ``K = max(floor(rho * tokens_in), min_tokens)``). This is the one place the
+    schedule is defined; sampling, FLOP bounds and reports all call it.
+    """
+
+    k: Optional[int] = None
+    rho: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if (self.k is None) == (self.rho is None):
+            raise ValueError("a TokenBudget takes exactly one of k (a token count) or rho (a ratio)")
+        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
+            raise ValueError(f"k must be a whole number >= 1, got {self.k!r}; pick e.g. k=108 for DeiT-S")
+        if self.rho is not None and not (0.0 < float(self.rho) <= 1.0):
+            raise ValueError(f"rho must lie in (0, 1], got {self.rho!r}; the paper uses 1.0, 0.87 and 0.72")
+
+    def samples(self, tokens_in: torch.Tensor, min_tokens: int) -> torch.Tensor:
+        """K per image. tokens_in: [B] valid tokens entering the block (prefix included) -> [B] long."""
+        if self.k is not None:
+            return torch.full_like(tokens_in, self.k)
+        return torch.floor(tokens_in.to(torch.float64) * self.rho).long().clamp(min=min_tokens)
+
+    def max_samples(self, tokens_in: int, min_tokens: int) -> int:
+        """The largest K any image entering with at most ``tokens_in`` tokens can draw."""
+        if self.k is not None:
+            return self.k
+        return max(math.floor(tokens_in * self.rho), min_tokens)
+
+    def __str__(self) -> str:
+        return f"K={self.k}" if self.k is not None else f"rho={self.rho:g}"
+
+
+BudgetLike = Union[int, float, TokenBudget]
+
+
+def _as_budget(value: BudgetLike) -> TokenBudget:
+    if isinstance(value, TokenBudget):
+        return value
+    if isinstance(value, bool):
+        raise TypeError(f"a block budget must be an int K or a float rho, got {value!r}")
+    if isinstance(value, int):
+        return TokenBudget(k=value)
+    if isinstance(value, float):
+        return TokenBudget(rho=value)
+    raise TypeError(f"a block budget must be an int K, a float rho or a TokenBudget, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class ATSConfig:
+    """Where ATS runs and how it samples.
+
+    Args:
+        blocks: block index (0-based) -> budget: an int K, a float rho in (0, 1], or a TokenBudget.
+        sampler: "inverse_transform" (the paper) or "topk" (keep the K highest scores).
+        score: "cls" (class-token attention x value norm) or "self_attention" (column sums).
+        keep_cls: enforce the class token; with False it is sampled like a patch token (see docs).
+        min_tokens: floor on K for ratio budgets (the paper's 8).
+        min_kept: top up to this many unique patch tokens by score when sampling keeps fewer (0: off).
+        stochastic: in train mode draw K sorted uniform points instead of the deterministic grid.
+    """
+
+    blocks: Mapping[int, BudgetLike]
+    sampler: str = "inverse_transform"
+    score: str = "cls"
+    keep_cls: bool = True
+    min_tokens: int = 8
+    min_kept: int = 0
+    stochastic: bool = False
+    budgets: Mapping[int, TokenBudget] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.blocks, Mapping) or not self.blocks:
+            raise ValueError("blocks must be a non-empty dict {block_index: K or rho}, e.g. {3: 108}")
+        for index in self.blocks:
+            if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+                raise ValueError(f"block indices are 0-based ints, got {index!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.score not in SCORES:
+            raise ValueError(f"unknown score {self.score!r}; choose one of {', '.join(SCORES)}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 1:
+            raise ValueError(f"min_tokens must be an int >= 1, got {self.min_tokens!r}")
+        if isinstance(self.min_kept, bool) or not isinstance(self.min_kept, int) or self.min_kept < 0:
+            raise ValueError(f"min_kept must be an int >= 0 (0 turns it off), got {self.min_kept!r}")
+        budgets = {index: _as_budget(value) for index, value in sorted(self.blocks.items())}
+        object.__setattr__(self, "budgets", budgets)
+
+    @classmethod
+    def multi_stage(cls, rho: float = 1.0, first: int = MULTI_STAGE_FIRST_BLOCK, depth: int = 12,
+                    **options) -> "ATSConfig":
+        """ATS in blocks ``first .. depth-1`` with ``K_n = max(floor(rho * tokens_in_n), min_tokens)``."""
+        if isinstance(rho, int) and not isinstance(rho, bool):
+            rho = float(rho)
+        if not isinstance(rho, float):
+            raise TypeError(f"rho must be a float in (0, 1], got {rho!r}")
+        if not 0 <= first < depth:
+            raise ValueError(f"first block {first} must lie in 0..{depth - 1} for a model of depth {depth}")
+        return cls(blocks={index: TokenBudget(rho=rho) for index in range(first, depth)}, **options)
+
+    @classmethod
+    def single_stage(cls, k: int, block: int = MULTI_STAGE_FIRST_BLOCK, **options) -> "ATSConfig":
+        """ATS in one block with a fixed number of samples K."""
+        return cls(blocks={block: TokenBudget(k=k)}, **options)
+
+    def describe(self) -> str:
+        """A short label, e.g. ``multi-stage rho=0.7 (3..11)`` or ``K=108 @ block 3``."""
+        budgets = list(self.budgets.values())
+        indices = list(self.budgets)
+        if len(set(budgets)) == 1 and indices == list(range(indices[0], indices[-1] + 1)) and len(indices) > 1:
+            label = f"{budgets[0]} @ blocks {indices[0]}..{indices[-1]}"
+        else:
+            label = ", ".join(f"{budget} @ block {index}" for index, budget in self.budgets.items())
+        extras = [self.sampler] if self.sampler != "inverse_transform" else []
+        if self.score != "cls":
+            extras.append(f"score={self.score}")
+        if not self.keep_cls:
+            extras.append("cls not enforced")
+        if self.min_kept:
+            extras.append(f"min_kept={self.min_kept}")
+        return label + (f" ({', '.join(extras)})" if extras else "")

@@ -1,0 +1,107 @@
+"""The FLOP formula (one multiply-add = one FLOP, as fvcore and the paper count).
+
+A block on n_in tokens that keeps n_out of them (n_out = n_in for a standard block):
+qkv ``3 n_in C A``, scores (ATS only), attention ``2 n_out n_in A``, proj ``n_out A C``,
+MLP ``2 n_out C H`` (C width, A attention width, H MLP hidden width). With A = C and H = rC a
+standard block is ``(4 + 2r) n C^2 + 2 n^2 C``. Norms, softmax and activations are not counted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+Count = Union[int, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ViTShape:
+    """The sizes of a ViT that its FLOPs depend on."""
+
+    embed_dim: int
+    attn_dim: int
+    mlp_hidden: int
+    depth: int
+    num_patches: int
+    num_prefix_tokens: int
+    patch_embed_flops: int
+    head_flops: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + self.num_prefix_tokens
+
+    @classmethod
+    def from_model(cls, model: nn.Module, input_size: Optional[Sequence[int]] = None) -> "ViTShape":
+        """Read the sizes off a timm VisionTransformer; input_size (C, H, W) defaults to the model's."""
+        patch_embed = model.patch_embed
+        proj = patch_embed.proj
+        if not isinstance(proj, nn.Conv2d):
+            raise TypeError(f"cannot count FLOPs of a {type(proj).__name__} patch embedding (expected Conv2d)")
+        grid = patch_embed.grid_size
+        if input_size is not None:
+            if len(input_size) != 3:
+                raise ValueError(f"input_size must be (channels, height, width), got {tuple(input_size)}")
+            height, width = input_size[1:]
+            patch_h, patch_w = patch_embed.patch_size
+            if height % patch_h or width % patch_w:
+                raise ValueError(f"input size {height}x{width} is not a multiple of the patch size "
+                                 f"{patch_h}x{patch_w}; resize the images to a multiple")
+            grid = (height // patch_h, width // patch_w)
+        num_patches = grid[0] * grid[1]
+        block = model.blocks[0]
+        heads = [m for m in (getattr(model, "head", None), getattr(model, "head_dist", None))
+                 if isinstance(m, nn.Linear)]
+        return cls(
+            embed_dim=model.embed_dim,
+            attn_dim=block.attn.qkv.out_features // 3,
+            mlp_hidden=block.mlp.fc1.out_features,
+            depth=len(model.blocks),
+            num_patches=num_patches,
+            num_prefix_tokens=model.num_prefix_tokens,
+            patch_embed_flops=num_patches * proj.out_channels * proj.in_channels * proj.kernel_size[0]
+            * proj.kernel_size[1],
+            head_flops=sum(head.in_features * head.out_features for head in heads),
+        )
+
+
+def score_flops(shape: ViTShape, n_in: Count, score: str) -> Count:
+    """Cost of the significance scores: the class-token row, or every row for self-attention."""
+    if score == "cls":
+        return n_in * shape.attn_dim
+    return n_in * n_in * shape.attn_dim
+
+
+def block_flops(shape: ViTShape, n_in: Count, n_out: Count, score: Optional[str] = None) -> Count:
+    """FLOPs of one block taking n_in tokens and emitting n_out (ints or [B] tensors).
+
+    score: None for a standard block, else the ATS score variant ("cls" or "self_attention").
+    """
+    c, a, h = shape.embed_dim, shape.attn_dim, shape.mlp_hidden
+    flops = 3 * n_in * c * a + 2 * n_out * n_in * a + n_out * a * c + 2 * n_out * c * h
+    if score is not None:
+        flops = flops + score_flops(shape, n_in, score)
+    return flops
+
+
+def vit_flops(shape: ViTShape, tokens_in: torch.Tensor, tokens_out: torch.Tensor,
+              scores: Mapping[int, str]) -> torch.Tensor:
+    """FLOPs per image of a whole forward.
+
+    tokens_in, tokens_out: [B, depth] tokens each block took in and emitted; scores: the ATS
+    blocks' score variant by block index. Returns [B] float64.
+    """
+    tokens_in = tokens_in.to(torch.float64)
+    tokens_out = tokens_out.to(torch.float64)
+    total = torch.full_like(tokens_in[:, 0], float(shape.patch_embed_flops + shape.head_flops))
+    for index in range(shape.depth):
+        total = total + block_flops(shape, tokens_in[:, index], tokens_out[:, index], scores.get(index))
+    return total
+
+
+def dense_flops(shape: ViTShape) -> int:
+    """FLOPs of the unpatched model on one image."""
+    n = shape.num_tokens
+    return shape.patch_embed_flops + shape.head_flops + shape.depth * block_flops(shape, n, n)

@@ -1,0 +1,152 @@
+"""Packing a mini-batch whose images keep different numbers of tokens.
+
+Tokens live as a flat list of valid rows [T, C], image by image; the padded view [B, m, C]
+(m = the longest image, valid tokens first) is made only where attention needs it. Linear layers
+and norms therefore run on valid rows alone, and an image's result does not depend on its
+batch-mates.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class TokenBatch:
+    """B images' tokens, packed.
+
+    rows: [T, C] valid tokens of image 0, then image 1, ...
+    lengths: [B] long, tokens per image (positions holding a token, prefix included).
+    width: m, the padded length (max of lengths), a Python int.
+    row_index: [T] long, each row's position in the flattened padded layout [B * m];
+        None when there is no padding (T == B * m).
+    source: [B, m] long, the index each token had in the model's original token sequence
+        (prefix tokens first, then patches); -1 on padding.
+    cls_live: [B] bool, False where the class token was dropped (it then stays at position 0,
+        frozen: it is no key for others and no longer updated). None when enforced.
+    """
+
+    rows: torch.Tensor
+    lengths: torch.Tensor
+    width: int
+    row_index: Optional[torch.Tensor]
+    source: torch.Tensor
+    cls_live: Optional[torch.Tensor] = None
+
+    @classmethod
+    def from_dense(cls, x: torch.Tensor) -> "TokenBatch":
+        """Pack a batch with no padding. x: [B, N, C]."""
+        batch, n, _ = x.shape
+        lengths = torch.full((batch,), n, dtype=torch.long, device=x.device)
+        source = torch.arange(n, device=x.device).expand(batch, n)
+        return cls(x.reshape(batch * n, -1), lengths, n, None, source)
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def is_dense(self) -> bool:
+        """True when no image has padding or a frozen class token: plain timm blocks apply."""
+        return self.row_index is None and self.cls_live is None
+
+    @property
+    def position_mask(self) -> torch.Tensor:
+        """[B, m] bool, True where a position holds a token (frozen class token included)."""
+        return torch.arange(self.width, device=self.lengths.device) < self.lengths[:, None]
+
+    @property
+    def key_mask(self) -> Optional[torch.Tensor]:
+        """[B, m] bool, the keys attention may use; None when every position is one."""
+        if self.is_dense:
+            return None
+        mask = self.position_mask
+        if self.cls_live is not None:
+            mask = mask.clone()
+            mask[:, 0] &= self.cls_live
+        return mask
+
+    @property
+    def live_tokens(self) -> torch.Tensor:
+        """[B] long, tokens per image that take part in attention (a frozen class token does not)."""
+        if self.cls_live is None:
+            return self.lengths
+        return self.lengths - (~self.cls_live).long()
+
+    @property
+    def image_of_row(self) -> torch.Tensor:
+        """[T] long, the image each row belongs to."""
+        if self.row_index is None:
+            return torch.arange(self.batch_size, device=self.rows.device).repeat_interleave(self.width)
+        return torch.div(self.row_index, self.width, rounding_mode="floor")
+
+    @property
+    def row_live(self) -> Optional[torch.Tensor]:
+        """[T, 1] float, 0 on the rows of frozen class tokens (their updates are dropped), else None."""
+        if self.cls_live is None:
+            return None
+        first_row = torch.cumsum(self.lengths, 0) - self.lengths
+        live = torch.ones(self.rows.shape[0], 1, dtype=self.rows.dtype, device=self.rows.device)
+        live[first_row, 0] = self.cls_live.to(self.rows.dtype)
+        return live
+
+    def dense(self) -> torch.Tensor:
+        """[B, m, C] view of the rows; only for a batch with no padding."""
+        return self.rows.view(self.batch_size, self.width, -1)
+
+    def pad(self, rows: torch.Tensor) -> torch.Tensor:
+        """Scatter per-row values [T, D] into the padded layout [B, m, D] (zeros on padding)."""
+        if self.row_index is None:
+            return rows.view(self.batch_size, self.width, -1)
+        padded = rows.new_zeros(self.batch_size * self.width, rows.shape[-1])
+        padded.index_copy_(0, self.row_index, rows)
+        return padded.view(self.batch_size, self.width, -1)
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """Gather the valid rows [T, D] of a padded tensor [B, m, D]."""
+        flat = padded.reshape(self.batch_size * self.width, -1)
+        return flat if self.row_index is None else flat.index_select(0, self.row_index)
+
+    def with_rows(self, rows: torch.Tensor) -> "TokenBatch":
+        return replace(self, rows=rows)
+
+    def select(self, keep: torch.Tensor) -> tuple["TokenBatch", torch.Tensor, torch.Tensor]:
+        """Keep the positions marked in keep [B, m], packed to the lowest indices in their order.
+
+        Returns the new batch (rows gathered), ``positions`` [B, m'] the old position of each new
+        position (padding points at some unkept position), and ``rows_from`` [T'] the old row of
+        each new row (to gather any other per-row tensor). The one host sync sizes the new batch.
+        """
+        batch = self.batch_size
+        lengths = keep.sum(dim=1)
+        total, width = (int(value) for value in torch.stack([lengths.sum(), lengths.max()]).tolist())
+        positions = keep.to(torch.uint8).sort(dim=1, descending=True, stable=True).indices[:, :width]
+        row_index = _row_index(lengths, width, total) if total < batch * width else None
+        flat_positions = positions + torch.arange(batch, device=keep.device)[:, None] * self.width
+        valid_flat = flat_positions.reshape(-1)
+        if row_index is not None:
+            valid_flat = valid_flat.index_select(0, row_index)
+        rows_from = self._row_at_position().index_select(0, valid_flat)
+        source = self.source.gather(1, positions).masked_fill(
+            torch.arange(width, device=keep.device) >= lengths[:, None], -1)
+        packed = TokenBatch(self.rows.index_select(0, rows_from), lengths, width, row_index, source,
+                            self.cls_live)
+        return packed, positions, rows_from
+
+    def _row_at_position(self) -> torch.Tensor:
+        """[B * m] long, the row index of each padded position (0 on padding)."""
+        if self.row_index is None:
+            return torch.arange(self.rows.shape[0], device=self.rows.device)
+        at = torch.zeros(self.batch_size * self.width, dtype=torch.long, device=self.rows.device)
+        return at.index_copy_(0, self.row_index, torch.arange(self.rows.shape[0], device=self.rows.device))
+
+
+def _row_index(lengths: torch.Tensor, width: int, total: int) -> torch.Tensor:
+    """[T] flattened padded positions of the valid tokens, computed on device without a sync."""
+    batch = lengths.shape[0]
+    image = torch.repeat_interleave(torch.arange(batch, device=lengths.device), lengths, output_size=total)
+    starts = torch.cumsum(lengths, 0) - lengths
+    offset = torch.arange(total, device=lengths.device) - starts.index_select(0, image)
+    return image * width + offset

@@ -1,0 +1,1 @@
+"""Integrations of ATS into model families (one module per family)."""

@@ -1,0 +1,102 @@
+"""The ATS algorithm on plain tensors: significance scores and token sampling.
+
+Shapes: B images, h heads, n token positions (some may be padding), d head width.
+A ``candidates`` mask [B, n] marks the tokens that may be sampled (valid patch tokens, and the
+class token when it is not enforced). Every function returns a keep mask [B, n] over positions;
+a token is never kept unless it is a candidate with a positive score.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def masked_softmax_logits(q: torch.Tensor, k: torch.Tensor, scale: float,
+                          key_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Attention probabilities of queries q [B, h, nq, d] over keys k [B, h, n, d] -> [B, h, nq, n].
+
+    key_mask: [B, n] bool, False for keys no query may see (padding), or None.
+    """
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+def cls_scores(cls_attention: torch.Tensor, v: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Class-token significance scores ``S_j = (sum_h a_h[j]) * ||v_j|| / sum``.
+
+    cls_attention: [B, h, n] the class token's attention over the keys; v: [B, h, n, d] values;
+    candidates: [B, n] bool. Returns [B, n] scores summing to 1 over candidates (0 elsewhere).
+    """
+    value_norm = v.square().sum(dim=(1, 3)).sqrt()
+    return _normalise(cls_attention.sum(dim=1) * value_norm, candidates)
+
+
+def self_attention_scores(attention: torch.Tensor, query_mask: Optional[torch.Tensor],
+                          candidates: torch.Tensor) -> torch.Tensor:
+    """Self-attention scores: column sums of the attention over valid queries and all heads.
+
+    attention: [B, h, n, n] probabilities; query_mask: [B, n] bool valid query rows, or None.
+    Returns [B, n] scores summing to 1 over candidates.
+    """
+    columns = attention.sum(dim=1)
+    if query_mask is not None:
+        columns = columns * query_mask[:, :, None]
+    return _normalise(columns.sum(dim=1), candidates)
+
+
+def _normalise(raw: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    raw = raw.float().masked_fill(~candidates, 0.0)
+    return raw / raw.sum(dim=1, keepdim=True).clamp_min(torch.finfo(raw.dtype).tiny)
+
+
+def sample_points(k: torch.Tensor, k_max: int, stochastic: bool = False,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The K points on the CDF's y-axis for each image -> [B, k_max], +inf past an image's own K.
+
+    k: [B] long, K per image (<= k_max). Deterministic: ``y_i = (2i - 1) / (2K)``, i = 1..K.
+    Stochastic: K sorted uniform draws in [0, 1).
+    """
+    steps = torch.arange(1, k_max + 1, device=k.device, dtype=torch.float64)
+    unused = steps > k[:, None]
+    if stochastic:
+        draws = torch.rand(k.shape[0], k_max, device=k.device, dtype=torch.float64, generator=generator)
+        return draws.masked_fill(unused, float("inf")).sort(dim=1).values
+    return ((2 * steps - 1) / (2 * k[:, None].to(torch.float64))).masked_fill(unused, float("inf"))
+
+
+def inverse_transform_sample(scores: torch.Tensor, k: torch.Tensor, k_max: int, stochastic: bool = False,
+                             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Inverse transform sampling of token positions by score -> keep mask [B, n] (duplicates merged).
+
+    scores: [B, n] non-negative, summing to 1 per image; k: [B] samples per image; k_max: max(k).
+    Each point y picks the first position (in ascending score order) whose CDF reaches y, so a
+    zero-score position (padding, prefix, non-candidate) is never picked.
+    """
+    batch, n = scores.shape
+    sorted_scores, order = scores.sort(dim=1)
+    cdf = sorted_scores.to(torch.float64).cumsum(dim=1)
+    y = sample_points(k, k_max, stochastic, generator)
+    picked = torch.searchsorted(cdf, y, side="left").clamp_(max=n - 1)
+    positions = order.gather(1, picked).masked_fill(torch.isinf(y), n)
+    keep = scores.new_zeros(batch, n + 1, dtype=torch.bool).scatter_(1, positions, True)[:, :n]
+    return keep & (scores > 0)
+
+
+def topk_sample(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Keep the k[b] highest-scoring positions of each image -> keep mask [B, n].
+
+    scores: [B, n]; k: [B] long. Positions with score 0 are never kept.
+    """
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    ranks_kept = torch.arange(scores.shape[1], device=scores.device) < k[:, None]
+    keep = torch.zeros_like(ranks_kept).scatter_(1, order, ranks_kept)
+    return keep & (scores > 0)
+
+
+def top_up(keep: torch.Tensor, scores: torch.Tensor, min_kept: int) -> torch.Tensor:
+    """Add the best-scoring unkept positions until each image keeps at least ``min_kept`` -> [B, n]."""
+    missing = (min_kept - keep.sum(dim=1)).clamp(min=0)
+    return keep | topk_sample(scores.masked_fill(keep, 0.0), missing)
