@@ -9,9 +9,13 @@ import torch
 
 SAMPLERS = ("inverse_transform", "topk")
 SCORES = ("cls", "self_attention")
+PACKINGS = ("rows", "padded")
 
 #: The paper's multi-stage schedule starts at block 3 (0-based) and runs to the last block.
 MULTI_STAGE_FIRST_BLOCK = 3
+#: The paper's DeiT-S settings of about 3.0, 2.5 and 2.0 GFLOPs (multi-stage rho; single-stage K at block 3).
+PAPER_RHOS = (1.0, 0.87, 0.72)
+PAPER_KS = (108, 78, 48)
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,8 @@ class ATSConfig:
         min_tokens: floor on K for ratio budgets (the paper's 8).
         min_kept: top up to this many unique patch tokens by score when sampling keeps fewer (0: off).
         stochastic: in train mode draw K sorted uniform points instead of the deterministic grid.
+        packing: "rows" runs linear layers and norms on valid tokens only; "padded" runs every
+            later block on all padded positions with masked keys (the official code's way; slower).
     """
 
     blocks: Mapping[int, BudgetLike]
@@ -86,6 +92,7 @@ class ATSConfig:
     min_tokens: int = 8
     min_kept: int = 0
     stochastic: bool = False
+    packing: str = "rows"
     budgets: Mapping[int, TokenBudget] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -98,6 +105,8 @@ class ATSConfig:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if self.score not in SCORES:
             raise ValueError(f"unknown score {self.score!r}; choose one of {', '.join(SCORES)}")
+        if self.packing not in PACKINGS:
+            raise ValueError(f"unknown packing {self.packing!r}; choose one of {', '.join(PACKINGS)}")
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 1:
             raise ValueError(f"min_tokens must be an int >= 1, got {self.min_tokens!r}")
         if isinstance(self.min_kept, bool) or not isinstance(self.min_kept, int) or self.min_kept < 0:
@@ -137,4 +146,6 @@ class ATSConfig:
             extras.append("cls not enforced")
         if self.min_kept:
             extras.append(f"min_kept={self.min_kept}")
+        if self.packing != "rows":
+            extras.append(f"{self.packing} packing")
         return label + (f" ({', '.join(extras)})" if extras else "")

@@ -21,11 +21,14 @@ class TokenBatch:
     lengths: [B] long, tokens per image (positions holding a token, prefix included).
     width: m, the padded length (max of lengths), a Python int.
     row_index: [T] long, each row's position in the flattened padded layout [B * m];
-        None when there is no padding (T == B * m).
+        None when the rows are the whole padded layout (T == B * m).
     source: [B, m] long, the index each token had in the model's original token sequence
         (prefix tokens first, then patches); -1 on padding.
     cls_live: [B] bool, False where the class token was dropped (it then stays at position 0,
         frozen: it is no key for others and no longer updated). None when enforced.
+    full: True when every image fills all m positions (no padding anywhere).
+    keep_padding: the padded-and-masked alternative: rows always hold all B * m positions, so
+        every layer also runs on padding (for comparison; slower).
     """
 
     rows: torch.Tensor
@@ -34,14 +37,16 @@ class TokenBatch:
     row_index: Optional[torch.Tensor]
     source: torch.Tensor
     cls_live: Optional[torch.Tensor] = None
+    full: bool = True
+    keep_padding: bool = False
 
     @classmethod
-    def from_dense(cls, x: torch.Tensor) -> "TokenBatch":
+    def from_dense(cls, x: torch.Tensor, keep_padding: bool = False) -> "TokenBatch":
         """Pack a batch with no padding. x: [B, N, C]."""
         batch, n, _ = x.shape
         lengths = torch.full((batch,), n, dtype=torch.long, device=x.device)
         source = torch.arange(n, device=x.device).expand(batch, n)
-        return cls(x.reshape(batch * n, -1), lengths, n, None, source)
+        return cls(x.reshape(batch * n, -1), lengths, n, None, source, keep_padding=keep_padding)
 
     @property
     def batch_size(self) -> int:
@@ -50,7 +55,7 @@ class TokenBatch:
     @property
     def is_dense(self) -> bool:
         """True when no image has padding or a frozen class token: plain timm blocks apply."""
-        return self.row_index is None and self.cls_live is None
+        return self.full and self.cls_live is None
 
     @property
     def position_mask(self) -> torch.Tensor:
@@ -87,13 +92,16 @@ class TokenBatch:
         """[T, 1] float, 0 on the rows of frozen class tokens (their updates are dropped), else None."""
         if self.cls_live is None:
             return None
-        first_row = torch.cumsum(self.lengths, 0) - self.lengths
+        if self.row_index is None:
+            first_row = torch.arange(self.batch_size, device=self.rows.device) * self.width
+        else:
+            first_row = torch.cumsum(self.lengths, 0) - self.lengths
         live = torch.ones(self.rows.shape[0], 1, dtype=self.rows.dtype, device=self.rows.device)
         live[first_row, 0] = self.cls_live.to(self.rows.dtype)
         return live
 
     def dense(self) -> torch.Tensor:
-        """[B, m, C] view of the rows; only for a batch with no padding."""
+        """[B, m, C] view of the rows; only for a batch whose rows are the whole padded layout."""
         return self.rows.view(self.batch_size, self.width, -1)
 
     def pad(self, rows: torch.Tensor) -> torch.Tensor:
@@ -123,7 +131,8 @@ class TokenBatch:
         lengths = keep.sum(dim=1)
         total, width = (int(value) for value in torch.stack([lengths.sum(), lengths.max()]).tolist())
         positions = keep.to(torch.uint8).sort(dim=1, descending=True, stable=True).indices[:, :width]
-        row_index = _row_index(lengths, width, total) if total < batch * width else None
+        full = total == batch * width
+        row_index = None if full or self.keep_padding else _row_index(lengths, width, total)
         flat_positions = positions + torch.arange(batch, device=keep.device)[:, None] * self.width
         valid_flat = flat_positions.reshape(-1)
         if row_index is not None:
@@ -132,7 +141,7 @@ class TokenBatch:
         source = self.source.gather(1, positions).masked_fill(
             torch.arange(width, device=keep.device) >= lengths[:, None], -1)
         packed = TokenBatch(self.rows.index_select(0, rows_from), lengths, width, row_index, source,
-                            self.cls_live)
+                            self.cls_live, full, self.keep_padding)
         return packed, positions, rows_from
 
     def _row_at_position(self) -> torch.Tensor:

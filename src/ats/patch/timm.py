@@ -18,8 +18,14 @@ from torch import nn
 from ..config import ATSConfig, TokenBudget
 from ..flops import ViTShape, block_flops, dense_flops
 from ..packing import TokenBatch
-from ..sampling import (cls_scores, inverse_transform_sample, masked_softmax_logits, self_attention_scores,
-                        top_up, topk_sample)
+from ..sampling import (
+    cls_scores,
+    inverse_transform_sample,
+    masked_softmax_logits,
+    self_attention_scores,
+    top_up,
+    topk_sample,
+)
 from ..stats import ATSStats, ForwardRecord
 
 SUPPORTED_POOLS = ("token", "avg", "")
@@ -123,7 +129,7 @@ class ATSVisionTransformer:
         config, shape = self._ats.config, self._ats.shape
         has_cls = self.cls_token is not None
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
-        batch = TokenBatch.from_dense(x)
+        batch = TokenBatch.from_dense(x, keep_padding=config.packing == "padded")
         record = ForwardRecord(shape.num_prefix_tokens, shape.num_tokens)
         for index, block in enumerate(self.blocks):
             record.tokens_in.append(batch.live_tokens)

@@ -1,0 +1,99 @@
+"""Flags shared by the commands: which model to load and which ATS configs to run."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import List
+
+import timm
+import torch
+from torch import nn
+
+from .config import PAPER_KS, PAPER_RHOS, ATSConfig, TokenBudget
+
+REFERENCE = "reference"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=REFERENCE,
+                       help="a timm model name (e.g. deit_small_patch16_224), or 'reference' for the "
+                            "bundled Fashion-MNIST ViT (default)")
+    group.add_argument("--pretrained", action="store_true",
+                       help="load timm's pretrained weights (downloads them on first use)")
+    group.add_argument("--checkpoint", type=Path, help="load weights from this checkpoint file")
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="torch device (default: cuda if available, else cpu)")
+
+
+def load_model(args: argparse.Namespace) -> nn.Module:
+    """The model the flags name, in eval mode on ``args.device``."""
+    from .reference import load_reference_model
+
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint file {args.checkpoint} does not exist; pass the path of a "
+                                "saved state dict or training checkpoint")
+    if args.model == REFERENCE:
+        if args.pretrained:
+            raise ValueError("--pretrained needs a timm model name (--model deit_small_patch16_224); the "
+                             "reference model always loads its bundled weights")
+        model = load_reference_model(args.checkpoint)
+    else:
+        if args.model not in timm.list_models():
+            raise ValueError(f"unknown timm model {args.model!r}; see timm.list_models('deit*') or "
+                             "timm.list_models('vit*') for names")
+        model = timm.create_model(args.model, pretrained=args.pretrained,
+                                  checkpoint_path=str(args.checkpoint) if args.checkpoint else "")
+    return model.to(args.device).eval()
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("ATS configs (with none given: the paper's three multi-stage rho "
+                                      f"{', '.join(map(str, PAPER_RHOS))} and single-stage K "
+                                      f"{', '.join(map(str, PAPER_KS))} at block 3)")
+    group.add_argument("--multi-stage", type=float, action="append", default=[], metavar="RHO",
+                       help="multi-stage ATS from block 3 to the last, K = max(floor(RHO * tokens_in), 8); "
+                            "repeatable")
+    group.add_argument("--single-stage", type=int, action="append", default=[], metavar="K",
+                       help="single-stage ATS with K samples in block --stage-block; repeatable")
+    group.add_argument("--stage-block", type=int, default=3, metavar="N",
+                       help="the block of --single-stage configs (default 3)")
+    group.add_argument("--blocks", action="append", default=[], metavar="SPEC",
+                       help="a custom config: comma-separated BLOCK:K or FIRST-LAST:RHO, e.g. '3:108,6:56' "
+                            "or '0-11:0.9'; repeatable")
+    group.add_argument("--topk", action="store_true", help="keep the K highest scores instead of sampling")
+    group.add_argument("--score", choices=("cls", "self_attention"), default="cls")
+    group.add_argument("--no-keep-cls", action="store_true", help="let the class token be dropped")
+    group.add_argument("--min-kept", type=int, default=0, metavar="N",
+                       help="top up to N unique patch tokens by score (0: off)")
+    group.add_argument("--packing", choices=("rows", "padded"), default="rows")
+
+
+def configs_from_arguments(args: argparse.Namespace, depth: int) -> List[ATSConfig]:
+    """The ATSConfigs the flags ask for, for a model of ``depth`` blocks."""
+    options = dict(sampler="topk" if args.topk else "inverse_transform", score=args.score,
+                   keep_cls=not args.no_keep_cls, min_kept=args.min_kept, packing=args.packing)
+    rhos, ks = args.multi_stage, args.single_stage
+    if not (rhos or ks or args.blocks):
+        rhos, ks = list(PAPER_RHOS), list(PAPER_KS)
+    configs = [ATSConfig.multi_stage(rho, depth=depth, **options) for rho in rhos]
+    configs += [ATSConfig.single_stage(k, block=args.stage_block, **options) for k in ks]
+    configs += [ATSConfig(blocks=parse_blocks(spec), **options) for spec in args.blocks]
+    return configs
+
+
+def parse_blocks(spec: str) -> dict:
+    """'3:108,6:56' -> {3: TokenBudget(k=108), 6: TokenBudget(k=56)}; '3-11:0.7' -> rho for blocks 3..11."""
+    blocks = {}
+    for part in spec.split(","):
+        where, sep, budget = part.strip().partition(":")
+        if not sep:
+            raise ValueError(f"block spec {part!r} needs the form BLOCK:K or FIRST-LAST:RHO, e.g. 3:108")
+        try:
+            first, _, last = where.partition("-")
+            indices = range(int(first), int(last or first) + 1)
+            value = TokenBudget(rho=float(budget)) if "." in budget else TokenBudget(k=int(budget))
+        except ValueError as error:
+            raise ValueError(f"cannot read block spec {part!r} ({error}); use BLOCK:K or FIRST-LAST:RHO") from None
+        blocks.update({index: value for index in indices})
+    return blocks
