@@ -1,0 +1,34 @@
+"""Wall-clock throughput, measured the same way by every tool."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_throughput(model: nn.Module, images: torch.Tensor, repeats: int = 5, warmup: int = 2) -> float:
+    """Images per second of ``model(images)``: the median over ``repeats`` timed forwards after ``warmup``.
+
+    images: [B, C, H, W] on the model's device. Compare models only within one run: this machine's
+    speed drifts between runs.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    for _ in range(warmup):
+        model(images)
+    _synchronize(images.device)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(images)
+        _synchronize(images.device)
+        seconds.append(time.perf_counter() - start)
+    return images.shape[0] / statistics.median(seconds)
