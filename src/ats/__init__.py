@@ -6,23 +6,25 @@
     logits = model(images)
     ats.last_stats(model).gflops
 """
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from torch import nn
 
-from .config import ATSConfig, TokenBudget
+from .config import ATSConfig, MergeConfig, TokenBudget
 from .flops import ViTShape
 from .patch.timm import last_stats_timm, patch_timm, unpatch_timm, upper_bound_flops
 from .stats import ATSStats
 
 __version__ = "0.1.0"
-__all__ = ["ATSConfig", "ATSStats", "TokenBudget", "gflops", "is_patched", "last_stats", "patch", "unpatch"]
+__all__ = ["ATSConfig", "ATSStats", "MergeConfig", "TokenBudget", "gflops", "is_patched", "last_stats", "patch",
+           "unpatch"]
 
 
-def patch(model: nn.Module, config: ATSConfig) -> nn.Module:
-    """Apply ATS to ``model`` in place and return it; patching again replaces the config."""
-    if not isinstance(config, ATSConfig):
-        raise TypeError(f"config must be an ats.ATSConfig, got {type(config).__name__}; "
+def patch(model: nn.Module, config: Union[ATSConfig, MergeConfig]) -> nn.Module:
+    """Apply ATS (or, with a MergeConfig, the token-merging baseline) to ``model`` in place and return
+    it; patching again replaces the config."""
+    if not isinstance(config, (ATSConfig, MergeConfig)):
+        raise TypeError(f"config must be an ats.ATSConfig (or ats.MergeConfig), got {type(config).__name__}; "
                         "e.g. ats.ATSConfig.multi_stage(rho=1.0)")
     return patch_timm(model, config)
 
@@ -48,4 +50,4 @@ def gflops(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> floa
     """
     shape = ViTShape.from_model(model, input_size)
     config = model._ats.config if is_patched(model) else None
-    return upper_bound_flops(model, shape, config) / 1e9
+    return upper_bound_flops(shape, config) / 1e9

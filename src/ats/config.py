@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Mapping, Optional, Union
 
 import torch
+
+from .flops import BlockCost, ViTShape, block_flops, merge_block_flops
 
 SAMPLERS = ("inverse_transform", "topk")
 SCORES = ("cls", "self_attention")
@@ -80,6 +83,8 @@ class ATSConfig:
         keep_cls: enforce the class token; with False it is sampled like a patch token (see docs).
         min_tokens: floor on K for ratio budgets (the paper's 8).
         min_kept: top up to this many unique patch tokens by score when sampling keeps fewer (0: off).
+        fuse: fold each dropped patch token into its most similar kept patch token (size-weighted);
+            sizes travel with the tokens and later attention adds log(size) to each key's logit.
         stochastic: in train mode draw K sorted uniform points instead of the deterministic grid.
         packing: "rows" runs linear layers and norms on valid tokens only; "padded" runs every
             later block on all padded positions with masked keys (the official code's way; slower).
@@ -92,6 +97,7 @@ class ATSConfig:
     min_tokens: int = 8
     min_kept: int = 0
     stochastic: bool = False
+    fuse: bool = False
     packing: str = "rows"
     budgets: Mapping[int, TokenBudget] = field(init=False, repr=False, compare=False)
 
@@ -144,8 +150,39 @@ class ATSConfig:
             extras.append(f"score={self.score}")
         if not self.keep_cls:
             extras.append("cls not enforced")
+        if self.fuse:
+            extras.append("fuse")
         if self.min_kept:
             extras.append(f"min_kept={self.min_kept}")
         if self.packing != "rows":
             extras.append(f"{self.packing} packing")
         return label + (f" ({', '.join(extras)})" if extras else "")
+
+    def block_costs(self, shape: ViTShape) -> dict[int, BlockCost]:
+        """FLOPs (n_in, n_out) -> count of each ATS block, for flops.vit_flops."""
+        return {index: partial(block_flops, shape, score=self.score, fuse=self.fuse) for index in self.budgets}
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """The token-merging baseline (ToMe): in every block from ``first`` on, merge ``r`` patch tokens
+    into their most similar ones after attention (bipartite soft matching, size-weighted average,
+    proportional attention). The class and other prefix tokens never merge."""
+
+    r: int
+    first: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r must be a whole number >= 1 (tokens merged per block), got {self.r!r}")
+        if isinstance(self.first, bool) or not isinstance(self.first, int) or self.first < 0:
+            raise ValueError(f"first must be a block index >= 0, got {self.first!r}")
+
+    def blocks(self, depth: int) -> range:
+        return range(self.first, depth)
+
+    def block_costs(self, shape: ViTShape) -> dict[int, BlockCost]:
+        return {index: partial(merge_block_flops, shape) for index in self.blocks(shape.depth)}
+
+    def describe(self) -> str:
+        return f"merge r={self.r}" + (f" from block {self.first}" if self.first else "")

@@ -3,17 +3,21 @@
 A block on n_in tokens that keeps n_out of them (n_out = n_in for a standard block):
 qkv ``3 n_in C A``, scores (ATS only), attention ``2 n_out n_in A``, proj ``n_out A C``,
 MLP ``2 n_out C H`` (C width, A attention width, H MLP hidden width). With A = C and H = rC a
-standard block is ``(4 + 2r) n C^2 + 2 n^2 C``. Norms, softmax and activations are not counted.
+standard block is ``(4 + 2r) n C^2 + 2 n^2 C``. Fusing dropped tokens into kept ones adds their
+similarities ``(n_in - n_out) n_out d`` (d head width); a token-merging block attends with all
+n_in queries, matches ``(n_in / 2)^2 d`` pairs and runs its MLP on n_out tokens.
+Norms, softmax and activations are not counted.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 Count = Union[int, torch.Tensor]
+BlockCost = Callable[[Count, Count], Count]
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,7 @@ class ViTShape:
 
     embed_dim: int
     attn_dim: int
+    head_dim: int
     mlp_hidden: int
     depth: int
     num_patches: int
@@ -57,6 +62,7 @@ class ViTShape:
         return cls(
             embed_dim=model.embed_dim,
             attn_dim=block.attn.qkv.out_features // 3,
+            head_dim=block.attn.head_dim,
             mlp_hidden=block.mlp.fc1.out_features,
             depth=len(model.blocks),
             num_patches=num_patches,
@@ -74,30 +80,48 @@ def score_flops(shape: ViTShape, n_in: Count, score: str) -> Count:
     return n_in * n_in * shape.attn_dim
 
 
-def block_flops(shape: ViTShape, n_in: Count, n_out: Count, score: Optional[str] = None) -> Count:
+def _attention_flops(shape: ViTShape, n_keys: Count, n_queries: Count) -> Count:
+    """qkv of every key token, attention of the queries, and their output projection."""
+    a = shape.attn_dim
+    return 3 * n_keys * shape.embed_dim * a + 2 * n_queries * n_keys * a + n_queries * a * shape.embed_dim
+
+
+def block_flops(shape: ViTShape, n_in: Count, n_out: Count, score: Optional[str] = None,
+                fuse: bool = False) -> Count:
     """FLOPs of one block taking n_in tokens and emitting n_out (ints or [B] tensors).
 
-    score: None for a standard block, else the ATS score variant ("cls" or "self_attention").
+    score: None for a standard block, else the ATS score variant ("cls" or "self_attention");
+    fuse: the dropped tokens are folded into their most similar kept ones.
     """
-    c, a, h = shape.embed_dim, shape.attn_dim, shape.mlp_hidden
-    flops = 3 * n_in * c * a + 2 * n_out * n_in * a + n_out * a * c + 2 * n_out * c * h
+    flops = _attention_flops(shape, n_in, n_out) + 2 * n_out * shape.embed_dim * shape.mlp_hidden
     if score is not None:
         flops = flops + score_flops(shape, n_in, score)
+    if fuse:
+        flops = flops + (n_in - n_out) * n_out * shape.head_dim
     return flops
 
 
+def merge_block_flops(shape: ViTShape, n_in: Count, n_out: Count) -> Count:
+    """FLOPs of a token-merging block: full attention, bipartite matching, MLP on the merged tokens."""
+    side = n_in / 2
+    return (_attention_flops(shape, n_in, n_in) + side * side * shape.head_dim
+            + 2 * n_out * shape.embed_dim * shape.mlp_hidden)
+
+
 def vit_flops(shape: ViTShape, tokens_in: torch.Tensor, tokens_out: torch.Tensor,
-              scores: Mapping[int, str]) -> torch.Tensor:
+              block_costs: Mapping[int, BlockCost]) -> torch.Tensor:
     """FLOPs per image of a whole forward.
 
-    tokens_in, tokens_out: [B, depth] tokens each block took in and emitted; scores: the ATS
-    blocks' score variant by block index. Returns [B] float64.
+    tokens_in, tokens_out: [B, depth] tokens each block took in and emitted; block_costs: the
+    cost function (n_in, n_out) -> FLOPs of each block that is not a standard one. Returns [B] float64.
     """
     tokens_in = tokens_in.to(torch.float64)
     tokens_out = tokens_out.to(torch.float64)
     total = torch.full_like(tokens_in[:, 0], float(shape.patch_embed_flops + shape.head_flops))
     for index in range(shape.depth):
-        total = total + block_flops(shape, tokens_in[:, index], tokens_out[:, index], scores.get(index))
+        cost = block_costs.get(index)
+        n_in, n_out = tokens_in[:, index], tokens_out[:, index]
+        total = total + (block_flops(shape, n_in, n_out) if cost is None else cost(n_in, n_out))
     return total
 
 

@@ -26,6 +26,8 @@ class TokenBatch:
         (prefix tokens first, then patches); -1 on padding.
     cls_live: [B] bool, False where the class token was dropped (it then stays at position 0,
         frozen: it is no key for others and no longer updated). None when enforced.
+    sizes: [T] float, how many patches each token holds after fusing or merging (None: all 1);
+        attention then adds log(size) to each key's logit.
     full: True when every image fills all m positions (no padding anywhere).
     keep_padding: the padded-and-masked alternative: rows always hold all B * m positions, so
         every layer also runs on padding (for comparison; slower).
@@ -37,6 +39,7 @@ class TokenBatch:
     row_index: Optional[torch.Tensor]
     source: torch.Tensor
     cls_live: Optional[torch.Tensor] = None
+    sizes: Optional[torch.Tensor] = None
     full: bool = True
     keep_padding: bool = False
 
@@ -54,8 +57,8 @@ class TokenBatch:
 
     @property
     def is_dense(self) -> bool:
-        """True when no image has padding or a frozen class token: plain timm blocks apply."""
-        return self.full and self.cls_live is None
+        """True when no image has padding, a frozen class token or sizes: plain timm blocks apply."""
+        return self.full and self.cls_live is None and self.sizes is None
 
     @property
     def position_mask(self) -> torch.Tensor:
@@ -65,13 +68,23 @@ class TokenBatch:
     @property
     def key_mask(self) -> Optional[torch.Tensor]:
         """[B, m] bool, the keys attention may use; None when every position is one."""
-        if self.is_dense:
-            return None
+        if self.full and self.cls_live is None:
+            return None if self.sizes is None else self.position_mask
         mask = self.position_mask
         if self.cls_live is not None:
             mask = mask.clone()
             mask[:, 0] &= self.cls_live
         return mask
+
+    @property
+    def attention_mask(self) -> Optional[torch.Tensor]:
+        """What attention adds to its key logits: [B, 1, 1, m], bool (keys allowed) or float
+        (log size, -inf on masked keys); None when every key counts once."""
+        mask = self.key_mask
+        if self.sizes is not None:
+            log_size = self.pad(self.sizes[:, None].log())[..., 0]
+            return log_size.masked_fill(~mask, float("-inf"))[:, None, None, :]
+        return None if mask is None else mask[:, None, None, :]
 
     @property
     def live_tokens(self) -> torch.Tensor:
@@ -117,8 +130,14 @@ class TokenBatch:
         flat = padded.reshape(self.batch_size * self.width, -1)
         return flat if self.row_index is None else flat.index_select(0, self.row_index)
 
-    def with_rows(self, rows: torch.Tensor) -> "TokenBatch":
-        return replace(self, rows=rows)
+    def with_rows(self, rows: torch.Tensor, sizes: Optional[torch.Tensor] = None) -> "TokenBatch":
+        """The same layout with new rows [T, C] (and new sizes [T], if given)."""
+        return replace(self, rows=rows, sizes=self.sizes if sizes is None else sizes)
+
+    def padded_sizes(self) -> torch.Tensor:
+        """[B, m] float sizes in the padded layout (1 for every token when none were merged)."""
+        sizes = self.sizes if self.sizes is not None else self.rows.new_ones(self.rows.shape[0])
+        return self.pad(sizes[:, None])[..., 0]
 
     def select(self, keep: torch.Tensor) -> tuple["TokenBatch", torch.Tensor, torch.Tensor]:
         """Keep the positions marked in keep [B, m], packed to the lowest indices in their order.
@@ -140,8 +159,9 @@ class TokenBatch:
         rows_from = self._row_at_position().index_select(0, valid_flat)
         source = self.source.gather(1, positions).masked_fill(
             torch.arange(width, device=keep.device) >= lengths[:, None], -1)
+        sizes = None if self.sizes is None else self.sizes.index_select(0, rows_from)
         packed = TokenBatch(self.rows.index_select(0, rows_from), lengths, width, row_index, source,
-                            self.cls_live, full, self.keep_padding)
+                            self.cls_live, sizes, full, self.keep_padding)
         return packed, positions, rows_from
 
     def _row_at_position(self) -> torch.Tensor:

@@ -12,13 +12,16 @@ from typing import Optional
 import torch
 
 
-def masked_softmax_logits(q: torch.Tensor, k: torch.Tensor, scale: float,
-                          key_mask: Optional[torch.Tensor]) -> torch.Tensor:
+def masked_softmax_logits(q: torch.Tensor, k: torch.Tensor, scale: float, key_mask: Optional[torch.Tensor],
+                          key_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention probabilities of queries q [B, h, nq, d] over keys k [B, h, n, d] -> [B, h, nq, n].
 
     key_mask: [B, n] bool, False for keys no query may see (padding), or None.
+    key_bias: [B, n] float added to each key's logit (log token size), or None.
     """
     logits = (q * scale) @ k.transpose(-2, -1)
+    if key_bias is not None:
+        logits = logits + key_bias[:, None, None, :]
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     return logits.softmax(dim=-1)

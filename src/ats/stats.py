@@ -6,7 +6,7 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 
-from .flops import ViTShape, vit_flops
+from .flops import BlockCost, ViTShape, vit_flops
 from .packing import TokenBatch
 
 
@@ -17,8 +17,8 @@ class ATSStats:
     tokens: [B, depth] long, valid tokens (prefix included) each block took in, per image.
     tokens_out: [B, depth] long, valid tokens each block emitted.
     gflops: [B] float, GFLOPs each image cost (the paper's convention).
-    kept: ATS block index -> [B, m] long, the patch-grid indices (row-major, prefix tokens apart)
-        of the patch tokens the block kept, ascending, -1 on padding.
+    kept: ATS (or merging) block index -> [B, m] long, the patch-grid indices (row-major, prefix
+        tokens apart) of the patch tokens the block kept, ascending, -1 on padding.
     scores: ATS block index -> [B, num_patches] float, the significance scores over the patch grid
         (0 for patches dropped earlier).
     cls_attention: ATS block index -> [B, num_patches] float, the class token's attention over the
@@ -51,20 +51,21 @@ class ForwardRecord:
     scores: Dict[int, torch.Tensor] = field(default_factory=dict)
     cls_attention: Dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def record_sampling(self, index: int, before: TokenBatch, after: TokenBatch, scores: torch.Tensor,
+    def record_sampling(self, index: int, before: TokenBatch, after: TokenBatch, scores: Optional[torch.Tensor],
                         cls_attention: Optional[torch.Tensor]) -> None:
-        """Keep what ATS block ``index`` saw and chose. scores, cls_attention: [B, m_before]."""
+        """Keep what block ``index`` saw and chose. scores, cls_attention: [B, m_before] or None."""
         prefix = self.num_prefix_tokens
         source = after.source[:, prefix:]
         self.kept[index] = torch.where(source >= prefix, source - prefix, -1).detach()
-        self.scores[index] = _on_grid(scores, before.source, self.num_tokens)[:, prefix:]
+        if scores is not None:
+            self.scores[index] = _on_grid(scores, before.source, self.num_tokens)[:, prefix:]
         if cls_attention is not None:
             self.cls_attention[index] = _on_grid(cls_attention, before.source, self.num_tokens)[:, prefix:]
 
-    def finish(self, shape: ViTShape, score_of_block: Mapping[int, str], grid_size: tuple) -> ATSStats:
+    def finish(self, shape: ViTShape, block_costs: Mapping[int, BlockCost], grid_size: tuple) -> ATSStats:
         tokens_in = torch.stack(self.tokens_in, dim=1)
         tokens_out = torch.stack(self.tokens_out, dim=1)
-        gflops = (vit_flops(shape, tokens_in, tokens_out, score_of_block) / 1e9).float()
+        gflops = (vit_flops(shape, tokens_in, tokens_out, block_costs) / 1e9).float()
         return ATSStats(tokens_in, tokens_out, gflops, self.kept, self.scores, self.cls_attention, grid_size)
 
 

@@ -7,7 +7,7 @@ are timm's own; an ATS block samples tokens; later blocks mask padded keys. No w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple, Type
+from typing import Dict, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +15,9 @@ from timm.layers import Attention, DropPath
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from ..config import ATSConfig, TokenBudget
-from ..flops import ViTShape, block_flops, dense_flops
+from ..config import ATSConfig, MergeConfig, TokenBudget
+from ..flops import ViTShape, block_flops
+from ..merging import bipartite_soft_matching, fold, nearest_kept
 from ..packing import TokenBatch
 from ..sampling import (
     cls_scores,
@@ -29,21 +30,23 @@ from ..sampling import (
 from ..stats import ATSStats, ForwardRecord
 
 SUPPORTED_POOLS = ("token", "avg", "")
+PatchConfig = Union[ATSConfig, MergeConfig]
 
 
 @dataclass
 class ATSState:
     """What a patched model carries: its config, its original class, the last forward's stats."""
 
-    config: ATSConfig
+    config: PatchConfig
     original_class: Type[nn.Module]
     shape: ViTShape
     last_stats: Optional[ATSStats] = None
-    lengths: Optional[torch.Tensor] = None
+    pool_weights: Optional[torch.Tensor] = None
 
 
-def patch_timm(model: VisionTransformer, config: ATSConfig) -> VisionTransformer:
-    """Apply ATS to a timm VisionTransformer in place (re-patching replaces the config)."""
+def patch_timm(model: VisionTransformer, config: PatchConfig) -> VisionTransformer:
+    """Apply ATS (or the merging baseline) to a timm VisionTransformer in place; re-patching replaces
+    the config."""
     check_patchable(model, config)
     state: Optional[ATSState] = getattr(model, "_ats", None)
     original = state.original_class if state is not None else type(model)
@@ -62,7 +65,7 @@ def unpatch_timm(model: nn.Module) -> nn.Module:
     return model
 
 
-def check_patchable(model: nn.Module, config: ATSConfig) -> None:
+def check_patchable(model: nn.Module, config: PatchConfig) -> None:
     """Raise TypeError/ValueError naming why ATS cannot run on this model with this config."""
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"ats.patch supports timm VisionTransformer models (DeiT, ViT, ...), got "
@@ -75,6 +78,10 @@ def check_patchable(model: nn.Module, config: ATSConfig) -> None:
         raise TypeError(f"global_pool={model.global_pool!r} is not supported; ATS works with "
                         "'token' or 'avg' pooling")
     depth = len(model.blocks)
+    if isinstance(config, MergeConfig):
+        if config.first >= depth:
+            raise ValueError(f"merging from block {config.first} is outside this model's {depth} blocks")
+        return
     outside = [index for index in config.budgets if index >= depth]
     if outside:
         raise ValueError(f"ATS block indices {outside} lie outside this model's {depth} blocks (0..{depth - 1}); "
@@ -96,22 +103,24 @@ def last_stats_timm(model: nn.Module) -> ATSStats:
     return state.last_stats
 
 
-def upper_bound_flops(model: VisionTransformer, shape: ViTShape, config: Optional[ATSConfig]) -> int:
-    """FLOPs per image when no sampled token is a duplicate (the most a patched forward can cost)."""
-    if config is None:
-        return dense_flops(shape)
+def upper_bound_flops(shape: ViTShape, config: Optional[PatchConfig]) -> float:
+    """FLOPs per image when every sample is a distinct token (the most a patched forward can cost)."""
+    costs = {} if config is None else config.block_costs(shape)
     total = shape.patch_embed_flops + shape.head_flops
     n = shape.num_tokens
     for index in range(shape.depth):
-        budget = config.budgets.get(index)
-        if budget is None:
-            total += block_flops(shape, n, n)
-            continue
-        samples = max(budget.max_samples(n, config.min_tokens), config.min_kept)
-        n_out = min(n, shape.num_prefix_tokens + samples)
-        total += block_flops(shape, n, n_out, config.score)
+        n_out = n if index not in costs else _most_tokens_out(config, index, n, shape.num_prefix_tokens)
+        total += costs[index](n, n_out) if index in costs else block_flops(shape, n, n)
         n = n_out
     return total
+
+
+def _most_tokens_out(config: PatchConfig, index: int, n: int, prefix: int) -> int:
+    if isinstance(config, MergeConfig):
+        patches = n - prefix
+        return n - min(config.r, (patches + 1) // 2) if patches >= 2 else n
+    samples = max(config.budgets[index].max_samples(n, config.min_tokens), config.min_kept)
+    return min(n, prefix + samples)
 
 
 class ATSVisionTransformer:
@@ -129,32 +138,32 @@ class ATSVisionTransformer:
         config, shape = self._ats.config, self._ats.shape
         has_cls = self.cls_token is not None
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
-        batch = TokenBatch.from_dense(x, keep_padding=config.packing == "padded")
+        merging = isinstance(config, MergeConfig)
+        batch = TokenBatch.from_dense(x, keep_padding=not merging and config.packing == "padded")
         record = ForwardRecord(shape.num_prefix_tokens, shape.num_tokens)
         for index, block in enumerate(self.blocks):
             record.tokens_in.append(batch.live_tokens)
-            budget = config.budgets.get(index)
-            if budget is not None:
-                batch = _ats_block(block, batch, budget, config, has_cls, record, index)
+            if merging and index >= config.first:
+                batch = _merge_block(block, batch, config.r, record, index)
+            elif not merging and index in config.budgets:
+                batch = _ats_block(block, batch, config.budgets[index], config, has_cls, record, index)
             elif batch.is_dense:
                 batch = batch.with_rows(block(batch.dense()).reshape(batch.rows.shape))
             else:
                 batch = _masked_block(block, batch)
             record.tokens_out.append(batch.live_tokens)
-        scores = {index: config.score for index in config.budgets}
-        self._ats.last_stats = record.finish(shape, scores, tuple(self.patch_embed.grid_size))
-        self._ats.lengths = batch.lengths
+        self._ats.last_stats = record.finish(shape, config.block_costs(shape), tuple(self.patch_embed.grid_size))
+        self._ats.pool_weights = batch.padded_sizes() * batch.position_mask
         return batch.pad(self.norm(batch.rows))
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
-        """timm's pooling, with the mean taken over valid tokens only."""
+        """timm's pooling; the mean is taken over valid tokens only, each weighted by its size."""
         pool_type = self.global_pool if pool_type is None else pool_type
         if pool_type != "avg":
             return super().pool(x, pool_type)
         start = 0 if self.pool_include_prefix else self.num_prefix_tokens
-        lengths = self._ats.lengths
-        valid = (torch.arange(x.shape[1], device=x.device) < lengths[:, None])[:, start:, None]
-        return (x[:, start:] * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1)
+        weights = self._ats.pool_weights[:, start:, None]
+        return (x[:, start:] * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-12)
 
 
 _PATCHED_CLASSES: Dict[type, type] = {}
@@ -183,9 +192,11 @@ def _split_heads(qkv: torch.Tensor, attn: Attention) -> Tuple[torch.Tensor, torc
 
 
 def _attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            key_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Attention of queries q [B, h, nq, d] over keys [B, h, n, d] -> [B, nq, A]."""
-    mask = None if key_mask is None else key_mask[:, None, None, :]
+            mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Attention of queries q [B, h, nq, d] over keys [B, h, n, d] -> [B, nq, A].
+
+    mask: TokenBatch.attention_mask of the keys' batch ([B, 1, 1, n] bool or additive float), or None.
+    """
     dropout = attn.attn_drop.p if attn.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=attn.scale)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
@@ -221,7 +232,7 @@ def _masked_block(block: Block, batch: TokenBatch) -> TokenBatch:
     """A standard block on a padded batch: valid rows through the linear layers, padded keys masked."""
     y = block.norm1(batch.rows)
     q, k, v = _split_heads(batch.pad(block.attn.qkv(y)), block.attn)
-    out = batch.unpad(_attend(block.attn, q, k, v, batch.key_mask))
+    out = batch.unpad(_attend(block.attn, q, k, v, batch.attention_mask))
     return _mlp_half(block, batch.with_rows(batch.rows + _attention_update(block, out, y, batch)))
 
 
@@ -230,20 +241,22 @@ def _ats_block(block: Block, batch: TokenBatch, budget: TokenBudget, config: ATS
     """Score, sample and keep tokens, then run the block on the kept ones (selected queries only)."""
     attn = block.attn
     prefix = record.num_prefix_tokens
-    width = batch.width
     y = block.norm1(batch.rows)
     q, k, v = _split_heads(batch.pad(attn.qkv(y)), attn)
+    mask = batch.attention_mask
     key_mask = batch.key_mask
-    positions = torch.arange(width, device=y.device)
-    candidates = batch.position_mask & (positions >= prefix)
+    positions = torch.arange(batch.width, device=y.device)
+    patches = batch.position_mask & (positions >= prefix)
+    candidates = patches.clone()
     if not config.keep_cls:
-        cls_live = batch.cls_live if batch.cls_live is not None else torch.ones_like(batch.lengths, dtype=torch.bool)
+        cls_live = batch.cls_live if batch.cls_live is not None else torch.ones_like(patches[:, 0])
         candidates[:, 0] = cls_live
+    key_bias = None if mask is None or mask.dtype == torch.bool else mask[:, 0, 0]
     if config.score == "cls":
-        cls_attention = masked_softmax_logits(q[:, :, :1], k, attn.scale, key_mask)[:, :, 0]
+        cls_attention = masked_softmax_logits(q[:, :, :1], k, attn.scale, key_mask, key_bias)[:, :, 0]
         scores = cls_scores(cls_attention, v, candidates)
     else:
-        attention = masked_softmax_logits(q, k, attn.scale, key_mask)
+        attention = masked_softmax_logits(q, k, attn.scale, key_mask, key_bias)
         scores = self_attention_scores(attention, key_mask, candidates)
         cls_attention = attention[:, :, 0] if has_cls else None
 
@@ -252,11 +265,14 @@ def _ats_block(block: Block, batch: TokenBatch, budget: TokenBudget, config: ATS
         keep = topk_sample(scores, samples)
     else:
         stochastic = config.stochastic and block.training
-        keep = inverse_transform_sample(scores, samples, budget.max_samples(width, config.min_tokens), stochastic)
+        keep = inverse_transform_sample(scores, samples, budget.max_samples(batch.width, config.min_tokens),
+                                        stochastic)
     if config.min_kept:
         keep = top_up(keep, scores, config.min_kept)
     if not config.keep_cls:
         cls_live = keep[:, 0] & cls_live
+    if config.fuse:
+        batch = _fold(batch, nearest_kept(k.mean(dim=1), keep, patches))
     keep = keep | (batch.position_mask & (positions < prefix))
 
     kept, selected, rows_from = batch.select(keep)
@@ -264,6 +280,28 @@ def _ats_block(block: Block, batch: TokenBatch, budget: TokenBudget, config: ATS
         kept.cls_live = cls_live
     record.record_sampling(index, batch, kept, scores, None if cls_attention is None else cls_attention.mean(1))
     gather = selected[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3])
-    out = kept.unpad(_attend(attn, q.gather(2, gather), k, v, key_mask))
+    out = kept.unpad(_attend(attn, q.gather(2, gather), k, v, mask))
     update = _attention_update(block, out, y.index_select(0, rows_from), kept)
     return _mlp_half(block, kept.with_rows(kept.rows + update))
+
+
+def _merge_block(block: Block, batch: TokenBatch, r: int, record: ForwardRecord, index: int) -> TokenBatch:
+    """The token-merging baseline: attention over all tokens, merge r of them, MLP on the rest."""
+    attn = block.attn
+    y = block.norm1(batch.rows)
+    q, k, v = _split_heads(batch.pad(attn.qkv(y)), attn)
+    out = batch.unpad(_attend(attn, q, k, v, batch.attention_mask))
+    batch = batch.with_rows(batch.rows + _attention_update(block, out, y, batch))
+    positions = torch.arange(batch.width, device=y.device)
+    patches = batch.position_mask & (positions >= record.num_prefix_tokens)
+    target = bipartite_soft_matching(k.mean(dim=1), r, patches)
+    batch = _fold(batch, target)
+    kept, _, _ = batch.select(batch.position_mask & (target == positions))
+    record.record_sampling(index, batch, kept, None, None)
+    return _mlp_half(block, kept)
+
+
+def _fold(batch: TokenBatch, target: torch.Tensor) -> TokenBatch:
+    """Size-weighted average of the tokens sharing a target position [B, m]; sizes follow."""
+    x, sizes = fold(batch.pad(batch.rows), batch.padded_sizes(), target)
+    return batch.with_rows(batch.unpad(x), batch.unpad(sizes[..., None])[:, 0])

@@ -1,0 +1,69 @@
+"""Keeping what is dropped: folding tokens into others, on plain tensors.
+
+Two ways to choose where a token goes, both returning ``target`` [B, n] (each position's
+destination; a position that stays is its own target):
+- ``nearest_kept``: ATS's fuse option, each dropped token joins its most similar kept token;
+- ``bipartite_soft_matching``: the token-merging baseline (ToMe, Bolya et al. 2023), written from
+  the paper: split the tokens into two alternating sets A and B, match each A token with its most
+  similar B token, and merge the r best-matched A tokens.
+``fold`` then averages every group, weighted by token sizes (how many patches a token holds).
+Similarity is the cosine of keys averaged over heads: metric [B, n, d].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .sampling import topk_sample
+
+
+def _cosine(metric: torch.Tensor) -> torch.Tensor:
+    metric = F.normalize(metric.float(), dim=-1)
+    return metric @ metric.transpose(1, 2)
+
+
+def _self_target(keep: torch.Tensor) -> torch.Tensor:
+    return torch.arange(keep.shape[1], device=keep.device).expand_as(keep).clone()
+
+
+def nearest_kept(metric: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor) -> torch.Tensor:
+    """Send each movable, unkept position to its most similar kept movable position -> target [B, n].
+
+    metric: [B, n, d]; keep, movable: [B, n] bool. Images with no kept movable token move nothing.
+    """
+    similarity = _cosine(metric).masked_fill(~(keep & movable)[:, None, :], float("-inf"))
+    nearest = similarity.argmax(dim=-1)
+    moves = movable & ~keep & (keep & movable).any(dim=1, keepdim=True)
+    return torch.where(moves, nearest, _self_target(keep))
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, movable: torch.Tensor) -> torch.Tensor:
+    """Merge up to r tokens per image into their best match -> target [B, n].
+
+    metric: [B, n, d]; movable: [B, n] bool, the tokens that may merge (patch tokens, not padding).
+    The movable tokens alternate between set A (even rank) and set B (odd rank); each A token's
+    best B match is scored by cosine similarity and the r highest-scoring A tokens merge.
+    """
+    rank = movable.long().cumsum(dim=1) - 1
+    side_a = movable & (rank % 2 == 0)
+    side_b = movable & (rank % 2 == 1)
+    similarity = _cosine(metric).masked_fill(~side_b[:, None, :], float("-inf"))
+    best, match = similarity.max(dim=-1)
+    has_match = side_a & side_b.any(dim=1, keepdim=True)
+    strength = torch.where(has_match, best + 2.0, torch.zeros_like(best))
+    merges = torch.full_like(rank[:, 0], r).minimum(has_match.sum(dim=1))
+    merged = topk_sample(strength, merges)
+    return torch.where(merged, match, _self_target(movable))
+
+
+def fold(x: torch.Tensor, sizes: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average of the tokens sharing a target -> (x [B, n, C], sizes [B, n]).
+
+    x: [B, n, C]; sizes: [B, n]; target: [B, n]. Every target holds the average of its group and the
+    group's total size; positions that moved away keep their old values (the caller drops them).
+    """
+    weighted = torch.zeros_like(x).scatter_add_(1, target[..., None].expand_as(x), x * sizes[..., None])
+    total = torch.zeros_like(sizes).scatter_add_(1, target, sizes)
+    stays = target == torch.arange(x.shape[1], device=x.device)
+    folded = torch.where(stays[..., None], weighted / total.clamp_min(1e-12)[..., None], x)
+    return folded, torch.where(stays, total, sizes)
