@@ -1,18 +1,31 @@
-"""What a patched forward did: tokens per block, GFLOPs per image, the tokens each ATS block kept."""
+"""What a patched forward did: tokens per block, GFLOPs per image, the tokens each ATS block kept.
+
+The forward only keeps references to tensors it made anyway; everything below is computed when
+it is first read, so statistics cost the forward nothing.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional
+from functools import cached_property
+from typing import Dict, List, Mapping, NamedTuple, Optional
 
 import torch
 
 from .flops import BlockCost, ViTShape, vit_flops
-from .packing import TokenBatch
+
+
+class BlockSampling(NamedTuple):
+    """One ATS (or merging) block's choice. source_*: [B, m] original token index, -1 on padding."""
+
+    source_before: torch.Tensor
+    source_after: torch.Tensor
+    scores: Optional[torch.Tensor]
+    cls_attention: Optional[torch.Tensor]
 
 
 @dataclass
 class ATSStats:
-    """Statistics of one forward of a patched model (all tensors detached, on the model's device).
+    """Statistics of one forward of a patched model (tensors detached, on the model's device).
 
     tokens: [B, depth] long, valid tokens (prefix included) each block took in, per image.
     tokens_out: [B, depth] long, valid tokens each block emitted.
@@ -26,51 +39,72 @@ class ATSStats:
     grid_size: the patch grid (rows, columns).
     """
 
-    tokens: torch.Tensor
-    tokens_out: torch.Tensor
-    gflops: torch.Tensor
-    kept: Dict[int, torch.Tensor]
-    scores: Dict[int, torch.Tensor]
-    cls_attention: Dict[int, torch.Tensor]
+    shape: ViTShape
+    block_costs: Mapping[int, BlockCost]
     grid_size: tuple
+    tokens_in: List[torch.Tensor]
+    tokens_emitted: List[torch.Tensor]
+    sampling: Dict[int, BlockSampling]
+
+    @cached_property
+    def tokens(self) -> torch.Tensor:
+        return torch.stack(self.tokens_in, dim=1)
+
+    @cached_property
+    def tokens_out(self) -> torch.Tensor:
+        return torch.stack(self.tokens_emitted, dim=1)
+
+    @cached_property
+    def gflops(self) -> torch.Tensor:
+        return (vit_flops(self.shape, self.tokens, self.tokens_out, self.block_costs) / 1e9).float()
+
+    @cached_property
+    def kept(self) -> Dict[int, torch.Tensor]:
+        prefix = self.shape.num_prefix_tokens
+        kept = {}
+        for index, block in self.sampling.items():
+            source = block.source_after[:, prefix:]
+            kept[index] = torch.where(source >= prefix, source - prefix, -1)
+        return kept
+
+    @cached_property
+    def scores(self) -> Dict[int, torch.Tensor]:
+        return {index: self._on_grid(block.scores, block.source_before)
+                for index, block in self.sampling.items() if block.scores is not None}
+
+    @cached_property
+    def cls_attention(self) -> Dict[int, torch.Tensor]:
+        return {index: self._on_grid(block.cls_attention, block.source_before)
+                for index, block in self.sampling.items() if block.cls_attention is not None}
 
     def kept_counts(self, block: int) -> torch.Tensor:
         """[B] long, patch tokens kept by ATS block ``block``."""
         return (self.kept[block] >= 0).sum(dim=1)
 
+    def _on_grid(self, values: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """Per-position values [B, m] -> the patch grid [B, num_patches] (0 where no token was)."""
+        num_tokens = self.shape.num_tokens
+        grid = values.new_zeros(values.shape[0], num_tokens + 1)
+        grid.scatter_(1, source.masked_fill(source < 0, num_tokens), values)
+        return grid[:, self.shape.num_prefix_tokens:num_tokens]
+
 
 @dataclass
 class ForwardRecord:
-    """Collects an ATSStats during one forward."""
+    """Collects what an ATSStats needs during one forward."""
 
-    num_prefix_tokens: int
-    num_tokens: int
     tokens_in: List[torch.Tensor] = field(default_factory=list)
     tokens_out: List[torch.Tensor] = field(default_factory=list)
-    kept: Dict[int, torch.Tensor] = field(default_factory=dict)
-    scores: Dict[int, torch.Tensor] = field(default_factory=dict)
-    cls_attention: Dict[int, torch.Tensor] = field(default_factory=dict)
+    sampling: Dict[int, BlockSampling] = field(default_factory=dict)
 
-    def record_sampling(self, index: int, before: TokenBatch, after: TokenBatch, scores: Optional[torch.Tensor],
-                        cls_attention: Optional[torch.Tensor]) -> None:
-        """Keep what block ``index`` saw and chose. scores, cls_attention: [B, m_before] or None."""
-        prefix = self.num_prefix_tokens
-        source = after.source[:, prefix:]
-        self.kept[index] = torch.where(source >= prefix, source - prefix, -1).detach()
-        if scores is not None:
-            self.scores[index] = _on_grid(scores, before.source, self.num_tokens)[:, prefix:]
-        if cls_attention is not None:
-            self.cls_attention[index] = _on_grid(cls_attention, before.source, self.num_tokens)[:, prefix:]
+    def record_sampling(self, index: int, source_before: torch.Tensor, source_after: torch.Tensor,
+                        scores: Optional[torch.Tensor], cls_attention: Optional[torch.Tensor]) -> None:
+        """Keep what block ``index`` chose. scores, cls_attention: [B, m_before] or None."""
+        self.sampling[index] = BlockSampling(source_before, source_after, _detached(scores), _detached(cls_attention))
 
     def finish(self, shape: ViTShape, block_costs: Mapping[int, BlockCost], grid_size: tuple) -> ATSStats:
-        tokens_in = torch.stack(self.tokens_in, dim=1)
-        tokens_out = torch.stack(self.tokens_out, dim=1)
-        gflops = (vit_flops(shape, tokens_in, tokens_out, block_costs) / 1e9).float()
-        return ATSStats(tokens_in, tokens_out, gflops, self.kept, self.scores, self.cls_attention, grid_size)
+        return ATSStats(shape, block_costs, grid_size, self.tokens_in, self.tokens_out, self.sampling)
 
 
-def _on_grid(values: torch.Tensor, source: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Scatter per-position values [B, m] to the original token sequence [B, num_tokens]."""
-    grid = values.new_zeros(values.shape[0], num_tokens + 1)
-    index = source.masked_fill(source < 0, num_tokens)
-    return grid.scatter_(1, index, values.detach())[:, :num_tokens]
+def _detached(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if tensor is None else tensor.detach()

@@ -140,13 +140,14 @@ class ATSVisionTransformer:
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         merging = isinstance(config, MergeConfig)
         batch = TokenBatch.from_dense(x, keep_padding=not merging and config.packing == "padded")
-        record = ForwardRecord(shape.num_prefix_tokens, shape.num_tokens)
+        record = ForwardRecord()
         for index, block in enumerate(self.blocks):
             record.tokens_in.append(batch.live_tokens)
             if merging and index >= config.first:
-                batch = _merge_block(block, batch, config.r, record, index)
+                batch = _merge_block(block, batch, config.r, shape.num_prefix_tokens, record, index)
             elif not merging and index in config.budgets:
-                batch = _ats_block(block, batch, config.budgets[index], config, has_cls, record, index)
+                batch = _ats_block(block, batch, config.budgets[index], config, shape.num_prefix_tokens, has_cls,
+                                   record, index)
             elif batch.is_dense:
                 batch = batch.with_rows(block(batch.dense()).reshape(batch.rows.shape))
             else:
@@ -236,11 +237,10 @@ def _masked_block(block: Block, batch: TokenBatch) -> TokenBatch:
     return _mlp_half(block, batch.with_rows(batch.rows + _attention_update(block, out, y, batch)))
 
 
-def _ats_block(block: Block, batch: TokenBatch, budget: TokenBudget, config: ATSConfig, has_cls: bool,
-               record: ForwardRecord, index: int) -> TokenBatch:
+def _ats_block(block: Block, batch: TokenBatch, budget: TokenBudget, config: ATSConfig, prefix: int,
+               has_cls: bool, record: ForwardRecord, index: int) -> TokenBatch:
     """Score, sample and keep tokens, then run the block on the kept ones (selected queries only)."""
     attn = block.attn
-    prefix = record.num_prefix_tokens
     y = block.norm1(batch.rows)
     q, k, v = _split_heads(batch.pad(attn.qkv(y)), attn)
     mask = batch.attention_mask
@@ -278,14 +278,16 @@ def _ats_block(block: Block, batch: TokenBatch, budget: TokenBudget, config: ATS
     kept, selected, rows_from = batch.select(keep)
     if not config.keep_cls:
         kept.cls_live = cls_live
-    record.record_sampling(index, batch, kept, scores, None if cls_attention is None else cls_attention.mean(1))
+    record.record_sampling(index, batch.source, kept.source, scores,
+                           None if cls_attention is None else cls_attention.mean(1))
     gather = selected[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3])
     out = kept.unpad(_attend(attn, q.gather(2, gather), k, v, mask))
     update = _attention_update(block, out, y.index_select(0, rows_from), kept)
     return _mlp_half(block, kept.with_rows(kept.rows + update))
 
 
-def _merge_block(block: Block, batch: TokenBatch, r: int, record: ForwardRecord, index: int) -> TokenBatch:
+def _merge_block(block: Block, batch: TokenBatch, r: int, prefix: int, record: ForwardRecord,
+                 index: int) -> TokenBatch:
     """The token-merging baseline: attention over all tokens, merge r of them, MLP on the rest."""
     attn = block.attn
     y = block.norm1(batch.rows)
@@ -293,11 +295,11 @@ def _merge_block(block: Block, batch: TokenBatch, r: int, record: ForwardRecord,
     out = batch.unpad(_attend(attn, q, k, v, batch.attention_mask))
     batch = batch.with_rows(batch.rows + _attention_update(block, out, y, batch))
     positions = torch.arange(batch.width, device=y.device)
-    patches = batch.position_mask & (positions >= record.num_prefix_tokens)
+    patches = batch.position_mask & (positions >= prefix)
     target = bipartite_soft_matching(k.mean(dim=1), r, patches)
     batch = _fold(batch, target)
     kept, _, _ = batch.select(batch.position_mask & (target == positions))
-    record.record_sampling(index, batch, kept, None, None)
+    record.record_sampling(index, batch.source, kept.source, None, None)
     return _mlp_half(block, kept)
 
 
