@@ -1,0 +1,113 @@
+"""Datasets: the bundled Fashion-MNIST test set, Fashion-MNIST from Debian, and ImageFolder trees."""
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+from torch.utils.data import Dataset
+
+from .reference import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+
+BUNDLED_FASHION_MNIST = Path(__file__).parent / "assets" / "fashion-mnist"
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot")
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """An IDX file (optionally gzipped), as uint8 [N, ...]."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as file:
+        data = file.read()
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = data[3]
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
+
+
+def read_fashion_mnist(root: Path, split: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Images uint8 [N, 28, 28] and labels int64 [N] of ``split`` ("train" or "t10k") under ``root``."""
+    images, labels = (root / f"{split}-images-idx3-ubyte.gz", root / f"{split}-labels-idx1-ubyte.gz")
+    for path in (images, labels):
+        if not path.is_file():
+            raise FileNotFoundError(f"Fashion-MNIST file {path} is missing; `apt-get install dataset-fashion-mnist` "
+                                    "puts it under /usr/share/datasets/fashion-mnist, or pass that directory")
+    return read_idx(images), read_idx(labels).long()
+
+
+class TensorImages(Dataset):
+    """(image [1, H, W] float normalised, label) pairs from uint8 images [N, H, W] and labels [N]."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        return normalise(self.images[index][None]), int(self.labels[index])
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 Fashion-MNIST images [..., H, W] -> float, normalised with the reference mean and std."""
+    return (images.float() / 255 - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0]
+
+
+def bundled_test_set() -> TensorImages:
+    """The 10,000 Fashion-MNIST test images shipped with the package."""
+    return TensorImages(*read_fashion_mnist(BUNDLED_FASHION_MNIST, "t10k"))
+
+
+def fashion_mnist_train(root: Optional[Path] = None) -> TensorImages:
+    """The 60,000 Fashion-MNIST training images, from Debian's dataset-fashion-mnist by default."""
+    return TensorImages(*read_fashion_mnist(Path(root) if root else DEBIAN_FASHION_MNIST, "train"))
+
+
+def image_folder(root: Path, model: torch.nn.Module, is_training: bool = False) -> Dataset:
+    """An ImageFolder tree ``root/<class>/<image>`` (the ImageNet val layout), transformed with the
+    model's own timm data config (resize, crop, interpolation, mean, std)."""
+    import timm.data
+    from torchvision.datasets import ImageFolder
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset directory {root} does not exist; pass a folder laid out as "
+                                "root/<class>/<image>.jpg (the ImageNet val layout)")
+    if not any(child.is_dir() for child in root.iterdir()):
+        raise ValueError(f"{root} has no class sub-folders; lay it out as root/<class>/<image>.jpg")
+    config = timm.data.resolve_data_config({}, model=model)
+    transform = timm.data.create_transform(**config, is_training=is_training)
+    grayscale = config["input_size"][0] == 1
+    try:
+        return ImageFolder(str(root), transform=transform, loader=_grayscale_loader if grayscale else _rgb_loader)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{root} holds no images ({error}); put .jpg/.png files under "
+                                "root/<class>/") from None
+
+
+def _rgb_loader(path: str):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _grayscale_loader(path: str):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("L")
+
+
+def build_dataset(data: Optional[str], model: torch.nn.Module, limit: Optional[int] = None) -> Dataset:
+    """The bundled Fashion-MNIST test set (``data`` None) or an ImageFolder at ``data``; first ``limit`` images."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    dataset = bundled_test_set() if data is None else image_folder(Path(data), model)
+    if limit is not None and limit < len(dataset):
+        dataset = torch.utils.data.Subset(dataset, range(limit))
+    return dataset
