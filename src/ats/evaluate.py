@@ -1,0 +1,198 @@
+"""`ats eval`: accuracy, mean GFLOPs and throughput of a model, unpatched and with each config, in one run."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import ats
+
+from .cli_options import add_config_arguments, add_model_arguments, configs_from_arguments, load_model
+from .config import ATSConfig, MergeConfig
+from .datasets import build_dataset
+from .timing import measure_throughput
+
+PatchConfig = Union[ATSConfig, MergeConfig]
+
+
+@dataclass
+class EvalRow:
+    """One evaluated config. tokens_in, tokens_out: [N, depth] long, per image and block."""
+
+    method: str
+    config: str
+    params: int
+    gflops: float
+    throughput: float
+    top1: float
+    top1_change: float
+    tokens_in: torch.Tensor
+    tokens_out: torch.Tensor
+    ats_blocks: List[int]
+
+    def to_json(self) -> dict:
+        kept = self.tokens_out[:, self.ats_blocks[-1]].float() if self.ats_blocks else self.tokens_out[:, -1].float()
+        return dict(method=self.method, config=self.config, params=self.params, gflops=round(self.gflops, 5),
+                    throughput=round(self.throughput, 2), top1=round(self.top1, 3),
+                    top1_change=round(self.top1_change, 3),
+                    tokens_per_block=[round(value, 2) for value in self.tokens_in.float().mean(0).tolist()],
+                    kept_tokens_min=int(kept.min()), kept_tokens_mean=round(float(kept.mean()), 2),
+                    kept_tokens_max=int(kept.max()))
+
+    def plot_record(self) -> dict:
+        return dict(method=self.method, config=self.config, gflops=self.gflops, top1=self.top1,
+                    tokens_in=self.tokens_in, tokens_out=self.tokens_out, ats_blocks=self.ats_blocks)
+
+
+def method_of(config: Optional[PatchConfig]) -> str:
+    """'unpatched', 'ats', 'topk' or 'merge'."""
+    if config is None:
+        return "unpatched"
+    if isinstance(config, MergeConfig):
+        return "merge"
+    return "topk" if config.sampler == "topk" else "ats"
+
+
+#: Throughput is timed on the first this-many images of the first batch.
+TIMING_BATCH_SIZE = 64
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[PatchConfig]], repeats: int = 5,
+             progress: bool = True) -> List[EvalRow]:
+    """Evaluate ``model`` as it is (config None) and patched with each config, on one pass over ``loader``.
+
+    Each batch is read once and run through every config; throughput (img/s, median of ``repeats``)
+    is measured on the first TIMING_BATCH_SIZE images, every config in this same run.
+    The model is left unpatched.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    depth = len(model.blocks)
+    correct = [0] * len(configs)
+    tokens_in: List[List[torch.Tensor]] = [[] for _ in configs]
+    tokens_out: List[List[torch.Tensor]] = [[] for _ in configs]
+    flops: List[List[torch.Tensor]] = [[] for _ in configs]
+    timing_batch = None
+    seen = 0
+    try:
+        for images, labels in tqdm(loader, desc="eval", unit="batch", disable=not progress, file=sys.stderr):
+            images, labels = images.to(device), labels.to(device)
+            timing_batch = images[:TIMING_BATCH_SIZE] if timing_batch is None else timing_batch
+            seen += len(labels)
+            for index, config in enumerate(configs):
+                _set_config(model, config)
+                logits = model(images)
+                correct[index] += int((logits.argmax(-1) == labels).sum())
+                tokens_in[index].append(_tokens(model, config, len(labels), depth, "tokens"))
+                tokens_out[index].append(_tokens(model, config, len(labels), depth, "tokens_out"))
+                if config is not None:
+                    flops[index].append(ats.last_stats(model).gflops.cpu())
+        if seen == 0:
+            raise ValueError("the dataset is empty; nothing to evaluate")
+        throughputs = []
+        for config in configs:
+            _set_config(model, config)
+            throughputs.append(measure_throughput(model, timing_batch, repeats=repeats, warmup=1))
+        _set_config(model, None)
+        params = sum(p.numel() for p in model.parameters())
+        base_gflops = ats.gflops(model)
+    finally:
+        _set_config(model, None)
+
+    rows = []
+    for index, config in enumerate(configs):
+        top1 = 100.0 * correct[index] / seen
+        gflops = base_gflops if config is None else float(torch.cat(flops[index]).mean())
+        blocks = [] if config is None else _config_blocks(config, depth)
+        rows.append(EvalRow(method_of(config), "unpatched" if config is None else config.describe(), params,
+                            gflops, throughputs[index], top1, 0.0, torch.cat(tokens_in[index]),
+                            torch.cat(tokens_out[index]), blocks))
+    for row in rows:
+        row.top1_change = row.top1 - rows[0].top1
+    return rows
+
+
+def _set_config(model: nn.Module, config: Optional[PatchConfig]) -> None:
+    if config is None:
+        if ats.is_patched(model):
+            ats.unpatch(model)
+    else:
+        ats.patch(model, config)
+
+
+def _config_blocks(config: PatchConfig, depth: int) -> List[int]:
+    return list(config.blocks(depth)) if isinstance(config, MergeConfig) else list(config.budgets)
+
+
+def _tokens(model: nn.Module, config: Optional[PatchConfig], batch: int, depth: int, which: str) -> torch.Tensor:
+    if config is None:
+        return torch.full((batch, depth), model.patch_embed.num_patches + model.num_prefix_tokens, dtype=torch.long)
+    return getattr(ats.last_stats(model), which).cpu()
+
+
+def format_table(rows: Sequence[EvalRow]) -> str:
+    """An aligned text table of the rows."""
+    header = ("config", "params", "GFLOPs", "img/s", "top-1 %", "change", "kept (min/mean/max)")
+    lines = [header]
+    for row in rows:
+        record = row.to_json()
+        kept = f"{record['kept_tokens_min']}/{record['kept_tokens_mean']:.1f}/{record['kept_tokens_max']}"
+        lines.append((row.config, f"{row.params / 1e6:.2f}M", f"{row.gflops:.4f}", f"{row.throughput:.1f}",
+                      f"{row.top1:.2f}", f"{row.top1_change:+.2f}", kept))
+    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
+
+
+def make_loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {workers}")
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", help="an ImageFolder directory (root/<class>/<image>); default: the bundled "
+                                      "Fashion-MNIST test set")
+    group.add_argument("--limit", type=int, help="evaluate the first N images")
+    group.add_argument("--batch-size", type=int, default=250)
+    group.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval", help="accuracy, GFLOPs and throughput, unpatched vs. ATS configs",
+                                   description=__doc__)
+    add_model_arguments(parser)
+    add_data_arguments(parser)
+    add_config_arguments(parser)
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats for throughput (median)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list of rows")
+    parser.add_argument("--plots", type=Path, metavar="DIR", help="write kept-token histograms and top-1/GFLOPs")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_model(args)
+    configs = [None, *configs_from_arguments(args, depth=len(model.blocks))]
+    loader = make_loader(build_dataset(args.data, model, args.limit), args.batch_size, args.workers)
+    rows = evaluate(model, loader, configs, repeats=args.repeats)
+    if args.json:
+        print(json.dumps([row.to_json() for row in rows], indent=1))
+    else:
+        print(format_table(rows))
+    if args.plots is not None:
+        from .plots import write_eval_plots
+
+        for path in write_eval_plots([row.plot_record() for row in rows], args.plots):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
