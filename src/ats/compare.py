@@ -1,0 +1,83 @@
+"""`ats compare`: ATS against token merging and top-K over a range of budgets, in one run.
+
+Methods: the unpatched model; ATS multi-stage (plain, with ``fuse``, with ``fuse`` and ``min_kept``);
+top-K at the same budgets; and the token-merging baseline (ToMe) at a range of r. One pass over the
+data runs every config; the table and the top-1/GFLOPs frontier (a PNG) come from the same rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+from .cli_options import add_model_arguments, load_model
+from .config import ATSConfig, MergeConfig
+from .datasets import build_dataset
+from .evaluate import EvalRow, PatchConfig, add_data_arguments, evaluate, make_loader
+
+DEFAULT_RHOS = (1.0, 0.9, 0.8, 0.7)
+DEFAULT_MERGE_R = (4, 8, 12, 16)
+DEFAULT_MIN_KEPT = 64
+
+
+def comparison_configs(depth: int, rhos: Sequence[float], merge_r: Sequence[int],
+                       min_kept: int) -> List[Tuple[str, Optional[PatchConfig]]]:
+    """(variant, config) pairs: every method at every budget, the unpatched model first."""
+    configs: List[Tuple[str, Optional[PatchConfig]]] = [("unpatched", None)]
+    variants = (("ATS", {}), ("ATS + fuse", {"fuse": True}),
+                (f"ATS + fuse + min_kept={min_kept}", {"fuse": True, "min_kept": min_kept}),
+                ("top-K", {"sampler": "topk"}))
+    for variant, options in variants:
+        configs += [(variant, ATSConfig.multi_stage(rho, depth=depth, **options)) for rho in rhos]
+    configs += [("merge (ToMe)", MergeConfig(r=r)) for r in merge_r]
+    return configs
+
+
+def comparison_record(variant: str, row: EvalRow) -> dict:
+    return dict(row.to_json(), variant=variant)
+
+
+def format_comparison(records: Sequence[dict]) -> str:
+    header = ("method", "config", "GFLOPs", "top-1 %", "change", "img/s", "kept (min/mean/max)")
+    lines = [header]
+    for record in records:
+        kept = f"{record['kept_tokens_min']}/{record['kept_tokens_mean']:.1f}/{record['kept_tokens_max']}"
+        lines.append((record["variant"], record["config"], f"{record['gflops']:.4f}", f"{record['top1']:.2f}",
+                      f"{record['top1_change']:+.2f}", f"{record['throughput']:.1f}", kept))
+    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("compare", help="ATS vs. token merging and top-K over budgets",
+                                   description=__doc__)
+    add_model_arguments(parser)
+    add_data_arguments(parser)
+    parser.add_argument("--rho", type=float, action="append", metavar="RHO",
+                        help=f"multi-stage budgets for ATS and top-K; repeatable (default {DEFAULT_RHOS})")
+    parser.add_argument("--merge-r", type=int, action="append", metavar="R",
+                        help=f"tokens merged per block by the baseline; repeatable (default {DEFAULT_MERGE_R})")
+    parser.add_argument("--min-kept", type=int, default=DEFAULT_MIN_KEPT,
+                        help=f"min_kept of the fuse + min_kept variant (default {DEFAULT_MIN_KEPT})")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats for throughput (median)")
+    parser.add_argument("--plot", type=Path, default=Path("ats-compare.png"), help="where to write the frontier PNG")
+    parser.add_argument("--json", action="store_true", help="print a JSON list of rows")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .plots import plot_frontier
+
+    model = load_model(args)
+    pairs = comparison_configs(len(model.blocks), args.rho or DEFAULT_RHOS, args.merge_r or DEFAULT_MERGE_R,
+                               args.min_kept)
+    loader = make_loader(build_dataset(args.data, model, args.limit), args.batch_size, args.workers)
+    rows = evaluate(model, loader, [config for _, config in pairs], repeats=args.repeats)
+    records = [comparison_record(variant, row) for (variant, _), row in zip(pairs, rows)]
+    print(json.dumps(records, indent=1) if args.json else format_comparison(records))
+    points = [dict(method=record["variant"], gflops=record["gflops"], top1=record["top1"]) for record in records]
+    path = plot_frontier(points, args.plot, title="Top-1 against GFLOPs, off the shelf", baseline="unpatched")
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
