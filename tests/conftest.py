@@ -1,0 +1,35 @@
+"""Small random-init ViTs that make ATS keep different numbers of tokens per image."""
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+
+def tiny_vit(peaked: bool = True, **overrides) -> VisionTransformer:
+    """A 6-block ViT on 32x32 images with 4x4 patches (64 patches + prefix). ``peaked`` scales the qkv
+    weights so the class token's attention is peaked and kept-token counts differ between images."""
+    kwargs = dict(img_size=32, patch_size=4, embed_dim=64, depth=6, num_heads=4, num_classes=10)
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    model = VisionTransformer(**kwargs).eval()
+    if peaked:
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.qkv.weight.mul_(4)
+    return model
+
+
+def contrasted_images(count: int = 8, size: int = 32) -> torch.Tensor:
+    """[count, 3, size, size] random images whose contrast grows with the index."""
+    generator = torch.Generator().manual_seed(1)
+    scale = torch.linspace(0.2, 3.0, count)[:, None, None, None]
+    return torch.randn(count, 3, size, size, generator=generator) * scale
+
+
+@pytest.fixture
+def model() -> VisionTransformer:
+    return tiny_vit()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return contrasted_images()

@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+import ats
+from ats.config import TokenBudget
+
+
+def test_multi_stage_schedule():
+    config = ats.ATSConfig.multi_stage(0.7)
+    assert list(config.budgets) == list(range(3, 12))
+    samples = config.budgets[5].samples(torch.tensor([197, 100, 10]), config.min_tokens)
+    assert samples.tolist() == [137, 70, 8]
+    assert config.describe() == "rho=0.7 @ blocks 3..11"
+
+
+def test_single_stage_and_custom_blocks():
+    assert ats.ATSConfig.single_stage(k=108).budgets == {3: TokenBudget(k=108)}
+    config = ats.ATSConfig(blocks={6: 56, 3: 0.5}, sampler="topk")
+    assert list(config.budgets) == [3, 6] and config.budgets[3] == TokenBudget(rho=0.5)
+    assert "topk" in config.describe()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: ats.ATSConfig.single_stage(k=0), "k must be"),
+    (lambda: ats.ATSConfig.multi_stage(rho=1.5), "rho must lie in"),
+    (lambda: ats.ATSConfig.multi_stage(rho=0.0), "rho must lie in"),
+    (lambda: ats.ATSConfig(blocks={3: 10}, sampler="nearest"), "unknown sampler"),
+    (lambda: ats.ATSConfig(blocks={3: 10}, score="value"), "unknown score"),
+    (lambda: ats.ATSConfig(blocks={}), "non-empty"),
+    (lambda: ats.ATSConfig(blocks={-1: 10}), "0-based"),
+    (lambda: ats.ATSConfig(blocks={3: 10}, min_kept=-1), "min_kept"),
+    (lambda: ats.ATSConfig(blocks={3: 10}, packing="dense"), "unknown packing"),
+    (lambda: ats.MergeConfig(r=0), "r must be"),
+])
+def test_bad_configs_are_refused_with_the_fix(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_budget_types():
+    with pytest.raises(TypeError):
+        ats.ATSConfig(blocks={3: True})
+    with pytest.raises(TypeError):
+        ats.ATSConfig(blocks={3: "108"})

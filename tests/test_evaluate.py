@@ -1,0 +1,67 @@
+import json
+
+import pytest
+import torch
+from test_datasets import write_image_folder
+
+from ats.cli import main
+from ats.reference import create_reference_model
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "reference.pt"
+    torch.save(create_reference_model().state_dict(), path)
+    return path
+
+
+def run_json(capsys, *argv):
+    assert main(list(argv)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_eval_on_an_image_folder(tmp_path, checkpoint, capsys):
+    data = write_image_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=2, size=(28, 28))
+    rows = run_json(capsys, "eval", "--checkpoint", str(checkpoint), "--data", str(data), "--multi-stage", "0.7",
+                    "--blocks", "3:500", "--topk", "--repeats", "1", "--json")
+    assert [row["config"] for row in rows] == ["unpatched", "rho=0.7 @ blocks 3..11 (topk)", "K=500 @ block 3 (topk)"]
+    for row in rows:
+        assert {"config", "params", "gflops", "throughput", "top1", "top1_change", "tokens_per_block"} <= set(row)
+        assert 0 <= row["top1"] <= 100 and row["throughput"] > 0 and len(row["tokens_per_block"]) == 12
+    unpatched, reduced, everything = rows
+    assert reduced["gflops"] < unpatched["gflops"] and reduced["tokens_per_block"][-1] < 197
+    assert everything["top1"] == unpatched["top1"]  # top-K keeping every token changes nothing
+
+
+def test_eval_defaults_to_the_papers_six_configs_and_prints_a_table(checkpoint, capsys, tmp_path):
+    assert main(["eval", "--checkpoint", str(checkpoint), "--limit", "8", "--repeats", "1",
+                 "--plots", str(tmp_path / "plots")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["config", "params", "GFLOPs"]
+    assert [line.split()[0] for line in table[1:]] == ["unpatched"] + ["rho=1", "rho=0.87", "rho=0.72"] + \
+        ["K=108", "K=78", "K=48"]
+    assert list((tmp_path / "plots").glob("*.png"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "/nonexistent/folder"], "does not exist"),
+    (["--limit", "0"], "--limit"),
+    (["--model", "no_such_model"], "unknown timm model"),
+    (["--multi-stage", "1.5"], "rho must lie in"),
+    (["--checkpoint", "/nonexistent.pt"], "does not exist"),
+])
+def test_eval_errors_name_the_problem(argv, message, checkpoint, capsys):
+    given = ["--checkpoint", str(checkpoint)] if "--checkpoint" not in argv and "--model" not in argv else []
+    assert main(["eval", *given, *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_compare_runs_every_method(checkpoint, capsys, tmp_path):
+    plot = tmp_path / "frontier.png"
+    rows = run_json(capsys, "compare", "--checkpoint", str(checkpoint), "--limit", "6", "--rho", "0.8",
+                    "--merge-r", "8", "--repeats", "1", "--plot", str(plot), "--json")
+    assert [row["method"] for row in rows] == ["unpatched", "ats", "ats", "ats", "topk", "merge"]
+    assert len({row["variant"] for row in rows}) == 6
+    assert all(row["gflops"] < rows[0]["gflops"] for row in rows[1:])
+    assert plot.stat().st_size > 0

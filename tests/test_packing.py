@@ -1,0 +1,61 @@
+import torch
+
+from ats.merging import bipartite_soft_matching, fold, nearest_kept
+from ats.packing import TokenBatch
+
+
+def test_select_packs_kept_tokens_to_the_front_in_order():
+    x = torch.arange(2 * 4 * 2, dtype=torch.float32).reshape(2, 4, 2)
+    batch = TokenBatch.from_dense(x)
+    keep = torch.tensor([[True, False, True, True], [True, False, False, True]])
+    packed, positions, rows_from = batch.select(keep)
+    assert packed.width == 3 and packed.lengths.tolist() == [3, 2]
+    assert packed.source.tolist() == [[0, 2, 3], [0, 3, -1]]
+    assert positions[:, :2].tolist() == [[0, 2], [0, 3]]
+    assert torch.equal(packed.pad(packed.rows)[0], x[0, [0, 2, 3]])
+    assert torch.equal(packed.pad(packed.rows)[1, :2], x[1, [0, 3]])
+    assert packed.pad(packed.rows)[1, 2].abs().sum() == 0
+    assert rows_from.tolist() == [0, 2, 3, 4, 7]
+    assert packed.key_mask.tolist() == [[True, True, True], [True, True, False]]
+    assert torch.equal(packed.unpad(packed.pad(packed.rows)), packed.rows)
+    assert packed.image_of_row.tolist() == [0, 0, 0, 1, 1]
+
+
+def test_padded_packing_keeps_every_position():
+    x = torch.randn(2, 4, 2)
+    keep = torch.tensor([[True, True, True, True], [True, False, False, True]])
+    packed, _, _ = TokenBatch.from_dense(x, keep_padding=True).select(keep)
+    assert packed.rows.shape[0] == 8 and packed.row_index is None and not packed.full
+    assert packed.key_mask.tolist() == [[True] * 4, [True, True, False, False]]
+
+
+def test_sizes_become_a_log_bias_on_the_keys():
+    batch = TokenBatch.from_dense(torch.randn(1, 3, 2)).with_rows(torch.randn(3, 2), torch.tensor([1.0, 2.0, 4.0]))
+    bias = batch.attention_mask[0, 0, 0]
+    assert torch.allclose(bias, torch.log(torch.tensor([1.0, 2.0, 4.0])))
+    assert not batch.is_dense
+
+
+def test_fold_averages_groups_by_size():
+    x = torch.tensor([[[1.0], [3.0], [10.0]]])
+    sizes = torch.tensor([[1.0, 3.0, 2.0]])
+    target = torch.tensor([[1, 1, 2]])
+    folded, new_sizes = fold(x, sizes, target)
+    assert folded[0, 1, 0] == (1 * 1 + 3 * 3) / 4 and folded[0, 2, 0] == 10
+    assert new_sizes[0, 1:].tolist() == [4.0, 2.0]
+
+
+def test_nearest_kept_sends_dropped_tokens_to_their_closest_kept_token():
+    metric = torch.tensor([[[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]])
+    keep = torch.tensor([[True, False, True, False]])
+    movable = torch.ones(1, 4, dtype=torch.bool)
+    assert nearest_kept(metric, keep, movable).tolist() == [[0, 0, 2, 2]]
+
+
+def test_bipartite_matching_merges_r_tokens_of_set_a_into_set_b():
+    metric = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [1.0, 0.05], [0.0, 1.0], [1.0, 1.0]]])
+    movable = torch.tensor([[False, True, True, True, True]])
+    target = bipartite_soft_matching(metric, 1, movable)
+    # A = positions 1, 3 (even ranks), B = 2, 4; position 1 matches 2 best
+    assert target.tolist() == [[0, 2, 2, 3, 4]]
+    assert (bipartite_soft_matching(metric, 5, movable) != torch.arange(5)).sum() == 2

@@ -1,0 +1,195 @@
+import pytest
+import timm
+import torch
+from conftest import contrasted_images, tiny_vit
+from timm.models.vision_transformer import VisionTransformer
+
+import ats
+
+CONFIGS = {
+    "multi_stage": ats.ATSConfig.multi_stage(0.87, first=1, depth=6),
+    "single_stage": ats.ATSConfig.single_stage(k=60, block=1),
+    "topk": ats.ATSConfig.multi_stage(0.87, first=1, depth=6, sampler="topk"),
+    "cls_not_enforced": ats.ATSConfig.multi_stage(0.87, first=1, depth=6, keep_cls=False),
+    "self_attention": ats.ATSConfig.multi_stage(0.87, first=1, depth=6, score="self_attention"),
+    "min_kept": ats.ATSConfig.multi_stage(0.87, first=1, depth=6, min_kept=12),
+    "fuse": ats.ATSConfig.multi_stage(0.87, first=1, depth=6, fuse=True),
+    "fuse_min_kept": ats.ATSConfig.multi_stage(0.87, first=1, depth=6, fuse=True, min_kept=12),
+    "padded": ats.ATSConfig.multi_stage(0.87, first=1, depth=6, packing="padded"),
+    "merge": ats.MergeConfig(r=6),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_images_do_not_depend_on_their_batch_mates(name, model, images):
+    ats.patch(model, CONFIGS[name])
+    with torch.no_grad():
+        together = model(images)
+        tokens = ats.last_stats(model).tokens
+        alone = torch.cat([model(image[None]) for image in images])
+    assert (together - alone).abs().max() < 1e-4
+    if name not in ("merge", "topk"):  # these remove the same number of tokens from every image
+        assert len(set(tokens[:, -1].tolist())) > 1, "kept-token counts should differ between images"
+
+
+def test_unpatch_restores_the_original_forward_exactly(model, images):
+    with torch.no_grad():
+        before = model(images)
+        ats.patch(model, CONFIGS["multi_stage"])
+        patched = model(images)
+        ats.unpatch(model)
+        after = model(images)
+    assert type(model) is VisionTransformer and not hasattr(model, "_ats")
+    assert torch.equal(before, after)
+    assert not torch.allclose(before, patched)
+
+
+def test_keeping_every_token_gives_the_unpatched_logits(model, images):
+    with torch.no_grad():
+        before = model(images)
+        ats.patch(model, ats.ATSConfig(blocks={1: 1000, 3: 1000}, sampler="topk"))
+        after = model(images)
+    assert (before - after).abs().max() < 1e-5
+
+
+def test_repatching_replaces_the_config(model, images):
+    ats.patch(model, ats.ATSConfig.single_stage(k=10, block=2))
+    ats.patch(model, ats.ATSConfig.single_stage(k=20, block=1))
+    with torch.no_grad():
+        model(images)
+    tokens = ats.last_stats(model).tokens
+    assert tokens[:, 2].max() <= 21 and tokens[:, 1].min() == 65
+    ats.unpatch(model)
+    assert type(model) is VisionTransformer
+
+
+@pytest.mark.parametrize("name", ["multi_stage", "fuse_min_kept", "cls_not_enforced", "merge", "padded"])
+def test_gradients_reach_every_parameter_in_train_mode(name, images):
+    model = tiny_vit(drop_path_rate=0.1, init_values=1e-2).train()
+    ats.patch(model, CONFIGS[name])
+    model(images).logsumexp(-1).sum().backward()
+    for parameter_name, parameter in model.named_parameters():
+        assert parameter.grad is not None, parameter_name
+        assert torch.isfinite(parameter.grad).all(), parameter_name
+        assert parameter.grad.abs().sum() > 0, parameter_name
+
+
+def test_drop_path_is_per_image_in_train_mode(images):
+    model = tiny_vit(drop_path_rate=0.5).train()
+    ats.patch(model, CONFIGS["multi_stage"])
+    torch.manual_seed(0)
+    together = model(images)
+    assert torch.isfinite(together).all()
+    assert together.shape == (8, 10)
+
+
+def test_stats_tokens_and_kept_indices(model, images):
+    ats.patch(model, CONFIGS["multi_stage"])
+    with torch.no_grad():
+        model(images)
+    stats = ats.last_stats(model)
+    assert stats.tokens.shape == (8, 6)
+    assert (stats.tokens[:, :2] == 65).all()
+    assert (stats.tokens.diff(dim=1) <= 0).all()
+    assert torch.equal(stats.tokens[:, 1:], stats.tokens_out[:, :-1])
+    for block in range(1, 6):
+        kept = stats.kept[block]
+        assert torch.equal(stats.kept_counts(block) + 1, stats.tokens_out[:, block])
+        valid = kept >= 0
+        assert (kept[valid] < 64).all()
+        for row, mask in zip(kept, valid):  # ascending original positions, padding last
+            assert torch.equal(row[mask], row[mask].sort().values) and not mask[mask.sum():].any()
+        if block > 1:
+            previous = stats.kept[block - 1]
+            for now, before in zip(kept, previous):
+                assert set(now[now >= 0].tolist()) <= set(before[before >= 0].tolist())
+    assert stats.scores[1].shape == (8, 64) and torch.allclose(stats.scores[1].sum(1), torch.ones(8))
+    assert stats.cls_attention[1].shape == (8, 64)
+    assert stats.grid_size == (8, 8)
+
+
+def test_topk_keeps_the_top_recorded_scores(model, images):
+    ats.patch(model, ats.ATSConfig.single_stage(k=20, block=2, sampler="topk"))
+    with torch.no_grad():
+        model(images)
+    stats = ats.last_stats(model)
+    expected = stats.scores[2].topk(20, dim=1).indices.sort(dim=1).values
+    assert torch.equal(stats.kept[2], expected)
+
+
+def test_gflops_match_a_hand_count(model, images):
+    ats.patch(model, CONFIGS["single_stage"])
+    with torch.no_grad():
+        model(images)
+    stats = ats.last_stats(model)
+    c, hidden, patches = 64, 256, 64
+    dense = lambda n: 3 * n * c * c + 2 * n * n * c + n * c * c + 2 * n * c * hidden  # noqa: E731
+
+    def ats_block(n_in, n_out):
+        return 3 * n_in * c * c + n_in * c + 2 * n_out * n_in * c + n_out * c * c + 2 * n_out * c * hidden
+
+    for tokens, gflops in zip(stats.tokens.tolist(), stats.gflops.tolist()):
+        flops = patches * c * 3 * 16 + c * 10
+        flops += dense(65) + ats_block(65, tokens[2]) + sum(dense(n) for n in tokens[2:])
+        assert gflops == pytest.approx(flops / 1e9, rel=1e-6)
+
+
+def test_distilled_deit_keeps_both_prefix_tokens():
+    model = timm.create_model("deit_tiny_distilled_patch16_224", img_size=64, depth=4).eval()
+    images = contrasted_images(4, 64)
+    ats.patch(model, ats.ATSConfig.single_stage(k=5, block=1))
+    with torch.no_grad():
+        together = model(images)
+        alone = torch.cat([model(image[None]) for image in images])
+    stats = ats.last_stats(model)
+    assert (stats.tokens[:, 2] <= 7).all() and (stats.tokens[:, 2] >= 3).all()
+    assert (together - alone).abs().max() < 1e-4
+
+
+def test_register_tokens_are_kept():
+    model = tiny_vit(reg_tokens=4)
+    ats.patch(model, ats.ATSConfig.single_stage(k=10, block=1))
+    with torch.no_grad():
+        model(contrasted_images(4))
+    stats = ats.last_stats(model)
+    assert (stats.tokens[:, 0] == 69).all() and (stats.tokens[:, 2] <= 15).all()
+    assert (stats.kept[1] < 64).all()
+
+
+def test_model_without_class_token_needs_self_attention_scores(images):
+    model = tiny_vit(class_token=False, global_pool="avg")
+    with pytest.raises(ValueError, match="self_attention"):
+        ats.patch(model, ats.ATSConfig.single_stage(k=10, block=1))
+    ats.patch(model, ats.ATSConfig.single_stage(k=10, block=1, score="self_attention"))
+    with torch.no_grad():
+        together = model(images)
+        alone = torch.cat([model(image[None]) for image in images])
+    assert (together - alone).abs().max() < 1e-4
+    assert (ats.last_stats(model).tokens[:, 2] <= 10).all()
+
+
+@pytest.mark.parametrize("config, error, message", [
+    (ats.ATSConfig.single_stage(k=10, block=6), ValueError, "outside this model's 6 blocks"),
+    (ats.MergeConfig(r=4, first=9), ValueError, "outside"),
+])
+def test_configs_the_model_cannot_take(model, config, error, message):
+    with pytest.raises(error, match=message):
+        ats.patch(model, config)
+
+
+def test_modules_that_cannot_be_patched():
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        ats.patch(torch.nn.Linear(3, 3), ats.ATSConfig.multi_stage(1.0))
+    with pytest.raises(TypeError, match="ATSConfig"):
+        ats.patch(tiny_vit(), {3: 108})
+    with pytest.raises(ValueError, match="not patched"):
+        ats.unpatch(tiny_vit())
+    with pytest.raises(ValueError, match="not patched"):
+        ats.last_stats(tiny_vit())
+
+
+def test_images_of_the_wrong_shape(model):
+    ats.patch(model, CONFIGS["multi_stage"])
+    for shape in [(2, 3, 64, 64), (2, 1, 32, 32), (3, 32, 32)]:
+        with pytest.raises(ValueError, match=r"expected images of shape \[B, 3, 32, 32\]"):
+            model(torch.zeros(shape))

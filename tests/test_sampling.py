@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from ats.sampling import (
+    cls_scores,
+    inverse_transform_sample,
+    masked_softmax_logits,
+    sample_points,
+    self_attention_scores,
+    top_up,
+    topk_sample,
+)
+
+
+def test_inverse_transform_picks_the_inverse_cdf():
+    scores = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    # y = 1/8, 3/8, 5/8, 7/8 against the CDF 0.1, 0.3, 0.6, 1.0 picks tokens 1, 2, 3, 3
+    keep = inverse_transform_sample(scores, torch.tensor([4]), 4)
+    assert keep.tolist() == [[False, True, True, True]]
+
+
+def test_inverse_transform_uses_the_sorted_order():
+    scores = torch.tensor([[0.4, 0.0, 0.1, 0.5]])
+    keep = inverse_transform_sample(scores, torch.tensor([2]), 2)
+    # sorted ascending: 0.0 (1), 0.1 (2), 0.4 (0), 0.5 (3); CDF 0, .1, .5, 1; y = .25, .75 -> tokens 0, 3
+    assert keep.tolist() == [[True, False, False, True]]
+
+
+def test_zero_scores_are_never_sampled():
+    scores = torch.tensor([[0.0, 0.0, 0.5, 0.5, 0.0]])
+    keep = inverse_transform_sample(scores, torch.tensor([50]), 50)
+    assert keep.tolist() == [[False, False, True, True, False]]
+
+
+def test_duplicates_collapse_and_peaked_scores_keep_fewer():
+    flat = torch.full((1, 100), 0.01)
+    peaked = torch.softmax(torch.linspace(0, 12, 100), 0)[None]
+    k = torch.tensor([50])
+    assert inverse_transform_sample(flat, k, 50).sum() == 50
+    kept = inverse_transform_sample(peaked, k, 50).sum()
+    assert 0 < kept < 30
+
+
+def test_per_image_budgets():
+    scores = torch.full((2, 10), 0.1)
+    keep = inverse_transform_sample(scores, torch.tensor([3, 7]), 7)
+    assert keep.sum(1).tolist() == [3, 7]
+
+
+def test_sample_points_deterministic_and_stochastic():
+    points = sample_points(torch.tensor([2, 4]), 4)
+    assert torch.allclose(points[1], torch.tensor([1 / 8, 3 / 8, 5 / 8, 7 / 8], dtype=torch.float64))
+    assert points[0, :2].tolist() == [0.25, 0.75] and torch.isinf(points[0, 2:]).all()
+    one = sample_points(torch.tensor([5]), 5, stochastic=True, generator=torch.Generator().manual_seed(0))
+    again = sample_points(torch.tensor([5]), 5, stochastic=True, generator=torch.Generator().manual_seed(0))
+    other = sample_points(torch.tensor([5]), 5, stochastic=True, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(one, again) and not torch.equal(one, other)
+    assert (one.diff(dim=1) >= 0).all() and ((one >= 0) & (one < 1)).all()
+
+
+def test_stochastic_sampling_never_picks_zero_scores():
+    scores = torch.tensor([[0.0, 0.3, 0.0, 0.7]])
+    for seed in range(20):
+        keep = inverse_transform_sample(scores, torch.tensor([4]), 4, stochastic=True,
+                                        generator=torch.Generator().manual_seed(seed))
+        assert not keep[0, 0] and not keep[0, 2]
+
+
+def test_topk_keeps_the_highest_and_breaks_ties_stably():
+    scores = torch.tensor([[0.1, 0.3, 0.3, 0.2, 0.0, 0.1]])
+    assert topk_sample(scores, torch.tensor([3])).tolist() == [[False, True, True, True, False, False]]
+    assert topk_sample(scores, torch.tensor([4])).tolist() == [[True, True, True, True, False, False]]
+    assert topk_sample(scores, torch.tensor([6])).sum() == 5  # the zero score stays out
+
+
+def test_top_up_reaches_min_kept_with_candidates_only():
+    scores = torch.tensor([[0.5, 0.2, 0.0, 0.3]])
+    keep = torch.tensor([[True, False, False, False]])
+    assert top_up(keep, scores, 2).tolist() == [[True, False, False, True]]
+    assert top_up(keep, scores, 10).tolist() == [[True, True, False, True]]
+    assert torch.equal(top_up(keep, scores, 1), keep)
+
+
+def test_cls_scores_are_attention_times_value_norm():
+    torch.manual_seed(0)
+    attention = torch.rand(2, 3, 5).softmax(-1)
+    v = torch.randn(2, 3, 5, 4)
+    candidates = torch.tensor([[False, True, True, True, False]] * 2)
+    scores = cls_scores(attention, v, candidates)
+    norm = v.permute(0, 2, 1, 3).reshape(2, 5, 12).norm(dim=-1)
+    raw = attention.sum(1) * norm * candidates
+    assert torch.allclose(scores, raw / raw.sum(1, keepdim=True), atol=1e-6)
+    assert torch.allclose(scores.sum(1), torch.ones(2))
+
+
+def test_masked_attention_and_self_attention_scores():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    mask = torch.tensor([[True, True, True, False]])
+    attention = masked_softmax_logits(q, k, 8 ** -0.5, mask)
+    assert torch.all(attention[..., 3] == 0) and torch.allclose(attention.sum(-1), torch.ones(1, 2, 4))
+    candidates = torch.tensor([[False, True, True, False]])
+    scores = self_attention_scores(attention, mask, candidates)
+    columns = (attention.sum(1) * mask[:, :, None]).sum(1) * candidates
+    assert torch.allclose(scores, columns / columns.sum(), atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [0.0, 2.0])
+def test_key_bias_shifts_attention(bias):
+    q, k = torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 3, 4)
+    attention = masked_softmax_logits(q, k, 1.0, None, torch.tensor([[bias, 0.0, 0.0]]))
+    expected = torch.tensor([torch.e ** bias, 1.0, 1.0])
+    assert torch.allclose(attention[0, 0, 0], expected / expected.sum())
