@@ -3,6 +3,8 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from ats.reference import create_reference_model
+
 
 def tiny_vit(peaked: bool = True, **overrides) -> VisionTransformer:
     """A 6-block ViT on 32x32 images with 4x4 patches (64 patches + prefix). ``peaked`` scales the qkv
@@ -23,6 +25,15 @@ def contrasted_images(count: int = 8, size: int = 32) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
     scale = torch.linspace(0.2, 3.0, count)[:, None, None, None]
     return torch.randn(count, 3, size, size, generator=generator) * scale
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A random-init reference model's state dict, saved for --checkpoint."""
+    torch.manual_seed(0)
+    path = tmp_path / "reference.pt"
+    torch.save(create_reference_model().state_dict(), path)
+    return path
 
 
 @pytest.fixture

@@ -1,19 +1,9 @@
 import json
 
 import pytest
-import torch
 from test_datasets import write_image_folder
 
 from ats.cli import main
-from ats.reference import create_reference_model
-
-
-@pytest.fixture
-def checkpoint(tmp_path):
-    torch.manual_seed(0)
-    path = tmp_path / "reference.pt"
-    torch.save(create_reference_model().state_dict(), path)
-    return path
 
 
 def run_json(capsys, *argv):

@@ -1,0 +1,149 @@
+"""`ats bench`: throughput of the unpatched and patched model in the same run, and how much of the
+FLOP saving turns into time saved (efficiency = speedup / FLOP ratio).
+
+Unpatched and patched forwards alternate in every repeat, so drift in this machine's speed hits both;
+each number is the median of the repeats.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from typing import List, Optional, Sequence
+
+import torch
+from torch import nn
+
+import ats
+
+from .cli_options import REFERENCE, add_config_arguments, add_model_arguments, configs_from_arguments, load_model
+from .config import ATSConfig
+from .datasets import bundled_test_set
+
+
+@dataclasses.dataclass
+class BenchRow:
+    config: str
+    batch_size: int
+    throughput: float
+    gflops: float
+    speedup: float
+    flop_ratio: float
+    efficiency: float
+    threads: int
+    tokens_per_block: List[float]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def bench_images(model: nn.Module, batch_size: int, reference: bool) -> torch.Tensor:
+    """[batch_size, C, H, W]: the bundled test images for the reference model, else seeded random images."""
+    device = next(model.parameters()).device
+    if reference:
+        test_set = bundled_test_set()
+        return torch.stack([test_set[index][0] for index in range(batch_size)]).to(device)
+    channels = model.patch_embed.proj.in_channels
+    height, width = model.patch_embed.img_size
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch_size, channels, height, width, generator=generator).to(device)
+
+
+def _seconds(model: nn.Module, images: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(images)
+    if images.device.type == "cuda":
+        torch.cuda.synchronize(images.device)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def bench(model: nn.Module, configs: Sequence[ATSConfig], batch_sizes: Sequence[int], repeats: int = 5,
+          warmup: int = 2, reference: bool = False) -> List[BenchRow]:
+    """Rows for the unpatched model and each config at each batch size; the model is left unpatched."""
+    if repeats < 1 or any(size < 1 for size in batch_sizes):
+        raise ValueError(f"--repeats and --batch-size must be >= 1, got {repeats} and {list(batch_sizes)}")
+    model.eval()
+    threads = torch.get_num_threads()
+    base_gflops = ats.gflops(model)
+    depth = len(model.blocks)
+    full = float(model.patch_embed.num_patches + model.num_prefix_tokens)
+    rows = []
+    try:
+        for batch_size in batch_sizes:
+            images = bench_images(model, batch_size, reference)
+            timings: List[List[float]] = [[] for _ in range(len(configs) + 1)]
+            stats = []
+            for config in configs:
+                ats.patch(model, config)
+                model(images)
+                stats.append(ats.last_stats(model))
+            ats.unpatch(model)
+            for repeat in range(warmup + repeats):
+                for index, config in enumerate([None, *configs]):
+                    _apply(model, config)
+                    seconds = _seconds(model, images)
+                    if repeat >= warmup:
+                        timings[index].append(seconds)
+            _apply(model, None)
+            base_throughput = batch_size / statistics.median(timings[0])
+            rows.append(BenchRow("unpatched", batch_size, base_throughput, base_gflops, 1.0, 1.0, 1.0, threads,
+                                 [full] * depth))
+            for config, config_stats, seconds in zip(configs, stats, timings[1:]):
+                throughput = batch_size / statistics.median(seconds)
+                gflops = float(config_stats.gflops.mean())
+                speedup, flop_ratio = throughput / base_throughput, base_gflops / gflops
+                rows.append(BenchRow(config.describe(), batch_size, throughput, gflops, speedup, flop_ratio,
+                                     speedup / flop_ratio, threads, config_stats.tokens.float().mean(0).tolist()))
+    finally:
+        _apply(model, None)
+    return rows
+
+
+def _apply(model: nn.Module, config: Optional[ATSConfig]) -> None:
+    if config is not None:
+        ats.patch(model, config)
+    elif ats.is_patched(model):
+        ats.unpatch(model)
+
+
+def format_rows(rows: Sequence[BenchRow]) -> str:
+    header = ("config", "batch", "img/s", "GFLOPs", "speedup", "FLOP ratio", "efficiency")
+    lines = [header] + [(row.config, str(row.batch_size), f"{row.throughput:.1f}", f"{row.gflops:.3f}",
+                         f"{row.speedup:.2f}", f"{row.flop_ratio:.2f}", f"{row.efficiency:.2f}") for row in rows]
+    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="throughput of unpatched vs. patched: speedup and efficiency",
+                                   description=__doc__)
+    add_model_arguments(parser)
+    add_config_arguments(parser)
+    parser.add_argument("--batch-size", type=int, action="append", metavar="N",
+                        help="batch size; repeatable (default: 1 and 64)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed repeats first")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (pinned)")
+    parser.add_argument("--compare-padded", action="store_true",
+                        help="add each config with packing='padded' (every later block on all padded positions)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list of rows")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    model = load_model(args)
+    configs = configs_from_arguments(args, depth=len(model.blocks))
+    if args.compare_padded:
+        configs += [dataclasses.replace(config, packing="padded") for config in configs]
+    rows = bench(model, configs, args.batch_size or [1, 64], args.repeats, args.warmup,
+                 reference=args.model == REFERENCE)
+    print(f"threads: {torch.get_num_threads()}", file=sys.stderr)
+    print(json.dumps([row.to_json() for row in rows], indent=1) if args.json else format_rows(rows))
+    return 0

@@ -1,0 +1,30 @@
+import json
+
+import pytest
+
+from ats.cli import main
+
+
+def test_bench_rows_are_consistent(checkpoint, capsys):
+    assert main(["bench", "--checkpoint", str(checkpoint), "--multi-stage", "0.7", "--batch-size", "1",
+                 "--batch-size", "3", "--repeats", "1", "--warmup", "0", "--compare-padded", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(row["config"], row["batch_size"]) for row in rows] == [
+        ("unpatched", 1), ("rho=0.7 @ blocks 3..11", 1), ("rho=0.7 @ blocks 3..11 (padded packing)", 1),
+        ("unpatched", 3), ("rho=0.7 @ blocks 3..11", 3), ("rho=0.7 @ blocks 3..11 (padded packing)", 3)]
+    base = {row["batch_size"]: row for row in rows if row["config"] == "unpatched"}
+    for row in rows:
+        reference = base[row["batch_size"]]
+        assert row["flop_ratio"] == pytest.approx(reference["gflops"] / row["gflops"])
+        assert row["speedup"] == pytest.approx(row["throughput"] / reference["throughput"])
+        assert row["efficiency"] == pytest.approx(row["speedup"] / row["flop_ratio"])
+        assert row["threads"] >= 1 and len(row["tokens_per_block"]) == 12
+    patched = [row for row in rows if row["config"] != "unpatched"]
+    assert all(row["flop_ratio"] > 1 for row in patched)
+    assert patched[0]["gflops"] == pytest.approx(patched[1]["gflops"])  # packing changes time, not FLOPs
+
+
+@pytest.mark.parametrize("argv, message", [(["--batch-size", "0"], "--batch-size"), (["--threads", "0"], "--threads")])
+def test_bench_refuses_bad_sizes(argv, message, checkpoint, capsys):
+    assert main(["bench", "--checkpoint", str(checkpoint), *argv]) == 2
+    assert message in capsys.readouterr().err
