@@ -4,7 +4,7 @@ from __future__ import annotations
 import gzip
 import struct
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch.utils.data import Dataset
@@ -40,16 +40,18 @@ def read_fashion_mnist(root: Path, split: str) -> Tuple[torch.Tensor, torch.Tens
 
 
 class TensorImages(Dataset):
-    """(image [1, H, W] float normalised, label) pairs from uint8 images [N, H, W] and labels [N]."""
+    """(image [1, H, W] float normalised, label) pairs from uint8 images [N, H, W] and labels [N];
+    ``transform`` (e.g. augmentation) applies to the normalised image."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        self.images, self.labels = images, labels
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Optional[Callable] = None):
+        self.images, self.labels, self.transform = images, labels, transform
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
-        return normalise(self.images[index][None]), int(self.labels[index])
+        image = normalise(self.images[index][None])
+        return (image if self.transform is None else self.transform(image)), int(self.labels[index])
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
@@ -62,9 +64,14 @@ def bundled_test_set() -> TensorImages:
     return TensorImages(*read_fashion_mnist(BUNDLED_FASHION_MNIST, "t10k"))
 
 
-def fashion_mnist_train(root: Optional[Path] = None) -> TensorImages:
-    """The 60,000 Fashion-MNIST training images, from Debian's dataset-fashion-mnist by default."""
-    return TensorImages(*read_fashion_mnist(Path(root) if root else DEBIAN_FASHION_MNIST, "train"))
+def fashion_mnist_train(root: Optional[Path] = None, augment: bool = False) -> TensorImages:
+    """The 60,000 Fashion-MNIST training images, from Debian's dataset-fashion-mnist by default;
+    ``augment``: random crop (padding 2) and horizontal flip."""
+    from torchvision.transforms import v2
+
+    transform = v2.Compose([v2.RandomCrop(28, padding=2, fill=normalise(torch.zeros(())).item()),
+                            v2.RandomHorizontalFlip()]) if augment else None
+    return TensorImages(*read_fashion_mnist(Path(root) if root else DEBIAN_FASHION_MNIST, "train"), transform)
 
 
 def image_folder(root: Path, model: torch.nn.Module, is_training: bool = False) -> Dataset:
