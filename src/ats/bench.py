@@ -22,6 +22,7 @@ import ats
 from .cli_options import REFERENCE, add_config_arguments, add_model_arguments, configs_from_arguments, load_model
 from .config import ATSConfig
 from .datasets import bundled_test_set
+from .evaluate import text_table
 
 
 @dataclasses.dataclass
@@ -111,11 +112,10 @@ def _apply(model: nn.Module, config: Optional[ATSConfig]) -> None:
 
 
 def format_rows(rows: Sequence[BenchRow]) -> str:
-    header = ("config", "batch", "img/s", "GFLOPs", "speedup", "FLOP ratio", "efficiency")
-    lines = [header] + [(row.config, str(row.batch_size), f"{row.throughput:.1f}", f"{row.gflops:.3f}",
-                         f"{row.speedup:.2f}", f"{row.flop_ratio:.2f}", f"{row.efficiency:.2f}") for row in rows]
-    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
+    lines = [("config", "batch", "img/s", "GFLOPs", "speedup", "FLOP ratio", "efficiency")]
+    lines += [(row.config, str(row.batch_size), f"{row.throughput:.1f}", f"{row.gflops:.3f}", f"{row.speedup:.2f}",
+               f"{row.flop_ratio:.2f}", f"{row.efficiency:.2f}") for row in rows]
+    return text_table(lines)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

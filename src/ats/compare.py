@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 from .cli_options import add_model_arguments, load_model
 from .config import ATSConfig, MergeConfig
 from .datasets import build_dataset
-from .evaluate import EvalRow, PatchConfig, add_data_arguments, evaluate, make_loader
+from .evaluate import EvalRow, PatchConfig, add_data_arguments, evaluate, kept_summary, make_loader, text_table
 
 DEFAULT_RHOS = (1.0, 0.9, 0.8, 0.7)
 DEFAULT_MERGE_R = (4, 8, 12, 16)
@@ -40,14 +40,11 @@ def comparison_record(variant: str, row: EvalRow) -> dict:
 
 
 def format_comparison(records: Sequence[dict]) -> str:
-    header = ("method", "config", "GFLOPs", "top-1 %", "change", "img/s", "kept (min/mean/max)")
-    lines = [header]
-    for record in records:
-        kept = f"{record['kept_tokens_min']}/{record['kept_tokens_mean']:.1f}/{record['kept_tokens_max']}"
-        lines.append((record["variant"], record["config"], f"{record['gflops']:.4f}", f"{record['top1']:.2f}",
-                      f"{record['top1_change']:+.2f}", f"{record['throughput']:.1f}", kept))
-    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
+    lines = [("method", "config", "GFLOPs", "top-1 %", "change", "img/s", "kept (min/mean/max)")]
+    lines += [(record["variant"], record["config"], f"{record['gflops']:.4f}", f"{record['top1']:.2f}",
+               f"{record['top1_change']:+.2f}", f"{record['throughput']:.1f}", kept_summary(record))
+              for record in records]
+    return text_table(lines)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

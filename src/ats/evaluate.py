@@ -139,17 +139,23 @@ def _tokens(model: nn.Module, config: Optional[PatchConfig], batch: int, depth: 
     return getattr(ats.last_stats(model), which).cpu()
 
 
+def text_table(lines: Sequence[Sequence[str]]) -> str:
+    """Rows of cells (the header first) as left-aligned columns."""
+    widths = [max(len(line[column]) for line in lines) for column in range(len(lines[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
+
+
+def kept_summary(record: dict) -> str:
+    """'min/mean/max' tokens kept at the last ATS block, from a row's JSON record."""
+    return f"{record['kept_tokens_min']}/{record['kept_tokens_mean']:.1f}/{record['kept_tokens_max']}"
+
+
 def format_table(rows: Sequence[EvalRow]) -> str:
     """An aligned text table of the rows."""
-    header = ("config", "params", "GFLOPs", "img/s", "top-1 %", "change", "kept (min/mean/max)")
-    lines = [header]
-    for row in rows:
-        record = row.to_json()
-        kept = f"{record['kept_tokens_min']}/{record['kept_tokens_mean']:.1f}/{record['kept_tokens_max']}"
-        lines.append((row.config, f"{row.params / 1e6:.2f}M", f"{row.gflops:.4f}", f"{row.throughput:.1f}",
-                      f"{row.top1:.2f}", f"{row.top1_change:+.2f}", kept))
-    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
+    lines = [("config", "params", "GFLOPs", "img/s", "top-1 %", "change", "kept (min/mean/max)")]
+    lines += [(row.config, f"{row.params / 1e6:.2f}M", f"{row.gflops:.4f}", f"{row.throughput:.1f}",
+               f"{row.top1:.2f}", f"{row.top1_change:+.2f}", kept_summary(row.to_json())) for row in rows]
+    return text_table(lines)
 
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
