@@ -1,0 +1,339 @@
+"""See what ATS keeps: the surviving patches of each ATS block and where the class token looks.
+
+Library: after a forward of a patched model, ``kept_masks(ats.last_stats(model))`` and
+``attention_maps(...)`` lay the kept tokens and the class token's attention out on the patch grid.
+Command: ``ats visualize`` writes one PNG per image and config (the paper's supplement Figs. 2, 5).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import matplotlib
+import numpy as np
+import timm.data
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+from torch import nn
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from tqdm import tqdm
+
+from . import last_stats, patch, unpatch
+from .cli_options import REFERENCE, add_config_arguments, add_model_arguments, configs_from_arguments, load_model
+from .config import ATSConfig
+from .plots import new_figure, save_figure, slug
+from .stats import ATSStats
+
+#: Dropped patches are tinted this far towards DROPPED_COLOUR (visible on dark and light backgrounds).
+DROPPED_FADE = 0.7
+DROPPED_COLOUR = (0.2, 0.35, 0.75)
+HEAT_MAP = matplotlib.colormaps["inferno"]
+DEFAULT_RHO = 1.0
+
+
+def kept_masks(stats: ATSStats) -> Dict[int, torch.Tensor]:
+    """ATS block -> [B, rows, cols] bool, True where that patch's token survives the block."""
+    rows, cols = stats.grid_size
+    masks = {}
+    for block, kept in stats.kept.items():
+        grid = torch.zeros(kept.shape[0], rows * cols + 1, dtype=torch.bool, device=kept.device)
+        grid.scatter_(1, kept.masked_fill(kept < 0, rows * cols), True)
+        masks[block] = grid[:, :-1].reshape(-1, rows, cols)
+    return masks
+
+
+def attention_maps(stats: ATSStats) -> Dict[int, torch.Tensor]:
+    """ATS block -> [B, rows, cols] float, the class token's head-mean attention over the patches
+    entering the block (0 on patches dropped earlier); empty for a model without class token."""
+    rows, cols = stats.grid_size
+    return {block: attention.reshape(-1, rows, cols) for block, attention in stats.cls_attention.items()}
+
+
+def model_data_config(model: nn.Module) -> dict:
+    """timm's data config of ``model`` with its real input size (C, H, W) and per-channel mean/std.
+
+    A timm model created with other ``in_chans``/``img_size`` keeps its default config; the size is
+    then read off the patch embedding, and mean/std are averaged (1 channel) or repeated to fit.
+    """
+    config = dict(timm.data.resolve_model_data_config(model))
+    channels = model.patch_embed.proj.in_channels
+    config["input_size"] = (channels, *model.patch_embed.img_size)
+    for key in ("mean", "std"):
+        values = tuple(config[key])
+        if len(values) != channels:
+            values = (sum(values) / len(values),) * channels
+        config[key] = values
+    return config
+
+
+def display_images(images: torch.Tensor, data_config: dict) -> torch.Tensor:
+    """Normalised model inputs [B, C, H, W] -> displayable RGB in [0, 1], [B, H, W, 3]."""
+    mean = images.new_tensor(data_config["mean"])[:, None, None]
+    std = images.new_tensor(data_config["std"])[:, None, None]
+    pixels = (images * std + mean).clamp(0.0, 1.0)
+    if pixels.shape[1] == 1:
+        pixels = pixels.expand(-1, 3, -1, -1)
+    elif pixels.shape[1] != 3:
+        raise ValueError(f"cannot display {pixels.shape[1]}-channel images; visualize takes 1- or 3-channel models")
+    return pixels.permute(0, 2, 3, 1).cpu()
+
+
+def _upsample(grid: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[rows, cols] -> [height, width], each patch's value repeated over its pixels."""
+    return torch.nn.functional.interpolate(grid[None, None].float(), size=(height, width), mode="nearest")[0, 0]
+
+
+def tint_dropped(image: torch.Tensor, kept: torch.Tensor) -> np.ndarray:
+    """image [H, W, 3] in [0, 1], kept [rows, cols] bool -> [H, W, 3] with dropped patches tinted blue."""
+    keep = _upsample(kept, *image.shape[:2])[..., None]
+    faded = image * (1 - DROPPED_FADE) + image.new_tensor(DROPPED_COLOUR) * DROPPED_FADE
+    return (image * keep + faded * (1 - keep)).numpy()
+
+
+@dataclass
+class ImageTokens:
+    """What one image went through under one config (tensors on the CPU).
+
+    image: [H, W, 3] display pixels in [0, 1]; kept: block -> [rows, cols] bool; attention:
+    block -> [rows, cols] float (empty without a class token); present: block -> [rows, cols] bool,
+    the patches that entered the block.
+    """
+
+    name: str
+    config: str
+    image: torch.Tensor
+    kept: Dict[int, torch.Tensor]
+    attention: Dict[int, torch.Tensor]
+    present: Dict[int, torch.Tensor]
+    gflops: float
+    label: Optional[str] = None
+    prediction: Optional[str] = None
+
+    def title(self) -> str:
+        parts = [self.name, f"{self.gflops:.4g} GFLOPs"]
+        if self.label is not None:
+            parts.append(f"label: {self.label}")
+        if self.prediction is not None:
+            parts.append(f"predicted: {self.prediction}")
+        return " | ".join(parts) + f"\nATS {self.config}\nblue: dropped patches, heat-map: class attention / max"
+
+
+def token_figure(tokens: ImageTokens) -> Figure:
+    """The input image (left), then per ATS block its kept patches (top row, dropped ones tinted blue)
+    and the class token's attention over the patches it saw (bottom row, if there is a class token)."""
+    blocks = list(tokens.kept)
+    total = tokens.kept[blocks[0]].numel()
+    rows = 2 if tokens.attention else 1
+    height, width = tokens.image.shape[:2]
+    panel = 1.55
+    figure = new_figure(max(panel * (len(blocks) + rows) * width / height, 6.0), panel * rows + 0.9)
+    grid = figure.add_gridspec(rows, len(blocks) + rows)
+    ax = figure.add_subplot(grid[:, :rows])
+    ax.imshow(tokens.image.numpy())
+    ax.set_title(f"input: {total} patches", fontsize=9)
+    ax.axis("off")
+    for column, block in enumerate(blocks, start=rows):
+        ax = figure.add_subplot(grid[0, column])
+        ax.imshow(tint_dropped(tokens.image, tokens.kept[block]))
+        ax.set_title(f"block {block}: {int(tokens.kept[block].sum())} kept", fontsize=8)
+        ax.axis("off")
+        if block in tokens.attention:
+            ax = figure.add_subplot(grid[1, column])
+            _draw_attention(ax, tokens.image, tokens.attention[block], tokens.present[block])
+            ax.set_title(f"block {block}: class attn.", fontsize=8)
+            ax.axis("off")
+    figure.suptitle(tokens.title(), fontsize=9)
+    return figure
+
+
+def _draw_attention(ax, image: torch.Tensor, attention: torch.Tensor, present: torch.Tensor) -> None:
+    """A heat-map of attention [rows, cols] (scaled to its maximum) over a dimmed image; patches not
+    present [rows, cols] (dropped earlier) are tinted as in the kept row."""
+    height, width = image.shape[:2]
+    ax.imshow((image * 0.4).numpy())
+    heat = np.ma.masked_array((attention / attention.max().clamp_min(1e-12)).numpy(), mask=~present.numpy())
+    ax.imshow(heat, cmap=HEAT_MAP.with_extremes(bad=DROPPED_COLOUR), vmin=0.0, vmax=1.0, alpha=0.7,
+              interpolation="nearest", extent=(-0.5, width - 0.5, height - 0.5, -0.5))
+
+
+def image_tokens(stats: ATSStats, pixels: torch.Tensor, names: Sequence[str], config: str,
+                 labels: Sequence[Optional[str]], predictions: Sequence[Optional[str]]) -> List[ImageTokens]:
+    """Split a batch's statistics into one ImageTokens per image. pixels: [B, H, W, 3]."""
+    masks = {block: mask.cpu() for block, mask in kept_masks(stats).items()}
+    attention = {block: values.float().cpu() for block, values in attention_maps(stats).items()}
+    present = _present_masks(masks, stats.grid_size, pixels.shape[0])
+    gflops = stats.gflops.tolist()
+    return [ImageTokens(name=names[i], config=config, image=pixels[i],
+                        kept={block: mask[i] for block, mask in masks.items()},
+                        attention={block: values[i] for block, values in attention.items()},
+                        present={block: mask[i] for block, mask in present.items()},
+                        gflops=gflops[i], label=labels[i], prediction=predictions[i])
+            for i in range(pixels.shape[0])]
+
+
+def _present_masks(masks: Dict[int, torch.Tensor], grid_size: Tuple[int, int], batch: int) -> Dict[int, torch.Tensor]:
+    """ATS block -> [B, rows, cols] bool, the patches entering it: those the previous ATS block kept."""
+    present, previous = {}, torch.ones(batch, *grid_size, dtype=torch.bool)
+    for block in sorted(masks):
+        present[block] = previous
+        previous = masks[block]
+    return present
+
+
+def collect_image_paths(paths: Sequence[Path]) -> List[Path]:
+    """Image files given directly or found (recursively, sorted) in the given folders."""
+    files = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+            if not found:
+                raise FileNotFoundError(f"no image files ({', '.join(IMG_EXTENSIONS)}) in folder {path}")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"image path {path} does not exist; pass image files or a folder of them")
+    return files
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files as model inputs (timm's eval transform for the model's data config), label -1."""
+
+    def __init__(self, paths: Sequence[Path], data_config: dict) -> None:
+        self.paths = list(paths)
+        self.mode = "L" if data_config["input_size"][0] == 1 else "RGB"
+        self.transform = timm.data.create_transform(**data_config, is_training=False)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        with Image.open(self.paths[index]) as image:
+            return self.transform(image.convert(self.mode)), -1
+
+
+@dataclass
+class Inputs:
+    """The images to show: a dataset of (normalised image [C, H, W], label or -1), their names,
+    and class names (None: show class indices)."""
+
+    dataset: torch.utils.data.Dataset
+    names: List[str]
+    class_names: Optional[Sequence[str]]
+
+
+def load_inputs(args: argparse.Namespace, model: nn.Module, data_config: dict) -> Inputs:
+    """--images files/folders, or the first --num-images images of the bundled test set."""
+    from .datasets import FASHION_MNIST_CLASSES, build_dataset
+
+    class_names = FASHION_MNIST_CLASSES if args.model == REFERENCE else _imagenet_names(model)
+    if args.images:
+        paths = collect_image_paths(args.images)
+        return Inputs(ImageFiles(paths, data_config), [path.stem for path in paths], class_names)
+    dataset = build_dataset(None, model, limit=args.num_images)
+    names = [f"test-{index:05d}" for index in range(len(dataset))]
+    return Inputs(dataset, names, FASHION_MNIST_CLASSES)
+
+
+def _imagenet_names(model: nn.Module) -> Optional[List[str]]:
+    subset = timm.data.infer_imagenet_subset(model)
+    if subset is None:
+        return None
+    info = timm.data.ImageNetInfo(subset)
+    return [info.index_to_description(index) for index in range(info.num_classes())]
+
+
+def _class_name(index: int, class_names: Optional[Sequence[str]]) -> Optional[str]:
+    if index < 0:
+        return None
+    if class_names is not None and index < len(class_names):
+        return str(class_names[index])
+    return str(index)
+
+
+def _batches(inputs: Inputs, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor, List[str]]]:
+    loader = torch.utils.data.DataLoader(inputs.dataset, batch_size=batch_size, shuffle=False)
+    start = 0
+    for images, labels in loader:
+        yield images, labels, inputs.names[start:start + images.shape[0]]
+        start += images.shape[0]
+
+
+def visualize_configs(args: argparse.Namespace, depth: int) -> List[ATSConfig]:
+    """The configs the flags ask for; with none, multi-stage rho = 1.0 (not eval's six defaults)."""
+    if not (args.multi_stage or args.single_stage or args.blocks):
+        args = argparse.Namespace(**{**vars(args), "multi_stage": [DEFAULT_RHO]})
+    return configs_from_arguments(args, depth)
+
+
+@torch.no_grad()
+def render(model: nn.Module, configs: Sequence[ATSConfig], inputs: Inputs, data_config: dict, out_dir: Path,
+           batch_size: int) -> List[dict]:
+    """Write one PNG per image and config to ``out_dir``; returns what each shows (JSON-ready)."""
+    device = next(model.parameters()).device
+    entries = []
+    progress = tqdm(total=len(inputs.names) * len(configs), desc="visualize", unit="figure", file=sys.stderr)
+    index = 0
+    for images, labels, names in _batches(inputs, batch_size):
+        pixels = display_images(images, data_config)
+        label_names = [_class_name(int(label), inputs.class_names) for label in labels]
+        for config in configs:
+            patch(model, config)
+            predictions = model(images.to(device)).argmax(dim=-1).tolist()
+            predicted = [_class_name(prediction, inputs.class_names) for prediction in predictions]
+            described = config.describe()
+            batch_tokens = image_tokens(last_stats(model), pixels, names, described, label_names, predicted)
+            for offset, tokens in enumerate(batch_tokens):
+                path = out_dir / f"{index + offset:03d}-{slug(tokens.name)}-{slug(described)}.png"
+                save_figure(token_figure(tokens), path)
+                entries.append(dict(image=tokens.name, config=described, path=str(path), gflops=tokens.gflops,
+                                    kept_per_block={str(block): int(mask.sum()) for block, mask in tokens.kept.items()},
+                                    label=tokens.label, prediction=tokens.prediction))
+                progress.update()
+        index += images.shape[0]
+    progress.close()
+    unpatch(model)
+    return entries
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "visualize", help="draw the tokens each ATS block keeps and the class token's attention",
+        description="For each image and ATS config, write a PNG: the input, then per ATS block its kept "
+                    "patches (dropped ones tinted blue) and the class token's attention. With no config flags: "
+                    f"multi-stage rho = {DEFAULT_RHO:g}.")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--images", type=Path, nargs="+", metavar="PATH",
+                        help="image files or folders of them (resized and normalised with the model's data config)")
+    source.add_argument("--num-images", type=int, default=8, metavar="N",
+                        help="the first N images of the bundled test set (default 8; used without --images)")
+    parser.add_argument("--out", type=Path, default=Path("ats-visualize"), metavar="DIR",
+                        help="folder for the PNGs (default ./ats-visualize)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--json", action="store_true",
+                        help="print a JSON list of {image, config, path, gflops, kept_per_block, label, prediction}")
+    add_model_arguments(parser)
+    add_config_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    for flag, value in (("--num-images", args.num_images), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    model = load_model(args)
+    configs = visualize_configs(args, len(model.blocks))
+    data_config = model_data_config(model)
+    inputs = load_inputs(args, model, data_config)
+    entries = render(model, configs, inputs, data_config, args.out, args.batch_size)
+    if args.json:
+        print(json.dumps(entries, indent=2))
+    else:
+        for entry in entries:
+            print(entry["path"])
+    return 0
