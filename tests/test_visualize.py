@@ -161,21 +161,11 @@ def test_cli_rejects_counts_below_one(tmp_path, capsys, flag):
     assert flag in capsys.readouterr().err
 
 
-@pytest.fixture
-def scratch_checkpoint(tmp_path):
-    from ats.reference import create_reference_model
-
-    torch.manual_seed(0)
-    path = tmp_path / "scratch.pt"
-    torch.save(create_reference_model().state_dict(), path)
-    return path
-
-
-def test_cli_shows_bundled_test_images_through_the_reference_model(tmp_path, capsys, scratch_checkpoint):
+def test_cli_shows_bundled_test_images_through_the_reference_model(tmp_path, capsys, checkpoint):
     from ats.datasets import FASHION_MNIST_CLASSES
 
     out = tmp_path / "out"
-    code = main(["visualize", "--checkpoint", str(scratch_checkpoint), "--num-images", "2", "--out", str(out),
+    code = main(["visualize", "--checkpoint", str(checkpoint), "--num-images", "2", "--out", str(out),
                  "--json"])
     assert code == 0
     entries = json.loads(capsys.readouterr().out)

@@ -11,8 +11,7 @@ import dataclasses
 import json
 import statistics
 import sys
-import time
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +21,8 @@ import ats
 from .cli_options import REFERENCE, add_config_arguments, add_model_arguments, configs_from_arguments, load_model
 from .config import ATSConfig
 from .datasets import bundled_test_set
-from .evaluate import text_table
+from .evaluate import set_config, text_table
+from .timing import time_forward
 
 
 @dataclasses.dataclass
@@ -53,14 +53,6 @@ def bench_images(model: nn.Module, batch_size: int, reference: bool) -> torch.Te
     return torch.randn(batch_size, channels, height, width, generator=generator).to(device)
 
 
-def _seconds(model: nn.Module, images: torch.Tensor) -> float:
-    start = time.perf_counter()
-    model(images)
-    if images.device.type == "cuda":
-        torch.cuda.synchronize(images.device)
-    return time.perf_counter() - start
-
-
 @torch.inference_mode()
 def bench(model: nn.Module, configs: Sequence[ATSConfig], batch_sizes: Sequence[int], repeats: int = 5,
           warmup: int = 2, reference: bool = False) -> List[BenchRow]:
@@ -85,11 +77,11 @@ def bench(model: nn.Module, configs: Sequence[ATSConfig], batch_sizes: Sequence[
             ats.unpatch(model)
             for repeat in range(warmup + repeats):
                 for index, config in enumerate([None, *configs]):
-                    _apply(model, config)
-                    seconds = _seconds(model, images)
+                    set_config(model, config)
+                    seconds = time_forward(model, images)
                     if repeat >= warmup:
                         timings[index].append(seconds)
-            _apply(model, None)
+            set_config(model, None)
             base_throughput = batch_size / statistics.median(timings[0])
             rows.append(BenchRow("unpatched", batch_size, base_throughput, base_gflops, 1.0, 1.0, 1.0, threads,
                                  [full] * depth))
@@ -100,15 +92,8 @@ def bench(model: nn.Module, configs: Sequence[ATSConfig], batch_sizes: Sequence[
                 rows.append(BenchRow(config.describe(), batch_size, throughput, gflops, speedup, flop_ratio,
                                      speedup / flop_ratio, threads, config_stats.tokens.float().mean(0).tolist()))
     finally:
-        _apply(model, None)
+        set_config(model, None)
     return rows
-
-
-def _apply(model: nn.Module, config: Optional[ATSConfig]) -> None:
-    if config is not None:
-        ats.patch(model, config)
-    elif ats.is_patched(model):
-        ats.unpatch(model)
 
 
 def format_rows(rows: Sequence[BenchRow]) -> str:

@@ -89,7 +89,7 @@ def evaluate(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[Pa
             timing_batch = images[:TIMING_BATCH_SIZE] if timing_batch is None else timing_batch
             seen += len(labels)
             for index, config in enumerate(configs):
-                _set_config(model, config)
+                set_config(model, config)
                 logits = model(images)
                 correct[index] += int((logits.argmax(-1) == labels).sum())
                 tokens_in[index].append(_tokens(model, config, len(labels), depth, "tokens"))
@@ -100,13 +100,13 @@ def evaluate(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[Pa
             raise ValueError("the dataset is empty; nothing to evaluate")
         throughputs = []
         for config in configs:
-            _set_config(model, config)
+            set_config(model, config)
             throughputs.append(measure_throughput(model, timing_batch, repeats=repeats, warmup=1))
-        _set_config(model, None)
+        set_config(model, None)
         params = sum(p.numel() for p in model.parameters())
         base_gflops = ats.gflops(model)
     finally:
-        _set_config(model, None)
+        set_config(model, None)
 
     rows = []
     for index, config in enumerate(configs):
@@ -121,7 +121,8 @@ def evaluate(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[Pa
     return rows
 
 
-def _set_config(model: nn.Module, config: Optional[PatchConfig]) -> None:
+def set_config(model: nn.Module, config: Optional[PatchConfig]) -> None:
+    """Patch ``model`` with ``config``, or unpatch it for None (the unpatched model)."""
     if config is None:
         if ats.is_patched(model):
             ats.unpatch(model)

@@ -13,6 +13,16 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_forward(model: nn.Module, images: torch.Tensor) -> float:
+    """Seconds one ``model(images)`` takes, from an idle device until it has finished (CUDA runs
+    asynchronously, so both ends wait for it)."""
+    _synchronize(images.device)
+    start = time.perf_counter()
+    model(images)
+    _synchronize(images.device)
+    return time.perf_counter() - start
+
+
 @torch.no_grad()
 def measure_throughput(model: nn.Module, images: torch.Tensor, repeats: int = 5, warmup: int = 2) -> float:
     """Images per second of ``model(images)``: the median over ``repeats`` timed forwards after ``warmup``.
@@ -23,12 +33,6 @@ def measure_throughput(model: nn.Module, images: torch.Tensor, repeats: int = 5,
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     for _ in range(warmup):
-        model(images)
-    _synchronize(images.device)
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(images)
-        _synchronize(images.device)
-        seconds.append(time.perf_counter() - start)
+        time_forward(model, images)
+    seconds = [time_forward(model, images) for _ in range(repeats)]
     return images.shape[0] / statistics.median(seconds)
