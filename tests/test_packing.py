@@ -8,10 +8,9 @@ def test_select_packs_kept_tokens_to_the_front_in_order():
     x = torch.arange(2 * 4 * 2, dtype=torch.float32).reshape(2, 4, 2)
     batch = TokenBatch.from_dense(x)
     keep = torch.tensor([[True, False, True, True], [True, False, False, True]])
-    packed, positions, rows_from = batch.select(keep)
+    packed, rows_from = batch.select(keep)
     assert packed.width == 3 and packed.lengths.tolist() == [3, 2]
     assert packed.source.tolist() == [[0, 2, 3], [0, 3, -1]]
-    assert positions[:, :2].tolist() == [[0, 2], [0, 3]]
     assert torch.equal(packed.pad(packed.rows)[0], x[0, [0, 2, 3]])
     assert torch.equal(packed.pad(packed.rows)[1, :2], x[1, [0, 3]])
     assert packed.pad(packed.rows)[1, 2].abs().sum() == 0
@@ -24,7 +23,7 @@ def test_select_packs_kept_tokens_to_the_front_in_order():
 def test_padded_packing_keeps_every_position():
     x = torch.randn(2, 4, 2)
     keep = torch.tensor([[True, True, True, True], [True, False, False, True]])
-    packed, _, _ = TokenBatch.from_dense(x, keep_padding=True).select(keep)
+    packed, _ = TokenBatch.from_dense(x, keep_padding=True).select(keep)
     assert packed.rows.shape[0] == 8 and packed.row_index is None and not packed.full
     assert packed.key_mask.tolist() == [[True] * 4, [True, True, False, False]]
 

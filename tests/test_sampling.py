@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from ats.sampling import (
+    class_attention,
     cls_scores,
     inverse_transform_sample,
     masked_softmax_logits,
@@ -86,8 +87,8 @@ def test_cls_scores_are_attention_times_value_norm():
     attention = torch.rand(2, 3, 5).softmax(-1)
     v = torch.randn(2, 3, 5, 4)
     candidates = torch.tensor([[False, True, True, True, False]] * 2)
-    scores = cls_scores(attention, v, candidates)
     norm = v.permute(0, 2, 1, 3).reshape(2, 5, 12).norm(dim=-1)
+    scores = cls_scores(attention, norm, candidates)
     raw = attention.sum(1) * norm * candidates
     assert torch.allclose(scores, raw / raw.sum(1, keepdim=True), atol=1e-6)
     assert torch.allclose(scores.sum(1), torch.ones(2))
@@ -111,3 +112,16 @@ def test_key_bias_shifts_attention(bias):
     attention = masked_softmax_logits(q, k, 1.0, None, torch.tensor([[bias, 0.0, 0.0]]))
     expected = torch.tensor([torch.e ** bias, 1.0, 1.0])
     assert torch.allclose(attention[0, 0, 0], expected / expected.sum())
+
+
+def test_class_attention_is_the_class_rows_of_masked_attention():
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 5, 3, 4, 8)  # [B, n, (q, k, v), h, d], the qkv projection's layout
+    q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+    mask = torch.tensor([[True, True, True, True, False], [True, True, True, False, False]])
+    bias = torch.rand(2, 5)
+    expected = masked_softmax_logits(q[:, :, :1], k, 8 ** -0.5, mask, bias)[:, :, 0]
+    attention = class_attention(q[:, :, 0], qkv[:, :, 1], 8 ** -0.5, mask, bias)
+    assert attention.shape == (2, 4, 5)
+    assert torch.allclose(attention, expected, atol=1e-6)
+    assert torch.all(attention[1, :, 3:] == 0)

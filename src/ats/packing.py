@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from .profiling import region
+
 
 @dataclass
 class TokenBatch:
@@ -121,14 +123,18 @@ class TokenBatch:
         """Scatter per-row values [T, D] into the padded layout [B, m, D] (zeros on padding)."""
         if self.row_index is None:
             return rows.view(self.batch_size, self.width, -1)
-        padded = rows.new_zeros(self.batch_size * self.width, rows.shape[-1])
-        padded.index_copy_(0, self.row_index, rows)
-        return padded.view(self.batch_size, self.width, -1)
+        with region("ats.pack"):
+            padded = rows.new_zeros(self.batch_size * self.width, rows.shape[-1])
+            padded.index_copy_(0, self.row_index, rows)
+            return padded.view(self.batch_size, self.width, -1)
 
     def unpad(self, padded: torch.Tensor) -> torch.Tensor:
         """Gather the valid rows [T, D] of a padded tensor [B, m, D]."""
         flat = padded.reshape(self.batch_size * self.width, -1)
-        return flat if self.row_index is None else flat.index_select(0, self.row_index)
+        if self.row_index is None:
+            return flat
+        with region("ats.pack"):
+            return flat.index_select(0, self.row_index)
 
     def with_rows(self, rows: torch.Tensor, sizes: Optional[torch.Tensor] = None) -> "TokenBatch":
         """The same layout with new rows [T, C] (and new sizes [T], if given)."""
@@ -139,13 +145,16 @@ class TokenBatch:
         sizes = self.sizes if self.sizes is not None else self.rows.new_ones(self.rows.shape[0])
         return self.pad(sizes[:, None])[..., 0]
 
-    def select(self, keep: torch.Tensor) -> tuple["TokenBatch", torch.Tensor, torch.Tensor]:
+    def select(self, keep: torch.Tensor) -> tuple["TokenBatch", torch.Tensor]:
         """Keep the positions marked in keep [B, m], packed to the lowest indices in their order.
 
-        Returns the new batch (rows gathered), ``positions`` [B, m'] the old position of each new
-        position (padding points at some unkept position), and ``rows_from`` [T'] the old row of
-        each new row (to gather any other per-row tensor). The one host sync sizes the new batch.
+        Returns the new batch (rows gathered) and ``rows_from`` [T'], the old row of each new row (to
+        gather any other per-row tensor). The one host sync sizes the new batch.
         """
+        with region("ats.pack"):
+            return self._select(keep)
+
+    def _select(self, keep: torch.Tensor) -> tuple["TokenBatch", torch.Tensor]:
         batch = self.batch_size
         lengths = keep.sum(dim=1)
         total, width = (int(value) for value in torch.stack([lengths.sum(), lengths.max()]).tolist())
@@ -162,7 +171,7 @@ class TokenBatch:
         sizes = None if self.sizes is None else self.sizes.index_select(0, rows_from)
         packed = TokenBatch(self.rows.index_select(0, rows_from), lengths, width, row_index, source,
                             self.cls_live, sizes, full, self.keep_padding)
-        return packed, positions, rows_from
+        return packed, rows_from
 
     def _row_at_position(self) -> torch.Tensor:
         """[B * m] long, the row index of each padded position (0 on padding)."""

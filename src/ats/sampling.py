@@ -19,21 +19,43 @@ def masked_softmax_logits(q: torch.Tensor, k: torch.Tensor, scale: float, key_ma
     key_mask: [B, n] bool, False for keys no query may see (padding), or None.
     key_bias: [B, n] float added to each key's logit (log token size), or None.
     """
-    logits = (q * scale) @ k.transpose(-2, -1)
+    return _masked_softmax((q * scale) @ k.transpose(-2, -1), key_mask, key_bias)
+
+
+def class_attention(q_cls: torch.Tensor, keys: torch.Tensor, scale: float, key_mask: Optional[torch.Tensor],
+                    key_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The class token's attention over the keys, per head -> [B, h, n].
+
+    q_cls: [B, h, d] the class token's query; keys: [B, n, h, d], token-major as the qkv projection
+    lays them out (a strided view is fine); key_mask, key_bias as in masked_softmax_logits.
+    One batched matmul of the keys [B, n, h*d] with a block-diagonal [B, h*d, h] matrix of the query
+    gives every head's logits without copying the keys into a head-major layout.
+    """
+    batch, n, heads, dim = keys.shape
+    eye = torch.eye(heads, dtype=q_cls.dtype, device=q_cls.device)
+    q_block = (q_cls[:, :, :, None] * eye[None, :, None, :]).reshape(batch, heads * dim, heads)
+    logits = (keys.reshape(batch, n, heads * dim) @ (q_block * scale)).transpose(1, 2)
+    return _masked_softmax(logits, key_mask, key_bias)
+
+
+def _masked_softmax(logits: torch.Tensor, key_mask: Optional[torch.Tensor],
+                    key_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Softmax over the last (key) axis of logits [B, ..., n], with the key bias added and masked keys out."""
+    broadcast = (logits.shape[0],) + (1,) * (logits.ndim - 2) + (logits.shape[-1],)
     if key_bias is not None:
-        logits = logits + key_bias[:, None, None, :]
+        logits = logits + key_bias.view(broadcast)
     if key_mask is not None:
-        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        logits = logits.masked_fill(~key_mask.view(broadcast), float("-inf"))
     return logits.softmax(dim=-1)
 
 
-def cls_scores(cls_attention: torch.Tensor, v: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+def cls_scores(cls_attention: torch.Tensor, value_norm: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """Class-token significance scores ``S_j = (sum_h a_h[j]) * ||v_j|| / sum``.
 
-    cls_attention: [B, h, n] the class token's attention over the keys; v: [B, h, n, d] values;
-    candidates: [B, n] bool. Returns [B, n] scores summing to 1 over candidates (0 elsewhere).
+    cls_attention: [B, h, n] the class token's attention over the keys; value_norm: [B, n] the norm
+    of each token's value vector over all heads (C numbers); candidates: [B, n] bool.
+    Returns [B, n] scores summing to 1 over candidates (0 elsewhere).
     """
-    value_norm = v.square().sum(dim=(1, 3)).sqrt()
     return _normalise(cls_attention.sum(dim=1) * value_norm, candidates)
 
 

@@ -19,7 +19,9 @@ from ..config import ATSConfig, MergeConfig, TokenBudget
 from ..flops import ViTShape, block_flops
 from ..merging import bipartite_soft_matching, fold, nearest_kept
 from ..packing import TokenBatch
+from ..profiling import region
 from ..sampling import (
+    class_attention,
     cls_scores,
     inverse_transform_sample,
     masked_softmax_logits,
@@ -185,11 +187,15 @@ def _check_images(model: VisionTransformer, x: torch.Tensor) -> None:
                          "(timm.data.resolve_data_config(model=model))")
 
 
+def _heads(x: torch.Tensor, attn: Attention) -> torch.Tensor:
+    """[B, m, A] -> [B, h, m, d], a view."""
+    return x.unflatten(-1, (attn.num_heads, attn.head_dim)).transpose(1, 2)
+
+
 def _split_heads(qkv: torch.Tensor, attn: Attention) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[B, m, 3A] -> q, k, v each [B, h, m, d], with the block's q/k norms applied."""
-    batch, width, _ = qkv.shape
-    q, k, v = qkv.reshape(batch, width, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    return attn.q_norm(q), attn.k_norm(k), v
+    q, k, v = qkv.chunk(3, dim=-1)
+    return attn.q_norm(_heads(q, attn)), attn.k_norm(_heads(k, attn)), _heads(v, attn)
 
 
 def _attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -215,12 +221,14 @@ def _drop_path(module: nn.Module, update: torch.Tensor, batch: TokenBatch) -> to
     return update if live is None else update * live
 
 
-def _attention_update(block: Block, out: torch.Tensor, y: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-    """The attention half's residual update from attention outputs [T, A] and normed inputs y [T, C]."""
+def _attention_update(block: Block, out: torch.Tensor, gate_input: Optional[torch.Tensor],
+                      batch: TokenBatch) -> torch.Tensor:
+    """The attention half's residual update from attention outputs [T, A]; gate_input: the normed
+    inputs [T, C] of the same rows, used only by gated attention (None otherwise)."""
     attn = block.attn
     out = attn.norm(out)
     if attn.gate is not None:
-        out = out * attn.gate(y).sigmoid()
+        out = out * attn.gate(gate_input).sigmoid()
     return _drop_path(block.drop_path1, block.ls1(attn.proj_drop(attn.proj(out))), batch)
 
 
@@ -237,26 +245,45 @@ def _masked_block(block: Block, batch: TokenBatch) -> TokenBatch:
     return _mlp_half(block, batch.with_rows(batch.rows + _attention_update(block, out, y, batch)))
 
 
-def _ats_block(block: Block, batch: TokenBatch, budget: TokenBudget, config: ATSConfig, prefix: int,
-               has_cls: bool, record: ForwardRecord, index: int) -> TokenBatch:
-    """Score, sample and keep tokens, then run the block on the kept ones (selected queries only)."""
-    attn = block.attn
-    y = block.norm1(batch.rows)
-    q, k, v = _split_heads(batch.pad(attn.qkv(y)), attn)
-    mask = batch.attention_mask
-    key_mask = batch.key_mask
-    positions = torch.arange(batch.width, device=y.device)
+@dataclass
+class TokenChoice:
+    """What an ATS block chose, over its input positions [B, m].
+
+    keep: bool, the sampled tokens (patch tokens, and the class token when it is not enforced);
+    patches: bool, the valid patch positions; scores: float, the significance scores;
+    cls_attention: [B, h, m] the class token's attention (None without a class token);
+    cls_live: [B] bool, whether the class token survives (None when it is enforced).
+    """
+
+    keep: torch.Tensor
+    patches: torch.Tensor
+    scores: torch.Tensor
+    cls_attention: Optional[torch.Tensor]
+    cls_live: Optional[torch.Tensor]
+
+
+def _choose_tokens(batch: TokenBatch, qkv: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float,
+                   budget: TokenBudget, config: ATSConfig, prefix: int, has_cls: bool,
+                   training: bool) -> TokenChoice:
+    """Score the valid tokens and sample the ones to keep (steps 2-4 of ATS).
+
+    qkv: [T, 3A] the batch's rows through the qkv projection; q, k: [B, h, m, d] in the padded layout.
+    """
+    key_mask, mask = batch.key_mask, batch.attention_mask
+    positions = torch.arange(batch.width, device=q.device)
     patches = batch.position_mask & (positions >= prefix)
-    candidates = patches.clone()
+    candidates, cls_live = patches, None
     if not config.keep_cls:
         cls_live = batch.cls_live if batch.cls_live is not None else torch.ones_like(patches[:, 0])
+        candidates = candidates.clone()
         candidates[:, 0] = cls_live
     key_bias = None if mask is None or mask.dtype == torch.bool else mask[:, 0, 0]
     if config.score == "cls":
-        cls_attention = masked_softmax_logits(q[:, :, :1], k, attn.scale, key_mask, key_bias)[:, :, 0]
-        scores = cls_scores(cls_attention, v, candidates)
+        cls_attention = class_attention(q[:, :, 0], k.transpose(1, 2), scale, key_mask, key_bias)
+        value_norm = torch.linalg.vector_norm(qkv.chunk(3, dim=-1)[2], dim=-1, keepdim=True)
+        scores = cls_scores(cls_attention, batch.pad(value_norm)[..., 0], candidates)
     else:
-        attention = masked_softmax_logits(q, k, attn.scale, key_mask, key_bias)
+        attention = masked_softmax_logits(q, k, scale, key_mask, key_bias)
         scores = self_attention_scores(attention, key_mask, candidates)
         cls_attention = attention[:, :, 0] if has_cls else None
 
@@ -264,25 +291,40 @@ def _ats_block(block: Block, batch: TokenBatch, budget: TokenBudget, config: ATS
     if config.sampler == "topk":
         keep = topk_sample(scores, samples)
     else:
-        stochastic = config.stochastic and block.training
         keep = inverse_transform_sample(scores, samples, budget.max_samples(batch.width, config.min_tokens),
-                                        stochastic)
+                                        config.stochastic and training)
     if config.min_kept:
         keep = top_up(keep, scores, config.min_kept)
-    if not config.keep_cls:
+    if cls_live is not None:
         cls_live = keep[:, 0] & cls_live
-    if config.fuse:
-        batch = _fold(batch, nearest_kept(k.mean(dim=1), keep, patches))
-    keep = keep | (batch.position_mask & (positions < prefix))
+    return TokenChoice(keep, patches, scores, cls_attention, cls_live)
 
-    kept, selected, rows_from = batch.select(keep)
-    if not config.keep_cls:
-        kept.cls_live = cls_live
-    record.record_sampling(index, batch.source, kept.source, scores,
-                           None if cls_attention is None else cls_attention.mean(1))
-    gather = selected[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3])
-    out = kept.unpad(_attend(attn, q.gather(2, gather), k, v, mask))
-    update = _attention_update(block, out, y.index_select(0, rows_from), kept)
+
+def _ats_block(block: Block, batch: TokenBatch, budget: TokenBudget, config: ATSConfig, prefix: int,
+               has_cls: bool, record: ForwardRecord, index: int) -> TokenBatch:
+    """Score, sample and keep tokens, then run the block on the kept ones (selected queries only)."""
+    attn = block.attn
+    y = block.norm1(batch.rows)
+    qkv = attn.qkv(y)
+    q, k, v = _split_heads(batch.pad(qkv), attn)
+    mask = batch.attention_mask
+    with region("ats.score_and_sample"):
+        choice = _choose_tokens(batch, qkv, q, k, attn.scale, budget, config, prefix, has_cls, block.training)
+    if config.fuse:
+        with region("ats.fuse"):
+            batch = _fold(batch, nearest_kept(k.mean(dim=1), choice.keep, choice.patches))
+    prefix_tokens = batch.position_mask & (torch.arange(batch.width, device=y.device) < prefix)
+    kept, rows_from = batch.select(choice.keep | prefix_tokens)
+    if choice.cls_live is not None:
+        kept.cls_live = choice.cls_live
+    cls_attention = None if choice.cls_attention is None else choice.cls_attention.mean(1)
+    record.record_sampling(index, batch.source, kept.source, choice.scores, cls_attention)
+    with region("ats.pack"):
+        query_rows = qkv.chunk(3, dim=-1)[0].index_select(0, rows_from)
+        queries = attn.q_norm(_heads(kept.pad(query_rows), attn))
+        gate_input = None if attn.gate is None else y.index_select(0, rows_from)
+    out = kept.unpad(_attend(attn, queries, k, v, mask))
+    update = _attention_update(block, out, gate_input, kept)
     return _mlp_half(block, kept.with_rows(kept.rows + update))
 
 
@@ -298,7 +340,7 @@ def _merge_block(block: Block, batch: TokenBatch, r: int, prefix: int, record: F
     patches = batch.position_mask & (positions >= prefix)
     target = bipartite_soft_matching(k.mean(dim=1), r, patches)
     batch = _fold(batch, target)
-    kept, _, _ = batch.select(batch.position_mask & (target == positions))
+    kept, _ = batch.select(batch.position_mask & (target == positions))
     record.record_sampling(index, batch.source, kept.source, None, None)
     return _mlp_half(block, kept)
 
