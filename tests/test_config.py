@@ -29,6 +29,9 @@ def test_single_stage_and_custom_blocks():
     (lambda: ats.ATSConfig(blocks={}), "non-empty"),
     (lambda: ats.ATSConfig(blocks={-1: 10}), "0-based"),
     (lambda: ats.ATSConfig(blocks={3: 10}, min_kept=-1), "min_kept"),
+    (lambda: ats.ATSConfig(blocks={3: 10}, min_kept=1.5), "min_kept"),
+    (lambda: ats.ATSConfig(blocks={3: 10}, min_kept=0.0), "min_kept"),
+    (lambda: ats.ATSConfig(blocks={3: 10}, min_kept=True), "min_kept"),
     (lambda: ats.ATSConfig(blocks={3: 10}, packing="dense"), "unknown packing"),
     (lambda: ats.MergeConfig(r=0), "r must be"),
 ])
@@ -42,3 +45,11 @@ def test_budget_types():
         ats.ATSConfig(blocks={3: True})
     with pytest.raises(TypeError):
         ats.ATSConfig(blocks={3: "108"})
+
+
+def test_kept_floor_is_a_count_or_a_fraction_of_the_patches_entering():
+    assert ats.ATSConfig(blocks={3: 10}, min_kept=64).kept_floor(torch.tensor([196, 30])) == 64
+    fraction = ats.ATSConfig(blocks={3: 10}, min_kept=0.85)
+    assert fraction.kept_floor(torch.tensor([196, 30, 0])).tolist() == [166, 25, 0]
+    assert fraction.kept_floor(196) == 166
+    assert fraction.describe() == "K=10 @ block 3 (min_kept=0.85)"

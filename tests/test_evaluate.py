@@ -50,7 +50,7 @@ def test_eval_errors_name_the_problem(argv, message, checkpoint, capsys):
 def test_compare_runs_every_method(checkpoint, capsys, tmp_path):
     plot = tmp_path / "frontier.png"
     rows = run_json(capsys, "compare", "--checkpoint", str(checkpoint), "--limit", "6", "--rho", "0.8",
-                    "--merge-r", "8", "--repeats", "1", "--plot", str(plot), "--json")
+                    "--min-kept", "0.9", "--merge-r", "8", "--repeats", "1", "--plot", str(plot), "--json")
     assert [row["method"] for row in rows] == ["unpatched", "ats", "ats", "ats", "topk", "merge"]
     assert len({row["variant"] for row in rows}) == 6
     assert all(row["gflops"] < rows[0]["gflops"] for row in rows[1:])

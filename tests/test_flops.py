@@ -31,6 +31,15 @@ def test_patched_bound_is_a_hand_count():
     ats.unpatch(model)
 
 
+def test_a_fractional_floor_raises_the_bound_to_the_floor():
+    with torch.device("meta"):
+        model = timm.create_model("deit_small_patch16_224")
+    ats.patch(model, ats.ATSConfig(blocks={3: 8}, min_kept=0.5))
+    floored = ats.gflops(model)
+    ats.patch(model, ats.ATSConfig.single_stage(k=98, block=3))  # floor(0.5 * 196) = 98 patch tokens
+    assert floored == pytest.approx(ats.gflops(model), rel=1e-12)
+
+
 def test_input_size_changes_the_patch_count():
     with torch.device("meta"):
         model = timm.create_model("deit_tiny_patch16_224")

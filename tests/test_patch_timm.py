@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import timm
 import torch
@@ -15,6 +17,7 @@ CONFIGS = {
     "min_kept": ats.ATSConfig.multi_stage(0.87, first=1, depth=6, min_kept=12),
     "fuse": ats.ATSConfig.multi_stage(0.87, first=1, depth=6, fuse=True),
     "fuse_min_kept": ats.ATSConfig.multi_stage(0.87, first=1, depth=6, fuse=True, min_kept=12),
+    "fraction_floor": ats.ATSConfig.multi_stage(0.87, first=1, depth=6, fuse=True, min_kept=0.8),
     "padded": ats.ATSConfig.multi_stage(0.87, first=1, depth=6, packing="padded"),
     "merge": ats.MergeConfig(r=6),
 }
@@ -63,7 +66,8 @@ def test_repatching_replaces_the_config(model, images):
     assert type(model) is VisionTransformer
 
 
-@pytest.mark.parametrize("name", ["multi_stage", "fuse_min_kept", "cls_not_enforced", "merge", "padded"])
+@pytest.mark.parametrize("name", ["multi_stage", "fuse_min_kept", "fraction_floor", "cls_not_enforced", "merge",
+                                  "padded"])
 def test_gradients_reach_every_parameter_in_train_mode(name, images):
     model = tiny_vit(drop_path_rate=0.1, init_values=1e-2).train()
     ats.patch(model, CONFIGS[name])
@@ -106,6 +110,21 @@ def test_stats_tokens_and_kept_indices(model, images):
     assert stats.scores[1].shape == (8, 64) and torch.allclose(stats.scores[1].sum(1), torch.ones(8))
     assert stats.cls_attention[1].shape == (8, 64)
     assert stats.grid_size == (8, 8)
+
+
+@pytest.mark.parametrize("options", [dict(min_kept=20), dict(min_kept=0.8, fuse=True)])
+def test_every_ats_block_keeps_at_least_the_floor(options, model, images):
+    config = ats.ATSConfig.multi_stage(0.5, first=1, depth=6, **options)
+    ats.patch(model, config)
+    with torch.no_grad():
+        model(images)
+    stats = ats.last_stats(model)
+    for block in config.budgets:
+        assert (stats.kept_counts(block) >= config.kept_floor(stats.tokens[:, block] - 1)).all()
+    ats.patch(model, dataclasses.replace(config, min_kept=0))
+    with torch.no_grad():
+        model(images)
+    assert (ats.last_stats(model).tokens[:, -1] < stats.tokens[:, -1]).all(), "the floor must bind at rho=0.5"
 
 
 def test_topk_keeps_the_top_recorded_scores(model, images):

@@ -82,6 +82,13 @@ def test_top_up_reaches_min_kept_with_candidates_only():
     assert torch.equal(top_up(keep, scores, 1), keep)
 
 
+def test_top_up_takes_a_floor_per_image():
+    scores = torch.tensor([[0.5, 0.2, 0.0, 0.3], [0.1, 0.2, 0.3, 0.4]])
+    keep = torch.zeros(2, 4, dtype=torch.bool)
+    assert top_up(keep, scores, torch.tensor([1, 3])).tolist() == [[True, False, False, False],
+                                                                   [False, True, True, True]]
+
+
 def test_cls_scores_are_attention_times_value_norm():
     torch.manual_seed(0)
     attention = torch.rand(2, 3, 5).softmax(-1)

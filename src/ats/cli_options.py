@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import List
+from typing import List, Union
 
 import timm
 import torch
@@ -64,9 +64,15 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--topk", action="store_true", help="keep the K highest scores instead of sampling")
     group.add_argument("--score", choices=("cls", "self_attention"), default="cls")
     group.add_argument("--no-keep-cls", action="store_true", help="let the class token be dropped")
-    group.add_argument("--min-kept", type=int, default=0, metavar="N",
-                       help="top up to N unique patch tokens by score (0: off)")
+    group.add_argument("--min-kept", type=count_or_fraction, default=0, metavar="N",
+                       help="a floor on the unique patch tokens each ATS block keeps, topped up by score: a count "
+                            "(e.g. 64; 0: off) or a fraction of the patch tokens entering the block (e.g. 0.85)")
     group.add_argument("--packing", choices=("rows", "padded"), default="rows")
+
+
+def count_or_fraction(text: str) -> Union[int, float]:
+    """'64' -> 64 (a count), '0.85' -> 0.85 (a fraction), as ATSConfig's budgets and min_kept read them."""
+    return float(text) if "." in text else int(text)
 
 
 def configs_from_arguments(args: argparse.Namespace, depth: int) -> List[ATSConfig]:

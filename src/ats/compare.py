@@ -1,8 +1,9 @@
 """`ats compare`: ATS against token merging and top-K over a range of budgets, in one run.
 
-Methods: the unpatched model; ATS multi-stage (plain, with ``fuse``, with ``fuse`` and ``min_kept``);
-top-K at the same budgets; and the token-merging baseline (ToMe) at a range of r. One pass over the
-data runs every config; the table and the top-1/GFLOPs frontier (a PNG) come from the same rows.
+Methods: the unpatched model; ATS multi-stage over a range of rho (plain, and with ``fuse``); ATS with
+``fuse`` over a range of ``min_kept`` floors (rho = 1); top-K at the same rho; and the token-merging
+baseline (ToMe) at a range of r. One pass over the data runs every config; the table and the
+top-1/GFLOPs frontier (a PNG) come from the same rows.
 """
 from __future__ import annotations
 
@@ -10,27 +11,27 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
-from .cli_options import add_model_arguments, load_model
+from .cli_options import add_model_arguments, count_or_fraction, load_model
 from .config import ATSConfig, MergeConfig
 from .datasets import build_dataset
 from .evaluate import EvalRow, PatchConfig, add_data_arguments, evaluate, kept_summary, make_loader, text_table
 
 DEFAULT_RHOS = (1.0, 0.9, 0.8, 0.7)
-DEFAULT_MERGE_R = (4, 8, 12, 16)
-DEFAULT_MIN_KEPT = 64
+DEFAULT_MIN_KEPT = (0.9, 0.85, 0.8, 0.75)
+DEFAULT_MERGE_R = (4, 8, 12, 16, 18)
 
 
-def comparison_configs(depth: int, rhos: Sequence[float], merge_r: Sequence[int],
-                       min_kept: int) -> List[Tuple[str, Optional[PatchConfig]]]:
+def comparison_configs(depth: int, rhos: Sequence[float], min_kept: Sequence[Union[int, float]],
+                       merge_r: Sequence[int]) -> List[Tuple[str, Optional[PatchConfig]]]:
     """(variant, config) pairs: every method at every budget, the unpatched model first."""
     configs: List[Tuple[str, Optional[PatchConfig]]] = [("unpatched", None)]
-    variants = (("ATS", {}), ("ATS + fuse", {"fuse": True}),
-                (f"ATS + fuse + min_kept={min_kept}", {"fuse": True, "min_kept": min_kept}),
-                ("top-K", {"sampler": "topk"}))
-    for variant, options in variants:
-        configs += [(variant, ATSConfig.multi_stage(rho, depth=depth, **options)) for rho in rhos]
+    configs += [("ATS", ATSConfig.multi_stage(rho, depth=depth)) for rho in rhos]
+    configs += [("ATS + fuse", ATSConfig.multi_stage(rho, depth=depth, fuse=True)) for rho in rhos]
+    configs += [("ATS + fuse + min_kept", ATSConfig.multi_stage(1.0, depth=depth, fuse=True, min_kept=floor))
+                for floor in min_kept]
+    configs += [("top-K", ATSConfig.multi_stage(rho, depth=depth, sampler="topk")) for rho in rhos]
     configs += [("merge (ToMe)", MergeConfig(r=r)) for r in merge_r]
     return configs
 
@@ -56,8 +57,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help=f"multi-stage budgets for ATS and top-K; repeatable (default {DEFAULT_RHOS})")
     parser.add_argument("--merge-r", type=int, action="append", metavar="R",
                         help=f"tokens merged per block by the baseline; repeatable (default {DEFAULT_MERGE_R})")
-    parser.add_argument("--min-kept", type=int, default=DEFAULT_MIN_KEPT,
-                        help=f"min_kept of the fuse + min_kept variant (default {DEFAULT_MIN_KEPT})")
+    parser.add_argument("--min-kept", type=count_or_fraction, action="append", metavar="N",
+                        help="floors of the ATS + fuse + min_kept variant, counts or fractions; repeatable "
+                             f"(default {DEFAULT_MIN_KEPT})")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats for throughput (median)")
     parser.add_argument("--plot", type=Path, default=Path("ats-compare.png"), help="where to write the frontier PNG")
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows")
@@ -68,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
     from .plots import plot_frontier
 
     model = load_model(args)
-    pairs = comparison_configs(len(model.blocks), args.rho or DEFAULT_RHOS, args.merge_r or DEFAULT_MERGE_R,
-                               args.min_kept)
+    pairs = comparison_configs(len(model.blocks), args.rho or DEFAULT_RHOS, args.min_kept or DEFAULT_MIN_KEPT,
+                               args.merge_r or DEFAULT_MERGE_R)
     loader = make_loader(build_dataset(args.data, model, args.limit), args.batch_size, args.workers)
     rows = evaluate(model, loader, [config for _, config in pairs], repeats=args.repeats)
     records = [comparison_record(variant, row) for (variant, _), row in zip(pairs, rows)]

@@ -8,7 +8,7 @@ from typing import Mapping, Optional, Union
 
 import torch
 
-from .flops import BlockCost, ViTShape, block_flops, merge_block_flops
+from .flops import BlockCost, Count, ViTShape, block_flops, merge_block_flops
 
 SAMPLERS = ("inverse_transform", "topk")
 SCORES = ("cls", "self_attention")
@@ -82,7 +82,9 @@ class ATSConfig:
         score: "cls" (class-token attention x value norm) or "self_attention" (column sums).
         keep_cls: enforce the class token; with False it is sampled like a patch token (see docs).
         min_tokens: floor on K for ratio budgets (the paper's 8).
-        min_kept: top up to this many unique patch tokens by score when sampling keeps fewer (0: off).
+        min_kept: a floor on the unique patch tokens each ATS block keeps, topped up by score when sampling
+            keeps fewer: an int is a token count (0: off), a float in (0, 1] a fraction of the valid patch
+            tokens entering the block (a gradual schedule, e.g. 0.85).
         fuse: fold each dropped patch token into its most similar kept patch token (size-weighted);
             sizes travel with the tokens and later attention adds log(size) to each key's logit.
         stochastic: in train mode draw K sorted uniform points instead of the deterministic grid.
@@ -95,7 +97,7 @@ class ATSConfig:
     score: str = "cls"
     keep_cls: bool = True
     min_tokens: int = 8
-    min_kept: int = 0
+    min_kept: Union[int, float] = 0
     stochastic: bool = False
     fuse: bool = False
     packing: str = "rows"
@@ -115,8 +117,11 @@ class ATSConfig:
             raise ValueError(f"unknown packing {self.packing!r}; choose one of {', '.join(PACKINGS)}")
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 1:
             raise ValueError(f"min_tokens must be an int >= 1, got {self.min_tokens!r}")
-        if isinstance(self.min_kept, bool) or not isinstance(self.min_kept, int) or self.min_kept < 0:
-            raise ValueError(f"min_kept must be an int >= 0 (0 turns it off), got {self.min_kept!r}")
+        count = isinstance(self.min_kept, int) and not isinstance(self.min_kept, bool) and self.min_kept >= 0
+        fraction = isinstance(self.min_kept, float) and 0.0 < self.min_kept <= 1.0
+        if not (count or fraction):
+            raise ValueError(f"min_kept must be an int >= 0 (a token count; 0 turns it off) or a float in (0, 1] "
+                             f"(a fraction of the patch tokens entering the block), got {self.min_kept!r}")
         budgets = {index: _as_budget(value) for index, value in sorted(self.blocks.items())}
         object.__setattr__(self, "budgets", budgets)
 
@@ -136,6 +141,15 @@ class ATSConfig:
     def single_stage(cls, k: int, block: int = MULTI_STAGE_FIRST_BLOCK, **options) -> "ATSConfig":
         """ATS in one block with a fixed number of samples K."""
         return cls(blocks={block: TokenBudget(k=k)}, **options)
+
+    def kept_floor(self, patches_in: Count) -> Count:
+        """The fewest unique patch tokens a block keeps, for ``patches_in`` valid patch tokens entering it
+        (an int, or a [B] long tensor): ``min_kept`` itself, or ``floor(min_kept * patches_in)``."""
+        if not isinstance(self.min_kept, float):
+            return self.min_kept
+        if isinstance(patches_in, torch.Tensor):
+            return torch.floor(patches_in.to(torch.float64) * self.min_kept).long()
+        return math.floor(patches_in * self.min_kept)
 
     def describe(self) -> str:
         """A short label, e.g. ``multi-stage rho=0.7 (3..11)`` or ``K=108 @ block 3``."""
@@ -183,6 +197,15 @@ class MergeConfig:
 
     def block_costs(self, shape: ViTShape) -> dict[int, BlockCost]:
         return {index: partial(merge_block_flops, shape) for index in self.blocks(shape.depth)}
+
+    def kept_floor(self, patches_in: Count) -> Count:
+        """The fewest unique patch tokens a block keeps, for ``patches_in`` valid patch tokens entering it
+        (an int, or a [B] long tensor): ``min_kept`` itself, or ``floor(min_kept * patches_in)``."""
+        if not isinstance(self.min_kept, float):
+            return self.min_kept
+        if isinstance(patches_in, torch.Tensor):
+            return torch.floor(patches_in.to(torch.float64) * self.min_kept).long()
+        return math.floor(patches_in * self.min_kept)
 
     def describe(self) -> str:
         return f"merge r={self.r}" + (f" from block {self.first}" if self.first else "")

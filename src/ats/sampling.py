@@ -7,7 +7,7 @@ a token is never kept unless it is a candidate with a positive score.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -121,7 +121,8 @@ def topk_sample(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return keep & (scores > 0)
 
 
-def top_up(keep: torch.Tensor, scores: torch.Tensor, min_kept: int) -> torch.Tensor:
-    """Add the best-scoring unkept positions until each image keeps at least ``min_kept`` -> [B, n]."""
+def top_up(keep: torch.Tensor, scores: torch.Tensor, min_kept: Union[int, torch.Tensor]) -> torch.Tensor:
+    """Add the best-scoring unkept positions until each image keeps at least ``min_kept`` (an int, or
+    [B] long per image) -> [B, n]."""
     missing = (min_kept - keep.sum(dim=1)).clamp(min=0)
     return keep | topk_sample(scores.masked_fill(keep, 0.0), missing)

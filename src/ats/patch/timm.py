@@ -121,7 +121,7 @@ def _most_tokens_out(config: PatchConfig, index: int, n: int, prefix: int) -> in
     if isinstance(config, MergeConfig):
         patches = n - prefix
         return n - min(config.r, (patches + 1) // 2) if patches >= 2 else n
-    samples = max(config.budgets[index].max_samples(n, config.min_tokens), config.min_kept)
+    samples = max(config.budgets[index].max_samples(n, config.min_tokens), config.kept_floor(n - prefix))
     return min(n, prefix + samples)
 
 
@@ -294,7 +294,7 @@ def _choose_tokens(batch: TokenBatch, qkv: torch.Tensor, q: torch.Tensor, k: tor
         keep = inverse_transform_sample(scores, samples, budget.max_samples(batch.width, config.min_tokens),
                                         config.stochastic and training)
     if config.min_kept:
-        keep = top_up(keep, scores, config.min_kept)
+        keep = top_up(keep, scores, config.kept_floor(patches.sum(dim=1)))
     if cls_live is not None:
         cls_live = keep[:, 0] & cls_live
     return TokenChoice(keep, patches, scores, cls_attention, cls_live)
