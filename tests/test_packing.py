@@ -20,6 +20,18 @@ def test_select_packs_kept_tokens_to_the_front_in_order():
     assert packed.image_of_row.tolist() == [0, 0, 0, 1, 1]
 
 
+def test_little_padding_keeps_the_padded_layout():
+    x = torch.randn(2, 20, 2)
+    keep = torch.ones(2, 20, dtype=torch.bool)
+    keep[1, 19] = False  # 1 of 40 positions is padding
+    packed, _ = TokenBatch.from_dense(x).select(keep)
+    assert packed.row_index is None and packed.rows.shape[0] == 40 and not packed.full
+    assert packed.key_mask[1].tolist() == [True] * 19 + [False]
+    keep[1, 10:] = False  # 10 of 40 positions are padding
+    packed, _ = TokenBatch.from_dense(x).select(keep)
+    assert packed.row_index is not None and packed.rows.shape[0] == 30
+
+
 def test_padded_packing_keeps_every_position():
     x = torch.randn(2, 4, 2)
     keep = torch.tensor([[True, True, True, True], [True, False, False, True]])

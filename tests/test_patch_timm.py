@@ -7,6 +7,7 @@ from conftest import contrasted_images, tiny_vit
 from timm.models.vision_transformer import VisionTransformer
 
 import ats
+from ats import packing
 
 CONFIGS = {
     "multi_stage": ats.ATSConfig.multi_stage(0.87, first=1, depth=6),
@@ -53,6 +54,27 @@ def test_keeping_every_token_gives_the_unpatched_logits(model, images):
         ats.patch(model, ats.ATSConfig(blocks={1: 1000, 3: 1000}, sampler="topk"))
         after = model(images)
     assert (before - after).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("slack", [0.0, 1.0])
+def test_the_packed_layout_does_not_change_the_logits(slack, model, images, monkeypatch):
+    ats.patch(model, CONFIGS["fuse_min_kept"])
+    with torch.no_grad():
+        chosen = model(images)
+        monkeypatch.setattr(packing, "PADDED_LAYOUT_SLACK", slack)
+        forced = model(images)
+    assert (chosen - forced).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["rows", "padded"])
+def test_padding_positions_of_the_features_are_zero(layout, model, images):
+    ats.patch(model, ats.ATSConfig.multi_stage(0.87, first=1, depth=6, packing=layout))
+    with torch.no_grad():
+        features = model.forward_features(images)
+    lengths = ats.last_stats(model).tokens_out[:, -1]
+    padding = torch.arange(features.shape[1]) >= lengths[:, None]
+    assert features.shape[1] == lengths.max() and padding.any()
+    assert (features[padding] == 0).all() and (features[~padding].abs().sum(-1) > 0).all()
 
 
 def test_repatching_replaces_the_config(model, images):

@@ -3,7 +3,9 @@
 Tokens live as a flat list of valid rows [T, C], image by image; the padded view [B, m, C]
 (m = the longest image, valid tokens first) is made only where attention needs it. Linear layers
 and norms therefore run on valid rows alone, and an image's result does not depend on its
-batch-mates.
+batch-mates. While padding is a small share of the positions (PADDED_LAYOUT_SLACK), the rows stay
+in the padded layout instead: running the linear layers on a few padded positions costs less than
+gathering and scattering rows in every block.
 """
 from __future__ import annotations
 
@@ -14,6 +16,10 @@ import torch
 
 from .profiling import region
 
+#: Keep the padded layout while padding is at most this share of the B * m positions (measured on
+#: DeiT-S and the reference model, docs/performance.md).
+PADDED_LAYOUT_SLACK = 0.1
+
 
 @dataclass
 class TokenBatch:
@@ -23,7 +29,7 @@ class TokenBatch:
     lengths: [B] long, tokens per image (positions holding a token, prefix included).
     width: m, the padded length (max of lengths), a Python int.
     row_index: [T] long, each row's position in the flattened padded layout [B * m];
-        None when the rows are the whole padded layout (T == B * m).
+        None when the rows are the whole padded layout (T == B * m, padding rows included).
     source: [B, m] long, the index each token had in the model's original token sequence
         (prefix tokens first, then patches); -1 on padding.
     cls_live: [B] bool, False where the class token was dropped (it then stays at position 0,
@@ -160,7 +166,8 @@ class TokenBatch:
         total, width = (int(value) for value in torch.stack([lengths.sum(), lengths.max()]).tolist())
         positions = keep.to(torch.uint8).sort(dim=1, descending=True, stable=True).indices[:, :width]
         full = total == batch * width
-        row_index = None if full or self.keep_padding else _row_index(lengths, width, total)
+        padded_layout = self.keep_padding or total >= (1 - PADDED_LAYOUT_SLACK) * batch * width
+        row_index = None if padded_layout else _row_index(lengths, width, total)
         flat_positions = positions + torch.arange(batch, device=keep.device)[:, None] * self.width
         valid_flat = flat_positions.reshape(-1)
         if row_index is not None:

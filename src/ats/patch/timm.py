@@ -157,7 +157,8 @@ class ATSVisionTransformer:
             record.tokens_out.append(batch.live_tokens)
         self._ats.last_stats = record.finish(shape, config.block_costs(shape), tuple(self.patch_embed.grid_size))
         self._ats.pool_weights = batch.padded_sizes() * batch.position_mask
-        return batch.pad(self.norm(batch.rows))
+        x = batch.pad(self.norm(batch.rows))
+        return x if batch.full else x.masked_fill(~batch.position_mask[..., None], 0.0)
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         """timm's pooling; the mean is taken over valid tokens only, each weighted by its size."""
