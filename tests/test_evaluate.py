@@ -1,9 +1,12 @@
 import json
 
 import pytest
+import torch
 from test_datasets import write_image_folder
 
+import ats
 from ats.cli import main
+from ats.evaluate import evaluate
 
 
 def run_json(capsys, *argv):
@@ -55,3 +58,22 @@ def test_compare_runs_every_method(checkpoint, capsys, tmp_path):
     assert len({row["variant"] for row in rows}) == 6
     assert all(row["gflops"] < rows[0]["gflops"] for row in rows[1:])
     assert plot.stat().st_size > 0
+
+
+def test_evaluate_gives_what_whole_forwards_give(model, images):
+    configs = [None, ats.ATSConfig.single_stage(k=20, block=2), ats.ATSConfig.multi_stage(0.8, first=3, depth=6),
+               ats.MergeConfig(r=4, first=1)]
+    with torch.no_grad():
+        labels = model(images).argmax(-1).roll(1)
+    rows = evaluate(model, [(images, labels)], configs, repeats=1, progress=False)
+    for row, config in zip(rows, configs):
+        if config is not None:
+            ats.patch(model, config)
+        with torch.no_grad():
+            logits = model(images)
+        assert row.top1 == 100.0 * float((logits.argmax(-1) == labels).float().mean())
+        if config is not None:
+            stats = ats.last_stats(model)
+            assert torch.equal(row.tokens_out, stats.tokens_out) and row.gflops == float(stats.gflops.mean())
+            ats.unpatch(model)
+    assert len({row.top1 for row in rows}) > 1, "the configs should not all agree"

@@ -142,6 +142,11 @@ class ATSConfig:
         """ATS in one block with a fixed number of samples K."""
         return cls(blocks={block: TokenBudget(k=k)}, **options)
 
+    @property
+    def first_block(self) -> int:
+        """The first block ATS changes; the blocks before it run as in the unpatched model."""
+        return min(self.budgets)
+
     def kept_floor(self, patches_in: Count) -> Count:
         """The fewest unique patch tokens a block keeps, for ``patches_in`` valid patch tokens entering it
         (an int, or a [B] long tensor): ``min_kept`` itself, or ``floor(min_kept * patches_in)``."""
@@ -192,20 +197,16 @@ class MergeConfig:
         if isinstance(self.first, bool) or not isinstance(self.first, int) or self.first < 0:
             raise ValueError(f"first must be a block index >= 0, got {self.first!r}")
 
+    @property
+    def first_block(self) -> int:
+        """The first block merging changes; the blocks before it run as in the unpatched model."""
+        return self.first
+
     def blocks(self, depth: int) -> range:
         return range(self.first, depth)
 
     def block_costs(self, shape: ViTShape) -> dict[int, BlockCost]:
         return {index: partial(merge_block_flops, shape) for index in self.blocks(shape.depth)}
-
-    def kept_floor(self, patches_in: Count) -> Count:
-        """The fewest unique patch tokens a block keeps, for ``patches_in`` valid patch tokens entering it
-        (an int, or a [B] long tensor): ``min_kept`` itself, or ``floor(min_kept * patches_in)``."""
-        if not isinstance(self.min_kept, float):
-            return self.min_kept
-        if isinstance(patches_in, torch.Tensor):
-            return torch.floor(patches_in.to(torch.float64) * self.min_kept).long()
-        return math.floor(patches_in * self.min_kept)
 
     def describe(self) -> str:
         return f"merge r={self.r}" + (f" from block {self.first}" if self.first else "")

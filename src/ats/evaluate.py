@@ -18,6 +18,7 @@ import ats
 from .cli_options import add_config_arguments, add_model_arguments, configs_from_arguments, load_model
 from .config import ATSConfig, MergeConfig
 from .datasets import build_dataset
+from .patch.timm import logits_from_block, run_first_blocks
 from .timing import measure_throughput
 
 PatchConfig = Union[ATSConfig, MergeConfig]
@@ -70,13 +71,15 @@ def evaluate(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[Pa
              progress: bool = True) -> List[EvalRow]:
     """Evaluate ``model`` as it is (config None) and patched with each config, on one pass over ``loader``.
 
-    Each batch is read once and run through every config; throughput (img/s, median of ``repeats``)
-    is measured on the first TIMING_BATCH_SIZE images, every config in this same run.
+    Each batch is read once and run through every config; the blocks before the first block any
+    config changes run once per batch for all of them. Throughput (img/s, median of ``repeats``) is
+    measured on the first TIMING_BATCH_SIZE images, every config in this same run, with whole forwards.
     The model is left unpatched.
     """
     model.eval()
     device = next(model.parameters()).device
     depth = len(model.blocks)
+    shared = min((config.first_block for config in configs if config is not None), default=0)
     correct = [0] * len(configs)
     tokens_in: List[List[torch.Tensor]] = [[] for _ in configs]
     tokens_out: List[List[torch.Tensor]] = [[] for _ in configs]
@@ -88,9 +91,10 @@ def evaluate(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[Pa
             images, labels = images.to(device), labels.to(device)
             timing_batch = images[:TIMING_BATCH_SIZE] if timing_batch is None else timing_batch
             seen += len(labels)
+            tokens = run_first_blocks(model, images, shared)
             for index, config in enumerate(configs):
                 set_config(model, config)
-                logits = model(images)
+                logits = logits_from_block(model, tokens, shared)
                 correct[index] += int((logits.argmax(-1) == labels).sum())
                 tokens_in[index].append(_tokens(model, config, len(labels), depth, "tokens"))
                 tokens_out[index].append(_tokens(model, config, len(labels), depth, "tokens_out"))

@@ -136,16 +136,25 @@ class ATSVisionTransformer:
         if attn_mask is not None or is_causal:
             raise ValueError("a patched model takes no attn_mask or is_causal: ATS makes its own masks; "
                              "ats.unpatch(model) to use them")
-        _check_images(self, x)
+        return self.forward_tokens(embed_tokens(self, x))
+
+    def forward_tokens(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Run the blocks from ``start`` on: x [B, N, C'] are the tokens the blocks before ``start``
+        made, all N of them (blocks before the first patched one drop none; an evaluation of several
+        configs computes them once). Returns normalised tokens [B, m, C'], zeros on padding."""
         config, shape = self._ats.config, self._ats.shape
+        if not 0 <= start <= config.first_block:
+            raise ValueError(f"forward_tokens can start at blocks 0..{config.first_block} (up to the first patched "
+                             f"block) for {config.describe()}, got {start}")
         has_cls = self.cls_token is not None
-        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         merging = isinstance(config, MergeConfig)
         batch = TokenBatch.from_dense(x, keep_padding=not merging and config.packing == "padded")
         record = ForwardRecord()
         for index, block in enumerate(self.blocks):
             record.tokens_in.append(batch.live_tokens)
-            if merging and index >= config.first:
+            if index < start:
+                pass
+            elif merging and index >= config.first:
                 batch = _merge_block(block, batch, config.r, shape.num_prefix_tokens, record, index)
             elif not merging and index in config.budgets:
                 batch = _ats_block(block, batch, config.budgets[index], config, shape.num_prefix_tokens, has_cls,
@@ -177,6 +186,31 @@ def _patched_class(base: type) -> type:
     if base not in _PATCHED_CLASSES:
         _PATCHED_CLASSES[base] = type(f"ATS{base.__name__}", (ATSVisionTransformer, base), {})
     return _PATCHED_CLASSES[base]
+
+
+def embed_tokens(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """Images [B, C, H, W] -> the tokens entering block 0, [B, N, C'] (patch and position embedding,
+    prefix tokens, patch dropout, pre-norm: the start of timm's forward_features), for any timm
+    VisionTransformer, patched or not."""
+    _check_images(model, images)
+    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+
+
+def run_first_blocks(model: VisionTransformer, images: torch.Tensor, count: int) -> torch.Tensor:
+    """The tokens [B, N, C'] after the first ``count`` blocks, run as in the unpatched model (the
+    blocks before a patched model's first patched block are exactly these)."""
+    x = embed_tokens(model, images)
+    for block in model.blocks[:count]:
+        x = block(x)
+    return x
+
+
+def logits_from_block(model: VisionTransformer, tokens: torch.Tensor, start: int) -> torch.Tensor:
+    """Logits of ``model`` (patched or not) from ``run_first_blocks(model, images, start)``: the same as
+    ``model(images)``, without running the first ``start`` blocks again."""
+    if hasattr(model, "_ats"):
+        return model.forward_head(model.forward_tokens(tokens, start))
+    return model.forward_head(model.norm(model.blocks[start:](tokens)))
 
 
 def _check_images(model: VisionTransformer, x: torch.Tensor) -> None:
