@@ -98,7 +98,8 @@ def parse_blocks(spec: str) -> dict:
         try:
             first, _, last = where.partition("-")
             indices = range(int(first), int(last or first) + 1)
-            value = TokenBudget(rho=float(budget)) if "." in budget else TokenBudget(k=int(budget))
+            parsed = count_or_fraction(budget)
+            value = TokenBudget(rho=parsed) if isinstance(parsed, float) else TokenBudget(k=parsed)
         except ValueError as error:
             raise ValueError(f"cannot read block spec {part!r} ({error}); use BLOCK:K or FIRST-LAST:RHO") from None
         blocks.update({index: value for index in indices})
