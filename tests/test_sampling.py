@@ -6,30 +6,30 @@ from ats.sampling import (
     cls_scores,
     inverse_transform_sample,
     masked_softmax_logits,
-    sample_points,
     self_attention_scores,
     top_up,
     topk_sample,
+    uniform_points,
 )
 
 
 def test_inverse_transform_picks_the_inverse_cdf():
     scores = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
     # y = 1/8, 3/8, 5/8, 7/8 against the CDF 0.1, 0.3, 0.6, 1.0 picks tokens 1, 2, 3, 3
-    keep = inverse_transform_sample(scores, torch.tensor([4]), 4)
+    keep = inverse_transform_sample(scores, torch.tensor([4]))
     assert keep.tolist() == [[False, True, True, True]]
 
 
 def test_inverse_transform_uses_the_sorted_order():
     scores = torch.tensor([[0.4, 0.0, 0.1, 0.5]])
-    keep = inverse_transform_sample(scores, torch.tensor([2]), 2)
+    keep = inverse_transform_sample(scores, torch.tensor([2]))
     # sorted ascending: 0.0 (1), 0.1 (2), 0.4 (0), 0.5 (3); CDF 0, .1, .5, 1; y = .25, .75 -> tokens 0, 3
     assert keep.tolist() == [[True, False, False, True]]
 
 
 def test_zero_scores_are_never_sampled():
     scores = torch.tensor([[0.0, 0.0, 0.5, 0.5, 0.0]])
-    keep = inverse_transform_sample(scores, torch.tensor([50]), 50)
+    keep = inverse_transform_sample(scores, torch.tensor([50]))
     assert keep.tolist() == [[False, False, True, True, False]]
 
 
@@ -37,26 +37,62 @@ def test_duplicates_collapse_and_peaked_scores_keep_fewer():
     flat = torch.full((1, 100), 0.01)
     peaked = torch.softmax(torch.linspace(0, 12, 100), 0)[None]
     k = torch.tensor([50])
-    assert inverse_transform_sample(flat, k, 50).sum() == 50
-    kept = inverse_transform_sample(peaked, k, 50).sum()
+    assert inverse_transform_sample(flat, k).sum() == 50
+    kept = inverse_transform_sample(peaked, k).sum()
     assert 0 < kept < 30
 
 
 def test_per_image_budgets():
     scores = torch.full((2, 10), 0.1)
-    keep = inverse_transform_sample(scores, torch.tensor([3, 7]), 7)
+    keep = inverse_transform_sample(scores, torch.tensor([3, 7]))
     assert keep.sum(1).tolist() == [3, 7]
 
 
-def test_sample_points_deterministic_and_stochastic():
-    points = sample_points(torch.tensor([2, 4]), 4)
-    assert torch.allclose(points[1], torch.tensor([1 / 8, 3 / 8, 5 / 8, 7 / 8], dtype=torch.float64))
-    assert points[0, :2].tolist() == [0.25, 0.75] and torch.isinf(points[0, 2:]).all()
-    one = sample_points(torch.tensor([5]), 5, stochastic=True, generator=torch.Generator().manual_seed(0))
-    again = sample_points(torch.tensor([5]), 5, stochastic=True, generator=torch.Generator().manual_seed(0))
-    other = sample_points(torch.tensor([5]), 5, stochastic=True, generator=torch.Generator().manual_seed(1))
+def inverse_cdf_reference(scores, k, points):
+    """The definition, one point at a time: each point y picks the first sorted position whose CDF
+    reaches y."""
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    for image in range(scores.shape[0]):
+        sorted_scores, order = scores[image].sort()
+        cdf = sorted_scores.double().cumsum(0)
+        cdf = cdf / cdf[-1]
+        for y in points[image][: int(k[image])]:
+            keep[image, order[int((cdf >= y).nonzero()[0])]] = True
+    return keep
+
+
+def test_deterministic_sampling_matches_the_definition():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        scores = torch.rand(4, 30, generator=generator) ** 6
+        scores[:, :3] = 0.0
+        scores = scores / scores.sum(1, keepdim=True)
+        k = torch.randint(1, 60, (4,), generator=generator)
+        steps = torch.arange(1, 61, dtype=torch.float64)
+        grid = (2 * steps - 1)[None] / (2 * k[:, None].double())
+        assert torch.equal(inverse_transform_sample(scores, k), inverse_cdf_reference(scores, k, grid))
+
+
+def test_stochastic_sampling_matches_the_definition_for_its_draws():
+    scores = torch.softmax(torch.randn(3, 25, generator=torch.Generator().manual_seed(1)) * 3, 1)
+    k = torch.tensor([5, 12, 20])
+    draws = uniform_points(k, 20, torch.Generator().manual_seed(2))
+    keep = inverse_transform_sample(scores, k, 20, stochastic=True, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(keep, inverse_cdf_reference(scores, k, draws))
+
+
+def test_uniform_points_are_sorted_seeded_draws():
+    one = uniform_points(torch.tensor([3, 5]), 5, torch.Generator().manual_seed(0))
+    again = uniform_points(torch.tensor([3, 5]), 5, torch.Generator().manual_seed(0))
+    other = uniform_points(torch.tensor([3, 5]), 5, torch.Generator().manual_seed(1))
     assert torch.equal(one, again) and not torch.equal(one, other)
-    assert (one.diff(dim=1) >= 0).all() and ((one >= 0) & (one < 1)).all()
+    assert torch.isinf(one[0, 3:]).all() and torch.isfinite(one[0, :3]).all() and torch.isfinite(one[1]).all()
+    assert (one[0, :3].diff() >= 0).all() and (one[1].diff() >= 0).all() and ((one[1] >= 0) & (one[1] < 1)).all()
+
+
+def test_stochastic_sampling_needs_k_max():
+    with pytest.raises(ValueError, match="k_max"):
+        inverse_transform_sample(torch.full((1, 4), 0.25), torch.tensor([2]), stochastic=True)
 
 
 def test_stochastic_sampling_never_picks_zero_scores():

@@ -10,6 +10,7 @@ gathering and scattering rows in every block.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Optional
 
 import torch
@@ -68,7 +69,7 @@ class TokenBatch:
         """True when no image has padding, a frozen class token or sizes: plain timm blocks apply."""
         return self.full and self.cls_live is None and self.sizes is None
 
-    @property
+    @cached_property
     def position_mask(self) -> torch.Tensor:
         """[B, m] bool, True where a position holds a token (frozen class token included)."""
         return torch.arange(self.width, device=self.lengths.device) < self.lengths[:, None]

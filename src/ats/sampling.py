@@ -28,13 +28,10 @@ def class_attention(q_cls: torch.Tensor, keys: torch.Tensor, scale: float, key_m
 
     q_cls: [B, h, d] the class token's query; keys: [B, n, h, d], token-major as the qkv projection
     lays them out (a strided view is fine); key_mask, key_bias as in masked_softmax_logits.
-    One batched matmul of the keys [B, n, h*d] with a block-diagonal [B, h*d, h] matrix of the query
-    gives every head's logits without copying the keys into a head-major layout.
+    The logits are an elementwise product summed over d: one pass over the keys, no copy into a
+    head-major layout and no matrix product with a single query column (slow on CPU BLAS).
     """
-    batch, n, heads, dim = keys.shape
-    eye = torch.eye(heads, dtype=q_cls.dtype, device=q_cls.device)
-    q_block = (q_cls[:, :, :, None] * eye[None, :, None, :]).reshape(batch, heads * dim, heads)
-    logits = (keys.reshape(batch, n, heads * dim) @ (q_block * scale)).transpose(1, 2)
+    logits = (keys * (q_cls * scale)[:, None]).sum(dim=-1).transpose(1, 2)
     return _masked_softmax(logits, key_mask, key_bias)
 
 
@@ -77,37 +74,39 @@ def _normalise(raw: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     return raw / raw.sum(dim=1, keepdim=True).clamp_min(torch.finfo(raw.dtype).tiny)
 
 
-def sample_points(k: torch.Tensor, k_max: int, stochastic: bool = False,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """The K points on the CDF's y-axis for each image -> [B, k_max], +inf past an image's own K.
+def uniform_points(k: torch.Tensor, k_max: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """K sorted uniform draws in [0, 1) for each image -> [B, k_max] float64, +inf past an image's own K.
 
-    k: [B] long, K per image (<= k_max). Deterministic: ``y_i = (2i - 1) / (2K)``, i = 1..K.
-    Stochastic: K sorted uniform draws in [0, 1).
+    k: [B] long, K per image (<= k_max).
     """
-    steps = torch.arange(1, k_max + 1, device=k.device, dtype=torch.float64)
-    unused = steps > k[:, None]
-    if stochastic:
-        draws = torch.rand(k.shape[0], k_max, device=k.device, dtype=torch.float64, generator=generator)
-        return draws.masked_fill(unused, float("inf")).sort(dim=1).values
-    return ((2 * steps - 1) / (2 * k[:, None].to(torch.float64))).masked_fill(unused, float("inf"))
+    draws = torch.rand(k.shape[0], k_max, device=k.device, dtype=torch.float64, generator=generator)
+    unused = torch.arange(1, k_max + 1, device=k.device) > k[:, None]
+    return draws.masked_fill(unused, float("inf")).sort(dim=1).values
 
 
-def inverse_transform_sample(scores: torch.Tensor, k: torch.Tensor, k_max: int, stochastic: bool = False,
-                             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def inverse_transform_sample(scores: torch.Tensor, k: torch.Tensor, k_max: Optional[int] = None,
+                             stochastic: bool = False, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Inverse transform sampling of token positions by score -> keep mask [B, n] (duplicates merged).
 
-    scores: [B, n] non-negative, summing to 1 per image; k: [B] samples per image; k_max: max(k).
-    Each point y picks the first position (in ascending score order) whose CDF reaches y, so a
-    zero-score position (padding, prefix, non-candidate) is never picked.
+    scores: [B, n] non-negative, summing to 1 per image; k: [B] long, samples K per image.
+    Each point y on the CDF's y-axis picks the first position (in ascending score order) whose CDF
+    reaches y, so a zero-score position (padding, prefix, non-candidate) is never picked. Position i
+    is therefore kept when some point lies in (CDF_{i-1}, CDF_i]: when the count of points at or
+    below the CDF rises at i. For the deterministic points ``y_j = (2j - 1) / (2K)``, j = 1..K, that
+    count is ``floor(K * CDF_i + 1/2)``, so no point is materialised. Stochastic: K sorted uniform
+    draws (``uniform_points``; k_max, an upper bound on k, sizes them).
     """
-    batch, n = scores.shape
     sorted_scores, order = scores.sort(dim=1)
     cdf = sorted_scores.to(torch.float64).cumsum(dim=1)
-    y = sample_points(k, k_max, stochastic, generator)
-    picked = torch.searchsorted(cdf, y, side="left").clamp_(max=n - 1)
-    positions = order.gather(1, picked).masked_fill(torch.isinf(y), n)
-    keep = scores.new_zeros(batch, n + 1, dtype=torch.bool).scatter_(1, positions, True)[:, :n]
-    return keep & (scores > 0)
+    cdf = cdf / cdf[:, -1:].clamp_min(torch.finfo(cdf.dtype).tiny)
+    if stochastic:
+        if k_max is None:
+            raise ValueError("stochastic sampling needs k_max, an upper bound on the samples per image")
+        at_or_below = torch.searchsorted(uniform_points(k, k_max, generator), cdf, right=True)
+    else:
+        at_or_below = torch.floor(cdf * k[:, None] + 0.5)
+    picked = at_or_below.diff(dim=1, prepend=at_or_below.new_zeros(scores.shape[0], 1)) > 0
+    return torch.zeros_like(picked).scatter_(1, order, picked) & (scores > 0)
 
 
 def topk_sample(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -348,7 +348,7 @@ def _ats_block(block: Block, batch: TokenBatch, budget: TokenBudget, config: ATS
     if config.fuse:
         with region("ats.fuse"):
             batch = _fold(batch, nearest_kept(k.mean(dim=1), choice.keep, choice.patches))
-    prefix_tokens = batch.position_mask & (torch.arange(batch.width, device=y.device) < prefix)
+    prefix_tokens = batch.position_mask & ~choice.patches
     kept, rows_from = batch.select(choice.keep | prefix_tokens)
     if choice.cls_live is not None:
         kept.cls_live = choice.cls_live
