@@ -37,6 +37,14 @@ def test_eval_defaults_to_the_papers_six_configs_and_prints_a_table(checkpoint, 
     assert list((tmp_path / "plots").glob("*.png"))
 
 
+def test_eval_passes_fuse_and_min_kept_to_every_config(checkpoint, capsys):
+    rows = run_json(capsys, "eval", "--checkpoint", str(checkpoint), "--limit", "4", "--multi-stage", "1.0",
+                    "--single-stage", "48", "--fuse", "--min-kept", "0.5", "--repeats", "1", "--json")
+    assert [row["config"] for row in rows[1:]] == ["rho=1 @ blocks 3..11 (fuse, min_kept=0.5)",
+                                                   "K=48 @ block 3 (fuse, min_kept=0.5)"]
+    assert rows[1]["tokens_per_block"][4] >= 1 + 0.5 * 196
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--data", "/nonexistent/folder"], "does not exist"),
     (["--limit", "0"], "--limit"),

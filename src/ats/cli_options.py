@@ -67,6 +67,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-kept", type=count_or_fraction, default=0, metavar="N",
                        help="a floor on the unique patch tokens each ATS block keeps, topped up by score: a count "
                             "(e.g. 64; 0: off) or a fraction of the patch tokens entering the block (e.g. 0.85)")
+    group.add_argument("--fuse", action="store_true",
+                       help="fold each dropped patch token into its most similar kept one (sizes carried)")
     group.add_argument("--packing", choices=("rows", "padded"), default="rows")
 
 
@@ -78,7 +80,7 @@ def count_or_fraction(text: str) -> Union[int, float]:
 def configs_from_arguments(args: argparse.Namespace, depth: int) -> List[ATSConfig]:
     """The ATSConfigs the flags ask for, for a model of ``depth`` blocks."""
     options = dict(sampler="topk" if args.topk else "inverse_transform", score=args.score,
-                   keep_cls=not args.no_keep_cls, min_kept=args.min_kept, packing=args.packing)
+                   keep_cls=not args.no_keep_cls, min_kept=args.min_kept, fuse=args.fuse, packing=args.packing)
     rhos, ks = args.multi_stage, args.single_stage
     if not (rhos or ks or args.blocks):
         rhos, ks = list(PAPER_RHOS), list(PAPER_KS)
