@@ -13,6 +13,14 @@ def test_multi_stage_schedule():
     assert config.describe() == "rho=0.7 @ blocks 3..11"
 
 
+def test_multi_stage_every_other_block():
+    config = ats.ATSConfig.multi_stage(1.0, every=2, score="self_attention", fuse=True)
+    assert list(config.budgets) == [3, 5, 7, 9, 11]
+    assert config.describe() == "rho=1 @ blocks 3..11 every 2 (score=self_attention, fuse)"
+    uneven = ats.ATSConfig(blocks={3: 1.0, 5: 1.0, 9: 1.0})
+    assert uneven.describe() == "rho=1 @ block 3, rho=1 @ block 5, rho=1 @ block 9"
+
+
 def test_single_stage_and_custom_blocks():
     assert ats.ATSConfig.single_stage(k=108).budgets == {3: TokenBudget(k=108)}
     config = ats.ATSConfig(blocks={6: 56, 3: 0.5}, sampler="topk")
@@ -24,6 +32,7 @@ def test_single_stage_and_custom_blocks():
     (lambda: ats.ATSConfig.single_stage(k=0), "k must be"),
     (lambda: ats.ATSConfig.multi_stage(rho=1.5), "rho must lie in"),
     (lambda: ats.ATSConfig.multi_stage(rho=0.0), "rho must lie in"),
+    (lambda: ats.ATSConfig.multi_stage(rho=1.0, every=0), "every must be"),
     (lambda: ats.ATSConfig(blocks={3: 10}, sampler="nearest"), "unknown sampler"),
     (lambda: ats.ATSConfig(blocks={3: 10}, score="value"), "unknown score"),
     (lambda: ats.ATSConfig(blocks={}), "non-empty"),

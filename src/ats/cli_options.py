@@ -54,6 +54,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--multi-stage", type=float, action="append", default=[], metavar="RHO",
                        help="multi-stage ATS from block 3 to the last, K = max(floor(RHO * tokens_in), 8); "
                             "repeatable")
+    group.add_argument("--stage-every", type=int, default=1, metavar="N",
+                       help="--multi-stage configs sample in every N-th block from block 3 (default 1: every block)")
     group.add_argument("--single-stage", type=int, action="append", default=[], metavar="K",
                        help="single-stage ATS with K samples in block --stage-block; repeatable")
     group.add_argument("--stage-block", type=int, default=3, metavar="N",
@@ -84,7 +86,7 @@ def configs_from_arguments(args: argparse.Namespace, depth: int) -> List[ATSConf
     rhos, ks = args.multi_stage, args.single_stage
     if not (rhos or ks or args.blocks):
         rhos, ks = list(PAPER_RHOS), list(PAPER_KS)
-    configs = [ATSConfig.multi_stage(rho, depth=depth, **options) for rho in rhos]
+    configs = [ATSConfig.multi_stage(rho, depth=depth, every=args.stage_every, **options) for rho in rhos]
     configs += [ATSConfig.single_stage(k, block=args.stage_block, **options) for k in ks]
     configs += [ATSConfig(blocks=parse_blocks(spec), **options) for spec in args.blocks]
     return configs

@@ -1,8 +1,9 @@
 """`ats compare`: ATS against token merging and top-K over a range of budgets, in one run.
 
-Methods: the unpatched model; ATS multi-stage over a range of rho (plain, and with ``fuse``); ATS with
-``fuse`` over a range of ``min_kept`` floors (rho = 1); top-K at the same rho; and the token-merging
-baseline (ToMe) at a range of r. One pass over the data runs every config; the table and the
+Methods: the unpatched model; ATS multi-stage over a range of rho (plain, with ``fuse``, and with the
+self-attention score and ``fuse`` on the SELF_ATTENTION_SCHEDULES); ATS with ``fuse``
+over a range of ``min_kept`` floors (rho = 1); top-K at the same rho; and the token-merging baseline
+(ToMe) at a range of r. One pass over the data runs every config; the table and the
 top-1/GFLOPs frontier (a PNG) come from the same rows.
 """
 from __future__ import annotations
@@ -21,6 +22,9 @@ from .evaluate import EvalRow, PatchConfig, add_data_arguments, evaluate, kept_s
 DEFAULT_RHOS = (1.0, 0.9, 0.8, 0.7)
 DEFAULT_MIN_KEPT = (0.9, 0.85, 0.8, 0.75)
 DEFAULT_MERGE_R = (4, 8, 12, 16, 18)
+#: (first block, every n-th block) of the self-attention + fuse variants: every block from 3 (the
+#: paper's blocks), and every other block from 3 and from 1 (docs/results.md).
+SELF_ATTENTION_SCHEDULES = ((3, 1), (3, 2), (1, 2))
 
 
 def comparison_configs(depth: int, rhos: Sequence[float], min_kept: Sequence[Union[int, float]],
@@ -31,6 +35,10 @@ def comparison_configs(depth: int, rhos: Sequence[float], min_kept: Sequence[Uni
     configs += [("ATS + fuse", ATSConfig.multi_stage(rho, depth=depth, fuse=True)) for rho in rhos]
     configs += [("ATS + fuse + min_kept", ATSConfig.multi_stage(1.0, depth=depth, fuse=True, min_kept=floor))
                 for floor in min_kept]
+    for first, every in SELF_ATTENTION_SCHEDULES:
+        variant = "ATS + self-attention + fuse" + (f", every {every} from block {first}" if every > 1 else "")
+        configs += [(variant, ATSConfig.multi_stage(rho, first=first, depth=depth, every=every,
+                                                    score="self_attention", fuse=True)) for rho in rhos]
     configs += [("top-K", ATSConfig.multi_stage(rho, depth=depth, sampler="topk")) for rho in rhos]
     configs += [("merge (ToMe)", MergeConfig(r=r)) for r in merge_r]
     return configs

@@ -127,15 +127,18 @@ class ATSConfig:
 
     @classmethod
     def multi_stage(cls, rho: float = 1.0, first: int = MULTI_STAGE_FIRST_BLOCK, depth: int = 12,
-                    **options) -> "ATSConfig":
-        """ATS in blocks ``first .. depth-1`` with ``K_n = max(floor(rho * tokens_in_n), min_tokens)``."""
+                    every: int = 1, **options) -> "ATSConfig":
+        """ATS in blocks ``first, first + every, ... < depth`` (the paper: every block from 3 on) with
+        ``K_n = max(floor(rho * tokens_in_n), min_tokens)``."""
         if isinstance(rho, int) and not isinstance(rho, bool):
             rho = float(rho)
         if not isinstance(rho, float):
             raise TypeError(f"rho must be a float in (0, 1], got {rho!r}")
         if not 0 <= first < depth:
             raise ValueError(f"first block {first} must lie in 0..{depth - 1} for a model of depth {depth}")
-        return cls(blocks={index: TokenBudget(rho=rho) for index in range(first, depth)}, **options)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a whole number >= 1 (1: every block, 2: every other), got {every!r}")
+        return cls(blocks={index: TokenBudget(rho=rho) for index in range(first, depth, every)}, **options)
 
     @classmethod
     def single_stage(cls, k: int, block: int = MULTI_STAGE_FIRST_BLOCK, **options) -> "ATSConfig":
@@ -160,8 +163,9 @@ class ATSConfig:
         """A short label, e.g. ``multi-stage rho=0.7 (3..11)`` or ``K=108 @ block 3``."""
         budgets = list(self.budgets.values())
         indices = list(self.budgets)
-        if len(set(budgets)) == 1 and indices == list(range(indices[0], indices[-1] + 1)) and len(indices) > 1:
-            label = f"{budgets[0]} @ blocks {indices[0]}..{indices[-1]}"
+        step = indices[1] - indices[0] if len(indices) > 1 else 1
+        if len(set(budgets)) == 1 and len(indices) > 1 and indices == list(range(indices[0], indices[-1] + 1, step)):
+            label = f"{budgets[0]} @ blocks {indices[0]}..{indices[-1]}" + (f" every {step}" if step > 1 else "")
         else:
             label = ", ".join(f"{budget} @ block {index}" for index, budget in self.budgets.items())
         extras = [self.sampler] if self.sampler != "inverse_transform" else []
