@@ -17,6 +17,8 @@ def test_multi_stage_every_other_block():
     config = ats.ATSConfig.multi_stage(1.0, every=2, score="self_attention", fuse=True)
     assert list(config.budgets) == [3, 5, 7, 9, 11]
     assert config.describe() == "rho=1 @ blocks 3..11 every 2 (score=self_attention, fuse)"
+    assert ats.ATSConfig.multi_stage(1.0, fuse=True, distinct=0.95).describe() == \
+        "rho=1 @ blocks 3..11 (fuse, distinct=0.95)"
     uneven = ats.ATSConfig(blocks={3: 1.0, 5: 1.0, 9: 1.0})
     assert uneven.describe() == "rho=1 @ block 3, rho=1 @ block 5, rho=1 @ block 9"
 
@@ -42,6 +44,8 @@ def test_single_stage_and_custom_blocks():
     (lambda: ats.ATSConfig(blocks={3: 10}, min_kept=0.0), "min_kept"),
     (lambda: ats.ATSConfig(blocks={3: 10}, min_kept=True), "min_kept"),
     (lambda: ats.ATSConfig(blocks={3: 10}, packing="dense"), "unknown packing"),
+    (lambda: ats.ATSConfig(blocks={3: 10}, distinct=1.5), "distinct must be"),
+    (lambda: ats.ATSConfig(blocks={3: 10}, distinct=-0.1), "distinct must be"),
     (lambda: ats.MergeConfig(r=0), "r must be"),
 ])
 def test_bad_configs_are_refused_with_the_fix(make, message):

@@ -37,12 +37,12 @@ def test_eval_defaults_to_the_papers_six_configs_and_prints_a_table(checkpoint, 
     assert list((tmp_path / "plots").glob("*.png"))
 
 
-def test_eval_passes_fuse_and_min_kept_to_every_config(checkpoint, capsys):
+def test_eval_passes_fuse_distinct_and_min_kept_to_every_config(checkpoint, capsys):
     rows = run_json(capsys, "eval", "--checkpoint", str(checkpoint), "--limit", "4", "--multi-stage", "1.0",
-                    "--stage-every", "2", "--single-stage", "48", "--fuse", "--min-kept", "0.5", "--repeats", "1",
-                    "--json")
-    assert [row["config"] for row in rows[1:]] == ["rho=1 @ blocks 3..11 every 2 (fuse, min_kept=0.5)",
-                                                   "K=48 @ block 3 (fuse, min_kept=0.5)"]
+                    "--stage-every", "2", "--single-stage", "48", "--fuse", "--distinct", "0.9", "--min-kept", "0.5",
+                    "--repeats", "1", "--json")
+    assert [row["config"] for row in rows[1:]] == ["rho=1 @ blocks 3..11 every 2 (fuse, distinct=0.9, min_kept=0.5)",
+                                                   "K=48 @ block 3 (fuse, distinct=0.9, min_kept=0.5)"]
     assert rows[1]["tokens_per_block"][4] >= 1 + 0.5 * 196
 
 
@@ -62,9 +62,11 @@ def test_eval_errors_name_the_problem(argv, message, checkpoint, capsys):
 def test_compare_runs_every_method(checkpoint, capsys, tmp_path):
     plot = tmp_path / "frontier.png"
     rows = run_json(capsys, "compare", "--checkpoint", str(checkpoint), "--limit", "6", "--rho", "0.8",
-                    "--min-kept", "0.9", "--merge-r", "8", "--repeats", "1", "--plot", str(plot), "--json")
-    assert [row["method"] for row in rows] == ["unpatched", "ats", "ats", "ats", "ats", "ats", "ats", "topk", "merge"]
-    assert len({row["variant"] for row in rows}) == 9
+                    "--min-kept", "0.9", "--distinct", "0.8", "--merge-r", "8", "--repeats", "1", "--plot", str(plot),
+                    "--json")
+    assert [row["method"] for row in rows] == ["unpatched"] + ["ats"] * 7 + ["topk", "merge"]
+    assert len({row["variant"] for row in rows}) == 10
+    assert "rho=1 @ blocks 3..11 (fuse, distinct=0.8)" in [row["config"] for row in rows]
     assert all(row["gflops"] < rows[0]["gflops"] for row in rows[1:])
     assert plot.stat().st_size > 0
 

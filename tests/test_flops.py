@@ -57,4 +57,5 @@ def test_block_formula_parts():
     assert block_flops(shape, n_in, n_out, score="cls") - base == n_in * 192
     assert block_flops(shape, n_in, n_out, score="self_attention") - base == n_in * n_in * 192
     assert block_flops(shape, n_in, n_out, fuse=True) - base == (n_in - n_out) * n_out * 64
+    assert block_flops(shape, n_in, n_out, fuse=True, distinct=True) - base == n_in * n_in * 64
     assert merge_block_flops(shape, n_in, n_in) == pytest.approx(block_flops(shape, n_in, n_in) + (n_in / 2) ** 2 * 64)

@@ -1,6 +1,6 @@
 import torch
 
-from ats.merging import bipartite_soft_matching, fold, nearest_kept
+from ats.merging import bipartite_soft_matching, cosine_similarity, fold, keep_distinct, nearest_kept
 from ats.packing import TokenBatch
 
 
@@ -60,7 +60,21 @@ def test_nearest_kept_sends_dropped_tokens_to_their_closest_kept_token():
     metric = torch.tensor([[[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]])
     keep = torch.tensor([[True, False, True, False]])
     movable = torch.ones(1, 4, dtype=torch.bool)
-    assert nearest_kept(metric, keep, movable).tolist() == [[0, 0, 2, 2]]
+    assert nearest_kept(cosine_similarity(metric), keep, movable).tolist() == [[0, 0, 2, 2]]
+
+
+def test_keep_distinct_keeps_one_token_of_each_unrepresented_group():
+    # 1 resembles kept 0; 2, 3 and 4 resemble each other but not 0, and 3 scores highest among them
+    metric = torch.tensor([[[1.0, 0.0], [0.95, 0.05], [0.1, 1.0], [0.0, 1.0], [0.05, 1.0], [0.7, 0.7]]])
+    keep = torch.tensor([[True, False, False, False, False, False]])
+    movable = torch.tensor([[True, True, True, True, True, False]])
+    scores = torch.tensor([[0.5, 0.1, 0.1, 0.2, 0.1, 0.0]])
+    similarity = cosine_similarity(metric)
+    kept = keep_distinct(similarity, keep, movable, scores, threshold=0.9)
+    assert kept.tolist() == [[True, False, False, True, False, False]]
+    assert nearest_kept(similarity, kept, movable).tolist() == [[0, 0, 3, 3, 3, 5]]
+    assert keep_distinct(similarity, keep, movable, scores, threshold=1.0)[0, :5].all()
+    assert torch.equal(keep_distinct(similarity, keep, movable, scores, threshold=0.0), keep)
 
 
 def test_bipartite_matching_merges_r_tokens_of_set_a_into_set_b():

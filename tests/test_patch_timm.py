@@ -20,6 +20,7 @@ CONFIGS = {
     "fuse": ats.ATSConfig.multi_stage(0.87, first=1, depth=6, fuse=True),
     "fuse_min_kept": ats.ATSConfig.multi_stage(0.87, first=1, depth=6, fuse=True, min_kept=12),
     "fraction_floor": ats.ATSConfig.multi_stage(0.87, first=1, depth=6, fuse=True, min_kept=0.8),
+    "fuse_distinct": ats.ATSConfig.multi_stage(0.87, first=1, depth=6, fuse=True, distinct=0.5),
     "padded": ats.ATSConfig.multi_stage(0.87, first=1, depth=6, packing="padded"),
     "merge": ats.MergeConfig(r=6),
 }
@@ -107,8 +108,8 @@ def test_repatching_replaces_the_config(model, images):
     assert type(model) is VisionTransformer
 
 
-@pytest.mark.parametrize("name", ["multi_stage", "fuse_min_kept", "fraction_floor", "cls_not_enforced", "merge",
-                                  "padded"])
+@pytest.mark.parametrize("name", ["multi_stage", "fuse_min_kept", "fraction_floor", "fuse_distinct",
+                                  "cls_not_enforced", "merge", "padded"])
 def test_gradients_reach_every_parameter_in_train_mode(name, images):
     model = tiny_vit(drop_path_rate=0.1, init_values=1e-2).train()
     ats.patch(model, CONFIGS[name])
@@ -166,6 +167,26 @@ def test_every_ats_block_keeps_at_least_the_floor(options, model, images):
     with torch.no_grad():
         model(images)
     assert (ats.last_stats(model).tokens[:, -1] < stats.tokens[:, -1]).all(), "the floor must bind at rho=0.5"
+
+
+def test_distinct_keeps_more_tokens_as_its_threshold_rises(model, images):
+    kept = []
+    for threshold in (0.0, 0.3, 0.6):
+        ats.patch(model, ats.ATSConfig.multi_stage(0.5, first=1, depth=6, fuse=True, distinct=threshold))
+        with torch.no_grad():
+            model(images)
+        kept.append(ats.last_stats(model).tokens[:, -1])
+    assert (kept[0] <= kept[1]).all() and (kept[1] <= kept[2]).all() and (kept[0] < kept[2]).any()
+    assert len(set(kept[2].tolist())) > 1, "distinct tokens depend on the image"
+
+
+def test_distinct_at_one_keeps_every_token_and_the_unpatched_logits(model, images):
+    with torch.no_grad():
+        before = model(images)
+        ats.patch(model, ats.ATSConfig.multi_stage(0.5, first=1, depth=6, fuse=True, distinct=1.0))
+        after = model(images)
+    assert (ats.last_stats(model).tokens == 65).all()
+    assert (before - after).abs().max() < 1e-5
 
 
 def test_topk_keeps_the_top_recorded_scores(model, images):

@@ -109,7 +109,7 @@ def test_token_figure_without_class_token_has_only_the_kept_row():
 
 def config_args(**overrides) -> argparse.Namespace:
     options = dict(multi_stage=[], single_stage=[], blocks=[], stage_block=3, stage_every=1, topk=False, score="cls",
-                   no_keep_cls=False, min_kept=0, fuse=False, packing="rows")
+                   no_keep_cls=False, min_kept=0, fuse=False, distinct=0.0, packing="rows")
     return argparse.Namespace(**{**options, **overrides})
 
 

@@ -71,6 +71,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                             "(e.g. 64; 0: off) or a fraction of the patch tokens entering the block (e.g. 0.85)")
     group.add_argument("--fuse", action="store_true",
                        help="fold each dropped patch token into its most similar kept one (sizes carried)")
+    group.add_argument("--distinct", type=float, default=0.0, metavar="COS",
+                       help="also keep each dropped patch token less similar than COS (cosine of keys, e.g. 0.95) "
+                            "to every kept one; use with --fuse (default 0: off)")
     group.add_argument("--packing", choices=("rows", "padded"), default="rows")
 
 
@@ -82,7 +85,8 @@ def count_or_fraction(text: str) -> Union[int, float]:
 def configs_from_arguments(args: argparse.Namespace, depth: int) -> List[ATSConfig]:
     """The ATSConfigs the flags ask for, for a model of ``depth`` blocks."""
     options = dict(sampler="topk" if args.topk else "inverse_transform", score=args.score,
-                   keep_cls=not args.no_keep_cls, min_kept=args.min_kept, fuse=args.fuse, packing=args.packing)
+                   keep_cls=not args.no_keep_cls, min_kept=args.min_kept, fuse=args.fuse, distinct=args.distinct,
+                   packing=args.packing)
     rhos, ks = args.multi_stage, args.single_stage
     if not (rhos or ks or args.blocks):
         rhos, ks = list(PAPER_RHOS), list(PAPER_KS)

@@ -2,7 +2,8 @@
 
 Methods: the unpatched model; ATS multi-stage over a range of rho (plain, with ``fuse``, and with the
 self-attention score and ``fuse`` on the SELF_ATTENTION_SCHEDULES); ATS with ``fuse``
-over a range of ``min_kept`` floors (rho = 1); top-K at the same rho; and the token-merging baseline
+over a range of ``min_kept`` floors (rho = 1); ATS with ``fuse`` over a range of ``distinct``
+thresholds (rho = 1); top-K at the same rho; and the token-merging baseline
 (ToMe) at a range of r. One pass over the data runs every config; the table and the
 top-1/GFLOPs frontier (a PNG) come from the same rows.
 """
@@ -21,20 +22,23 @@ from .evaluate import EvalRow, PatchConfig, add_data_arguments, evaluate, kept_s
 
 DEFAULT_RHOS = (1.0, 0.9, 0.8, 0.7)
 DEFAULT_MIN_KEPT = (0.9, 0.85, 0.8, 0.75)
-DEFAULT_MERGE_R = (4, 8, 12, 16, 18)
+DEFAULT_DISTINCT = (0.9, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
+DEFAULT_MERGE_R = (4, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19)
 #: (first block, every n-th block) of the self-attention + fuse variants: every block from 3 (the
 #: paper's blocks), and every other block from 3 and from 1 (docs/results.md).
 SELF_ATTENTION_SCHEDULES = ((3, 1), (3, 2), (1, 2))
 
 
 def comparison_configs(depth: int, rhos: Sequence[float], min_kept: Sequence[Union[int, float]],
-                       merge_r: Sequence[int]) -> List[Tuple[str, Optional[PatchConfig]]]:
+                       distinct: Sequence[float], merge_r: Sequence[int]) -> List[Tuple[str, Optional[PatchConfig]]]:
     """(variant, config) pairs: every method at every budget, the unpatched model first."""
     configs: List[Tuple[str, Optional[PatchConfig]]] = [("unpatched", None)]
     configs += [("ATS", ATSConfig.multi_stage(rho, depth=depth)) for rho in rhos]
     configs += [("ATS + fuse", ATSConfig.multi_stage(rho, depth=depth, fuse=True)) for rho in rhos]
     configs += [("ATS + fuse + min_kept", ATSConfig.multi_stage(1.0, depth=depth, fuse=True, min_kept=floor))
                 for floor in min_kept]
+    configs += [("ATS + fuse + distinct", ATSConfig.multi_stage(1.0, depth=depth, fuse=True, distinct=threshold))
+                for threshold in distinct]
     for first, every in SELF_ATTENTION_SCHEDULES:
         variant = "ATS + self-attention + fuse" + (f", every {every} from block {first}" if every > 1 else "")
         configs += [(variant, ATSConfig.multi_stage(rho, first=first, depth=depth, every=every,
@@ -68,6 +72,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--min-kept", type=count_or_fraction, action="append", metavar="N",
                         help="floors of the ATS + fuse + min_kept variant, counts or fractions; repeatable "
                              f"(default {DEFAULT_MIN_KEPT})")
+    parser.add_argument("--distinct", type=float, action="append", metavar="COS",
+                        help="thresholds of the ATS + fuse + distinct variant; repeatable "
+                             f"(default {DEFAULT_DISTINCT})")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats for throughput (median)")
     parser.add_argument("--plot", type=Path, default=Path("ats-compare.png"), help="where to write the frontier PNG")
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows")
@@ -79,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = load_model(args)
     pairs = comparison_configs(len(model.blocks), args.rho or DEFAULT_RHOS, args.min_kept or DEFAULT_MIN_KEPT,
-                               args.merge_r or DEFAULT_MERGE_R)
+                               args.distinct or DEFAULT_DISTINCT, args.merge_r or DEFAULT_MERGE_R)
     loader = make_loader(build_dataset(args.data, model, args.limit), args.batch_size, args.workers)
     rows = evaluate(model, loader, [config for _, config in pairs], repeats=args.repeats)
     records = [comparison_record(variant, row) for (variant, _), row in zip(pairs, rows)]

@@ -87,6 +87,9 @@ class ATSConfig:
             tokens entering the block (a gradual schedule, e.g. 0.85).
         fuse: fold each dropped patch token into its most similar kept patch token (size-weighted);
             sizes travel with the tokens and later attention adds log(size) to each key's logit.
+        distinct: a cosine similarity in (0, 1] (0: off); a dropped patch token whose keys (averaged
+            over heads) are less similar than this to every kept patch token is kept as well, so an
+            image with more distinct content keeps more tokens (with ``fuse``, e.g. 0.95).
         stochastic: in train mode draw K sorted uniform points instead of the deterministic grid.
         packing: "rows" runs linear layers and norms on valid tokens only; "padded" runs every
             later block on all padded positions with masked keys (the official code's way; slower).
@@ -100,6 +103,7 @@ class ATSConfig:
     min_kept: Union[int, float] = 0
     stochastic: bool = False
     fuse: bool = False
+    distinct: float = 0.0
     packing: str = "rows"
     budgets: Mapping[int, TokenBudget] = field(init=False, repr=False, compare=False)
 
@@ -122,6 +126,10 @@ class ATSConfig:
         if not (count or fraction):
             raise ValueError(f"min_kept must be an int >= 0 (a token count; 0 turns it off) or a float in (0, 1] "
                              f"(a fraction of the patch tokens entering the block), got {self.min_kept!r}")
+        if isinstance(self.distinct, bool) or not isinstance(self.distinct, (int, float)) or not (
+                0.0 <= self.distinct <= 1.0):
+            raise ValueError(f"distinct must be a cosine similarity in (0, 1] (0 turns it off), got "
+                             f"{self.distinct!r}; try 0.95 with fuse=True")
         budgets = {index: _as_budget(value) for index, value in sorted(self.blocks.items())}
         object.__setattr__(self, "budgets", budgets)
 
@@ -175,6 +183,8 @@ class ATSConfig:
             extras.append("cls not enforced")
         if self.fuse:
             extras.append("fuse")
+        if self.distinct:
+            extras.append(f"distinct={self.distinct:g}")
         if self.min_kept:
             extras.append(f"min_kept={self.min_kept}")
         if self.packing != "rows":
@@ -183,7 +193,8 @@ class ATSConfig:
 
     def block_costs(self, shape: ViTShape) -> dict[int, BlockCost]:
         """FLOPs (n_in, n_out) -> count of each ATS block, for flops.vit_flops."""
-        return {index: partial(block_flops, shape, score=self.score, fuse=self.fuse) for index in self.budgets}
+        return {index: partial(block_flops, shape, score=self.score, fuse=self.fuse,
+                                 distinct=bool(self.distinct)) for index in self.budgets}
 
 
 @dataclass(frozen=True)

@@ -87,16 +87,19 @@ def _attention_flops(shape: ViTShape, n_keys: Count, n_queries: Count) -> Count:
 
 
 def block_flops(shape: ViTShape, n_in: Count, n_out: Count, score: Optional[str] = None,
-                fuse: bool = False) -> Count:
+                fuse: bool = False, distinct: bool = False) -> Count:
     """FLOPs of one block taking n_in tokens and emitting n_out (ints or [B] tensors).
 
     score: None for a standard block, else the ATS score variant ("cls" or "self_attention");
-    fuse: the dropped tokens are folded into their most similar kept ones.
+    fuse: the dropped tokens are folded into their most similar kept ones;
+    distinct: every pair of tokens is compared (dropped tokens unlike any kept one are kept too).
     """
     flops = _attention_flops(shape, n_in, n_out) + 2 * n_out * shape.embed_dim * shape.mlp_hidden
     if score is not None:
         flops = flops + score_flops(shape, n_in, score)
-    if fuse:
+    if distinct:
+        flops = flops + n_in * n_in * shape.head_dim
+    elif fuse:
         flops = flops + (n_in - n_out) * n_out * shape.head_dim
     return flops
 

@@ -1,6 +1,7 @@
 """Keeping what is dropped: folding tokens into others, on plain tensors.
 
-Two ways to choose where a token goes, both returning ``target`` [B, n] (each position's
+``keep_distinct`` (ATS's distinct option) adds to a kept set the dropped tokens no kept token
+resembles. Two ways to choose where a token goes, both returning ``target`` [B, n] (each position's
 destination; a position that stays is its own target):
 - ``nearest_kept``: ATS's fuse option, each dropped token joins its most similar kept token;
 - ``bipartite_soft_matching``: the token-merging baseline (ToMe, Bolya et al. 2023), written from
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 from .sampling import topk_sample
 
 
-def _cosine(metric: torch.Tensor) -> torch.Tensor:
+def cosine_similarity(metric: torch.Tensor) -> torch.Tensor:
+    """metric [B, n, d] -> the cosine similarity of every pair of tokens [B, n, n]."""
     metric = F.normalize(metric.float(), dim=-1)
     return metric @ metric.transpose(1, 2)
 
@@ -26,15 +28,37 @@ def _self_target(keep: torch.Tensor) -> torch.Tensor:
     return torch.arange(keep.shape[1], device=keep.device).expand_as(keep).clone()
 
 
-def nearest_kept(metric: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor) -> torch.Tensor:
+def nearest_kept(similarity: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor) -> torch.Tensor:
     """Send each movable, unkept position to its most similar kept movable position -> target [B, n].
 
-    metric: [B, n, d]; keep, movable: [B, n] bool. Images with no kept movable token move nothing.
+    similarity: [B, n, n] (``cosine_similarity``); keep, movable: [B, n] bool. Images with no kept
+    movable token move nothing.
     """
-    similarity = _cosine(metric).masked_fill(~(keep & movable)[:, None, :], float("-inf"))
+    similarity = similarity.masked_fill(~(keep & movable)[:, None, :], float("-inf"))
     nearest = similarity.argmax(dim=-1)
     moves = movable & ~keep & (keep & movable).any(dim=1, keepdim=True)
     return torch.where(moves, nearest, _self_target(keep))
+
+
+def keep_distinct(similarity: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor, scores: torch.Tensor,
+                  threshold: float) -> torch.Tensor:
+    """Also keep the dropped movable tokens that no kept token resembles -> keep [B, n] bool.
+
+    A dropped token is *distinct* when its cosine similarity to every kept movable token is below
+    ``threshold``. A distinct token stays unless a higher-scoring distinct token (ties: the earlier
+    position) is at least ``threshold`` similar to it: one parallel round, so of a group of alike
+    distinct tokens the best stays and the others can fold into it.
+    similarity: [B, n, n] (``cosine_similarity``); keep, movable: [B, n] bool; scores: [B, n].
+    """
+    kept = keep & movable
+    closest_kept = similarity.masked_fill(~kept[:, None, :], float("-inf")).amax(dim=-1)
+    distinct = movable & ~keep & (closest_kept < threshold)
+    order = torch.arange(keep.shape[1], device=keep.device)
+    # outranks[b, i, j]: token j ranks above token i
+    outranks = (scores[:, None, :] > scores[:, :, None]) | (
+        (scores[:, None, :] == scores[:, :, None]) & (order[None, :] < order[:, None])[None])
+    suppressed = (distinct[:, None, :] & outranks & (similarity >= threshold)).any(dim=-1)
+    return keep | (distinct & ~suppressed)
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, movable: torch.Tensor) -> torch.Tensor:
@@ -47,7 +71,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, movable: torch.Tensor)
     rank = movable.long().cumsum(dim=1) - 1
     side_a = movable & (rank % 2 == 0)
     side_b = movable & (rank % 2 == 1)
-    similarity = _cosine(metric).masked_fill(~side_b[:, None, :], float("-inf"))
+    similarity = cosine_similarity(metric).masked_fill(~side_b[:, None, :], float("-inf"))
     best, match = similarity.max(dim=-1)
     has_match = side_a & side_b.any(dim=1, keepdim=True)
     strength = torch.where(has_match, best + 2.0, torch.zeros_like(best))

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import ATSConfig, MergeConfig, TokenBudget
 from ..flops import ViTShape, block_flops
-from ..merging import bipartite_soft_matching, fold, nearest_kept
+from ..merging import bipartite_soft_matching, cosine_similarity, fold, keep_distinct, nearest_kept
 from ..packing import TokenBatch
 from ..profiling import region
 from ..sampling import (
@@ -121,6 +121,8 @@ def _most_tokens_out(config: PatchConfig, index: int, n: int, prefix: int) -> in
     if isinstance(config, MergeConfig):
         patches = n - prefix
         return n - min(config.r, (patches + 1) // 2) if patches >= 2 else n
+    if config.distinct:
+        return n
     samples = max(config.budgets[index].max_samples(n, config.min_tokens), config.kept_floor(n - prefix))
     return min(n, prefix + samples)
 
@@ -345,9 +347,13 @@ def _ats_block(block: Block, batch: TokenBatch, budget: TokenBudget, config: ATS
     mask = batch.attention_mask
     with region("ats.score_and_sample"):
         choice = _choose_tokens(batch, qkv, q, k, attn.scale, budget, config, prefix, has_cls, block.training)
-    if config.fuse:
+    if config.fuse or config.distinct:
         with region("ats.fuse"):
-            batch = _fold(batch, nearest_kept(k.mean(dim=1), choice.keep, choice.patches))
+            similarity = cosine_similarity(k.mean(dim=1))
+            if config.distinct:
+                choice.keep = keep_distinct(similarity, choice.keep, choice.patches, choice.scores, config.distinct)
+            if config.fuse:
+                batch = _fold(batch, nearest_kept(similarity, choice.keep, choice.patches))
     prefix_tokens = batch.position_mask & ~choice.patches
     kept, rows_from = batch.select(choice.keep | prefix_tokens)
     if choice.cls_live is not None:
