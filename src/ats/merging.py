@@ -45,19 +45,16 @@ def keep_distinct(similarity: torch.Tensor, keep: torch.Tensor, movable: torch.T
     """Also keep the dropped movable tokens that no kept token resembles -> keep [B, n] bool.
 
     A dropped token is *distinct* when its cosine similarity to every kept movable token is below
-    ``threshold``. A distinct token stays unless a higher-scoring distinct token (ties: the earlier
+    ``threshold``. A distinct token stays unless a higher-scoring distinct token (ties: the later
     position) is at least ``threshold`` similar to it: one parallel round, so of a group of alike
     distinct tokens the best stays and the others can fold into it.
     similarity: [B, n, n] (``cosine_similarity``); keep, movable: [B, n] bool; scores: [B, n].
     """
-    kept = keep & movable
-    closest_kept = similarity.masked_fill(~kept[:, None, :], float("-inf")).amax(dim=-1)
-    distinct = movable & ~keep & (closest_kept < threshold)
-    order = torch.arange(keep.shape[1], device=keep.device)
-    # outranks[b, i, j]: token j ranks above token i
-    outranks = (scores[:, None, :] > scores[:, :, None]) | (
-        (scores[:, None, :] == scores[:, :, None]) & (order[None, :] < order[:, None])[None])
-    suppressed = (distinct[:, None, :] & outranks & (similarity >= threshold)).any(dim=-1)
+    alike = similarity >= threshold
+    distinct = movable & ~keep & ~(alike & (keep & movable)[:, None, :]).any(dim=-1)
+    rank = scores.argsort(dim=1, stable=True).argsort(dim=1)
+    outranks = rank[:, None, :] > rank[:, :, None]  # [b, i, j]: token j ranks above token i
+    suppressed = (alike & outranks & distinct[:, None, :]).any(dim=-1)
     return keep | (distinct & ~suppressed)
 
 
