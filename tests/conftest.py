@@ -1,8 +1,12 @@
-"""Small random-init ViTs that make ATS keep different numbers of tokens per image."""
+"""Small random-init ViTs that make ATS keep different numbers of tokens per image, and small data."""
+import gzip
+import struct
+
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from ats.datasets import bundled_test_set
 from ats.reference import create_reference_model
 
 
@@ -44,3 +48,21 @@ def model() -> VisionTransformer:
 @pytest.fixture
 def images() -> torch.Tensor:
     return contrasted_images()
+
+
+def write_idx(path, tensor: torch.Tensor) -> None:
+    """Write uint8 ``tensor`` as a gzipped IDX file (the MNIST format)."""
+    header = bytes([0, 0, 0x08, tensor.ndim]) + struct.pack(">" + "I" * tensor.ndim, *tensor.shape)
+    with gzip.open(path, "wb") as file:
+        file.write(header + tensor.contiguous().numpy().tobytes())
+
+
+@pytest.fixture
+def fashion_train(tmp_path):
+    """A folder laid out like Fashion-MNIST's training files, holding 64 of the bundled test images."""
+    folder = tmp_path / "fashion-train"
+    folder.mkdir()
+    test_set = bundled_test_set()
+    write_idx(folder / "train-images-idx3-ubyte.gz", test_set.images[:64])
+    write_idx(folder / "train-labels-idx1-ubyte.gz", test_set.labels[:64].to(torch.uint8))
+    return folder

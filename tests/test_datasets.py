@@ -4,7 +4,7 @@ import timm
 import torch
 from PIL import Image
 
-from ats.datasets import build_dataset, bundled_test_set, read_idx
+from ats.datasets import build_dataset, bundled_test_set, fashion_mnist_train, read_idx, training_set
 from ats.reference import REFERENCE_KWARGS, create_reference_model, load_reference_model
 
 
@@ -73,3 +73,11 @@ def test_reference_geometry_and_checkpoint_round_trip(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_reference"):
         load_reference_model(tmp_path / "missing.pt")
     assert REFERENCE_KWARGS["img_size"] == 28
+
+
+def test_training_set_reads_a_fashion_mnist_folder_or_names_the_package(fashion_train, tmp_path):
+    dataset = training_set(fashion_train, create_reference_model())
+    assert len(dataset) == 64 and dataset[0][0].shape == (1, 28, 28)
+    assert torch.equal(dataset.labels, bundled_test_set().labels[:64])
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        fashion_mnist_train(tmp_path)

@@ -3,7 +3,8 @@ import timm
 import torch
 
 import ats
-from ats.flops import ViTShape, block_flops, merge_block_flops
+from ats.flops import block_flops, merge_block_flops
+from ats.patch.timm import TIMM
 
 
 @pytest.mark.parametrize("name, expected, tolerance", [
@@ -43,15 +44,15 @@ def test_a_fractional_floor_raises_the_bound_to_the_floor():
 def test_input_size_changes_the_patch_count():
     with torch.device("meta"):
         model = timm.create_model("deit_tiny_patch16_224")
-    shape = ViTShape.from_model(model, (3, 384, 384))
+    shape = TIMM.shape(model, (3, 384, 384))
     assert shape.num_patches == 576
     with pytest.raises(ValueError, match="multiple of the patch size"):
-        ViTShape.from_model(model, (3, 100, 100))
+        TIMM.shape(model, (3, 100, 100))
 
 
 def test_block_formula_parts():
     with torch.device("meta"):
-        shape = ViTShape.from_model(timm.create_model("deit_tiny_patch16_224"))
+        shape = TIMM.shape(timm.create_model("deit_tiny_patch16_224"))
     n_in, n_out = 197, 100
     base = block_flops(shape, n_in, n_out)
     assert block_flops(shape, n_in, n_out, score="cls") - base == n_in * 192

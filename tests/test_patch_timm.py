@@ -8,7 +8,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import ats
 from ats import packing
-from ats.patch.timm import logits_from_block, run_first_blocks
+from ats.patch.timm import TIMM
 
 CONFIGS = {
     "multi_stage": ats.ATSConfig.multi_stage(0.87, first=1, depth=6),
@@ -87,14 +87,14 @@ def test_logits_from_a_shared_prefix_equal_the_whole_forward(config, model, imag
     with torch.no_grad():
         whole = model(images)
         for start in range(first + 1):
-            resumed = logits_from_block(model, run_first_blocks(model, images, start), start)
+            resumed = TIMM.logits_from_block(model, TIMM.run_first_blocks(model, images, start), start)
             assert torch.equal(resumed, whole), f"resuming at block {start}"
 
 
 def test_forward_tokens_refuses_to_start_after_the_first_patched_block(model, images):
     ats.patch(model, ats.ATSConfig.single_stage(k=20, block=2))
     with torch.no_grad(), pytest.raises(ValueError, match="up to the first patched block"):
-        model.forward_tokens(run_first_blocks(model, images, 3), 3)
+        model.forward_tokens(TIMM.run_first_blocks(model, images, 3), 3)
 
 
 def test_repatching_replaces_the_config(model, images):

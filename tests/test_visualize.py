@@ -10,12 +10,12 @@ from timm.models.vision_transformer import VisionTransformer
 
 import ats
 from ats.cli import main
+from ats.patch.timm import TIMM
 from ats.visualize import (
     ImageTokens,
     attention_maps,
     display_images,
     kept_masks,
-    model_data_config,
     token_figure,
     visualize_configs,
 )
@@ -84,7 +84,7 @@ def test_token_figure_has_a_panel_per_block_titled_with_its_count():
     stats = forward(model, ats.ATSConfig.multi_stage(0.6, first=1, depth=4), batch=1)
     masks, maps = kept_masks(stats), attention_maps(stats)
     present = {1: torch.ones(ROWS, COLS, dtype=torch.bool), 2: masks[1][0], 3: masks[2][0]}
-    pixels = display_images(torch.zeros(1, 1, 16, 24), model_data_config(model))[0]
+    pixels = display_images(torch.zeros(1, 1, 16, 24), TIMM.data_config(model))[0]
     assert pixels.shape == (16, 24, 3)
     tokens = ImageTokens("x", "cfg", pixels, {b: m[0] for b, m in masks.items()}, {b: a[0] for b, a in maps.items()},
                          present, gflops=0.5, label="shirt", prediction="bag")
@@ -119,8 +119,8 @@ def test_default_config_is_multi_stage_rho_one_and_given_ones_are_kept():
     assert [config.describe() for config in configs] == ["rho=0.8 @ blocks 3..11", "K=50 @ block 3"]
 
 
-def test_model_data_config_fits_a_one_channel_model():
-    config = model_data_config(tiny_vit())
+def test_data_config_fits_a_one_channel_model():
+    config = TIMM.data_config(tiny_vit())
     assert config["input_size"] == (1, 16, 24)
     assert len(config["mean"]) == len(config["std"]) == 1
 

@@ -5,14 +5,16 @@
     ats.patch(model, ats.ATSConfig.multi_stage(rho=1.0))
     logits = model(images)
     ats.last_stats(model).gflops
+
+The same calls work on Hugging Face ViT, DeiT and DINOv2 models (``ats.patch.FAMILIES``).
 """
 from typing import Optional, Sequence, Union
 
 from torch import nn
 
 from .config import ATSConfig, MergeConfig, TokenBudget
-from .flops import ViTShape
-from .patch.timm import last_stats_timm, patch_timm, unpatch_timm, upper_bound_flops
+from .patch import family_of
+from .patch.family import last_stats, unpatch, upper_bound_flops
 from .stats import ATSStats
 
 __version__ = "0.1.0"
@@ -26,21 +28,11 @@ def patch(model: nn.Module, config: Union[ATSConfig, MergeConfig]) -> nn.Module:
     if not isinstance(config, (ATSConfig, MergeConfig)):
         raise TypeError(f"config must be an ats.ATSConfig (or ats.MergeConfig), got {type(config).__name__}; "
                         "e.g. ats.ATSConfig.multi_stage(rho=1.0)")
-    return patch_timm(model, config)
-
-
-def unpatch(model: nn.Module) -> nn.Module:
-    """Remove ATS from ``model`` in place: its forward is the original one again."""
-    return unpatch_timm(model)
+    return family_of(model).patch(model, config)
 
 
 def is_patched(model: nn.Module) -> bool:
     return hasattr(model, "_ats")
-
-
-def last_stats(model: nn.Module) -> ATSStats:
-    """Statistics of the last forward of a patched model (tokens per block, GFLOPs per image, ...)."""
-    return last_stats_timm(model)
 
 
 def gflops(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> float:
@@ -48,6 +40,6 @@ def gflops(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> floa
 
     input_size: (C, H, W); defaults to the model's own.
     """
-    shape = ViTShape.from_model(model, input_size)
+    shape = family_of(model).shape(model, input_size)
     config = model._ats.config if is_patched(model) else None
     return upper_bound_flops(shape, config) / 1e9

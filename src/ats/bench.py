@@ -22,6 +22,7 @@ from .cli_options import REFERENCE, add_config_arguments, add_model_arguments, c
 from .config import ATSConfig
 from .datasets import bundled_test_set
 from .evaluate import set_config, text_table
+from .patch import family_of
 from .timing import time_forward
 
 
@@ -47,10 +48,8 @@ def bench_images(model: nn.Module, batch_size: int, reference: bool) -> torch.Te
     if reference:
         test_set = bundled_test_set()
         return torch.stack([test_set[index][0] for index in range(batch_size)]).to(device)
-    channels = model.patch_embed.proj.in_channels
-    height, width = model.patch_embed.img_size
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(batch_size, channels, height, width, generator=generator).to(device)
+    return torch.randn(batch_size, *family_of(model).input_size(model), generator=generator).to(device)
 
 
 @torch.inference_mode()
@@ -62,8 +61,9 @@ def bench(model: nn.Module, configs: Sequence[ATSConfig], batch_sizes: Sequence[
     model.eval()
     threads = torch.get_num_threads()
     base_gflops = ats.gflops(model)
-    depth = len(model.blocks)
-    full = float(model.patch_embed.num_patches + model.num_prefix_tokens)
+    family = family_of(model)
+    depth = family.depth(model)
+    full = float(family.shape(model).num_tokens)
     rows = []
     try:
         for batch_size in batch_sizes:
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     model = load_model(args)
-    configs = configs_from_arguments(args, depth=len(model.blocks))
+    configs = configs_from_arguments(args, depth=family_of(model).depth(model))
     if args.compare_padded:
         configs += [dataclasses.replace(config, packing="padded") for config in configs]
     rows = bench(model, configs, args.batch_size or [1, 64], args.repeats, args.warmup,

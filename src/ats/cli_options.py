@@ -12,15 +12,19 @@ from torch import nn
 from .config import PAPER_KS, PAPER_RHOS, ATSConfig, TokenBudget
 
 REFERENCE = "reference"
+#: ``--model hf:DIR`` names a transformers model saved with save_pretrained (or, with --pretrained, a hub name).
+HF_PREFIX = "hf:"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=REFERENCE,
-                       help="a timm model name (e.g. deit_small_patch16_224), or 'reference' for the "
-                            "bundled Fashion-MNIST ViT (default)")
+                       help="a timm model name (e.g. deit_small_patch16_224); hf:DIR, a Hugging Face ViT, DeiT or "
+                            "DINOv2 saved with save_pretrained; or 'reference' for the bundled Fashion-MNIST ViT "
+                            "(default)")
     group.add_argument("--pretrained", action="store_true",
-                       help="load timm's pretrained weights (downloads them on first use)")
+                       help="load timm's pretrained weights, or with hf:NAME the model NAME from the Hugging Face "
+                            "hub (downloads them on first use)")
     group.add_argument("--checkpoint", type=Path, help="load weights from this checkpoint file")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="torch device (default: cuda if available, else cpu)")
@@ -33,7 +37,11 @@ def load_model(args: argparse.Namespace) -> nn.Module:
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint file {args.checkpoint} does not exist; pass the path of a "
                                 "saved state dict or training checkpoint")
-    if args.model == REFERENCE:
+    if args.model.startswith(HF_PREFIX):
+        model = load_hf_model(args.model[len(HF_PREFIX):], download=args.pretrained)
+        if args.checkpoint is not None:
+            model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
+    elif args.model == REFERENCE:
         if args.pretrained:
             raise ValueError("--pretrained needs a timm model name (--model deit_small_patch16_224); the "
                              "reference model always loads its bundled weights")
@@ -45,6 +53,38 @@ def load_model(args: argparse.Namespace) -> nn.Module:
         model = timm.create_model(args.model, pretrained=args.pretrained,
                                   checkpoint_path=str(args.checkpoint) if args.checkpoint else "")
     return model.to(args.device).eval()
+
+
+def load_hf_model(name: str, download: bool = False) -> nn.Module:
+    """A transformers model from a save_pretrained directory ``name``, or with ``download`` from the hub.
+
+    The class is the one the config names when ATS supports it (so DeiT keeps its distillation head),
+    else transformers' AutoModelForImageClassification.
+    """
+    try:
+        import transformers
+        from transformers.image_processing_utils import ImageProcessingMixin
+    except ImportError:
+        raise ValueError("--model hf:... needs Hugging Face transformers: pip install 'ats-vit[hf]'") from None
+    from .patch.hf import LAYOUTS
+
+    local = Path(name).is_dir()
+    if local and not (Path(name) / "config.json").is_file():
+        raise FileNotFoundError(f"{name} holds no config.json; pass a folder written by model.save_pretrained(...)")
+    if not local and not download:
+        raise FileNotFoundError(f"hf:{name}: no such directory; pass a folder written by save_pretrained, or add "
+                                f"--pretrained to download {name} from the Hugging Face hub")
+    config = transformers.AutoConfig.from_pretrained(name, local_files_only=local)
+    architecture = (config.architectures or [""])[0]
+    model_class = getattr(transformers, architecture) if architecture in LAYOUTS else \
+        transformers.AutoModelForImageClassification
+    model = model_class.from_pretrained(name, local_files_only=local)
+    if not local:
+        try:  # fetch the preprocessing config into the cache, where data_config finds it
+            ImageProcessingMixin.get_image_processor_dict(name)
+        except OSError:
+            pass
+    return model
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

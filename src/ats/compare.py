@@ -19,6 +19,7 @@ from .cli_options import add_model_arguments, count_or_fraction, load_model
 from .config import ATSConfig, MergeConfig
 from .datasets import build_dataset
 from .evaluate import EvalRow, PatchConfig, add_data_arguments, evaluate, kept_summary, make_loader, text_table
+from .patch import family_of
 
 DEFAULT_RHOS = (1.0, 0.9, 0.8, 0.7)
 DEFAULT_MIN_KEPT = (0.9, 0.85, 0.8, 0.75)
@@ -85,8 +86,9 @@ def run(args: argparse.Namespace) -> int:
     from .plots import plot_frontier
 
     model = load_model(args)
-    pairs = comparison_configs(len(model.blocks), args.rho or DEFAULT_RHOS, args.min_kept or DEFAULT_MIN_KEPT,
-                               args.distinct or DEFAULT_DISTINCT, args.merge_r or DEFAULT_MERGE_R)
+    pairs = comparison_configs(family_of(model).depth(model), args.rho or DEFAULT_RHOS,
+                               args.min_kept or DEFAULT_MIN_KEPT, args.distinct or DEFAULT_DISTINCT,
+                               args.merge_r or DEFAULT_MERGE_R)
     loader = make_loader(build_dataset(args.data, model, args.limit), args.batch_size, args.workers)
     rows = evaluate(model, loader, [config for _, config in pairs], repeats=args.repeats)
     records = [comparison_record(variant, row) for (variant, _), row in zip(pairs, rows)]

@@ -76,9 +76,12 @@ def fashion_mnist_train(root: Optional[Path] = None, augment: bool = False) -> T
 
 def image_folder(root: Path, model: torch.nn.Module, is_training: bool = False) -> Dataset:
     """An ImageFolder tree ``root/<class>/<image>`` (the ImageNet val layout), transformed with the
-    model's own timm data config (resize, crop, interpolation, mean, std)."""
+    model's own data config (resize, crop, interpolation, mean, std; a transformers model's from its image
+    processor config) by timm's transforms."""
     import timm.data
     from torchvision.datasets import ImageFolder
+
+    from .patch import family_of
 
     root = Path(root)
     if not root.is_dir():
@@ -86,7 +89,7 @@ def image_folder(root: Path, model: torch.nn.Module, is_training: bool = False) 
                                 "root/<class>/<image>.jpg (the ImageNet val layout)")
     if not any(child.is_dir() for child in root.iterdir()):
         raise ValueError(f"{root} has no class sub-folders; lay it out as root/<class>/<image>.jpg")
-    config = timm.data.resolve_data_config({}, model=model)
+    config = family_of(model).data_config(model)
     transform = timm.data.create_transform(**config, is_training=is_training)
     grayscale = config["input_size"][0] == 1
     try:
@@ -108,6 +111,14 @@ def _grayscale_loader(path: str):
 
     with Image.open(path) as image:
         return image.convert("L")
+
+
+def training_set(data: Optional[Path], model: torch.nn.Module) -> Dataset:
+    """What ``ats train`` trains on, with augmentation: Fashion-MNIST's training images (Debian's by
+    default, or a folder holding ``train-images-idx3-ubyte.gz`` and its labels), or an ImageFolder."""
+    if data is not None and (Path(data) / "train-images-idx3-ubyte.gz").is_file():
+        return fashion_mnist_train(Path(data), augment=True)
+    return fashion_mnist_train(augment=True) if data is None else image_folder(Path(data), model, is_training=True)
 
 
 def build_dataset(data: Optional[str], model: torch.nn.Module, limit: Optional[int] = None) -> Dataset:

@@ -18,7 +18,7 @@ import ats
 from .cli_options import add_config_arguments, add_model_arguments, configs_from_arguments, load_model
 from .config import ATSConfig, MergeConfig
 from .datasets import build_dataset
-from .patch.timm import logits_from_block, run_first_blocks
+from .patch import family_of
 from .timing import measure_throughput
 
 PatchConfig = Union[ATSConfig, MergeConfig]
@@ -78,7 +78,9 @@ def evaluate(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[Pa
     """
     model.eval()
     device = next(model.parameters()).device
-    depth = len(model.blocks)
+    family = family_of(model)
+    depth = family.depth(model)
+    num_tokens = family.shape(model).num_tokens
     shared = min((config.first_block for config in configs if config is not None), default=0)
     correct = [0] * len(configs)
     tokens_in: List[List[torch.Tensor]] = [[] for _ in configs]
@@ -91,13 +93,13 @@ def evaluate(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[Pa
             images, labels = images.to(device), labels.to(device)
             timing_batch = images[:TIMING_BATCH_SIZE] if timing_batch is None else timing_batch
             seen += len(labels)
-            tokens = run_first_blocks(model, images, shared)
+            tokens = family.run_first_blocks(model, images, shared)
             for index, config in enumerate(configs):
                 set_config(model, config)
-                logits = logits_from_block(model, tokens, shared)
+                logits = family.logits_from_block(model, tokens, shared)
                 correct[index] += int((logits.argmax(-1) == labels).sum())
-                tokens_in[index].append(_tokens(model, config, len(labels), depth, "tokens"))
-                tokens_out[index].append(_tokens(model, config, len(labels), depth, "tokens_out"))
+                tokens_in[index].append(_tokens(model, config, len(labels), depth, num_tokens, "tokens"))
+                tokens_out[index].append(_tokens(model, config, len(labels), depth, num_tokens, "tokens_out"))
                 if config is not None:
                     flops[index].append(ats.last_stats(model).gflops.cpu())
         if seen == 0:
@@ -138,9 +140,10 @@ def _config_blocks(config: PatchConfig, depth: int) -> List[int]:
     return list(config.blocks(depth)) if isinstance(config, MergeConfig) else list(config.budgets)
 
 
-def _tokens(model: nn.Module, config: Optional[PatchConfig], batch: int, depth: int, which: str) -> torch.Tensor:
+def _tokens(model: nn.Module, config: Optional[PatchConfig], batch: int, depth: int, num_tokens: int,
+            which: str) -> torch.Tensor:
     if config is None:
-        return torch.full((batch, depth), model.patch_embed.num_patches + model.num_prefix_tokens, dtype=torch.long)
+        return torch.full((batch, depth), num_tokens, dtype=torch.long)
     return getattr(ats.last_stats(model), which).cpu()
 
 
@@ -194,7 +197,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model = load_model(args)
-    configs = [None, *configs_from_arguments(args, depth=len(model.blocks))]
+    configs = [None, *configs_from_arguments(args, depth=family_of(model).depth(model))]
     loader = make_loader(build_dataset(args.data, model, args.limit), args.batch_size, args.workers)
     rows = evaluate(model, loader, configs, repeats=args.repeats)
     if args.json:

@@ -2,8 +2,9 @@
 
 A block on n_in tokens that keeps n_out of them (n_out = n_in for a standard block):
 qkv ``3 n_in C A``, scores (ATS only), attention ``2 n_out n_in A``, proj ``n_out A C``,
-MLP ``2 n_out C H`` (C width, A attention width, H MLP hidden width). With A = C and H = rC a
-standard block is ``(4 + 2r) n C^2 + 2 n^2 C``. Fusing dropped tokens into kept ones adds their
+MLP ``n_out M`` (C width, A attention width, M the MLP's multiply-adds per token: ``2 C H`` for a
+two-layer MLP of hidden width H, ``3 C H`` for a gated one). With A = C and H = rC a standard block
+is ``(4 + 2r) n C^2 + 2 n^2 C``. Fusing dropped tokens into kept ones adds their
 similarities ``(n_in - n_out) n_out d`` (d head width); a token-merging block attends with all
 n_in queries, matches ``(n_in / 2)^2 d`` pairs and runs its MLP on n_out tokens.
 Norms, softmax and activations are not counted.
@@ -11,7 +12,7 @@ Norms, softmax and activations are not counted.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -22,55 +23,49 @@ BlockCost = Callable[[Count, Count], Count]
 
 @dataclass(frozen=True)
 class ViTShape:
-    """The sizes of a ViT that its FLOPs depend on."""
+    """The sizes of a ViT that its FLOPs depend on (each family adapter reads them off its models)."""
 
     embed_dim: int
     attn_dim: int
     head_dim: int
-    mlp_hidden: int
+    mlp_flops: int
     depth: int
     num_patches: int
     num_prefix_tokens: int
     patch_embed_flops: int
     head_flops: int
+    grid_size: Tuple[int, int] = (0, 0)
 
     @property
     def num_tokens(self) -> int:
         return self.num_patches + self.num_prefix_tokens
 
-    @classmethod
-    def from_model(cls, model: nn.Module, input_size: Optional[Sequence[int]] = None) -> "ViTShape":
-        """Read the sizes off a timm VisionTransformer; input_size (C, H, W) defaults to the model's."""
-        patch_embed = model.patch_embed
-        proj = patch_embed.proj
-        if not isinstance(proj, nn.Conv2d):
-            raise TypeError(f"cannot count FLOPs of a {type(proj).__name__} patch embedding (expected Conv2d)")
-        grid = patch_embed.grid_size
-        if input_size is not None:
-            if len(input_size) != 3:
-                raise ValueError(f"input_size must be (channels, height, width), got {tuple(input_size)}")
-            height, width = input_size[1:]
-            patch_h, patch_w = patch_embed.patch_size
-            if height % patch_h or width % patch_w:
-                raise ValueError(f"input size {height}x{width} is not a multiple of the patch size "
-                                 f"{patch_h}x{patch_w}; resize the images to a multiple")
-            grid = (height // patch_h, width // patch_w)
-        num_patches = grid[0] * grid[1]
-        block = model.blocks[0]
-        heads = [m for m in (getattr(model, "head", None), getattr(model, "head_dist", None))
-                 if isinstance(m, nn.Linear)]
-        return cls(
-            embed_dim=model.embed_dim,
-            attn_dim=block.attn.qkv.out_features // 3,
-            head_dim=block.attn.head_dim,
-            mlp_hidden=block.mlp.fc1.out_features,
-            depth=len(model.blocks),
-            num_patches=num_patches,
-            num_prefix_tokens=model.num_prefix_tokens,
-            patch_embed_flops=num_patches * proj.out_channels * proj.in_channels * proj.kernel_size[0]
-            * proj.kernel_size[1],
-            head_flops=sum(head.in_features * head.out_features for head in heads),
-        )
+
+def linear_flops(module: nn.Module) -> int:
+    """Multiply-adds per token of every nn.Linear inside ``module`` (an MLP, a head)."""
+    return sum(layer.in_features * layer.out_features for layer in module.modules() if isinstance(layer, nn.Linear))
+
+
+def patch_grid(image_size: Sequence[int], patch_size: Sequence[int],
+               input_size: Optional[Sequence[int]] = None) -> Tuple[int, int]:
+    """The patch grid (rows, columns) of ``input_size`` (C, H, W), default the model's ``image_size`` (H, W)."""
+    height, width = image_size
+    if input_size is not None:
+        if len(input_size) != 3:
+            raise ValueError(f"input_size must be (channels, height, width), got {tuple(input_size)}")
+        height, width = input_size[1:]
+    patch_h, patch_w = patch_size
+    if height % patch_h or width % patch_w:
+        raise ValueError(f"input size {height}x{width} is not a multiple of the patch size "
+                         f"{patch_h}x{patch_w}; resize the images to a multiple")
+    return height // patch_h, width // patch_w
+
+
+def conv_patch_flops(proj: nn.Module, grid: Tuple[int, int]) -> int:
+    """FLOPs of a convolutional patch embedding on a patch grid (rows, columns)."""
+    if not isinstance(proj, nn.Conv2d):
+        raise TypeError(f"cannot count FLOPs of a {type(proj).__name__} patch embedding (expected Conv2d)")
+    return grid[0] * grid[1] * proj.out_channels * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
 
 
 def score_flops(shape: ViTShape, n_in: Count, score: str) -> Count:
@@ -94,7 +89,7 @@ def block_flops(shape: ViTShape, n_in: Count, n_out: Count, score: Optional[str]
     fuse: the dropped tokens are folded into their most similar kept ones;
     distinct: every pair of tokens is compared (dropped tokens unlike any kept one are kept too).
     """
-    flops = _attention_flops(shape, n_in, n_out) + 2 * n_out * shape.embed_dim * shape.mlp_hidden
+    flops = _attention_flops(shape, n_in, n_out) + n_out * shape.mlp_flops
     if score is not None:
         flops = flops + score_flops(shape, n_in, score)
     if distinct:
@@ -108,7 +103,7 @@ def merge_block_flops(shape: ViTShape, n_in: Count, n_out: Count) -> Count:
     """FLOPs of a token-merging block: full attention, bipartite matching, MLP on the merged tokens."""
     side = n_in / 2
     return (_attention_flops(shape, n_in, n_in) + side * side * shape.head_dim
-            + 2 * n_out * shape.embed_dim * shape.mlp_hidden)
+            + n_out * shape.mlp_flops)
 
 
 def vit_flops(shape: ViTShape, tokens_in: torch.Tensor, tokens_out: torch.Tensor,

@@ -41,10 +41,13 @@ class ATSStats:
 
     shape: ViTShape
     block_costs: Mapping[int, BlockCost]
-    grid_size: tuple
     tokens_in: List[torch.Tensor]
     tokens_emitted: List[torch.Tensor]
     sampling: Dict[int, BlockSampling]
+
+    @property
+    def grid_size(self) -> tuple:
+        return self.shape.grid_size
 
     @cached_property
     def tokens(self) -> torch.Tensor:
@@ -102,8 +105,8 @@ class ForwardRecord:
         """Keep what block ``index`` chose. scores, cls_attention: [B, m_before] or None."""
         self.sampling[index] = BlockSampling(source_before, source_after, _detached(scores), _detached(cls_attention))
 
-    def finish(self, shape: ViTShape, block_costs: Mapping[int, BlockCost], grid_size: tuple) -> ATSStats:
-        return ATSStats(shape, block_costs, grid_size, self.tokens_in, self.tokens_out, self.sampling)
+    def finish(self, shape: ViTShape, block_costs: Mapping[int, BlockCost]) -> ATSStats:
+        return ATSStats(shape, block_costs, self.tokens_in, self.tokens_out, self.sampling)
 
 
 def _detached(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -28,8 +28,9 @@ import ats
 
 from .cli_options import add_config_arguments, add_model_arguments, configs_from_arguments, load_model
 from .config import ATSConfig
-from .datasets import build_dataset, fashion_mnist_train, image_folder
+from .datasets import build_dataset, training_set
 from .evaluate import evaluate, make_loader
+from .patch import as_logits, family_of
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.pt"
@@ -39,8 +40,9 @@ LOG = "log.jsonl"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     data = parser.add_argument_group("data")
-    data.add_argument("--data", type=Path, help="training ImageFolder (root/<class>/<image>); default: "
-                                                "Fashion-MNIST's training set from Debian")
+    data.add_argument("--data", type=Path, help="training ImageFolder (root/<class>/<image>), or a folder with "
+                                                "Fashion-MNIST's train-*-idx*-ubyte.gz files; default: Fashion-MNIST's "
+                                                "training set from Debian (apt-get install dataset-fashion-mnist)")
     data.add_argument("--val-data", help="validation ImageFolder; default: the bundled Fashion-MNIST test set")
     data.add_argument("--limit", type=int, help="train on the first N images")
     data.add_argument("--val-limit", type=int, help="validate on the first N images")
@@ -113,10 +115,10 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> int:
     torch.manual_seed(args.seed)
     model = load_model(args)
     device = next(model.parameters()).device
-    config = training_config(args, len(model.blocks))
+    config = training_config(args, family_of(model).depth(model))
     ats.patch(model, config)
 
-    dataset = fashion_mnist_train(augment=True) if args.data is None else image_folder(args.data, model, True)
+    dataset = training_set(args.data, model)
     if args.limit is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(args.limit, len(dataset))))
     sampler = (DistributedSampler(dataset, world_size, rank, shuffle=True, seed=args.seed) if world_size > 1
@@ -158,7 +160,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> int:
         for images, labels in tqdm(loader, desc=f"epoch {epoch}", disable=rank != 0, file=sys.stderr):
             images, labels = images.to(device), labels.to(device)
             with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                loss = criterion(network(images), labels)
+                loss = criterion(as_logits(network(images)), labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from . import last_stats, patch, unpatch
 from .cli_options import REFERENCE, add_config_arguments, add_model_arguments, configs_from_arguments, load_model
 from .config import ATSConfig
+from .patch import family_of
 from .plots import new_figure, save_figure, slug
 from .stats import ATSStats
 
@@ -52,23 +53,6 @@ def attention_maps(stats: ATSStats) -> Dict[int, torch.Tensor]:
     entering the block (0 on patches dropped earlier); empty for a model without class token."""
     rows, cols = stats.grid_size
     return {block: attention.reshape(-1, rows, cols) for block, attention in stats.cls_attention.items()}
-
-
-def model_data_config(model: nn.Module) -> dict:
-    """timm's data config of ``model`` with its real input size (C, H, W) and per-channel mean/std.
-
-    A timm model created with other ``in_chans``/``img_size`` keeps its default config; the size is
-    then read off the patch embedding, and mean/std are averaged (1 channel) or repeated to fit.
-    """
-    config = dict(timm.data.resolve_model_data_config(model))
-    channels = model.patch_embed.proj.in_channels
-    config["input_size"] = (channels, *model.patch_embed.img_size)
-    for key in ("mean", "std"):
-        values = tuple(config[key])
-        if len(values) != channels:
-            values = (sum(values) / len(values),) * channels
-        config[key] = values
-    return config
 
 
 def display_images(images: torch.Tensor, data_config: dict) -> torch.Tensor:
@@ -231,21 +215,13 @@ def load_inputs(args: argparse.Namespace, model: nn.Module, data_config: dict) -
     """--images files/folders, or the first --num-images images of the bundled test set."""
     from .datasets import FASHION_MNIST_CLASSES, build_dataset
 
-    class_names = FASHION_MNIST_CLASSES if args.model == REFERENCE else _imagenet_names(model)
+    class_names = FASHION_MNIST_CLASSES if args.model == REFERENCE else family_of(model).class_names(model)
     if args.images:
         paths = collect_image_paths(args.images)
         return Inputs(ImageFiles(paths, data_config), [path.stem for path in paths], class_names)
     dataset = build_dataset(None, model, limit=args.num_images)
     names = [f"test-{index:05d}" for index in range(len(dataset))]
     return Inputs(dataset, names, FASHION_MNIST_CLASSES)
-
-
-def _imagenet_names(model: nn.Module) -> Optional[List[str]]:
-    subset = timm.data.infer_imagenet_subset(model)
-    if subset is None:
-        return None
-    info = timm.data.ImageNetInfo(subset)
-    return [info.index_to_description(index) for index in range(info.num_classes())]
 
 
 def _class_name(index: int, class_names: Optional[Sequence[str]]) -> Optional[str]:
@@ -284,7 +260,7 @@ def render(model: nn.Module, configs: Sequence[ATSConfig], inputs: Inputs, data_
         label_names = [_class_name(int(label), inputs.class_names) for label in labels]
         for config in configs:
             patch(model, config)
-            predictions = model(images.to(device)).argmax(dim=-1).tolist()
+            predictions = family_of(model).logits(model, images.to(device)).argmax(dim=-1).tolist()
             predicted = [_class_name(prediction, inputs.class_names) for prediction in predictions]
             described = config.describe()
             batch_tokens = image_tokens(last_stats(model), pixels, names, described, label_names, predicted)
@@ -327,8 +303,8 @@ def run(args: argparse.Namespace) -> int:
         if value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}")
     model = load_model(args)
-    configs = visualize_configs(args, len(model.blocks))
-    data_config = model_data_config(model)
+    configs = visualize_configs(args, family_of(model).depth(model))
+    data_config = family_of(model).data_config(model)
     inputs = load_inputs(args, model, data_config)
     entries = render(model, configs, inputs, data_config, args.out, args.batch_size)
     if args.json:

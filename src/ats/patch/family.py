@@ -1,0 +1,198 @@
+"""What a model family's adapter tells ATS, and the patching every family shares.
+
+An adapter (a ``Family``) says where a model keeps its blocks and their parts (``BlockParts``), how
+images become tokens, how tokens become outputs, and what the model's sizes are. Patching swaps the
+model's class for a subclass whose forward runs ``ats.step.run_blocks``; the weights stay untouched
+and unpatching restores the class.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence, Tuple, Type, Union
+
+import torch
+from torch import nn
+
+from ..config import ATSConfig, MergeConfig
+from ..flops import ViTShape, block_flops
+from ..packing import TokenBatch
+from ..stats import ATSStats
+from ..step import BlockParts, run_blocks
+
+PatchConfig = Union[ATSConfig, MergeConfig]
+
+
+@dataclass
+class ATSState:
+    """What a patched model carries: its config, its original class, the last forward's stats, and
+    its shapes by input size (C, H, W)."""
+
+    config: PatchConfig
+    original_class: Type[nn.Module]
+    last_stats: Optional[ATSStats] = None
+    pool_weights: Optional[torch.Tensor] = None
+    shapes: Dict[Tuple[int, ...], ViTShape] = field(default_factory=dict)
+
+
+class Family:
+    """The adapter of one family of models: subclasses fill in where things are."""
+
+    #: How errors and docs name the family, e.g. "timm VisionTransformer".
+    name: str = ""
+    #: The mixin put before a patched model's own class (it overrides the forward).
+    mixin: type = object
+
+    def owns(self, cls: type) -> bool:
+        """Whether models of class ``cls`` (the unpatched class) belong to this family."""
+        raise NotImplementedError
+
+    def check(self, model: nn.Module) -> None:
+        """Raise TypeError naming what in ``model`` ATS cannot run (an unusual block, pooling, ...)."""
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        raise NotImplementedError
+
+    def block_parts(self, block: nn.Module) -> BlockParts:
+        raise NotImplementedError
+
+    def shape(self, model: nn.Module, input_size: Optional[Sequence[int]] = None) -> ViTShape:
+        """The model's sizes for images of ``input_size`` (C, H, W), default its own."""
+        raise NotImplementedError
+
+    def has_class_token(self, model: nn.Module) -> bool:
+        return True
+
+    def input_size(self, model: nn.Module) -> Tuple[int, int, int]:
+        """(C, H, W) the model takes by default."""
+        raise NotImplementedError
+
+    def data_config(self, model: nn.Module) -> dict:
+        """timm-style preprocessing (input_size, mean, std, interpolation, crop_pct, crop_mode)."""
+        raise NotImplementedError
+
+    def class_names(self, model: nn.Module) -> Optional[Sequence[str]]:
+        return None
+
+    def embed(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, C, H, W] -> the tokens entering block 0, [B, N, C']."""
+        raise NotImplementedError
+
+    def logits(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Class logits [B, classes] of ``model`` (patched or not) on images [B, C, H, W]."""
+        raise NotImplementedError
+
+    def logits_from_block(self, model: nn.Module, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits of ``model`` (patched or not) from ``run_first_blocks(model, images, start)``: the same as
+        ``logits(model, images)``, without running the first ``start`` blocks again."""
+        raise NotImplementedError
+
+    def depth(self, model: nn.Module) -> int:
+        return len(self.blocks(model))
+
+    def run_first_blocks(self, model: nn.Module, images: torch.Tensor, count: int) -> torch.Tensor:
+        """The tokens [B, N, C'] after the first ``count`` blocks, run as in the unpatched model (the
+        blocks before a patched model's first patched block are exactly these)."""
+        x = self.embed(model, images)
+        for block in self.blocks(model)[:count]:
+            x = block(x)
+        return x
+
+    def check_config(self, model: nn.Module, config: PatchConfig) -> None:
+        """Raise ValueError naming why ``config`` does not fit ``model``."""
+        depth = self.depth(model)
+        if isinstance(config, MergeConfig):
+            if config.first >= depth:
+                raise ValueError(f"merging from block {config.first} is outside this model's {depth} blocks")
+            return
+        outside = [index for index in config.budgets if index >= depth]
+        if outside:
+            raise ValueError(f"ATS block indices {outside} lie outside this model's {depth} blocks (0..{depth - 1}); "
+                             f"use ATSConfig.multi_stage(rho, depth={depth}) or smaller indices")
+        has_cls = self.has_class_token(model)
+        if config.score == "cls" and not has_cls:
+            raise ValueError("this model has no class token, so score='cls' cannot rank its tokens; "
+                             "use ATSConfig(..., score='self_attention')")
+        if not config.keep_cls and not has_cls:
+            raise ValueError("keep_cls=False needs a class token to drop; this model has none")
+
+    def patch(self, model: nn.Module, config: PatchConfig) -> nn.Module:
+        """Apply ``config`` to ``model`` in place; re-patching replaces the config."""
+        self.check(model)
+        self.check_config(model, config)
+        state: Optional[ATSState] = getattr(model, "_ats", None)
+        original = state.original_class if state is not None else type(model)
+        model._ats = ATSState(config=config, original_class=original)
+        model.__class__ = _patched_class(self.mixin, original)
+        return model
+
+    def run_patched(self, model: nn.Module, x: torch.Tensor, start: int,
+                    input_size: Sequence[int]) -> TokenBatch:
+        """Run a patched model's blocks from ``start`` on the tokens x [B, N, C'] (see ``run_blocks``),
+        keep the forward's statistics on the model and return the packed tokens."""
+        state: ATSState = model._ats
+        key = tuple(input_size)
+        if key not in state.shapes:
+            state.shapes[key] = self.shape(model, input_size)
+        shape = state.shapes[key]
+        parts = [self.block_parts(block) for block in self.blocks(model)]
+        batch, record = run_blocks(parts, x, state.config, shape.num_prefix_tokens, self.has_class_token(model),
+                                   start)
+        state.last_stats = record.finish(shape, state.config.block_costs(shape))
+        state.pool_weights = batch.padded_sizes() * batch.position_mask
+        return batch
+
+
+_PATCHED_CLASSES: Dict[Tuple[type, type], type] = {}
+
+
+def _patched_class(mixin: type, base: type) -> type:
+    if (mixin, base) not in _PATCHED_CLASSES:
+        _PATCHED_CLASSES[mixin, base] = type(f"ATS{base.__name__}", (mixin, base), {})
+    return _PATCHED_CLASSES[mixin, base]
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the model's original class; its forward is then exactly the unpatched one."""
+    state: Optional[ATSState] = getattr(model, "_ats", None)
+    if state is None:
+        raise ValueError("this model is not patched with ATS; nothing to unpatch")
+    model.__class__ = state.original_class
+    del model._ats
+    return model
+
+
+def last_stats(model: nn.Module) -> ATSStats:
+    state: Optional[ATSState] = getattr(model, "_ats", None)
+    if state is None:
+        raise ValueError("this model is not patched with ATS; call ats.patch(model, config) first")
+    if state.last_stats is None:
+        raise ValueError("no forward has run since the model was patched; run model(images) first")
+    return state.last_stats
+
+
+def masked_features(batch: TokenBatch, features: torch.Tensor) -> torch.Tensor:
+    """Per-row features [T, C] -> padded [B, m, C], zeros on padding."""
+    x = batch.pad(features)
+    return x if batch.full else x.masked_fill(~batch.position_mask[..., None], 0.0)
+
+
+def upper_bound_flops(shape: ViTShape, config: Optional[PatchConfig]) -> float:
+    """FLOPs per image when every sample is a distinct token (the most a patched forward can cost)."""
+    costs = {} if config is None else config.block_costs(shape)
+    total = shape.patch_embed_flops + shape.head_flops
+    n = shape.num_tokens
+    for index in range(shape.depth):
+        n_out = n if index not in costs else _most_tokens_out(config, index, n, shape.num_prefix_tokens)
+        total += costs[index](n, n_out) if index in costs else block_flops(shape, n, n)
+        n = n_out
+    return total
+
+
+def _most_tokens_out(config: PatchConfig, index: int, n: int, prefix: int) -> int:
+    if isinstance(config, MergeConfig):
+        patches = n - prefix
+        return n - min(config.r, (patches + 1) // 2) if patches >= 2 else n
+    if config.distinct:
+        return n
+    samples = max(config.budgets[index].max_samples(n, config.min_tokens), config.kept_floor(n - prefix))
+    return min(n, prefix + samples)

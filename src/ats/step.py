@@ -1,0 +1,267 @@
+"""One ATS block step for every backbone: a pre-norm block run on a packed TokenBatch.
+
+A family adapter (``ats.patch.timm``, ``ats.patch.hf``, ...) describes each of its blocks as
+``BlockParts``; ``run_blocks`` then runs a model's blocks under an ATSConfig (or MergeConfig):
+blocks before the first patched one and any block while no image has padding run the block's own
+forward; an ATS block scores, samples (and optionally fuses) tokens and runs attention for the kept
+queries only; later blocks mask padded keys. Nothing here knows a family's module names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ATSConfig, MergeConfig, TokenBudget
+from .merging import bipartite_soft_matching, cosine_similarity, fold, keep_distinct, nearest_kept
+from .packing import TokenBatch
+from .profiling import region
+from .sampling import (
+    class_attention,
+    cls_scores,
+    inverse_transform_sample,
+    masked_softmax_logits,
+    self_attention_scores,
+    top_up,
+    topk_sample,
+)
+from .stats import ForwardRecord
+
+PatchConfig = Union[ATSConfig, MergeConfig]
+Layer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@dataclass
+class BlockParts:
+    """The parts of one pre-norm block, wherever its family keeps them. The block computes
+
+        x = x + drop_path1(ls1(proj_drop(proj(out_norm(attention(norm1(x))) * sigmoid(gate(norm1(x)))))))
+        x = x + drop_path2(ls2(mlp_drop(mlp(norm2(x)))))
+
+    qkv: normed rows [T, C] -> [T, 3A], the queries, keys and values side by side (heads in order);
+    q_norm, k_norm: per-head norms on [B, h, n, d]; attn_drop: dropout on attention probabilities;
+    drop_path1/2: stochastic-depth modules (anything with ``drop_prob`` and optionally ``scale_by_keep``),
+    applied per image; dense: the block's own forward on a batch with no padding [B, N, C].
+    """
+
+    norm1: Layer
+    qkv: Layer
+    num_heads: int
+    head_dim: int
+    scale: float
+    proj: Layer
+    norm2: Layer
+    mlp: Layer
+    dense: Layer
+    training: bool = False
+    attn_drop: float = 0.0
+    q_norm: Layer = identity
+    k_norm: Layer = identity
+    out_norm: Layer = identity
+    gate: Optional[Layer] = None
+    proj_drop: Layer = identity
+    ls1: Layer = identity
+    drop_path1: Optional[nn.Module] = None
+    mlp_drop: Layer = identity
+    ls2: Layer = identity
+    drop_path2: Optional[nn.Module] = None
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, m, A] -> [B, h, m, d], a view."""
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def split_heads(self, qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, m, 3A] -> q, k, v each [B, h, m, d], with the q/k norms applied."""
+        q, k, v = qkv.chunk(3, dim=-1)
+        return self.q_norm(self.heads(q)), self.k_norm(self.heads(k)), self.heads(v)
+
+
+def run_blocks(blocks: Sequence[BlockParts], x: torch.Tensor, config: PatchConfig, num_prefix_tokens: int,
+               has_cls: bool, start: int = 0) -> Tuple[TokenBatch, ForwardRecord]:
+    """Run ``blocks[start:]`` under ``config`` on the tokens x [B, N, C] that the first ``start`` blocks
+    made (all N of them: no block before the first patched one drops any).
+
+    Returns the packed tokens after the last block and what each block did.
+    """
+    if not 0 <= start <= config.first_block:
+        raise ValueError(f"the blocks can start at 0..{config.first_block} (up to the first patched block) for "
+                         f"{config.describe()}, got {start}")
+    merging = isinstance(config, MergeConfig)
+    batch = TokenBatch.from_dense(x, keep_padding=not merging and config.packing == "padded")
+    record = ForwardRecord()
+    for index, parts in enumerate(blocks):
+        record.tokens_in.append(batch.live_tokens)
+        if index < start:
+            pass
+        elif merging and index >= config.first:
+            batch = merge_block(parts, batch, config.r, num_prefix_tokens, record, index)
+        elif not merging and index in config.budgets:
+            batch = ats_block(parts, batch, config.budgets[index], config, num_prefix_tokens, has_cls, record, index)
+        elif batch.is_dense:
+            batch = batch.with_rows(parts.dense(batch.dense()).reshape(batch.rows.shape))
+        else:
+            batch = masked_block(parts, batch)
+        record.tokens_out.append(batch.live_tokens)
+    return batch, record
+
+
+def _attend(parts: BlockParts, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Attention of queries q [B, h, nq, d] over keys [B, h, n, d] -> [B, nq, A].
+
+    mask: TokenBatch.attention_mask of the keys' batch ([B, 1, 1, n] bool or additive float), or None.
+    """
+    dropout = parts.attn_drop if parts.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=parts.scale)
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+def _drop_path(module: Optional[nn.Module], update: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """Stochastic depth per image (not per row) on per-row updates [T, C]; freezes dropped class tokens."""
+    drop_prob = getattr(module, "drop_prob", 0.0)
+    if module is not None and module.training and drop_prob > 0.0:
+        keep_prob = 1.0 - drop_prob
+        keep = update.new_empty(batch.batch_size).bernoulli_(keep_prob)
+        if getattr(module, "scale_by_keep", True):
+            keep = keep / keep_prob
+        update = update * keep.index_select(0, batch.image_of_row)[:, None]
+    live = batch.row_live
+    return update if live is None else update * live
+
+
+def _attention_update(parts: BlockParts, out: torch.Tensor, gate_input: Optional[torch.Tensor],
+                      batch: TokenBatch) -> torch.Tensor:
+    """The attention half's residual update from attention outputs [T, A]; gate_input: the normed
+    inputs [T, C] of the same rows, used only by gated attention (None otherwise)."""
+    out = parts.out_norm(out)
+    if parts.gate is not None:
+        out = out * parts.gate(gate_input).sigmoid()
+    return _drop_path(parts.drop_path1, parts.ls1(parts.proj_drop(parts.proj(out))), batch)
+
+
+def _mlp_half(parts: BlockParts, batch: TokenBatch) -> TokenBatch:
+    update = parts.ls2(parts.mlp_drop(parts.mlp(parts.norm2(batch.rows))))
+    return batch.with_rows(batch.rows + _drop_path(parts.drop_path2, update, batch))
+
+
+def masked_block(parts: BlockParts, batch: TokenBatch) -> TokenBatch:
+    """A standard block on a padded batch: valid rows through the linear layers, padded keys masked."""
+    y = parts.norm1(batch.rows)
+    q, k, v = parts.split_heads(batch.pad(parts.qkv(y)))
+    out = batch.unpad(_attend(parts, q, k, v, batch.attention_mask))
+    return _mlp_half(parts, batch.with_rows(batch.rows + _attention_update(parts, out, y, batch)))
+
+
+@dataclass
+class TokenChoice:
+    """What an ATS block chose, over its input positions [B, m].
+
+    keep: bool, the sampled tokens (patch tokens, and the class token when it is not enforced);
+    patches: bool, the valid patch positions; scores: float, the significance scores;
+    cls_attention: [B, h, m] the class token's attention (None without a class token);
+    cls_live: [B] bool, whether the class token survives (None when it is enforced).
+    """
+
+    keep: torch.Tensor
+    patches: torch.Tensor
+    scores: torch.Tensor
+    cls_attention: Optional[torch.Tensor]
+    cls_live: Optional[torch.Tensor]
+
+
+def choose_tokens(batch: TokenBatch, qkv: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float,
+                  budget: TokenBudget, config: ATSConfig, prefix: int, has_cls: bool,
+                  training: bool) -> TokenChoice:
+    """Score the valid tokens and sample the ones to keep (steps 2-4 of ATS).
+
+    qkv: [T, 3A] the batch's rows through the qkv projection; q, k: [B, h, m, d] in the padded layout.
+    """
+    key_mask, mask = batch.key_mask, batch.attention_mask
+    positions = torch.arange(batch.width, device=q.device)
+    patches = batch.position_mask & (positions >= prefix)
+    candidates, cls_live = patches, None
+    if not config.keep_cls:
+        cls_live = batch.cls_live if batch.cls_live is not None else torch.ones_like(patches[:, 0])
+        candidates = candidates.clone()
+        candidates[:, 0] = cls_live
+    key_bias = None if mask is None or mask.dtype == torch.bool else mask[:, 0, 0]
+    if config.score == "cls":
+        cls_attention = class_attention(q[:, :, 0], k.transpose(1, 2), scale, key_mask, key_bias)
+        value_norm = torch.linalg.vector_norm(qkv.chunk(3, dim=-1)[2], dim=-1, keepdim=True)
+        scores = cls_scores(cls_attention, batch.pad(value_norm)[..., 0], candidates)
+    else:
+        attention = masked_softmax_logits(q, k, scale, key_mask, key_bias)
+        scores = self_attention_scores(attention, key_mask, candidates)
+        cls_attention = attention[:, :, 0] if has_cls else None
+
+    samples = budget.samples(batch.live_tokens, config.min_tokens)
+    if config.sampler == "topk":
+        keep = topk_sample(scores, samples)
+    else:
+        keep = inverse_transform_sample(scores, samples, budget.max_samples(batch.width, config.min_tokens),
+                                        config.stochastic and training)
+    if config.min_kept:
+        keep = top_up(keep, scores, config.kept_floor(patches.sum(dim=1)))
+    if cls_live is not None:
+        cls_live = keep[:, 0] & cls_live
+    return TokenChoice(keep, patches, scores, cls_attention, cls_live)
+
+
+def ats_block(parts: BlockParts, batch: TokenBatch, budget: TokenBudget, config: ATSConfig, prefix: int,
+              has_cls: bool, record: ForwardRecord, index: int) -> TokenBatch:
+    """Score, sample and keep tokens, then run the block on the kept ones (selected queries only)."""
+    y = parts.norm1(batch.rows)
+    qkv = parts.qkv(y)
+    q, k, v = parts.split_heads(batch.pad(qkv))
+    mask = batch.attention_mask
+    with region("ats.score_and_sample"):
+        choice = choose_tokens(batch, qkv, q, k, parts.scale, budget, config, prefix, has_cls, parts.training)
+    if config.fuse or config.distinct:
+        with region("ats.fuse"):
+            similarity = cosine_similarity(k.mean(dim=1))
+            if config.distinct:
+                choice.keep = keep_distinct(similarity, choice.keep, choice.patches, choice.scores, config.distinct)
+            if config.fuse:
+                batch = _fold(batch, nearest_kept(similarity, choice.keep, choice.patches))
+    prefix_tokens = batch.position_mask & ~choice.patches
+    kept, rows_from = batch.select(choice.keep | prefix_tokens)
+    if choice.cls_live is not None:
+        kept.cls_live = choice.cls_live
+    cls_attention = None if choice.cls_attention is None else choice.cls_attention.mean(1)
+    record.record_sampling(index, batch.source, kept.source, choice.scores, cls_attention)
+    with region("ats.pack"):
+        query_rows = qkv.chunk(3, dim=-1)[0].index_select(0, rows_from)
+        queries = parts.q_norm(parts.heads(kept.pad(query_rows)))
+        gate_input = None if parts.gate is None else y.index_select(0, rows_from)
+    out = kept.unpad(_attend(parts, queries, k, v, mask))
+    update = _attention_update(parts, out, gate_input, kept)
+    return _mlp_half(parts, kept.with_rows(kept.rows + update))
+
+
+def merge_block(parts: BlockParts, batch: TokenBatch, r: int, prefix: int, record: ForwardRecord,
+                index: int) -> TokenBatch:
+    """The token-merging baseline: attention over all tokens, merge r of them, MLP on the rest."""
+    y = parts.norm1(batch.rows)
+    q, k, v = parts.split_heads(batch.pad(parts.qkv(y)))
+    out = batch.unpad(_attend(parts, q, k, v, batch.attention_mask))
+    batch = batch.with_rows(batch.rows + _attention_update(parts, out, y, batch))
+    positions = torch.arange(batch.width, device=y.device)
+    patches = batch.position_mask & (positions >= prefix)
+    target = bipartite_soft_matching(k.mean(dim=1), r, patches)
+    batch = _fold(batch, target)
+    kept, _ = batch.select(batch.position_mask & (target == positions))
+    record.record_sampling(index, batch.source, kept.source, None, None)
+    return _mlp_half(parts, kept)
+
+
+def _fold(batch: TokenBatch, target: torch.Tensor) -> TokenBatch:
+    """Size-weighted average of the tokens sharing a target position [B, m]; sizes follow."""
+    x, sizes = fold(batch.pad(batch.rows), batch.padded_sizes(), target)
+    return batch.with_rows(batch.unpad(x), batch.unpad(sizes[..., None])[:, 0])
