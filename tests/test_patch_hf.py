@@ -230,7 +230,7 @@ def test_unsupported_families_are_named():
                                     global_pool="map"), ats.ATSConfig.single_stage(k=10, block=1))
 
 
-def test_flash_attention_is_refused():
+def test_other_attention_implementations_are_refused():
     model = tiny_hf("ViTForImageClassification")
     model.config._attn_implementation = "flex_attention"
     with pytest.raises(TypeError, match="attn_implementation='sdpa'"):

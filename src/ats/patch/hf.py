@@ -36,8 +36,10 @@ def _base_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weig
                  labels: Optional[torch.Tensor]):
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    pooler = getattr(base, "pooler", None)
-    pooled = pooler(features) if pooler is not None else None if hasattr(base, "pooler") else features[:, 0]
+    if hasattr(base, "pooler"):  # ViT, DeiT: their optional pooler
+        pooled = None if base.pooler is None else base.pooler(features)
+    else:  # DINOv2: the class token
+        pooled = features[:, 0]
     return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=pooled)
 
 
@@ -231,19 +233,22 @@ class HuggingFaceViT(Family):
         return None if all(name == f"LABEL_{index}" for index, name in enumerate(names)) else names
 
     def embed(self, model: nn.Module, images: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """Images [B, C, H, W] -> tokens [B, N, C']: H, W the model's own size, or with a resampled position
+        embedding (``interpolate_pos_encoding``, and always for DINOv2) any multiple of the patch size."""
         embeddings = self.base(model).embeddings
         patches = embeddings.patch_embeddings
-        interpolating = interpolate_pos_encoding or self.layout(model).interpolating
+        always_resampled = self.layout(model).interpolating
         channels, height, width = self.input_size(model)
-        fits = images.ndim == 4 and images.shape[1] == channels and (
-            tuple(images.shape[2:]) == (height, width) if not interpolating
-            else images.shape[2] % patches.patch_size[0] == 0 and images.shape[3] % patches.patch_size[1] == 0)
-        if not fits:
-            size = f"{height}, {width}" if not interpolating else f"H, W] (multiples of {patches.patch_size}"
-            raise ValueError(f"expected pixel_values of shape [B, {channels}, {size}] for this model, got "
+        if interpolate_pos_encoding or always_resampled:
+            size, sizes_fit = "H, W] (multiples of the patch size)", images.ndim == 4 and all(
+                side % patch == 0 for side, patch in zip(images.shape[2:], patches.patch_size))
+        else:
+            size, sizes_fit = f"{height}, {width}]", tuple(images.shape[2:]) == (height, width)
+        if images.ndim != 4 or images.shape[1] != channels or not sizes_fit:
+            raise ValueError(f"expected pixel_values of shape [B, {channels}, {size} for this model, got "
                              f"{list(images.shape)}; preprocess them with the model's image processor")
         images = images.to(patches.projection.weight.dtype)
-        if self.layout(model).interpolating:
+        if always_resampled:
             return embeddings(images)
         return embeddings(images, interpolate_pos_encoding=interpolate_pos_encoding)
 
