@@ -39,7 +39,7 @@ class Family:
 
     #: How errors and docs name the family, e.g. "timm VisionTransformer".
     name: str = ""
-    #: The mixin put before a patched model's own class (it overrides the forward).
+    #: The mixin put before a patched model's own class (it overrides the forward); a PatchedModel.
     mixin: type = object
 
     def owns(self, cls: type) -> bool:
@@ -140,6 +140,22 @@ class Family:
         state.last_stats = record.finish(shape, state.config.block_costs(shape))
         state.pool_weights = batch.padded_sizes() * batch.position_mask
         return batch
+
+
+class PatchedModel:
+    """The base of every family's mixin. A patched class is made at run time (mixin + the model's own
+    class), so pickle cannot find it by name: a patched model pickles as (mixin, original class) and
+    its state, and unpickles patched, with the same config (torch.save / torch.load, deepcopy,
+    multiprocessing)."""
+
+    def __reduce_ex__(self, protocol: int):
+        _, _, *state = object.__reduce_ex__(self, max(protocol, 2))
+        return (_new_patched, (type(self).__bases__[0], self._ats.original_class), *state)
+
+
+def _new_patched(mixin: type, base: type) -> nn.Module:
+    """An empty instance of the patched class of ``base`` (pickle then restores its state)."""
+    return object.__new__(_patched_class(mixin, base))
 
 
 _PATCHED_CLASSES: Dict[Tuple[type, type], type] = {}

@@ -20,7 +20,7 @@ from torch import nn
 from ..flops import ViTShape, conv_patch_flops, linear_flops, patch_grid
 from ..packing import TokenBatch
 from ..step import BlockParts
-from .family import Family, masked_features
+from .family import Family, PatchedModel, masked_features
 
 #: PIL resampling filters (as image processor configs store them) by timm's interpolation names.
 PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
@@ -106,7 +106,7 @@ def _fused_qkv(q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, y: torch
     return torch.cat([q_proj(y), k_proj(y), v_proj(y)], dim=-1)
 
 
-class ATSHuggingFaceModel:
+class ATSHuggingFaceModel(PatchedModel):
     """Mixed in before a transformers model class by ``HuggingFaceViT.patch``; ``HF`` is the adapter."""
 
     def forward(self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,

@@ -15,12 +15,12 @@ from torch import nn
 
 from ..flops import ViTShape, conv_patch_flops, linear_flops, patch_grid
 from ..step import BlockParts
-from .family import Family, masked_features
+from .family import Family, PatchedModel, masked_features
 
 SUPPORTED_POOLS = ("token", "avg", "")
 
 
-class ATSVisionTransformer:
+class ATSVisionTransformer(PatchedModel):
     """Mixed in before a timm VisionTransformer class by ``TimmViT.patch``; ``TIMM`` is the adapter."""
 
     def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
@@ -37,6 +37,12 @@ class ATSVisionTransformer:
         tokens [B, m, C'], zeros on padding."""
         batch = TIMM.run_patched(self, x, start, TIMM.input_size(self))
         return masked_features(batch, self.norm(batch.rows))
+
+    def forward_intermediates(self, *args, **kwargs):
+        """Refused: timm's version runs every block on every token, so it would silently skip ATS."""
+        raise NotImplementedError("forward_intermediates of a patched model would run every block on every token "
+                                  "(no ATS); ats.unpatch(model) first, or use forward_features and "
+                                  "ats.last_stats(model) for the tokens each block kept")
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         """timm's pooling; the mean is taken over valid tokens only, each weighted by its size."""
