@@ -40,7 +40,8 @@ def load_model(args: argparse.Namespace) -> nn.Module:
     if args.model.startswith(HF_PREFIX):
         model = load_hf_model(args.model[len(HF_PREFIX):], download=args.pretrained)
         if args.checkpoint is not None:
-            model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
+            state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+            model.load_state_dict(state.get("model", state))
     elif args.model == REFERENCE:
         if args.pretrained:
             raise ValueError("--pretrained needs a timm model name (--model deit_small_patch16_224); the "

@@ -116,9 +116,11 @@ def _grayscale_loader(path: str):
 def training_set(data: Optional[Path], model: torch.nn.Module) -> Dataset:
     """What ``ats train`` trains on, with augmentation: Fashion-MNIST's training images (Debian's by
     default, or a folder holding ``train-images-idx3-ubyte.gz`` and its labels), or an ImageFolder."""
-    if data is not None and (Path(data) / "train-images-idx3-ubyte.gz").is_file():
+    if data is None:
+        return fashion_mnist_train(augment=True)
+    if (Path(data) / "train-images-idx3-ubyte.gz").is_file():
         return fashion_mnist_train(Path(data), augment=True)
-    return fashion_mnist_train(augment=True) if data is None else image_folder(Path(data), model, is_training=True)
+    return image_folder(Path(data), model, is_training=True)
 
 
 def build_dataset(data: Optional[str], model: torch.nn.Module, limit: Optional[int] = None) -> Dataset:

@@ -186,6 +186,12 @@ def last_stats(model: nn.Module) -> ATSStats:
     return state.last_stats
 
 
+def fit_channels(values: Sequence[float], channels: int) -> Tuple[float, ...]:
+    """A per-channel mean or std for ``channels`` channels: as given, or averaged and repeated to fit."""
+    values = tuple(values)
+    return values if len(values) == channels else (sum(values) / len(values),) * channels
+
+
 def masked_features(batch: TokenBatch, features: torch.Tensor) -> torch.Tensor:
     """Per-row features [T, C] -> padded [B, m, C], zeros on padding."""
     x = batch.pad(features)

@@ -20,7 +20,7 @@ from torch import nn
 from ..flops import ViTShape, conv_patch_flops, linear_flops, patch_grid
 from ..packing import TokenBatch
 from ..step import BlockParts
-from .family import Family, PatchedModel, masked_features
+from .family import Family, PatchedModel, fit_channels, masked_features
 
 #: PIL resampling filters (as image processor configs store them) by timm's interpolation names.
 PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
@@ -223,8 +223,7 @@ class HuggingFaceViT(Family):
             config.update(crop_pct=1.0, crop_mode="squash", input_size=(channels, size["height"], size["width"]))
         normalise = processor.get("do_normalize", True)
         for key, default, identity in (("mean", IMAGENET_MEAN, 0.0), ("std", IMAGENET_STD, 1.0)):
-            values = tuple(processor.get(f"image_{key}", default)) if normalise else (identity,)
-            config[key] = values if len(values) == channels else (sum(values) / len(values),) * channels
+            config[key] = fit_channels(processor.get(f"image_{key}", default) if normalise else (identity,), channels)
         return config
 
     def class_names(self, model: nn.Module) -> Optional[Sequence[str]]:

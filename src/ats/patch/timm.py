@@ -15,7 +15,7 @@ from torch import nn
 
 from ..flops import ViTShape, conv_patch_flops, linear_flops, patch_grid
 from ..step import BlockParts
-from .family import Family, PatchedModel, masked_features
+from .family import Family, PatchedModel, fit_channels, masked_features
 
 SUPPORTED_POOLS = ("token", "avg", "")
 
@@ -108,12 +108,8 @@ class TimmViT(Family):
         """
         config = dict(timm.data.resolve_model_data_config(model))
         config["input_size"] = self.input_size(model)
-        channels = config["input_size"][0]
         for key in ("mean", "std"):
-            values = tuple(config[key])
-            if len(values) != channels:
-                values = (sum(values) / len(values),) * channels
-            config[key] = values
+            config[key] = fit_channels(config[key], config["input_size"][0])
         return config
 
     def class_names(self, model: VisionTransformer) -> Optional[Sequence[str]]:
