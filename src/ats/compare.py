@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 from .cli_options import add_model_arguments, count_or_fraction, load_model
-from .config import ATSConfig, MergeConfig
+from .config import ATSConfig, MergeConfig, PatchConfig
 from .datasets import build_dataset
-from .evaluate import EvalRow, PatchConfig, add_data_arguments, evaluate, kept_summary, make_loader, text_table
+from .evaluate import EvalRow, add_data_arguments, evaluate, kept_summary, make_loader, text_table
 from .patch import family_of
 
 DEFAULT_RHOS = (1.0, 0.9, 0.8, 0.7)

@@ -225,3 +225,7 @@ class MergeConfig:
 
     def describe(self) -> str:
         return f"merge r={self.r}" + (f" from block {self.first}" if self.first else "")
+
+
+#: What ``ats.patch`` takes: ATS, or the token-merging baseline.
+PatchConfig = Union[ATSConfig, MergeConfig]

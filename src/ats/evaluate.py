@@ -6,7 +6,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -16,12 +16,10 @@ from tqdm import tqdm
 import ats
 
 from .cli_options import add_config_arguments, add_model_arguments, configs_from_arguments, load_model
-from .config import ATSConfig, MergeConfig
+from .config import MergeConfig, PatchConfig
 from .datasets import build_dataset
 from .patch import family_of
 from .timing import measure_throughput
-
-PatchConfig = Union[ATSConfig, MergeConfig]
 
 
 @dataclass

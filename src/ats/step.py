@@ -9,13 +9,13 @@ queries only; later blocks mask padded keys. Nothing here knows a family's modul
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ATSConfig, MergeConfig, TokenBudget
+from .config import ATSConfig, MergeConfig, PatchConfig, TokenBudget
 from .merging import bipartite_soft_matching, cosine_similarity, fold, keep_distinct, nearest_kept
 from .packing import TokenBatch
 from .profiling import region
@@ -30,7 +30,6 @@ from .sampling import (
 )
 from .stats import ForwardRecord
 
-PatchConfig = Union[ATSConfig, MergeConfig]
 Layer = Callable[[torch.Tensor], torch.Tensor]
 
 

@@ -8,18 +8,16 @@ and unpatching restores the class.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple, Type, Union
+from typing import Dict, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
 
-from ..config import ATSConfig, MergeConfig
+from ..config import MergeConfig, PatchConfig
 from ..flops import ViTShape, block_flops
 from ..packing import TokenBatch
 from ..stats import ATSStats
 from ..step import BlockParts, run_blocks
-
-PatchConfig = Union[ATSConfig, MergeConfig]
 
 
 @dataclass
