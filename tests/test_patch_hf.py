@@ -14,22 +14,24 @@ CLASSES = list(LAYOUTS)
 CONFIG = ats.ATSConfig.multi_stage(0.87, first=1, depth=6)
 
 
-def tiny_hf(name: str, attention: str = "sdpa", peaked: bool = True, **overrides) -> torch.nn.Module:
-    """A random-init 6-block model of class ``name`` on 32x32 images (64 patches); ``peaked`` scales the
-    query and key weights so that images keep different numbers of tokens."""
+def tiny_hf(name: str, attention: str = "sdpa", **overrides) -> torch.nn.Module:
+    """A random-init 6-block model of class ``name`` on 32x32 images (64 patches), its query and key
+    weights scaled up so that images keep different numbers of tokens."""
     family = name.split("For")[0].removesuffix("Model")
     options = dict(TINY, attn_implementation=attention, **overrides)
     if family.startswith("Dinov2"):
-        options.update(mlp_ratio=2, num_register_tokens=4) if "Registers" in family else options.update(mlp_ratio=2)
+        options.update(mlp_ratio=2)
     else:
         options.update(intermediate_size=128)
+    if family == "Dinov2WithRegisters":
+        options.update(num_register_tokens=4)
     config = getattr(transformers, f"{family}Config")(**options)
     torch.manual_seed(0)
     model = getattr(transformers, name)(config).eval()
     with torch.no_grad():
         for layer in HF.blocks(model):
-            layer.attention.q_proj.weight.mul_(4 if peaked else 1)
-            layer.attention.k_proj.weight.mul_(4 if peaked else 1)
+            layer.attention.q_proj.weight.mul_(4)
+            layer.attention.k_proj.weight.mul_(4)
     return model
 
 

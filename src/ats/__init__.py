@@ -6,7 +6,8 @@
     logits = model(images)
     ats.last_stats(model).gflops
 
-The same calls work on Hugging Face ViT, DeiT and DINOv2 models (``ats.patch.FAMILIES``).
+The same calls work on Hugging Face ViT, DeiT and DINOv2 models (``from ats.patch import FAMILIES``
+lists the supported families).
 """
 from typing import Optional, Sequence, Union
 

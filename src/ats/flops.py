@@ -34,7 +34,7 @@ class ViTShape:
     num_prefix_tokens: int
     patch_embed_flops: int
     head_flops: int
-    grid_size: Tuple[int, int] = (0, 0)
+    grid_size: Tuple[int, int]
 
     @property
     def num_tokens(self) -> int:

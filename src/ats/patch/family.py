@@ -176,6 +176,7 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def last_stats(model: nn.Module) -> ATSStats:
+    """Statistics of the last forward of a patched model (tokens per block, GFLOPs per image, ...)."""
     state: Optional[ATSState] = getattr(model, "_ats", None)
     if state is None:
         raise ValueError("this model is not patched with ATS; call ats.patch(model, config) first")
