@@ -1,10 +1,12 @@
 """A patched model still behaves like the model it came from, in every supported family."""
+import dataclasses
 import io
 
 import pytest
 import torch
 from conftest import contrasted_images, tiny_vit
 from test_patch_hf import tiny_hf
+from torch._dynamo.testing import CompileCounter
 
 import ats
 from ats.patch import as_logits
@@ -55,3 +57,67 @@ def test_timm_forward_intermediates_is_refused_and_pre_logits_pools_valid_tokens
     sizes = model._ats.pool_weights
     expected = model.fc_norm((features * sizes[..., None]).sum(1) / sizes.sum(1, keepdim=True))
     assert torch.allclose(pooled, expected, atol=1e-5)
+
+
+def turn_on_checkpointing(model: torch.nn.Module) -> None:
+    """Gradient checkpointing the family's own way."""
+    if hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+    else:
+        model.activation_checkpointing_enable()
+
+
+def training_step(model: torch.nn.Module, images: torch.Tensor):
+    """Seeded forward and backward; returns the logits, the gradients and the bytes saved for backward
+    outside checkpointed regions."""
+    saved = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    torch.manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logits = as_logits(model(images))
+    logits.logsumexp(dim=-1).sum().backward()
+    gradients = {name: parameter.grad.clone() for name, parameter in model.named_parameters()
+                 if parameter.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return logits, gradients, sum(saved)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_gradient_checkpointing_is_honoured_in_ats_blocks(name):
+    model = MODELS[name]().train()
+    config = dataclasses.replace(config_for(name), stochastic=True)
+    ats.patch(model, config)
+    images = contrasted_images()
+    logits, gradients, saved = training_step(model, images)
+    turn_on_checkpointing(model)
+    checkpointed_logits, checkpointed_gradients, checkpointed_saved = training_step(model, images)
+    assert torch.equal(checkpointed_logits, logits) and checkpointed_gradients.keys() == gradients.keys()
+    for parameter, gradient in gradients.items():
+        assert torch.allclose(checkpointed_gradients[parameter], gradient, atol=1e-6), parameter
+    assert checkpointed_saved < saved / 20
+    assert ats.last_stats(model).tokens_out[:, -1].unique().numel() > 1
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_torch_compile_does_not_recompile_for_new_token_counts(name):
+    """Over 10 batches that keep different numbers of tokens, recompiling stops after the first ones: a
+    compiled graph takes any token count; only a new packing layout (padded or not, ...) compiles again."""
+    model = ats.patch(MODELS[name](), config_for(name))
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    generator = torch.Generator().manual_seed(2)
+    compiled_frames, widths = [], set()
+    with torch.no_grad(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for _ in range(10):
+            images = torch.randn(8, 3, 32, 32, generator=generator) * torch.rand(8, 1, 1, 1, generator=generator) * 3
+            logits = as_logits(compiled(images))
+            compiled_frames.append(counter.frame_count)
+            widths.add(int(ats.last_stats(model).tokens_out[:, -1].max()))
+            assert torch.allclose(logits, as_logits(model(images)), atol=1e-5)
+    recompiling_batches = sum(after > before for before, after in zip(compiled_frames[1:], compiled_frames[2:]))
+    assert len(widths) >= 3 and recompiling_batches <= 4

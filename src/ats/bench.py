@@ -7,11 +7,12 @@ each number is the median of the repeats.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import statistics
 import sys
-from typing import List, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -52,10 +53,18 @@ def bench_images(model: nn.Module, batch_size: int, reference: bool) -> torch.Te
     return torch.randn(batch_size, *family_of(model).input_size(model), generator=generator).to(device)
 
 
+#: What one row times: (the callable, the module behind it whose statistics to read, its config or None).
+Contender = Tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module, Optional[ATSConfig]]
+
+
 @torch.inference_mode()
 def bench(model: nn.Module, configs: Sequence[ATSConfig], batch_sizes: Sequence[int], repeats: int = 5,
-          warmup: int = 2, reference: bool = False) -> List[BenchRow]:
-    """Rows for the unpatched model and each config at each batch size; the model is left unpatched."""
+          warmup: int = 2, reference: bool = False, compile: bool = False) -> List[BenchRow]:
+    """Rows for the unpatched model and each config at each batch size; the model is left unpatched.
+
+    compile: time ``torch.compile`` of the unpatched model and of a patched copy per config instead
+    (the warm-up repeats then include compiling).
+    """
     if repeats < 1 or any(size < 1 for size in batch_sizes):
         raise ValueError(f"--repeats and --batch-size must be >= 1, got {repeats} and {list(batch_sizes)}")
     model.eval()
@@ -64,36 +73,42 @@ def bench(model: nn.Module, configs: Sequence[ATSConfig], batch_sizes: Sequence[
     family = family_of(model)
     depth = family.depth(model)
     full = float(family.shape(model).num_tokens)
+    contenders = compiled_contenders(model, configs) if compile else [
+        (model, model, config) for config in [None, *configs]]
     rows = []
     try:
         for batch_size in batch_sizes:
             images = bench_images(model, batch_size, reference)
-            timings: List[List[float]] = [[] for _ in range(len(configs) + 1)]
-            stats = []
-            for config in configs:
-                ats.patch(model, config)
-                model(images)
-                stats.append(ats.last_stats(model))
-            ats.unpatch(model)
+            timings: List[List[float]] = [[] for _ in contenders]
             for repeat in range(warmup + repeats):
-                for index, config in enumerate([None, *configs]):
-                    set_config(model, config)
-                    seconds = time_forward(model, images)
+                for index, (forward, _, config) in enumerate(contenders):
+                    if not compile:
+                        set_config(model, config)
+                    seconds = time_forward(forward, images)
                     if repeat >= warmup:
                         timings[index].append(seconds)
-            set_config(model, None)
             base_throughput = batch_size / statistics.median(timings[0])
             rows.append(BenchRow("unpatched", batch_size, base_throughput, base_gflops, 1.0, 1.0, 1.0, threads,
                                  [full] * depth))
-            for config, config_stats, seconds in zip(configs, stats, timings[1:]):
+            for (forward, module, config), seconds in zip(contenders[1:], timings[1:]):
+                if not compile:
+                    set_config(model, config)
+                forward(images)
+                stats = ats.last_stats(module)
                 throughput = batch_size / statistics.median(seconds)
-                gflops = float(config_stats.gflops.mean())
+                gflops = float(stats.gflops.mean())
                 speedup, flop_ratio = throughput / base_throughput, base_gflops / gflops
                 rows.append(BenchRow(config.describe(), batch_size, throughput, gflops, speedup, flop_ratio,
-                                     speedup / flop_ratio, threads, config_stats.tokens.float().mean(0).tolist()))
+                                     speedup / flop_ratio, threads, stats.tokens.float().mean(0).tolist()))
     finally:
         set_config(model, None)
     return rows
+
+
+def compiled_contenders(model: nn.Module, configs: Sequence[ATSConfig]) -> List[Contender]:
+    """torch.compile of the model, then of a patched copy per config."""
+    copies = [ats.patch(copy.deepcopy(model), config) for config in configs]
+    return [(torch.compile(module), module, config) for module, config in zip([model, *copies], [None, *configs])]
 
 
 def format_rows(rows: Sequence[BenchRow]) -> str:
@@ -115,6 +130,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (pinned)")
     parser.add_argument("--compare-padded", action="store_true",
                         help="add each config with packing='padded' (every later block on all padded positions)")
+    parser.add_argument("--compile", action="store_true",
+                        help="time torch.compile of the unpatched model and of each patched one (first call "
+                             "compiles: keep --warmup >= 2)")
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows")
     parser.set_defaults(func=run)
 
@@ -128,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     if args.compare_padded:
         configs += [dataclasses.replace(config, packing="padded") for config in configs]
     rows = bench(model, configs, args.batch_size or [1, 64], args.repeats, args.warmup,
-                 reference=args.model == REFERENCE)
+                 reference=args.model == REFERENCE, compile=args.compile)
     print(f"threads: {torch.get_num_threads()}", file=sys.stderr)
     print(json.dumps([row.to_json() for row in rows], indent=1) if args.json else format_rows(rows))
     return 0

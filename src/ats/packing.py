@@ -10,7 +10,6 @@ gathering and scattering rows in every block.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import cached_property
 from typing import Optional
 
 import torch
@@ -69,7 +68,7 @@ class TokenBatch:
         """True when no image has padding, a frozen class token or sizes: plain timm blocks apply."""
         return self.full and self.cls_live is None and self.sizes is None
 
-    @cached_property
+    @property
     def position_mask(self) -> torch.Tensor:
         """[B, m] bool, True where a position holds a token (frozen class token included)."""
         return torch.arange(self.width, device=self.lengths.device) < self.lengths[:, None]
@@ -91,7 +90,7 @@ class TokenBatch:
         (log size, -inf on masked keys); None when every key counts once."""
         mask = self.key_mask
         if self.sizes is not None:
-            log_size = self.pad(self.sizes[:, None].log())[..., 0]
+            log_size = self.pad_values(self.sizes.log())
             return log_size.masked_fill(~mask, float("-inf"))[:, None, None, :]
         return None if mask is None else mask[:, None, None, :]
 
@@ -135,6 +134,15 @@ class TokenBatch:
             padded.index_copy_(0, self.row_index, rows)
             return padded.view(self.batch_size, self.width, -1)
 
+    def pad_values(self, values: torch.Tensor) -> torch.Tensor:
+        """Scatter one value per row [T] into the padded layout [B, m] (zeros on padding).
+
+        Apart from ``pad`` so that torch.compile keeps fewer variants of each function."""
+        if self.row_index is None:
+            return values.view(self.batch_size, self.width)
+        return values.new_zeros(self.batch_size * self.width).index_copy_(0, self.row_index, values).view(
+            self.batch_size, self.width)
+
     def unpad(self, padded: torch.Tensor) -> torch.Tensor:
         """Gather the valid rows [T, D] of a padded tensor [B, m, D]."""
         flat = padded.reshape(self.batch_size * self.width, -1)
@@ -150,13 +158,15 @@ class TokenBatch:
     def padded_sizes(self) -> torch.Tensor:
         """[B, m] float sizes in the padded layout (1 for every token when none were merged)."""
         sizes = self.sizes if self.sizes is not None else self.rows.new_ones(self.rows.shape[0])
-        return self.pad(sizes[:, None])[..., 0]
+        return self.pad_values(sizes)
 
+    @torch.compiler.disable
     def select(self, keep: torch.Tensor) -> tuple["TokenBatch", torch.Tensor]:
         """Keep the positions marked in keep [B, m], packed to the lowest indices in their order.
 
         Returns the new batch (rows gathered) and ``rows_from`` [T'], the old row of each new row (to
-        gather any other per-row tensor). The one host sync sizes the new batch.
+        gather any other per-row tensor). The one host sync sizes the new batch; torch.compile leaves
+        this method to eager mode, as it would otherwise compile it anew for every batch size it sees.
         """
         with region("ats.pack"):
             return self._select(keep)

@@ -4,7 +4,8 @@
         model(images)
     # events "ats.score_and_sample", "ats.fuse", "ats.pack": their inclusive CPU time is ATS's overhead
 
-Outside a profiler a region is a no-op (one flag check), so the forward pays nothing for it.
+Outside a profiler, and under torch.compile, a region is a no-op (one flag check), so the forward
+pays nothing for it.
 """
 from __future__ import annotations
 
@@ -20,4 +21,6 @@ REGIONS = ("ats.score_and_sample", "ats.fuse", "ats.pack")
 
 def region(name: str) -> ContextManager:
     """``with region("ats.pack"): ...`` labels the enclosed ops for torch.profiler (no-op otherwise)."""
-    return record_function(name) if torch.autograd._profiler_enabled() else nullcontext()
+    if torch.compiler.is_compiling() or not torch.autograd._profiler_enabled():
+        return nullcontext()
+    return record_function(name)

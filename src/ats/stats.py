@@ -100,9 +100,12 @@ class ForwardRecord:
     tokens_out: List[torch.Tensor] = field(default_factory=list)
     sampling: Dict[int, BlockSampling] = field(default_factory=dict)
 
+    @torch.compiler.disable
     def record_sampling(self, index: int, source_before: torch.Tensor, source_after: torch.Tensor,
                         scores: Optional[torch.Tensor], cls_attention: Optional[torch.Tensor]) -> None:
-        """Keep what block ``index`` chose. scores, cls_attention: [B, m_before] or None."""
+        """Keep what block ``index`` chose. scores, cls_attention: [B, m_before] or None.
+
+        Not compiled: torch.compile would make one graph per block index for a dictionary write."""
         self.sampling[index] = BlockSampling(source_before, source_after, _detached(scores), _detached(cls_attention))
 
     def finish(self, shape: ViTShape, block_costs: Mapping[int, BlockCost]) -> ATSStats:

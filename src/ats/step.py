@@ -9,7 +9,8 @@ queries only; later blocks mask padded keys. Nothing here knows a family's modul
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from functools import partial
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ from .sampling import (
     top_up,
     topk_sample,
 )
-from .stats import ForwardRecord
+from .stats import BlockSampling, ForwardRecord
 
 Layer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -47,7 +48,9 @@ class BlockParts:
     qkv: normed rows [T, C] -> [T, 3A], the queries, keys and values side by side (heads in order);
     q_norm, k_norm: per-head norms on [B, h, n, d]; attn_drop: dropout on attention probabilities;
     drop_path1/2: stochastic-depth modules (anything with ``drop_prob`` and optionally ``scale_by_keep``),
-    applied per image; dense: the block's own forward on a batch with no padding [B, N, C].
+    applied per image; dense: the block's own forward on a batch with no padding [B, N, C];
+    checkpoint: gradient checkpointing as the user turned it on for this block (called like
+    ``torch.utils.checkpoint.checkpoint``), None when the block keeps its activations.
     """
 
     norm1: Layer
@@ -71,6 +74,7 @@ class BlockParts:
     mlp_drop: Layer = identity
     ls2: Layer = identity
     drop_path2: Optional[nn.Module] = None
+    checkpoint: Optional[Callable] = None
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, m, A] -> [B, h, m, d], a view."""
@@ -97,18 +101,31 @@ def run_blocks(blocks: Sequence[BlockParts], x: torch.Tensor, config: PatchConfi
     record = ForwardRecord()
     for index, parts in enumerate(blocks):
         record.tokens_in.append(batch.live_tokens)
-        if index < start:
-            pass
-        elif merging and index >= config.first:
-            batch = merge_block(parts, batch, config.r, num_prefix_tokens, record, index)
-        elif not merging and index in config.budgets:
-            batch = ats_block(parts, batch, config.budgets[index], config, num_prefix_tokens, has_cls, record, index)
-        elif batch.is_dense:
-            batch = batch.with_rows(parts.dense(batch.dense()).reshape(batch.rows.shape))
-        else:
-            batch = masked_block(parts, batch)
+        if index >= start:
+            step = run_block
+            if parts.checkpoint is not None and torch.is_grad_enabled():
+                step = partial(parts.checkpoint, run_block, use_reentrant=False)
+            batch, sampling = step(parts, batch, config, index, num_prefix_tokens, has_cls)
+            record.sampling.update(sampling)
         record.tokens_out.append(batch.live_tokens)
     return batch, record
+
+
+def run_block(parts: BlockParts, batch: TokenBatch, config: PatchConfig, index: int, num_prefix_tokens: int,
+              has_cls: bool) -> Tuple[TokenBatch, Dict[int, BlockSampling]]:
+    """Run block ``index`` of a model under ``config``; returns its output and what it chose (if it
+    samples or merges). Side-effect free, so gradient checkpointing may run it again in the backward
+    pass (with the same random numbers, so it samples the same tokens)."""
+    record = ForwardRecord()
+    if isinstance(config, MergeConfig):
+        if index >= config.first:
+            return merge_block(parts, batch, config.r, num_prefix_tokens, record, index), record.sampling
+    elif index in config.budgets:
+        batch = ats_block(parts, batch, config.budgets[index], config, num_prefix_tokens, has_cls, record, index)
+        return batch, record.sampling
+    if batch.is_dense:
+        return batch.with_rows(parts.dense(batch.dense()).reshape(batch.rows.shape)), record.sampling
+    return masked_block(parts, batch), record.sampling
 
 
 def _attend(parts: BlockParts, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -193,8 +210,8 @@ def choose_tokens(batch: TokenBatch, qkv: torch.Tensor, q: torch.Tensor, k: torc
     key_bias = None if mask is None or mask.dtype == torch.bool else mask[:, 0, 0]
     if config.score == "cls":
         cls_attention = class_attention(q[:, :, 0], k.transpose(1, 2), scale, key_mask, key_bias)
-        value_norm = torch.linalg.vector_norm(qkv.chunk(3, dim=-1)[2], dim=-1, keepdim=True)
-        scores = cls_scores(cls_attention, batch.pad(value_norm)[..., 0], candidates)
+        value_norm = torch.linalg.vector_norm(qkv.chunk(3, dim=-1)[2], dim=-1)
+        scores = cls_scores(cls_attention, batch.pad_values(value_norm), candidates)
     else:
         attention = masked_softmax_logits(q, k, scale, key_mask, key_bias)
         scores = self_attention_scores(attention, key_mask, candidates)

@@ -7,8 +7,8 @@ and unpatching restores the class.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple, Type
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
@@ -84,6 +84,11 @@ class Family:
         ``logits(model, images)``, without running the first ``start`` blocks again."""
         raise NotImplementedError
 
+    def checkpoint_function(self, model: nn.Module, block: nn.Module) -> Optional[Callable]:
+        """How to checkpoint ``block`` when the user turned on gradient checkpointing the family's way
+        (called like ``torch.utils.checkpoint.checkpoint``), else None."""
+        return None
+
     def depth(self, model: nn.Module) -> int:
         return len(self.blocks(model))
 
@@ -132,7 +137,8 @@ class Family:
         if key not in state.shapes:
             state.shapes[key] = self.shape(model, input_size)
         shape = state.shapes[key]
-        parts = [self.block_parts(block) for block in self.blocks(model)]
+        parts = [replace(self.block_parts(block), checkpoint=self.checkpoint_function(model, block))
+                 for block in self.blocks(model)]
         batch, record = run_blocks(parts, x, state.config, shape.num_prefix_tokens, self.has_class_token(model),
                                    start)
         state.last_stats = record.finish(shape, state.config.block_costs(shape))

@@ -106,6 +106,19 @@ def _fused_qkv(q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, y: torch
     return torch.cat([q_proj(y), k_proj(y), v_proj(y)], dim=-1)
 
 
+def _checkpointed(layer: nn.Module) -> bool:
+    return getattr(layer, "gradient_checkpointing", False) and layer.training
+
+
+def _dense_forward(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The layer itself; under gradient checkpointing its forward without transformers' checkpointing
+    wrapper, since run_blocks checkpoints every block the same way."""
+    if not _checkpointed(layer):
+        return layer
+    forward = type(layer).forward
+    return partial(getattr(forward, "__wrapped__", forward), layer)
+
+
 class ATSHuggingFaceModel(PatchedModel):
     """Mixed in before a transformers model class by ``HuggingFaceViT.patch``; ``HF`` is the adapter."""
 
@@ -177,13 +190,18 @@ class HuggingFaceViT(Family):
         attn = layer.attention
         common = dict(qkv=partial(_fused_qkv, attn.q_proj, attn.k_proj, attn.v_proj),
                       num_heads=attn.num_attention_heads, head_dim=attn.head_dim, scale=attn.scaling,
-                      proj=attn.o_proj, mlp=layer.mlp, dense=layer, training=layer.training,
+                      proj=attn.o_proj, mlp=layer.mlp, dense=_dense_forward(layer), training=layer.training,
                       attn_drop=attn.attention_dropout)
         if hasattr(layer, "layernorm_before"):  # ViT, DeiT
             return BlockParts(norm1=layer.layernorm_before, norm2=layer.layernorm_after, proj_drop=layer.dropout,
                               mlp_drop=layer.dropout, **common)
         return BlockParts(norm1=layer.norm1, norm2=layer.norm2, ls1=layer.layer_scale1, ls2=layer.layer_scale2,
                           drop_path1=layer.drop_path, drop_path2=layer.drop_path, **common)
+
+    def checkpoint_function(self, model: nn.Module, layer: nn.Module) -> Optional[Callable]:
+        """After ``model.activation_checkpointing_enable(...)``: the function it gave each layer it chose
+        (``every_n_layers``, ``offload``), in training only, as in transformers."""
+        return layer._gradient_checkpointing_func if _checkpointed(layer) else None
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         """The class token, DeiT's distillation token and DINOv2's register tokens."""

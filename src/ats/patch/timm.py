@@ -5,13 +5,14 @@ average pooling weighs valid tokens by their size; ``forward_head`` and everythi
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import timm.data
 import torch
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..flops import ViTShape, conv_patch_flops, linear_flops, patch_grid
 from ..step import BlockParts
@@ -80,6 +81,10 @@ class TimmViT(Family):
                           training=block.training, attn_drop=attn.attn_drop.p, q_norm=attn.q_norm,
                           k_norm=attn.k_norm, out_norm=attn.norm, gate=attn.gate, proj_drop=attn.proj_drop,
                           ls1=block.ls1, drop_path1=block.drop_path1, ls2=block.ls2, drop_path2=block.drop_path2)
+
+    def checkpoint_function(self, model: VisionTransformer, block: Block) -> Optional[Callable]:
+        """After ``model.set_grad_checkpointing()``, every block."""
+        return checkpoint if model.grad_checkpointing else None
 
     def shape(self, model: VisionTransformer, input_size: Optional[Sequence[int]] = None) -> ViTShape:
         patch_embed = model.patch_embed
