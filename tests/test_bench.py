@@ -28,3 +28,15 @@ def test_bench_rows_are_consistent(checkpoint, capsys):
 def test_bench_refuses_bad_sizes(argv, message, checkpoint, capsys):
     assert main(["bench", "--checkpoint", str(checkpoint), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_compile_times_compiled_models_with_the_same_flops(checkpoint, capsys):
+    argv = ["bench", "--checkpoint", str(checkpoint), "--multi-stage", "0.7", "--batch-size", "2", "--repeats", "1",
+            "--warmup", "1", "--json"]
+    assert main(argv) == 0
+    eager = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--compile"]) == 0
+    compiled = json.loads(capsys.readouterr().out)
+    assert [row["config"] for row in compiled] == ["unpatched", "rho=0.7 @ blocks 3..11"]
+    assert compiled[1]["gflops"] == pytest.approx(eager[1]["gflops"])
+    assert compiled[1]["tokens_per_block"] == pytest.approx(eager[1]["tokens_per_block"])

@@ -44,6 +44,23 @@ def test_torch_save_and_load_keep_the_model_patched(name):
     assert type(loaded).__name__ == type(model).__name__.removeprefix("ATS")
 
 
+def refused_entry_points(name: str):
+    """The forward entry points of each family that would skip ATS, as calls on (model, images)."""
+    if name.startswith("timm"):
+        return {"forward_intermediates": lambda model, images: model.forward_intermediates(images)}
+    return {"output_hidden_states": lambda model, images: model(images, output_hidden_states=True),
+            "output_attentions": lambda model, images: model(images, output_attentions=True)}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_entry_points_that_would_skip_ats_are_refused_with_the_way_out(name):
+    model = ats.patch(MODELS[name](), config_for(name))
+    for entry_point, call in refused_entry_points(name).items():
+        with pytest.raises((NotImplementedError, ValueError), match="ats.unpatch") as error:
+            call(model, contrasted_images())
+        assert entry_point in str(error.value)
+
+
 def test_timm_forward_intermediates_is_refused_and_pre_logits_pools_valid_tokens():
     model = ats.patch(tiny_vit(class_token=False, global_pool="avg"), config_for("average"))
     images = contrasted_images()

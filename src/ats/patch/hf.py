@@ -142,13 +142,13 @@ def _refuse_unsupported(model: nn.Module, attention_mask, bool_masked_pos, outpu
                         kwargs: dict) -> None:
     config = model.config
     if output_hidden_states or (output_hidden_states is None and getattr(config, "output_hidden_states", False)):
-        raise ValueError("a patched model cannot return hidden states: after an ATS block each image has its own "
-                         "token count. Read ats.last_stats(model) for the tokens each block kept, or "
-                         "ats.unpatch(model) for the full hidden states")
+        raise ValueError("output_hidden_states: a patched model cannot return hidden states: after an ATS block "
+                         "each image has its own token count. Read ats.last_stats(model) for the tokens each block "
+                         "kept, or ats.unpatch(model) for the full hidden states")
     if output_attentions or (output_attentions is None and getattr(config, "output_attentions", False)):
-        raise ValueError("a patched model cannot return attention maps: ATS blocks compute attention for the kept "
-                         "queries only. ats.last_stats(model).cls_attention has the class token's attention in "
-                         "every ATS block; ats.unpatch(model) for the full maps")
+        raise ValueError("output_attentions: a patched model cannot return attention maps: ATS blocks compute "
+                         "attention for the kept queries only. ats.last_stats(model).cls_attention has the class "
+                         "token's attention in every ATS block; ats.unpatch(model) for the full maps")
     if attention_mask is not None or bool_masked_pos is not None:
         raise ValueError("a patched model takes no attention_mask or bool_masked_pos: ATS makes its own masks; "
                          "ats.unpatch(model) to use them")
