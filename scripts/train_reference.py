@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from tqdm import tqdm
 
+from ats.checkpoints import save_atomic
 from ats.datasets import bundled_test_set, fashion_mnist_train, normalise
 from ats.reference import create_reference_model
 
@@ -149,13 +150,13 @@ def main() -> None:
         print(json.dumps(record), flush=True)
         with open(args.out_dir / "log.jsonl", "a") as log:
             log.write(json.dumps(record) + "\n")
-        torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        generator=generator.get_state(), torch_rng=torch.get_rng_state(), epoch=epoch,
-                        args=vars(args)), last)
+        save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                         generator=generator.get_state(), torch_rng=torch.get_rng_state(), epoch=epoch,
+                         args=vars(args)), last)
 
     if args.export:
         args.export.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({name: tensor.half() for name, tensor in model.state_dict().items()}, args.export)
+        save_atomic({name: tensor.half() for name, tensor in model.state_dict().items()}, args.export)
         print(f"wrote {args.export}")
 
 

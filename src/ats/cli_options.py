@@ -32,6 +32,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_model(args: argparse.Namespace) -> nn.Module:
     """The model the flags name, in eval mode on ``args.device``."""
+    from .checkpoints import load_weights
     from .reference import load_reference_model
 
     if args.checkpoint is not None and not args.checkpoint.is_file():
@@ -39,9 +40,6 @@ def load_model(args: argparse.Namespace) -> nn.Module:
                                 "saved state dict or training checkpoint")
     if args.model.startswith(HF_PREFIX):
         model = load_hf_model(args.model[len(HF_PREFIX):], download=args.pretrained)
-        if args.checkpoint is not None:
-            state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-            model.load_state_dict(state.get("model", state))
     elif args.model == REFERENCE:
         if args.pretrained:
             raise ValueError("--pretrained needs a timm model name (--model deit_small_patch16_224); the "
@@ -51,8 +49,9 @@ def load_model(args: argparse.Namespace) -> nn.Module:
         if args.model not in timm.list_models():
             raise ValueError(f"unknown timm model {args.model!r}; see timm.list_models('deit*') or "
                              "timm.list_models('vit*') for names")
-        model = timm.create_model(args.model, pretrained=args.pretrained,
-                                  checkpoint_path=str(args.checkpoint) if args.checkpoint else "")
+        model = timm.create_model(args.model, pretrained=args.pretrained)
+    if args.checkpoint is not None and args.model != REFERENCE:
+        load_weights(model, args.checkpoint)
     return model.to(args.device).eval()
 
 

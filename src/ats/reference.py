@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import torch
 from timm.models.vision_transformer import VisionTransformer
+
+from .checkpoints import load_weights
 
 REFERENCE_KWARGS = dict(img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_dim=96, depth=12,
                         num_heads=3, mlp_ratio=4.0, class_token=True, global_pool="token")
@@ -39,8 +40,4 @@ def load_reference_model(path: Optional[Path] = None) -> VisionTransformer:
     path = Path(path) if path is not None else REFERENCE_CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"reference checkpoint {path} does not exist; make it with {TRAINING_COMMAND}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("model", state)
-    model = create_reference_model()
-    model.load_state_dict({name: tensor.float() for name, tensor in state.items()})
-    return model.eval()
+    return load_weights(create_reference_model(), path).eval()

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import ats
 
+from .checkpoints import save_atomic
 from .cli_options import add_config_arguments, add_model_arguments, configs_from_arguments, load_model
 from .config import ATSConfig
 from .datasets import build_dataset, training_set
@@ -190,8 +191,8 @@ def save(args: argparse.Namespace, model: nn.Module, optimizer: torch.optim.Opti
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                  scaler=scaler.state_dict(), epoch=epoch, config=config.describe(),
                  args={key: str(value) for key, value in vars(args).items() if key != "func"})
-    torch.save(state, args.out / CHECKPOINT)
-    torch.save(model.state_dict(), args.out / WEIGHTS)
+    save_atomic(state, args.out / CHECKPOINT)
+    save_atomic(model.state_dict(), args.out / WEIGHTS)
     with open(args.out / LOG, "a") as log:
         log.write(json.dumps(record) + "\n")
 
