@@ -1,4 +1,6 @@
 """Checkpoint files: atomic writes, and clear errors for files that are not what --checkpoint expects."""
+import os
+
 import pytest
 import torch
 
@@ -57,3 +59,12 @@ def test_a_list_saved_with_torch_save_is_not_a_state_dict(tmp_path):
     torch.save([torch.ones(2)], path)
     with pytest.raises(ValueError, match="no state dict"):
         read_state_dict(path)
+
+
+def test_saved_files_get_the_permissions_of_a_plain_open(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        save_atomic({"w": torch.zeros(1)}, tmp_path / "weights.pt")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "weights.pt").stat().st_mode & 0o777 == 0o644

@@ -20,7 +20,8 @@ def test_multi_stage_every_other_block():
     assert ats.ATSConfig.multi_stage(1.0, fuse=True, distinct=0.95).describe() == \
         "rho=1 @ blocks 3..11 (fuse, distinct=0.95)"
     uneven = ats.ATSConfig(blocks={3: 1.0, 5: 1.0, 9: 1.0})
-    assert uneven.describe() == "rho=1 @ block 3, rho=1 @ block 5, rho=1 @ block 9"
+    assert uneven.describe() == "rho=1 @ blocks 3, 5, 9"
+    assert ats.ATSConfig({3: 0.5, 4: 10}).describe() == "rho=0.5 @ block 3, K=10 @ block 4"
 
 
 def test_single_stage_and_custom_blocks():

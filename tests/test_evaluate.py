@@ -46,7 +46,32 @@ def test_eval_passes_fuse_distinct_and_min_kept_to_every_config(checkpoint, caps
     assert rows[1]["tokens_per_block"][4] >= 1 + 0.5 * 196
 
 
+def test_eval_stacks_each_evit_config_with_each_ats_config(checkpoint, capsys):
+    rows = run_json(capsys, "eval", "--checkpoint", str(checkpoint), "--limit", "4", "--evit", "0.7", "--evit", "0.5",
+                    "--blocks", "4-5:0.7,7-8:0.7,10-11:0.7", "--repeats", "1", "--json")
+    assert [row["method"] for row in rows] == ["unpatched", "evit+ats", "evit+ats"]
+    assert rows[1]["config"] == "EViT keep_rate=0.7 @ blocks 3, 6, 9 + rho=0.7 @ blocks 4, 5, 7, 8, 10, 11"
+    assert rows[1]["tokens_per_block"][4] == 1 + 138 + 1 and rows[2]["tokens_per_block"][4] == 1 + 98 + 1
+    evit_only = run_json(capsys, "eval", "--checkpoint", str(checkpoint), "--limit", "4", "--evit", "0.7",
+                         "--evit-blocks", "2,5", "--repeats", "1", "--json")
+    assert [row["config"] for row in evit_only] == ["unpatched", "EViT keep_rate=0.7 @ blocks 2, 5"]
+    with pytest.raises(SystemExit):
+        main(["eval", "--evit", "0.7", "--evit-blocks", "3,x"])
+    assert "'3,x' is not a comma-separated list of block indices" in capsys.readouterr().err
+
+
+def test_eval_runs_the_merging_baseline_beside_other_configs(checkpoint, capsys):
+    rows = run_json(capsys, "eval", "--checkpoint", str(checkpoint), "--limit", "4", "--merge", "16", "--evit", "0.7",
+                    "--repeats", "1", "--json")
+    assert [(row["method"], row["config"]) for row in rows] == [
+        ("unpatched", "unpatched"), ("evit", "EViT keep_rate=0.7 @ blocks 3, 6, 9"), ("merge", "merge r=16")]
+    assert rows[2]["tokens_per_block"] == [197 - 16 * block for block in range(12)]
+    assert rows[2]["kept_tokens_max"] == 11  # the last block merges 20 // 2 = 10 of its 20 patch tokens
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--evit", "0.7", "--multi-stage", "0.7"], "both claim block 3"),
+    (["--evit", "1.2"], "keep_rate must lie in (0, 1]"),
     (["--data", "/nonexistent/folder"], "does not exist"),
     (["--limit", "0"], "--limit"),
     (["--model", "no_such_model"], "unknown timm model"),
@@ -62,10 +87,12 @@ def test_eval_errors_name_the_problem(argv, message, checkpoint, capsys):
 def test_compare_runs_every_method(checkpoint, capsys, tmp_path):
     plot = tmp_path / "frontier.png"
     rows = run_json(capsys, "compare", "--checkpoint", str(checkpoint), "--limit", "6", "--rho", "0.8",
-                    "--min-kept", "0.9", "--distinct", "0.8", "--merge-r", "8", "--repeats", "1", "--plot", str(plot),
-                    "--json")
-    assert [row["method"] for row in rows] == ["unpatched"] + ["ats"] * 7 + ["topk", "merge"]
-    assert len({row["variant"] for row in rows}) == 10
+                    "--min-kept", "0.9", "--distinct", "0.8", "--merge-r", "8", "--evit", "0.6", "--repeats", "1",
+                    "--plot", str(plot), "--json")
+    assert [row["method"] for row in rows] == ["unpatched"] + ["ats"] * 7 + ["topk", "evit", "merge"]
+    assert len({row["variant"] for row in rows}) == 11
+    assert rows[-2]["config"] == "EViT keep_rate=0.6 @ blocks 3, 6, 9"
+    assert rows[-2]["tokens_per_block"][4] == 1 + 118 + 1
     assert "rho=1 @ blocks 3..11 (fuse, distinct=0.8)" in [row["config"] for row in rows]
     assert all(row["gflops"] < rows[0]["gflops"] for row in rows[1:])
     assert plot.stat().st_size > 0

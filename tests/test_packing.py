@@ -1,5 +1,6 @@
 import torch
 
+import ats
 from ats.merging import bipartite_soft_matching, cosine_similarity, fold, keep_distinct, nearest_kept
 from ats.packing import TokenBatch
 
@@ -78,9 +79,34 @@ def test_keep_distinct_keeps_one_token_of_each_unrepresented_group():
 
 
 def test_bipartite_matching_merges_r_tokens_of_set_a_into_set_b():
-    metric = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [1.0, 0.05], [0.0, 1.0], [1.0, 1.0]]])
-    movable = torch.tensor([[False, True, True, True, True]])
-    target = bipartite_soft_matching(metric, 1, movable)
-    # A = positions 1, 3 (even ranks), B = 2, 4; position 1 matches 2 best
-    assert target.tolist() == [[0, 2, 2, 3, 4]]
-    assert (bipartite_soft_matching(metric, 5, movable) != torch.arange(5)).sum() == 2
+    metric = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [1.0, 0.05], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]]])
+    movable = torch.tensor([[False, True, True, True, True, True]])
+    target, side_b = bipartite_soft_matching(metric, 1, movable)
+    # as in ToMe: A = even positions 2, 4 (0 is the class token), B = odd positions 1, 3, 5;
+    # position 2 matches 1 best (cosine 0.999), position 4 matches 1, 3 and 5 equally (0.707)
+    assert side_b.tolist() == [[False, True, False, True, False, True]]
+    assert target.tolist() == [[0, 1, 1, 3, 4, 5]]
+    # at most half the movable tokens merge (ToMe: (tokens - protected) // 2): 5 // 2 = 2
+    assert (bipartite_soft_matching(metric, 5, movable)[0] != torch.arange(6)).sum() == 2
+
+
+def test_merging_blocks_order_tokens_as_tome_does(model, images):
+    """After a merging block: the class token, the unmerged set-A tokens, then set B (ToMe's order)."""
+    ats.patch(model, ats.MergeConfig(r=8, first=2))
+    with torch.no_grad():
+        model(images)
+    stats = ats.last_stats(model)
+    source = stats.sampling[2].source_after[0]
+    assert source[0] == 0 and len(source) == 65 - 8
+    unmerged_a, side_b = source[1:1 + 32 - 8], source[1 + 32 - 8:]
+    assert (unmerged_a % 2 == 0).all() and (unmerged_a.diff() > 0).all()
+    assert torch.equal(side_b, torch.arange(1, 65, 2))
+    assert stats.tokens_out[0, 2:].tolist() == [57, 49, 41, 33]
+
+
+def test_select_puts_the_positions_marked_last_after_the_others():
+    batch = TokenBatch.from_dense(torch.randn(2, 5, 3))
+    kept, _ = batch.select(torch.tensor([[True, True, False, True, True], [True, False, True, True, False]]),
+                           last=torch.tensor([[False, True, False, False, False], [False] * 5]))
+    assert kept.source.tolist() == [[0, 3, 4, 1], [0, 2, 3, -1]]
+    assert kept.last_rows.tolist() == [3, 6]

@@ -23,6 +23,8 @@ CONFIGS = {
     "fuse_distinct": ats.ATSConfig.multi_stage(0.87, first=1, depth=6, fuse=True, distinct=0.5),
     "padded": ats.ATSConfig.multi_stage(0.87, first=1, depth=6, packing="padded"),
     "merge": ats.MergeConfig(r=6),
+    "evit": ats.EViTConfig(0.6, blocks=(1, 3)),
+    "evit_ats": ats.StackedConfig(ats.EViTConfig(0.6, blocks=(1, 4)), ats.ATSConfig({2: 0.87, 3: 0.87, 5: 0.87})),
 }
 
 
@@ -34,7 +36,7 @@ def test_images_do_not_depend_on_their_batch_mates(name, model, images):
         tokens = ats.last_stats(model).tokens
         alone = torch.cat([model(image[None]) for image in images])
     assert (together - alone).abs().max() < 1e-4
-    if name not in ("merge", "topk"):  # these remove the same number of tokens from every image
+    if name not in ("merge", "topk", "evit"):  # these remove the same number of tokens from every image
         assert len(set(tokens[:, -1].tolist())) > 1, "kept-token counts should differ between images"
 
 
@@ -109,7 +111,7 @@ def test_repatching_replaces_the_config(model, images):
 
 
 @pytest.mark.parametrize("name", ["multi_stage", "fuse_min_kept", "fraction_floor", "fuse_distinct",
-                                  "cls_not_enforced", "merge", "padded"])
+                                  "cls_not_enforced", "merge", "padded", "evit", "evit_ats"])
 def test_gradients_reach_every_parameter_in_train_mode(name, images):
     model = tiny_vit(drop_path_rate=0.1, init_values=1e-2).train()
     ats.patch(model, CONFIGS[name])

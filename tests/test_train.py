@@ -1,8 +1,11 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,15 +33,35 @@ def test_training_writes_checkpoints_and_resumes(checkpoint, fashion_train, tmp_
     initial = torch.load(checkpoint, weights_only=True)
     assert any(not torch.equal(trained[name], initial[name]) for name in initial)
 
-    assert main(train_argv(checkpoint, fashion_train, out, "--epochs", "2", "--resume")) == 0
+    export = tmp_path / "exported.pt"
+    assert main(train_argv(checkpoint, fashion_train, out, "--epochs", "2", "--resume", "--export", str(export))) == 0
     assert [line["epoch"] for line in log_lines(out)] == [0, 1]
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     assert state["epoch"] == 1 and state["config"] == "rho=0.72 @ blocks 3..11"
+    exported = torch.load(export, weights_only=True)
+    assert all(exported[name].dtype == torch.float16 and torch.equal(exported[name], tensor.half())
+               for name, tensor in state["model"].items())
+
+
+def test_training_evit_alone_and_stacked_with_ats(checkpoint, fashion_train, tmp_path):
+    base = ["train", "--checkpoint", str(checkpoint), "--data", str(fashion_train), "--limit", "16",
+            "--batch-size", "8", "--val-limit", "10", "--epochs", "1", "--evit", "0.7"]
+    assert main([*base, "--out", str(tmp_path / "evit")]) == 0
+    evit = log_lines(tmp_path / "evit")[0]
+    assert torch.load(tmp_path / "evit" / "checkpoint.pt", weights_only=False)["config"] == \
+        "EViT keep_rate=0.7 @ blocks 3, 6, 9"
+    stacked_argv = [*base, "--blocks", "4-5:0.7,7-8:0.7,10-11:0.7", "--stochastic", "--out", str(tmp_path / "both")]
+    stacked_argv[2] = str(tmp_path / "evit" / "model.pt")
+    assert main(stacked_argv) == 0
+    both = log_lines(tmp_path / "both")[0]
+    assert 0.2 < evit["gflops"] < 0.23 and both["gflops"] < evit["gflops"]
 
 
 @pytest.mark.parametrize("extra, message", [
+    (["--evit", "0.7", "--multi-stage", "0.7"], "both claim block 3"),
+    (["--evit", "0.7", "--evit", "0.5", "--evit-blocks", "1,2"], "training takes one config, got 2"),
     (["--epochs", "0"], "--epochs"),
-    (["--single-stage", "108"], "one ATS config"),
+    (["--single-stage", "108"], "training takes one config"),
     (["--data", "/nonexistent/images"], "does not exist"),
     (["--resume"], "--resume"),
 ])
@@ -58,3 +81,86 @@ def test_two_processes_keep_identical_replicas(checkpoint, fashion_train, tmp_pa
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     assert [line["epoch"] for line in log_lines(out)] == [0]  # rank 0 alone writes the log
     assert (out / "checkpoint.pt").is_file()
+
+
+def resumable_argv(checkpoint, data, out):
+    """Two epochs of four steps, a checkpoint after every step."""
+    return train_argv(checkpoint, data, out, "--epochs", "2", "--checkpoint-every", "1", "--stochastic",
+                      "--val-limit", "8")[1:]
+
+
+def kill_after_first_checkpoint(command, out, env) -> int:
+    """Start ``command``, SIGKILL its process group once OUT/checkpoint.pt exists, return its exit code."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                               start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoint.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    return process.wait(timeout=60)
+
+
+def final_weights(out):
+    return torch.load(out / "model.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_run_killed_at_any_moment_resumes_to_the_same_weights(processes, checkpoint, fashion_train, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] \
+        if processes > 1 else [sys.executable]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    run = subprocess.run([*launcher, "-m", "ats.train", *resumable_argv(checkpoint, fashion_train, whole)],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+    command = [*launcher, "-m", "ats.train", *resumable_argv(checkpoint, fashion_train, killed)]
+    assert kill_after_first_checkpoint(command, killed, env) == -signal.SIGKILL
+    state = torch.load(killed / "checkpoint.pt", weights_only=False)
+    assert (state["progress"]["epoch"], state["progress"]["step"]) < (1, 4)  # killed before the end
+    assert len(state["rng"]) == processes
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected, weights = final_weights(whole), final_weights(killed)
+    for name, tensor in expected.items():
+        assert torch.equal(weights[name], tensor), name
+    assert log_lines(killed)[-1]["train_loss"] == log_lines(whole)[-1]["train_loss"]
+
+
+def worker_pid(rank: int, launcher_pid: int) -> int:
+    """The pid of the torchrun worker of ``rank`` (Linux: read from /proc)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+                parent = int((entry / "stat").read_text().split(") ")[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if f"RANK={rank}".encode() in environ and b"ATS_TEST_RUN=1" in environ and parent == launcher_pid:
+                return int(entry.name)
+    raise AssertionError(f"no worker of rank {rank} found")
+
+
+def test_a_dead_worker_stops_the_run_naming_its_rank_and_the_run_resumes(checkpoint, fashion_train, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ATS_TEST_RUN": "1"}
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "ats.train", *resumable_argv(checkpoint, fashion_train, out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoint.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(worker_pid(1, process.pid), signal.SIGKILL)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", stderr) and "Signal 9 (SIGKILL)" in stderr, stderr[-3000:]
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [line["epoch"] for line in log_lines(out)][-1] == 1
+
+
+def test_resuming_with_another_process_count_is_refused():
+    from ats.resume import restore_rng_states, rng_states
+
+    with pytest.raises(ValueError, match=r"written by 2 training process\(es\) and this run has 1; resume with"):
+        restore_rng_states(rng_states(1) * 2, rank=0, world_size=1)

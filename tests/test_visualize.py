@@ -10,6 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import ats
 from ats.cli import main
+from ats.cli_options import add_config_arguments
 from ats.patch.timm import TIMM
 from ats.visualize import (
     ImageTokens,
@@ -107,16 +108,17 @@ def test_token_figure_without_class_token_has_only_the_kept_row():
     assert torch.equal(masks[2].sum(dim=(1, 2)), stats.tokens_out[:, 2])
 
 
-def config_args(**overrides) -> argparse.Namespace:
-    options = dict(multi_stage=[], single_stage=[], blocks=[], stage_block=3, stage_every=1, topk=False, score="cls",
-                   no_keep_cls=False, min_kept=0, fuse=False, distinct=0.0, packing="rows")
-    return argparse.Namespace(**{**options, **overrides})
+def config_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    return parser.parse_args(list(argv))
 
 
 def test_default_config_is_multi_stage_rho_one_and_given_ones_are_kept():
     assert visualize_configs(config_args(), 12) == [ats.ATSConfig.multi_stage(1.0, depth=12)]
-    configs = visualize_configs(config_args(single_stage=[50], multi_stage=[0.8]), 12)
+    configs = visualize_configs(config_args("--single-stage", "50", "--multi-stage", "0.8"), 12)
     assert [config.describe() for config in configs] == ["rho=0.8 @ blocks 3..11", "K=50 @ block 3"]
+    assert visualize_configs(config_args("--evit", "0.7"), 12) == [ats.EViTConfig(0.7)]
 
 
 def test_data_config_fits_a_one_channel_model():
@@ -176,3 +178,13 @@ def test_cli_shows_bundled_test_images_through_the_reference_model(tmp_path, cap
         assert entry["label"] in FASHION_MNIST_CLASSES and entry["prediction"] in FASHION_MNIST_CLASSES
         counts = [entry["kept_per_block"][str(block)] for block in range(3, 12)]
         assert counts == sorted(counts, reverse=True) and counts[0] <= 196
+
+
+def test_cli_draws_evit_blocks_without_the_fused_token(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["visualize", "--num-images", "2", "--evit", "0.5", "--out", str(out), "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)
+    for entry in entries:  # fused tokens are no patch: 98 of 196; 50 of 99, up to one fused; 26 of 51, up to two
+        kept = entry["kept_per_block"]
+        assert kept["3"] == 98 and 49 <= kept["6"] <= 50 and 24 <= kept["9"] <= 26
+    assert all(Path(entry["path"]).read_bytes().startswith(b"\x89PNG") for entry in entries)

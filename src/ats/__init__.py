@@ -7,28 +7,29 @@
     ats.last_stats(model).gflops
 
 The same calls work on Hugging Face ViT, DeiT and DINOv2 models (``from ats.patch import FAMILIES``
-lists the supported families).
+lists the supported families). ``ats.EViTConfig`` runs EViT instead, ``ats.StackedConfig`` EViT and
+ATS in separate blocks of one model, and ``ats.MergeConfig`` the token-merging baseline.
 """
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 from torch import nn
 
-from .config import ATSConfig, MergeConfig, TokenBudget
+from .config import PATCH_CONFIGS, ATSConfig, EViTConfig, MergeConfig, PatchConfig, StackedConfig, TokenBudget
 from .patch import family_of
 from .patch.family import last_stats, unpatch, upper_bound_flops
 from .stats import ATSStats
 
 __version__ = "0.1.0"
-__all__ = ["ATSConfig", "ATSStats", "MergeConfig", "TokenBudget", "gflops", "is_patched", "last_stats", "patch",
-           "unpatch"]
+__all__ = ["ATSConfig", "ATSStats", "EViTConfig", "MergeConfig", "PatchConfig", "StackedConfig", "TokenBudget",
+           "calibrate", "gflops", "is_patched", "last_stats", "patch", "unpatch"]
 
 
-def patch(model: nn.Module, config: Union[ATSConfig, MergeConfig]) -> nn.Module:
-    """Apply ATS (or, with a MergeConfig, the token-merging baseline) to ``model`` in place and return
-    it; patching again replaces the config."""
-    if not isinstance(config, (ATSConfig, MergeConfig)):
-        raise TypeError(f"config must be an ats.ATSConfig (or ats.MergeConfig), got {type(config).__name__}; "
-                        "e.g. ats.ATSConfig.multi_stage(rho=1.0)")
+def patch(model: nn.Module, config: PatchConfig) -> nn.Module:
+    """Apply ATS (or EViT, both stacked, or the token-merging baseline) to ``model`` in place and
+    return it; patching again replaces the config."""
+    if not isinstance(config, PATCH_CONFIGS):
+        raise TypeError(f"config must be an ats.ATSConfig (or EViTConfig, StackedConfig, MergeConfig), got "
+                        f"{type(config).__name__}; e.g. ats.ATSConfig.multi_stage(rho=1.0)")
     return family_of(model).patch(model, config)
 
 
@@ -44,3 +45,14 @@ def gflops(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> floa
     shape = family_of(model).shape(model, input_size)
     config = model._ats.config if is_patched(model) else None
     return upper_bound_flops(shape, config) / 1e9
+
+
+def calibrate(model: nn.Module, loader, gflops: Optional[float] = None, fraction: Optional[float] = None,
+              method: str = "fuse-distinct", **options):
+    """The config of ``method`` whose mean GFLOPs per image on ``loader``'s (images, labels) batches is
+    within 2% of ``gflops``, or of ``fraction`` of the unpatched model's: a ``Calibration`` whose
+    ``.config`` goes to ``ats.patch``. Methods: "fuse-distinct" (the default), "ats", "topk",
+    "evit", "merge"; options and errors: ``ats.calibration.calibrate``."""
+    from .calibration import calibrate as search
+
+    return search(model, loader, gflops=gflops, fraction=fraction, method=method, **options)

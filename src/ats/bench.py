@@ -20,7 +20,7 @@ from torch import nn
 import ats
 
 from .cli_options import REFERENCE, add_config_arguments, add_model_arguments, configs_from_arguments, load_model
-from .config import ATSConfig
+from .config import PatchConfig, with_ats_options
 from .datasets import bundled_test_set
 from .evaluate import set_config, text_table
 from .patch import family_of
@@ -54,11 +54,11 @@ def bench_images(model: nn.Module, batch_size: int, reference: bool) -> torch.Te
 
 
 #: What one row times: (the callable, the module behind it whose statistics to read, its config or None).
-Contender = Tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module, Optional[ATSConfig]]
+Contender = Tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module, Optional[PatchConfig]]
 
 
 @torch.inference_mode()
-def bench(model: nn.Module, configs: Sequence[ATSConfig], batch_sizes: Sequence[int], repeats: int = 5,
+def bench(model: nn.Module, configs: Sequence[PatchConfig], batch_sizes: Sequence[int], repeats: int = 5,
           warmup: int = 2, reference: bool = False, compile: bool = False) -> List[BenchRow]:
     """Rows for the unpatched model and each config at each batch size; the model is left unpatched.
 
@@ -105,7 +105,7 @@ def bench(model: nn.Module, configs: Sequence[ATSConfig], batch_sizes: Sequence[
     return rows
 
 
-def compiled_contenders(model: nn.Module, configs: Sequence[ATSConfig]) -> List[Contender]:
+def compiled_contenders(model: nn.Module, configs: Sequence[PatchConfig]) -> List[Contender]:
     """torch.compile of the model, then of a patched copy per config."""
     copies = [ats.patch(copy.deepcopy(model), config) for config in configs]
     return [(torch.compile(module), module, config) for module, config in zip([model, *copies], [None, *configs])]
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args)
     configs = configs_from_arguments(args, depth=family_of(model).depth(model))
     if args.compare_padded:
-        configs += [dataclasses.replace(config, packing="padded") for config in configs]
+        configs += [padded for config in configs if (padded := with_ats_options(config, packing="padded")) != config]
     rows = bench(model, configs, args.batch_size or [1, 64], args.repeats, args.warmup,
                  reference=args.model == REFERENCE, compile=args.compile)
     print(f"threads: {torch.get_num_threads()}", file=sys.stderr)

@@ -15,10 +15,14 @@ EXPECTED = "a file written by torch.save(model.state_dict()) or a training check
 
 def save_atomic(obj: Any, path: PathLike) -> None:
     """``torch.save(obj, path)`` through a temporary file in the same folder, renamed over ``path`` once
-    complete: a process killed while saving leaves the previous file whole."""
+    complete: a process killed while saving leaves the previous file whole. The file gets the permissions
+    a plain ``open`` would give it (the umask's), not the temporary file's owner-only ones."""
     path = Path(path)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(handle, 0o666 & ~umask)
         with os.fdopen(handle, "wb") as file:
             torch.save(obj, file)
             file.flush()

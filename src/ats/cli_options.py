@@ -3,13 +3,23 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import List, Union
+from typing import List, Tuple, Union
 
 import timm
 import torch
 from torch import nn
 
-from .config import PAPER_KS, PAPER_RHOS, ATSConfig, TokenBudget
+from .config import (
+    EVIT_BLOCKS,
+    PAPER_KS,
+    PAPER_RHOS,
+    ATSConfig,
+    EViTConfig,
+    MergeConfig,
+    PatchConfig,
+    StackedConfig,
+    TokenBudget,
+)
 
 REFERENCE = "reference"
 #: ``--model hf:DIR`` names a transformers model saved with save_pretrained (or, with --pretrained, a hub name).
@@ -115,6 +125,25 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                        help="also keep each dropped patch token less similar than COS (cosine of keys, e.g. 0.95) "
                             "to every kept one; use with --fuse (default 0: off)")
     group.add_argument("--packing", choices=("rows", "padded"), default="rows")
+    group.add_argument("--evit", type=float, action="append", default=[], metavar="KEEP_RATE",
+                       help="EViT in the --evit-blocks, keeping ceil(KEEP_RATE * patch tokens) and fusing the rest "
+                            "into one token; repeatable. With ATS flags too, each EViT config is stacked with each "
+                            "ATS config (their blocks must not overlap, e.g. --evit 0.7 --blocks "
+                            "4-5:0.7,7-8:0.7,10-11:0.7)")
+    group.add_argument("--evit-blocks", type=block_list, default=EVIT_BLOCKS, metavar="I,J,..",
+                       help=f"the blocks of --evit (default {','.join(map(str, EVIT_BLOCKS))})")
+    group.add_argument("--merge", type=int, action="append", default=[], metavar="R",
+                       help="the token-merging baseline (ToMe), R tokens merged in every block; repeatable; runs "
+                            "alone (not stacked with --evit)")
+
+
+def block_list(text: str) -> Tuple[int, ...]:
+    """'3,6,9' -> (3, 6, 9)."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of block indices, e.g. 3,6,9") \
+            from None
 
 
 def count_or_fraction(text: str) -> Union[int, float]:
@@ -122,18 +151,23 @@ def count_or_fraction(text: str) -> Union[int, float]:
     return float(text) if "." in text else int(text)
 
 
-def configs_from_arguments(args: argparse.Namespace, depth: int) -> List[ATSConfig]:
-    """The ATSConfigs the flags ask for, for a model of ``depth`` blocks."""
+def configs_from_arguments(args: argparse.Namespace, depth: int) -> List[PatchConfig]:
+    """The configs the flags ask for, for a model of ``depth`` blocks: ATS configs, EViT configs, or
+    each EViT config stacked with each ATS config; then the merging configs."""
     options = dict(sampler="topk" if args.topk else "inverse_transform", score=args.score,
                    keep_cls=not args.no_keep_cls, min_kept=args.min_kept, fuse=args.fuse, distinct=args.distinct,
                    packing=args.packing)
     rhos, ks = args.multi_stage, args.single_stage
-    if not (rhos or ks or args.blocks):
+    merging = [MergeConfig(r) for r in args.merge]
+    if not (rhos or ks or args.blocks or args.evit or merging):
         rhos, ks = list(PAPER_RHOS), list(PAPER_KS)
     configs = [ATSConfig.multi_stage(rho, depth=depth, every=args.stage_every, **options) for rho in rhos]
     configs += [ATSConfig.single_stage(k, block=args.stage_block, **options) for k in ks]
     configs += [ATSConfig(blocks=parse_blocks(spec), **options) for spec in args.blocks]
-    return configs
+    evits = [EViTConfig(keep_rate, args.evit_blocks) for keep_rate in args.evit]
+    if evits and configs:
+        configs = [StackedConfig(evit, config) for evit in evits for config in configs]
+    return (configs or evits) + merging
 
 
 def parse_blocks(spec: str) -> dict:

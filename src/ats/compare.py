@@ -1,10 +1,10 @@
-"""`ats compare`: ATS against token merging and top-K over a range of budgets, in one run.
+"""`ats compare`: ATS against token merging, EViT and top-K over a range of budgets, in one run.
 
 Methods: the unpatched model; ATS multi-stage over a range of rho (plain, with ``fuse``, and with the
 self-attention score and ``fuse`` on the SELF_ATTENTION_SCHEDULES); ATS with ``fuse``
 over a range of ``min_kept`` floors (rho = 1); ATS with ``fuse`` over a range of ``distinct``
-thresholds (rho = 1); top-K at the same rho; and the token-merging baseline
-(ToMe) at a range of r. One pass over the data runs every config; the table and the
+thresholds (rho = 1); top-K at the same rho; EViT over a range of keep rates (its blocks 3, 6, 9);
+and the token-merging baseline (ToMe) at a range of r. One pass over the data runs every config; the table and the
 top-1/GFLOPs frontier (a PNG) come from the same rows.
 """
 from __future__ import annotations
@@ -16,22 +16,25 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 from .cli_options import add_model_arguments, count_or_fraction, load_model
-from .config import ATSConfig, MergeConfig, PatchConfig
+from .config import EVIT_BLOCKS, ATSConfig, EViTConfig, MergeConfig, PatchConfig
 from .datasets import build_dataset
-from .evaluate import EvalRow, add_data_arguments, evaluate, kept_summary, make_loader, text_table
+from .evaluate import EvalRow, add_data_arguments, evaluate, kept_summary, make_loader, summary_line, text_table
 from .patch import family_of
 
 DEFAULT_RHOS = (1.0, 0.9, 0.8, 0.7)
 DEFAULT_MIN_KEPT = (0.9, 0.85, 0.8, 0.75)
 DEFAULT_DISTINCT = (0.9, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
 DEFAULT_MERGE_R = (4, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19)
+DEFAULT_EVIT_KEEP_RATES = (0.5, 0.6, 0.7, 0.8, 0.9)
 #: (first block, every n-th block) of the self-attention + fuse variants: every block from 3 (the
 #: paper's blocks), and every other block from 3 and from 1 (docs/results.md).
 SELF_ATTENTION_SCHEDULES = ((3, 1), (3, 2), (1, 2))
 
 
 def comparison_configs(depth: int, rhos: Sequence[float], min_kept: Sequence[Union[int, float]],
-                       distinct: Sequence[float], merge_r: Sequence[int]) -> List[Tuple[str, Optional[PatchConfig]]]:
+                       distinct: Sequence[float], merge_r: Sequence[int],
+                       evit_keep_rates: Sequence[float] = DEFAULT_EVIT_KEEP_RATES,
+                       ) -> List[Tuple[str, Optional[PatchConfig]]]:
     """(variant, config) pairs: every method at every budget, the unpatched model first."""
     configs: List[Tuple[str, Optional[PatchConfig]]] = [("unpatched", None)]
     configs += [("ATS", ATSConfig.multi_stage(rho, depth=depth)) for rho in rhos]
@@ -45,6 +48,8 @@ def comparison_configs(depth: int, rhos: Sequence[float], min_kept: Sequence[Uni
         configs += [(variant, ATSConfig.multi_stage(rho, first=first, depth=depth, every=every,
                                                     score="self_attention", fuse=True)) for rho in rhos]
     configs += [("top-K", ATSConfig.multi_stage(rho, depth=depth, sampler="topk")) for rho in rhos]
+    evit_blocks = tuple(index for index in EVIT_BLOCKS if index < depth)
+    configs += [("EViT", EViTConfig(keep_rate, evit_blocks)) for keep_rate in evit_keep_rates]
     configs += [("merge (ToMe)", MergeConfig(r=r)) for r in merge_r]
     return configs
 
@@ -62,7 +67,7 @@ def format_comparison(records: Sequence[dict]) -> str:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("compare", help="ATS vs. token merging and top-K over budgets",
+    parser = subparsers.add_parser("compare", help="ATS vs. token merging, EViT and top-K over budgets",
                                    description=__doc__)
     add_model_arguments(parser)
     add_data_arguments(parser)
@@ -76,6 +81,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--distinct", type=float, action="append", metavar="COS",
                         help="thresholds of the ATS + fuse + distinct variant; repeatable "
                              f"(default {DEFAULT_DISTINCT})")
+    parser.add_argument("--evit", type=float, action="append", metavar="KEEP_RATE",
+                        help=f"keep rates of EViT (blocks {', '.join(map(str, EVIT_BLOCKS))}); repeatable "
+                             f"(default {DEFAULT_EVIT_KEEP_RATES})")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats for throughput (median)")
     parser.add_argument("--plot", type=Path, default=Path("ats-compare.png"), help="where to write the frontier PNG")
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows")
@@ -88,9 +96,10 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args)
     pairs = comparison_configs(family_of(model).depth(model), args.rho or DEFAULT_RHOS,
                                args.min_kept or DEFAULT_MIN_KEPT, args.distinct or DEFAULT_DISTINCT,
-                               args.merge_r or DEFAULT_MERGE_R)
+                               args.merge_r or DEFAULT_MERGE_R, args.evit or DEFAULT_EVIT_KEEP_RATES)
     loader = make_loader(build_dataset(args.data, model, args.limit), args.batch_size, args.workers)
-    rows = evaluate(model, loader, [config for _, config in pairs], repeats=args.repeats)
+    rows = evaluate(model, loader, [config for _, config in pairs], repeats=args.repeats, max_bad=args.max_bad)
+    print(f"ats compare: {summary_line(rows)}", file=sys.stderr)
     records = [comparison_record(variant, row) for (variant, _), row in zip(pairs, rows)]
     print(json.dumps(records, indent=1) if args.json else format_comparison(records))
     points = [dict(method=record["variant"], gflops=record["gflops"], top1=record["top1"]) for record in records]

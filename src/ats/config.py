@@ -1,14 +1,16 @@
 """What to sample where: token budgets per block and the ATS options."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Mapping, Optional, Union
+from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .flops import BlockCost, Count, ViTShape, block_flops, merge_block_flops
+from .evit import attentive_count
+from .flops import BlockCost, Count, ViTShape, block_flops, evit_block_flops, merge_block_flops
 
 SAMPLERS = ("inverse_transform", "topk")
 SCORES = ("cls", "self_attention")
@@ -19,6 +21,9 @@ MULTI_STAGE_FIRST_BLOCK = 3
 #: The paper's DeiT-S settings of about 3.0, 2.5 and 2.0 GFLOPs (multi-stage rho; single-stage K at block 3).
 PAPER_RHOS = (1.0, 0.87, 0.72)
 PAPER_KS = (108, 78, 48)
+#: EViT's defaults (Liang et al. 2022, DeiT-S): blocks 3, 6 and 9 (0-based), keeping 70% of the patch tokens.
+EVIT_BLOCKS = (3, 6, 9)
+EVIT_KEEP_RATE = 0.7
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,33 @@ class ATSConfig:
         """The first block ATS changes; the blocks before it run as in the unpatched model."""
         return min(self.budgets)
 
+    def patched_blocks(self, depth: int) -> List[int]:
+        """The blocks this config changes, in a model of ``depth`` blocks."""
+        return list(self.budgets)
+
+    def method_at(self, index: int) -> Optional["ATSConfig"]:
+        """The config that runs block ``index`` (this one), or None when the block runs as usual."""
+        return self if index in self.budgets else None
+
+    def check_model(self, depth: int, has_cls: bool) -> None:
+        """Raise ValueError naming why this config does not fit a model of ``depth`` blocks."""
+        outside = [index for index in self.budgets if index >= depth]
+        if outside:
+            raise ValueError(f"ATS block indices {outside} lie outside this model's {depth} blocks (0..{depth - 1}); "
+                             f"use ATSConfig.multi_stage(rho, depth={depth}) or smaller indices")
+        if self.score == "cls" and not has_cls:
+            raise ValueError("this model has no class token, so score='cls' cannot rank its tokens; "
+                             "use ATSConfig(..., score='self_attention')")
+        if not self.keep_cls and not has_cls:
+            raise ValueError("keep_cls=False needs a class token to drop; this model has none")
+
+    def most_tokens_out(self, index: int, n: int, prefix: int) -> int:
+        """The most tokens block ``index`` can emit from n (prefix tokens included): every sample distinct."""
+        if self.distinct:
+            return n
+        samples = max(self.budgets[index].max_samples(n, self.min_tokens), self.kept_floor(n - prefix))
+        return min(n, prefix + samples)
+
     def kept_floor(self, patches_in: Count) -> Count:
         """The fewest unique patch tokens a block keeps, for ``patches_in`` valid patch tokens entering it
         (an int, or a [B] long tensor): ``min_kept`` itself, or ``floor(min_kept * patches_in)``."""
@@ -174,6 +206,8 @@ class ATSConfig:
         step = indices[1] - indices[0] if len(indices) > 1 else 1
         if len(set(budgets)) == 1 and len(indices) > 1 and indices == list(range(indices[0], indices[-1] + 1, step)):
             label = f"{budgets[0]} @ blocks {indices[0]}..{indices[-1]}" + (f" every {step}" if step > 1 else "")
+        elif len(set(budgets)) == 1 and len(indices) > 1:
+            label = f"{budgets[0]} @ blocks {', '.join(map(str, indices))}"
         else:
             label = ", ".join(f"{budget} @ block {index}" for index, budget in self.budgets.items())
         extras = [self.sampler] if self.sampler != "inverse_transform" else []
@@ -217,15 +251,157 @@ class MergeConfig:
         """The first block merging changes; the blocks before it run as in the unpatched model."""
         return self.first
 
-    def blocks(self, depth: int) -> range:
-        return range(self.first, depth)
+    @property
+    def packing(self) -> str:
+        return "rows"
+
+    def patched_blocks(self, depth: int) -> List[int]:
+        return list(range(self.first, depth))
+
+    def method_at(self, index: int) -> Optional["MergeConfig"]:
+        return self if index >= self.first else None
+
+    def check_model(self, depth: int, has_cls: bool) -> None:
+        if self.first >= depth:
+            raise ValueError(f"merging from block {self.first} is outside this model's {depth} blocks")
+
+    def most_tokens_out(self, index: int, n: int, prefix: int) -> int:
+        return n - min(self.r, (n - prefix) // 2)
 
     def block_costs(self, shape: ViTShape) -> dict[int, BlockCost]:
-        return {index: partial(merge_block_flops, shape) for index in self.blocks(shape.depth)}
+        return {index: partial(merge_block_flops, shape) for index in self.patched_blocks(shape.depth)}
 
     def describe(self) -> str:
         return f"merge r={self.r}" + (f" from block {self.first}" if self.first else "")
 
 
-#: What ``ats.patch`` takes: ATS, or the token-merging baseline.
-PatchConfig = Union[ATSConfig, MergeConfig]
+@dataclass(frozen=True)
+class EViTConfig:
+    """EViT (Liang et al., ICLR 2022): in each of ``blocks``, after attention, keep the
+    ``ceil(keep_rate * patch tokens)`` patch tokens with the highest class-token attention (averaged
+    over heads) and fuse the rest into one token, their attention-weighted average, placed after the
+    kept ones; it holds their patches (its size), which later attention counts like ``fuse`` does.
+    The class token always stays. Stack it with an ATSConfig in other blocks: ``StackedConfig``."""
+
+    keep_rate: float = EVIT_KEEP_RATE
+    blocks: Tuple[int, ...] = EVIT_BLOCKS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.keep_rate, bool) or not isinstance(self.keep_rate, (int, float)) or not (
+                0.0 < self.keep_rate <= 1.0):
+            raise ValueError(f"keep_rate must lie in (0, 1] (the share of patch tokens an EViT block keeps), got "
+                             f"{self.keep_rate!r}; EViT's default is {EVIT_KEEP_RATE}")
+        blocks = tuple(self.blocks) if isinstance(self.blocks, Sequence) else ()
+        if not blocks or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in blocks):
+            raise ValueError(f"blocks must be a non-empty sequence of 0-based block indices, e.g. {EVIT_BLOCKS}, "
+                             f"got {self.blocks!r}")
+        if len(set(blocks)) != len(blocks):
+            raise ValueError(f"EViT blocks {blocks} name a block twice")
+        object.__setattr__(self, "keep_rate", float(self.keep_rate))
+        object.__setattr__(self, "blocks", tuple(sorted(blocks)))
+
+    @property
+    def first_block(self) -> int:
+        return self.blocks[0]
+
+    @property
+    def packing(self) -> str:
+        return "rows"
+
+    def patched_blocks(self, depth: int) -> List[int]:
+        return list(self.blocks)
+
+    def method_at(self, index: int) -> Optional["EViTConfig"]:
+        return self if index in self.blocks else None
+
+    def check_model(self, depth: int, has_cls: bool) -> None:
+        outside = [index for index in self.blocks if index >= depth]
+        if outside:
+            raise ValueError(f"EViT block indices {outside} lie outside this model's {depth} blocks (0..{depth - 1})")
+        if not has_cls:
+            raise ValueError("EViT ranks tokens by the class token's attention and this model has no class token")
+
+    def most_tokens_out(self, index: int, n: int, prefix: int) -> int:
+        kept = int(attentive_count(torch.tensor([n - prefix]), self.keep_rate))
+        return prefix + kept + (kept < n - prefix)
+
+    def block_costs(self, shape: ViTShape) -> dict[int, BlockCost]:
+        return {index: partial(evit_block_flops, shape) for index in self.blocks}
+
+    def describe(self) -> str:
+        return f"EViT keep_rate={self.keep_rate:g} @ blocks {', '.join(map(str, self.blocks))}"
+
+
+@dataclass(frozen=True, init=False)
+class StackedConfig:
+    """Several token-reduction methods on one model, each in its own blocks, e.g. the paper's EViT + ATS
+    (supplement Table 5): ``StackedConfig(EViTConfig(0.7), ATSConfig({4: 0.7, 5: 0.7, 7: 0.7, ...}))``."""
+
+    configs: Tuple[Union[ATSConfig, EViTConfig], ...]
+
+    def __init__(self, *configs: Union[ATSConfig, EViTConfig]) -> None:
+        for config in configs:
+            if not isinstance(config, (ATSConfig, EViTConfig)):
+                raise TypeError(f"StackedConfig stacks ATSConfig and EViTConfig, got {type(config).__name__}"
+                                + ("; merging runs in every block from its first, so it cannot share a model"
+                                   if isinstance(config, MergeConfig) else ""))
+        if len(configs) < 2:
+            raise ValueError("StackedConfig takes two or more configs; pass a single config to ats.patch directly")
+        owner: dict = {}
+        for config in configs:
+            for index in config.patched_blocks(0):
+                if index in owner:
+                    pair = (config, owner[index])
+                    evit = next((c.blocks for c in pair if isinstance(c, EViTConfig)), EVIT_BLOCKS)
+                    raise ValueError(
+                        f"{pair[0].describe()} and {pair[1].describe()} both claim block {index}: each block runs one "
+                        f"method. Give them separate blocks, e.g. ATS in the blocks EViT leaves free: "
+                        f"ATSConfig(blocks={{i: 0.7 for i in range({index}, depth) if i not in {evit}}})")
+                owner[index] = config
+        evit = [config for config in configs if isinstance(config, EViTConfig)]
+        if evit and any(isinstance(config, ATSConfig) and not config.keep_cls for config in configs):
+            raise ValueError("EViT needs the class token, so it cannot be stacked with ATSConfig(keep_cls=False)")
+        object.__setattr__(self, "configs", tuple(configs))
+
+    @property
+    def first_block(self) -> int:
+        return min(config.first_block for config in self.configs)
+
+    @property
+    def packing(self) -> str:
+        return "padded" if any(config.packing == "padded" for config in self.configs) else "rows"
+
+    def patched_blocks(self, depth: int) -> List[int]:
+        return sorted(index for config in self.configs for index in config.patched_blocks(depth))
+
+    def method_at(self, index: int) -> Optional[Union[ATSConfig, EViTConfig]]:
+        return next((config for config in self.configs if config.method_at(index) is not None), None)
+
+    def check_model(self, depth: int, has_cls: bool) -> None:
+        for config in self.configs:
+            config.check_model(depth, has_cls)
+
+    def most_tokens_out(self, index: int, n: int, prefix: int) -> int:
+        return self.method_at(index).most_tokens_out(index, n, prefix)
+
+    def block_costs(self, shape: ViTShape) -> dict[int, BlockCost]:
+        return {index: cost for config in self.configs for index, cost in config.block_costs(shape).items()}
+
+    def describe(self) -> str:
+        return " + ".join(config.describe() for config in self.configs)
+
+
+def with_ats_options(config: "PatchConfig", **changes) -> "PatchConfig":
+    """``config`` with ``changes`` (ATSConfig fields, e.g. stochastic=True) made to its ATS configs;
+    EViT and merging configs come back as they are."""
+    if isinstance(config, ATSConfig):
+        return dataclasses.replace(config, **changes)
+    if isinstance(config, StackedConfig):
+        return StackedConfig(*(with_ats_options(part, **changes) for part in config.configs))
+    return config
+
+
+#: What ``ats.patch`` takes: ATS, EViT, both stacked, or the token-merging baseline.
+PatchConfig = Union[ATSConfig, EViTConfig, StackedConfig, MergeConfig]
+#: The config types ``ats.patch`` takes, for isinstance checks.
+PATCH_CONFIGS = (ATSConfig, EViTConfig, StackedConfig, MergeConfig)

@@ -16,8 +16,8 @@ from tqdm import tqdm
 import ats
 
 from .cli_options import add_config_arguments, add_model_arguments, configs_from_arguments, load_model
-from .config import MergeConfig, PatchConfig
-from .datasets import build_dataset
+from .config import EViTConfig, MergeConfig, PatchConfig, StackedConfig
+from .datasets import DEFAULT_MAX_BAD, SkippedImages, build_dataset, collate_usable
 from .patch import family_of
 from .timing import measure_throughput
 
@@ -36,6 +36,8 @@ class EvalRow:
     tokens_in: torch.Tensor
     tokens_out: torch.Tensor
     ats_blocks: List[int]
+    skipped: int = 0
+    nonfinite: int = 0
 
     def to_json(self) -> dict:
         kept = self.tokens_out[:, self.ats_blocks[-1]].float() if self.ats_blocks else self.tokens_out[:, -1].float()
@@ -44,7 +46,8 @@ class EvalRow:
                     top1_change=round(self.top1_change, 3),
                     tokens_per_block=[round(value, 2) for value in self.tokens_in.float().mean(0).tolist()],
                     kept_tokens_min=int(kept.min()), kept_tokens_mean=round(float(kept.mean()), 2),
-                    kept_tokens_max=int(kept.max()))
+                    kept_tokens_max=int(kept.max()), images=len(self.tokens_in), skipped=self.skipped,
+                    nonfinite_outputs=self.nonfinite)
 
     def plot_record(self) -> dict:
         return dict(method=self.method, config=self.config, gflops=self.gflops, top1=self.top1,
@@ -52,11 +55,16 @@ class EvalRow:
 
 
 def method_of(config: Optional[PatchConfig]) -> str:
-    """'unpatched', 'ats', 'topk' or 'merge'."""
+    """'unpatched', 'ats', 'topk', 'evit', 'merge', or for stacked configs their methods joined by '+'
+    (e.g. 'evit+ats')."""
     if config is None:
         return "unpatched"
+    if isinstance(config, StackedConfig):
+        return "+".join(method_of(part) for part in config.configs)
     if isinstance(config, MergeConfig):
         return "merge"
+    if isinstance(config, EViTConfig):
+        return "evit"
     return "topk" if config.sampler == "topk" else "ats"
 
 
@@ -66,13 +74,14 @@ TIMING_BATCH_SIZE = 64
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[PatchConfig]], repeats: int = 5,
-             progress: bool = True) -> List[EvalRow]:
+             progress: bool = True, max_bad: float = DEFAULT_MAX_BAD) -> List[EvalRow]:
     """Evaluate ``model`` as it is (config None) and patched with each config, on one pass over ``loader``.
 
     Each batch is read once and run through every config; the blocks before the first block any
     config changes run once per batch for all of them. Throughput (img/s, median of ``repeats``) is
     measured on the first TIMING_BATCH_SIZE images, every config in this same run, with whole forwards.
-    The model is left unpatched.
+    Images the loader skipped (``collate_usable``) are counted, up to ``max_bad`` of the data set;
+    an image whose logits are not finite counts as an error and is reported. The model is left unpatched.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -81,27 +90,35 @@ def evaluate(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[Pa
     num_tokens = family.shape(model).num_tokens
     shared = min((config.first_block for config in configs if config is not None), default=0)
     correct = [0] * len(configs)
+    nonfinite = [0] * len(configs)
+    skipped = SkippedImages(dataset_size(loader), max_bad)
     tokens_in: List[List[torch.Tensor]] = [[] for _ in configs]
     tokens_out: List[List[torch.Tensor]] = [[] for _ in configs]
     flops: List[List[torch.Tensor]] = [[] for _ in configs]
     timing_batch = None
     seen = 0
     try:
-        for images, labels in tqdm(loader, desc="eval", unit="batch", disable=not progress, file=sys.stderr):
-            images, labels = images.to(device), labels.to(device)
+        for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress, file=sys.stderr):
+            skipped.note(batch)
+            images, labels = batch[0].to(device), batch[1].to(device)
+            if len(labels) == 0:
+                continue
             timing_batch = images[:TIMING_BATCH_SIZE] if timing_batch is None else timing_batch
             seen += len(labels)
             tokens = family.run_first_blocks(model, images, shared)
             for index, config in enumerate(configs):
                 set_config(model, config)
                 logits = family.logits_from_block(model, tokens, shared)
-                correct[index] += int((logits.argmax(-1) == labels).sum())
+                finite = torch.isfinite(logits).all(dim=-1)
+                correct[index] += int(((logits.argmax(-1) == labels) & finite).sum())
+                nonfinite[index] += int((~finite).sum())
                 tokens_in[index].append(_tokens(model, config, len(labels), depth, num_tokens, "tokens"))
                 tokens_out[index].append(_tokens(model, config, len(labels), depth, num_tokens, "tokens_out"))
                 if config is not None:
                     flops[index].append(ats.last_stats(model).gflops.cpu())
         if seen == 0:
-            raise ValueError("the dataset is empty; nothing to evaluate")
+            raise ValueError("the dataset is empty" + (f" (all {len(skipped)} images were skipped)" if skipped else "")
+                             + "; nothing to evaluate")
         throughputs = []
         for config in configs:
             set_config(model, config)
@@ -116,10 +133,13 @@ def evaluate(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[Pa
     for index, config in enumerate(configs):
         top1 = 100.0 * correct[index] / seen
         gflops = base_gflops if config is None else float(torch.cat(flops[index]).mean())
-        blocks = [] if config is None else _config_blocks(config, depth)
+        blocks = [] if config is None else config.patched_blocks(depth)
         rows.append(EvalRow(method_of(config), "unpatched" if config is None else config.describe(), params,
                             gflops, throughputs[index], top1, 0.0, torch.cat(tokens_in[index]),
-                            torch.cat(tokens_out[index]), blocks))
+                            torch.cat(tokens_out[index]), blocks, len(skipped), nonfinite[index]))
+        if nonfinite[index]:
+            tqdm.write(f"ats: warning: {nonfinite[index]} of {seen} images gave non-finite logits under "
+                       f"{rows[-1].config}; they count as errors in its top-1", file=sys.stderr)
     for row in rows:
         row.top1_change = row.top1 - rows[0].top1
     return rows
@@ -133,9 +153,6 @@ def set_config(model: nn.Module, config: Optional[PatchConfig]) -> None:
     else:
         ats.patch(model, config)
 
-
-def _config_blocks(config: PatchConfig, depth: int) -> List[int]:
-    return list(config.blocks(depth)) if isinstance(config, MergeConfig) else list(config.budgets)
 
 
 def _tokens(model: nn.Module, config: Optional[PatchConfig], batch: int, depth: int, num_tokens: int,
@@ -165,11 +182,24 @@ def format_table(rows: Sequence[EvalRow]) -> str:
 
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
+    """Batches in order; unusable images are left out and named (``collate_usable``)."""
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if workers < 0:
         raise ValueError(f"--workers must be >= 0, got {workers}")
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_usable)
+
+
+def dataset_size(loader) -> int:
+    """Images in a DataLoader's data set, or in a list of (images, labels) batches."""
+    if hasattr(loader, "dataset"):
+        return len(loader.dataset)
+    return sum(len(batch[1]) + len(getattr(batch, "skipped", ())) for batch in loader)
+
+
+def summary_line(rows: Sequence[EvalRow]) -> str:
+    """'N images evaluated, M skipped' for stderr."""
+    return f"{len(rows[0].tokens_in)} images evaluated, {rows[0].skipped} skipped as unusable"
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -179,6 +209,13 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--limit", type=int, help="evaluate the first N images")
     group.add_argument("--batch-size", type=int, default=250)
     group.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    add_max_bad_argument(group)
+
+
+def add_max_bad_argument(group) -> None:
+    group.add_argument("--max-bad", type=float, default=DEFAULT_MAX_BAD, metavar="SHARE",
+                       help="unreadable images (or non-finite ones) are skipped with a warning; stop when more than "
+                            f"this share of them is (default {DEFAULT_MAX_BAD})")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -197,7 +234,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args)
     configs = [None, *configs_from_arguments(args, depth=family_of(model).depth(model))]
     loader = make_loader(build_dataset(args.data, model, args.limit), args.batch_size, args.workers)
-    rows = evaluate(model, loader, configs, repeats=args.repeats)
+    rows = evaluate(model, loader, configs, repeats=args.repeats, max_bad=args.max_bad)
+    print(f"ats eval: {summary_line(rows)}", file=sys.stderr)
     if args.json:
         print(json.dumps([row.to_json() for row in rows], indent=1))
     else:

@@ -6,7 +6,8 @@ MLP ``n_out M`` (C width, A attention width, M the MLP's multiply-adds per token
 two-layer MLP of hidden width H, ``3 C H`` for a gated one). With A = C and H = rC a standard block
 is ``(4 + 2r) n C^2 + 2 n^2 C``. Fusing dropped tokens into kept ones adds their
 similarities ``(n_in - n_out) n_out d`` (d head width); a token-merging block attends with all
-n_in queries, matches ``(n_in / 2)^2 d`` pairs and runs its MLP on n_out tokens.
+n_in queries, matches ``(n_in / 2)^2 d`` pairs and runs its MLP on n_out tokens; an EViT block
+attends with all n_in queries, averages its inattentive tokens into one and runs its MLP on n_out.
 Norms, softmax and activations are not counted.
 """
 from __future__ import annotations
@@ -104,6 +105,12 @@ def merge_block_flops(shape: ViTShape, n_in: Count, n_out: Count) -> Count:
     side = n_in / 2
     return (_attention_flops(shape, n_in, n_in) + side * side * shape.head_dim
             + n_out * shape.mlp_flops)
+
+
+def evit_block_flops(shape: ViTShape, n_in: Count, n_out: Count) -> Count:
+    """FLOPs of an EViT block: full attention, MLP on the n_out tokens it keeps (the fused one included)
+    and the weighted sum of the inattentive tokens (counted as ``(n_in - n_out) C``)."""
+    return _attention_flops(shape, n_in, n_in) + n_out * shape.mlp_flops + (n_in - n_out) * shape.embed_dim
 
 
 def vit_flops(shape: ViTShape, tokens_in: torch.Tensor, tokens_out: torch.Tensor,

@@ -5,8 +5,8 @@ resembles. Two ways to choose where a token goes, both returning ``target`` [B, 
 destination; a position that stays is its own target):
 - ``nearest_kept``: ATS's fuse option, each dropped token joins its most similar kept token;
 - ``bipartite_soft_matching``: the token-merging baseline (ToMe, Bolya et al. 2023), written from
-  the paper: split the tokens into two alternating sets A and B, match each A token with its most
-  similar B token, and merge the r best-matched A tokens.
+  the paper and matching its published code's choices: split the tokens into two alternating sets
+  A and B, match each A token with its most similar B token, and merge the r best-matched A tokens.
 ``fold`` then averages every group, weighted by token sizes (how many patches a token holds).
 Similarity is the cosine of keys averaged over heads: metric [B, n, d].
 """
@@ -58,23 +58,26 @@ def keep_distinct(similarity: torch.Tensor, keep: torch.Tensor, movable: torch.T
     return keep | (distinct & ~suppressed)
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int, movable: torch.Tensor) -> torch.Tensor:
-    """Merge up to r tokens per image into their best match -> target [B, n].
+def bipartite_soft_matching(metric: torch.Tensor, r: int, movable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge up to r tokens per image into their best match -> (target [B, n], side_b [B, n] bool).
 
     metric: [B, n, d]; movable: [B, n] bool, the tokens that may merge (patch tokens, not padding).
-    The movable tokens alternate between set A (even rank) and set B (odd rank); each A token's
-    best B match is scored by cosine similarity and the r highest-scoring A tokens merge.
+    As in ToMe's code, the sets alternate by position over the whole sequence (set A: even
+    positions, so a class token at 0 would be in A; set B: odd), each movable A token's best B match
+    is scored by cosine similarity, and the r highest-scoring A tokens merge, at most half the
+    movable tokens (rounded down). side_b marks set B: ToMe puts those tokens after the unmerged A
+    ones, which decides the next block's sets.
     """
-    rank = movable.long().cumsum(dim=1) - 1
-    side_a = movable & (rank % 2 == 0)
-    side_b = movable & (rank % 2 == 1)
+    parity = torch.arange(movable.shape[1], device=movable.device) % 2
+    side_a = movable & (parity == 0)
+    side_b = movable & (parity == 1)
     similarity = cosine_similarity(metric).masked_fill(~side_b[:, None, :], float("-inf"))
     best, match = similarity.max(dim=-1)
     has_match = side_a & side_b.any(dim=1, keepdim=True)
     strength = torch.where(has_match, best + 2.0, torch.zeros_like(best))
-    merges = torch.full_like(rank[:, 0], r).minimum(has_match.sum(dim=1))
+    merges = torch.minimum(torch.full_like(best[:, 0], r, dtype=torch.long), movable.sum(dim=1) // 2)
     merged = topk_sample(strength, merges)
-    return torch.where(merged, match, _self_target(movable))
+    return torch.where(merged, match, _self_target(movable)), side_b
 
 
 def fold(x: torch.Tensor, sizes: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

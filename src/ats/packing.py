@@ -160,22 +160,31 @@ class TokenBatch:
         sizes = self.sizes if self.sizes is not None else self.rows.new_ones(self.rows.shape[0])
         return self.pad_values(sizes)
 
+    @property
+    def last_rows(self) -> torch.Tensor:
+        """[B] long, the row of each image's last token."""
+        if self.row_index is None:
+            return torch.arange(self.batch_size, device=self.lengths.device) * self.width + self.lengths - 1
+        return torch.cumsum(self.lengths, 0) - 1
+
     @torch.compiler.disable
-    def select(self, keep: torch.Tensor) -> tuple["TokenBatch", torch.Tensor]:
-        """Keep the positions marked in keep [B, m], packed to the lowest indices in their order.
+    def select(self, keep: torch.Tensor, last: Optional[torch.Tensor] = None) -> tuple["TokenBatch", torch.Tensor]:
+        """Keep the positions marked in keep [B, m], packed to the lowest indices in their order; the
+        kept positions also marked in ``last`` [B, m] (if given) go after the others.
 
         Returns the new batch (rows gathered) and ``rows_from`` [T'], the old row of each new row (to
         gather any other per-row tensor). The one host sync sizes the new batch; torch.compile leaves
         this method to eager mode, as it would otherwise compile it anew for every batch size it sees.
         """
         with region("ats.pack"):
-            return self._select(keep)
+            return self._select(keep, last)
 
-    def _select(self, keep: torch.Tensor) -> tuple["TokenBatch", torch.Tensor]:
+    def _select(self, keep: torch.Tensor, last: Optional[torch.Tensor]) -> tuple["TokenBatch", torch.Tensor]:
         batch = self.batch_size
         lengths = keep.sum(dim=1)
         total, width = (int(value) for value in torch.stack([lengths.sum(), lengths.max()]).tolist())
-        positions = keep.to(torch.uint8).sort(dim=1, descending=True, stable=True).indices[:, :width]
+        order = keep.to(torch.uint8) if last is None else keep.to(torch.uint8) * 2 - (keep & last).to(torch.uint8)
+        positions = order.sort(dim=1, descending=True, stable=True).indices[:, :width]
         full = total == batch * width
         padded_layout = self.keep_padding or total >= (1 - PADDED_LAYOUT_SLACK) * batch * width
         row_index = None if padded_layout else _row_index(lengths, width, total)

@@ -1,14 +1,15 @@
 """One ATS block step for every backbone: a pre-norm block run on a packed TokenBatch.
 
 A family adapter (``ats.patch.timm``, ``ats.patch.hf``, ...) describes each of its blocks as
-``BlockParts``; ``run_blocks`` then runs a model's blocks under an ATSConfig (or MergeConfig):
-blocks before the first patched one and any block while no image has padding run the block's own
-forward; an ATS block scores, samples (and optionally fuses) tokens and runs attention for the kept
-queries only; later blocks mask padded keys. Nothing here knows a family's module names.
+``BlockParts``; ``run_blocks`` then runs a model's blocks under a PatchConfig (ATS, EViT, both, or
+token merging): blocks before the first patched one and any block while no image has padding run
+the block's own forward; an ATS block scores, samples (and optionally fuses) tokens and runs
+attention for the kept queries only; an EViT or merging block attends with every token and reduces
+them before its MLP; later blocks mask padded keys. Nothing here knows a family's module names.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -16,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ATSConfig, MergeConfig, PatchConfig, TokenBudget
+from .config import ATSConfig, EViTConfig, MergeConfig, PatchConfig, TokenBudget
+from .evit import FUSED_SOURCE, attentive_tokens, fuse_inattentive
 from .merging import bipartite_soft_matching, cosine_similarity, fold, keep_distinct, nearest_kept
 from .packing import TokenBatch
 from .profiling import region
@@ -96,8 +98,7 @@ def run_blocks(blocks: Sequence[BlockParts], x: torch.Tensor, config: PatchConfi
     if not 0 <= start <= config.first_block:
         raise ValueError(f"the blocks can start at 0..{config.first_block} (up to the first patched block) for "
                          f"{config.describe()}, got {start}")
-    merging = isinstance(config, MergeConfig)
-    batch = TokenBatch.from_dense(x, keep_padding=not merging and config.packing == "padded")
+    batch = TokenBatch.from_dense(x, keep_padding=config.packing == "padded")
     record = ForwardRecord()
     for index, parts in enumerate(blocks):
         record.tokens_in.append(batch.live_tokens)
@@ -117,15 +118,18 @@ def run_block(parts: BlockParts, batch: TokenBatch, config: PatchConfig, index: 
     samples or merges). Side-effect free, so gradient checkpointing may run it again in the backward
     pass (with the same random numbers, so it samples the same tokens)."""
     record = ForwardRecord()
-    if isinstance(config, MergeConfig):
-        if index >= config.first:
-            return merge_block(parts, batch, config.r, num_prefix_tokens, record, index), record.sampling
-    elif index in config.budgets:
-        batch = ats_block(parts, batch, config.budgets[index], config, num_prefix_tokens, has_cls, record, index)
-        return batch, record.sampling
-    if batch.is_dense:
-        return batch.with_rows(parts.dense(batch.dense()).reshape(batch.rows.shape)), record.sampling
-    return masked_block(parts, batch), record.sampling
+    method = config.method_at(index)
+    if isinstance(method, MergeConfig):
+        batch = merge_block(parts, batch, method.r, num_prefix_tokens, record, index)
+    elif isinstance(method, EViTConfig):
+        batch = evit_block(parts, batch, method.keep_rate, num_prefix_tokens, record, index)
+    elif isinstance(method, ATSConfig):
+        batch = ats_block(parts, batch, method.budgets[index], method, num_prefix_tokens, has_cls, record, index)
+    elif batch.is_dense:
+        batch = batch.with_rows(parts.dense(batch.dense()).reshape(batch.rows.shape))
+    else:
+        batch = masked_block(parts, batch)
+    return batch, record.sampling
 
 
 def _attend(parts: BlockParts, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -263,18 +267,56 @@ def ats_block(parts: BlockParts, batch: TokenBatch, budget: TokenBudget, config:
 
 def merge_block(parts: BlockParts, batch: TokenBatch, r: int, prefix: int, record: ForwardRecord,
                 index: int) -> TokenBatch:
-    """The token-merging baseline: attention over all tokens, merge r of them, MLP on the rest."""
+    """The token-merging baseline: attention over all tokens, merge r of them, MLP on the rest. The
+    tokens leave in ToMe's order: prefix, the unmerged tokens of set A, then set B."""
     y = parts.norm1(batch.rows)
     q, k, v = parts.split_heads(batch.pad(parts.qkv(y)))
     out = batch.unpad(_attend(parts, q, k, v, batch.attention_mask))
     batch = batch.with_rows(batch.rows + _attention_update(parts, out, y, batch))
     positions = torch.arange(batch.width, device=y.device)
     patches = batch.position_mask & (positions >= prefix)
-    target = bipartite_soft_matching(k.mean(dim=1), r, patches)
+    target, side_b = bipartite_soft_matching(k.mean(dim=1), r, patches)
     batch = _fold(batch, target)
-    kept, _ = batch.select(batch.position_mask & (target == positions))
+    kept, _ = batch.select(batch.position_mask & (target == positions), last=side_b)
     record.record_sampling(index, batch.source, kept.source, None, None)
     return _mlp_half(parts, kept)
+
+
+def evit_block(parts: BlockParts, batch: TokenBatch, keep_rate: float, prefix: int, record: ForwardRecord,
+               index: int) -> TokenBatch:
+    """EViT: attention over all tokens, then keep the attentive patch tokens, fuse the rest into one
+    token after them, and run the MLP on what is left."""
+    y = parts.norm1(batch.rows)
+    q, k, v = parts.split_heads(batch.pad(parts.qkv(y)))
+    mask = batch.attention_mask
+    out = batch.unpad(_attend(parts, q, k, v, mask))
+    batch = batch.with_rows(batch.rows + _attention_update(parts, out, y, batch))
+    key_bias = None if mask is None or mask.dtype == torch.bool else mask[:, 0, 0]
+    cls_attention = class_attention(q[:, :, 0], k.transpose(1, 2), parts.scale, batch.key_mask, key_bias).mean(1)
+    positions = torch.arange(batch.width, device=y.device)
+    patches = batch.position_mask & (positions >= prefix)
+    keep = attentive_tokens(cls_attention, patches, keep_rate)
+    inattentive = patches & ~keep
+    fused, fused_size = fuse_inattentive(batch.pad(batch.rows), batch.padded_sizes(), cls_attention, inattentive)
+    slot = inattentive & (inattentive.long().cumsum(dim=1) == 1)  # the first inattentive position holds it
+    kept, _ = batch.select(keep | slot | (batch.position_mask & ~patches), last=slot)
+    if keep_rate < 1.0:
+        kept = _with_fused_token(kept, inattentive.any(dim=1), fused, fused_size)
+    record.record_sampling(index, batch.source, kept.source, cls_attention, cls_attention)
+    return _mlp_half(parts, kept)
+
+
+def _with_fused_token(batch: TokenBatch, has_fused: torch.Tensor, fused: torch.Tensor,
+                      fused_size: torch.Tensor) -> TokenBatch:
+    """Write the fused token x [B, C] of size [B] over the last token of each image where has_fused [B];
+    it stands for several patches, no one position (source FUSED_SOURCE)."""
+    last = batch.last_rows
+    rows = batch.rows.index_copy(0, last, torch.where(has_fused[:, None], fused, batch.rows.index_select(0, last)))
+    sizes = batch.sizes if batch.sizes is not None else rows.new_ones(rows.shape[0])
+    sizes = sizes.index_copy(0, last, torch.where(has_fused, fused_size.to(sizes.dtype), sizes.index_select(0, last)))
+    end = (batch.lengths - 1)[:, None]
+    source = batch.source.scatter(1, end, torch.where(has_fused[:, None], FUSED_SOURCE, batch.source.gather(1, end)))
+    return replace(batch, rows=rows, sizes=sizes, source=source)
 
 
 def _fold(batch: TokenBatch, target: torch.Tensor) -> TokenBatch:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from . import last_stats, patch, unpatch
 from .cli_options import REFERENCE, add_config_arguments, add_model_arguments, configs_from_arguments, load_model
-from .config import ATSConfig
+from .config import PatchConfig
 from .patch import family_of
 from .plots import new_figure, save_figure, slug
 from .stats import ATSStats
@@ -104,7 +104,7 @@ class ImageTokens:
             parts.append(f"label: {self.label}")
         if self.prediction is not None:
             parts.append(f"predicted: {self.prediction}")
-        return " | ".join(parts) + f"\nATS {self.config}\nblue: dropped patches, heat-map: class attention / max"
+        return " | ".join(parts) + f"\n{self.config}\nblue: dropped patches, heat-map: class attention / max"
 
 
 def token_figure(tokens: ImageTokens) -> Figure:
@@ -240,15 +240,15 @@ def _batches(inputs: Inputs, batch_size: int) -> Iterator[Tuple[torch.Tensor, to
         start += images.shape[0]
 
 
-def visualize_configs(args: argparse.Namespace, depth: int) -> List[ATSConfig]:
+def visualize_configs(args: argparse.Namespace, depth: int) -> List[PatchConfig]:
     """The configs the flags ask for; with none, multi-stage rho = 1.0 (not eval's six defaults)."""
-    if not (args.multi_stage or args.single_stage or args.blocks):
+    if not (args.multi_stage or args.single_stage or args.blocks or args.evit or args.merge):
         args = argparse.Namespace(**{**vars(args), "multi_stage": [DEFAULT_RHO]})
     return configs_from_arguments(args, depth)
 
 
 @torch.no_grad()
-def render(model: nn.Module, configs: Sequence[ATSConfig], inputs: Inputs, data_config: dict, out_dir: Path,
+def render(model: nn.Module, configs: Sequence[PatchConfig], inputs: Inputs, data_config: dict, out_dir: Path,
            batch_size: int) -> List[dict]:
     """Write one PNG per image and config to ``out_dir``; returns what each shows (JSON-ready)."""
     device = next(model.parameters()).device

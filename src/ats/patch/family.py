@@ -13,7 +13,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Type
 import torch
 from torch import nn
 
-from ..config import MergeConfig, PatchConfig
+from ..config import PatchConfig
 from ..flops import ViTShape, block_flops
 from ..packing import TokenBatch
 from ..stats import ATSStats
@@ -102,21 +102,7 @@ class Family:
 
     def check_config(self, model: nn.Module, config: PatchConfig) -> None:
         """Raise ValueError naming why ``config`` does not fit ``model``."""
-        depth = self.depth(model)
-        if isinstance(config, MergeConfig):
-            if config.first >= depth:
-                raise ValueError(f"merging from block {config.first} is outside this model's {depth} blocks")
-            return
-        outside = [index for index in config.budgets if index >= depth]
-        if outside:
-            raise ValueError(f"ATS block indices {outside} lie outside this model's {depth} blocks (0..{depth - 1}); "
-                             f"use ATSConfig.multi_stage(rho, depth={depth}) or smaller indices")
-        has_cls = self.has_class_token(model)
-        if config.score == "cls" and not has_cls:
-            raise ValueError("this model has no class token, so score='cls' cannot rank its tokens; "
-                             "use ATSConfig(..., score='self_attention')")
-        if not config.keep_cls and not has_cls:
-            raise ValueError("keep_cls=False needs a class token to drop; this model has none")
+        config.check_model(self.depth(model), self.has_class_token(model))
 
     def patch(self, model: nn.Module, config: PatchConfig) -> nn.Module:
         """Apply ``config`` to ``model`` in place; re-patching replaces the config."""
@@ -209,17 +195,7 @@ def upper_bound_flops(shape: ViTShape, config: Optional[PatchConfig]) -> float:
     total = shape.patch_embed_flops + shape.head_flops
     n = shape.num_tokens
     for index in range(shape.depth):
-        n_out = n if index not in costs else _most_tokens_out(config, index, n, shape.num_prefix_tokens)
+        n_out = config.most_tokens_out(index, n, shape.num_prefix_tokens) if index in costs else n
         total += costs[index](n, n_out) if index in costs else block_flops(shape, n, n)
         n = n_out
     return total
-
-
-def _most_tokens_out(config: PatchConfig, index: int, n: int, prefix: int) -> int:
-    if isinstance(config, MergeConfig):
-        patches = n - prefix
-        return n - min(config.r, (patches + 1) // 2) if patches >= 2 else n
-    if config.distinct:
-        return n
-    samples = max(config.budgets[index].max_samples(n, config.min_tokens), config.kept_floor(n - prefix))
-    return min(n, prefix + samples)
