@@ -9,11 +9,13 @@ from timm.models.vision_transformer import VisionTransformer
 import ats
 from ats import packing
 from ats.patch.timm import TIMM
+from ats.sampling import released_sample
 
 CONFIGS = {
     "multi_stage": ats.ATSConfig.multi_stage(0.87, first=1, depth=6),
     "single_stage": ats.ATSConfig.single_stage(k=60, block=1),
     "topk": ats.ATSConfig.multi_stage(0.87, first=1, depth=6, sampler="topk"),
+    "released": ats.ATSConfig.multi_stage(0.87, first=1, depth=6, sampler="released"),
     "cls_not_enforced": ats.ATSConfig.multi_stage(0.87, first=1, depth=6, keep_cls=False),
     "self_attention": ats.ATSConfig.multi_stage(0.87, first=1, depth=6, score="self_attention"),
     "min_kept": ats.ATSConfig.multi_stage(0.87, first=1, depth=6, min_kept=12),
@@ -198,6 +200,24 @@ def test_topk_keeps_the_top_recorded_scores(model, images):
     stats = ats.last_stats(model)
     expected = stats.scores[2].topk(20, dim=1).indices.sort(dim=1).values
     assert torch.equal(stats.kept[2], expected)
+
+
+def test_released_sampler_places_points_for_the_models_patch_count(model, images):
+    """M = floor(rho * 64) points in every block, whatever entered it, on that block's scores."""
+    ats.patch(model, ats.ATSConfig.multi_stage(0.5, first=1, depth=6, sampler="released"))
+    with torch.no_grad():
+        model(images)
+    stats = ats.last_stats(model)
+    entering = torch.ones(len(images), 64, dtype=torch.bool)
+    for block in range(1, 6):
+        scores = stats.scores[block]
+        keep = released_sample(scores, entering, torch.full((len(images),), 32))
+        padding = stats.kept[block] < 0
+        kept = torch.zeros(len(images), 65, dtype=torch.bool).scatter_(1, stats.kept[block].masked_fill(padding, 64),
+                                                                       True)[:, :64]
+        assert torch.equal(kept, keep)
+        entering = kept
+    assert (stats.tokens_out[:, 1:] - 1 <= 32).all()
 
 
 def test_gflops_match_a_hand_count(model, images):

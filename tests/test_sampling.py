@@ -6,6 +6,7 @@ from ats.sampling import (
     cls_scores,
     inverse_transform_sample,
     masked_softmax_logits,
+    released_sample,
     self_attention_scores,
     top_up,
     topk_sample,
@@ -168,3 +169,63 @@ def test_class_attention_is_the_class_rows_of_masked_attention():
     assert attention.shape == (2, 4, 5)
     assert torch.allclose(attention, expected, atol=1e-6)
     assert torch.all(attention[1, :, 3:] == 0)
+
+
+def released_by_definition(scores: torch.Tensor, candidates: torch.Tensor, points: int) -> torch.Tensor:
+    """The released rule written out step by step for one image [n] -> keep mask [n]."""
+    index = candidates.nonzero().flatten()
+    order = index[scores[index].argsort(stable=True)]
+    cdf = scores[order].double().cumsum(0)
+    normalised = (cdf - cdf.min()) / (cdf.max() - cdf.min())
+    start = normalised[normalised > 0].min()
+    ys = torch.linspace(0, 1, points, dtype=torch.float64) * (1 - start) + start if points > 1 else start[None]
+    picks = (ys[:, None] - normalised[None]).abs().argmin(dim=1)  # argmin takes the first on a tie
+    keep = torch.zeros_like(candidates)
+    keep[order[picks.unique()]] = True
+    return keep
+
+
+def test_released_sampler_on_a_hand_worked_example():
+    # Sorted: 0.1 (position 0), 0.2 (2), 0.3 (3), 0.4 (1); CDF 0.1, 0.3, 0.6, 1.0; min-max: 0, 2/9, 5/9, 1.
+    scores = torch.tensor([[0.1, 0.4, 0.2, 0.3, 0.0]])
+    candidates = torch.tensor([[True, True, True, True, False]])
+    # M = 3: points 2/9, 11/18, 1 -> nearest 2/9 (position 2), 5/9 (3), 1 (1); the lowest (0) never.
+    assert released_sample(scores, candidates, torch.tensor([3])).tolist() == [[False, True, True, True, False]]
+    # M = 2: points 2/9 and 1.
+    assert released_sample(scores, candidates, torch.tensor([2])).tolist() == [[False, True, True, False, False]]
+    # M = 9 points on 3 pickable tokens: each picked, duplicates merged.
+    assert released_sample(scores, candidates, torch.tensor([9])).sum() == 3
+
+
+def test_released_sampler_takes_the_earlier_token_on_a_tie():
+    # Sorted CDF 0.25, 0.5, 1.0 -> min-max 0, 1/3, 1; M = 3 points 1/3, 2/3, 1: 2/3 lies halfway between
+    # 1/3 (position 1) and 1 (position 2) and takes the earlier in sorted order, position 1.
+    scores = torch.tensor([[0.25, 0.25, 0.5]])
+    keep = released_sample(scores, torch.ones_like(scores, dtype=torch.bool), torch.tensor([3]))
+    assert keep.tolist() == [[False, True, True]]
+
+
+def test_released_sampler_never_picks_zero_scores_padding_or_non_candidates():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(4, 12, generator=generator)
+    scores[:, 5] = 0.0                       # a zero-score candidate
+    candidates = torch.ones_like(scores, dtype=torch.bool)
+    candidates[:, :1] = False                # the class token
+    candidates[2:, 9:] = False               # padding
+    keep = released_sample(scores * candidates, candidates, torch.tensor([50, 50, 50, 3]))
+    assert not keep[:, 0].any() and not keep[:, 5].any() and not keep[2:, 9:].any()
+    assert keep[3].sum() <= 3
+
+
+def test_released_sampler_matches_its_definition_image_by_image():
+    generator = torch.Generator().manual_seed(1)
+    scores = torch.rand(6, 40, generator=generator) ** 4
+    candidates = torch.rand(6, 40, generator=generator) > 0.2
+    points = torch.tensor([1, 5, 12, 39, 60, 25])
+    together = released_sample(scores * candidates, candidates, points)
+    for image in range(6):
+        expected = released_by_definition(scores[image], candidates[image], int(points[image]))
+        assert torch.equal(together[image], expected)
+        one = slice(image, image + 1)
+        alone = released_sample((scores * candidates)[one], candidates[one], points[one])
+        assert torch.equal(alone[0], together[image])

@@ -19,7 +19,7 @@ from torch import nn
 
 import ats
 
-from .cli_options import REFERENCE, add_config_arguments, add_model_arguments, configs_from_arguments, load_model
+from .cli_options import REFERENCE_MODELS, add_config_arguments, add_model_arguments, configs_from_arguments, load_model
 from .config import PatchConfig, with_ats_options
 from .datasets import bundled_test_set
 from .evaluate import set_config, text_table
@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     if args.compare_padded:
         configs += [padded for config in configs if (padded := with_ats_options(config, packing="padded")) != config]
     rows = bench(model, configs, args.batch_size or [1, 64], args.repeats, args.warmup,
-                 reference=args.model == REFERENCE, compile=args.compile)
+                 reference=args.model in REFERENCE_MODELS, compile=args.compile)
     print(f"threads: {torch.get_num_threads()}", file=sys.stderr)
     print(json.dumps([row.to_json() for row in rows], indent=1) if args.json else format_rows(rows))
     return 0

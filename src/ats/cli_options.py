@@ -13,8 +13,10 @@ from .config import (
     EVIT_BLOCKS,
     PAPER_KS,
     PAPER_RHOS,
+    SAMPLERS,
     ATSConfig,
     EViTConfig,
+    KeepAllConfig,
     MergeConfig,
     PatchConfig,
     StackedConfig,
@@ -22,6 +24,9 @@ from .config import (
 )
 
 REFERENCE = "reference"
+#: The models trained here on Fashion-MNIST, by --model name; they load their bundled weights and run on the
+#: bundled test set.
+REFERENCE_MODELS = (REFERENCE, "reference-cvt", "reference-psvit")
 #: ``--model hf:DIR`` names a transformers model saved with save_pretrained (or, with --pretrained, a hub name).
 HF_PREFIX = "hf:"
 
@@ -29,9 +34,9 @@ HF_PREFIX = "hf:"
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=REFERENCE,
-                       help="a timm model name (e.g. deit_small_patch16_224); hf:DIR, a Hugging Face ViT, DeiT or "
-                            "DINOv2 saved with save_pretrained; or 'reference' for the bundled Fashion-MNIST ViT "
-                            "(default)")
+                       help="a timm model name (e.g. deit_small_patch16_224); hf:DIR, a Hugging Face ViT, DeiT, "
+                            "DINOv2 or CvT saved with save_pretrained; 'reference' for the bundled Fashion-MNIST ViT "
+                            "(default), 'reference-cvt' or 'reference-psvit' for the bundled CvT or PS-ViT")
     group.add_argument("--pretrained", action="store_true",
                        help="load timm's pretrained weights, or with hf:NAME the model NAME from the Hugging Face "
                             "hub (downloads them on first use)")
@@ -43,24 +48,25 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def load_model(args: argparse.Namespace) -> nn.Module:
     """The model the flags name, in eval mode on ``args.device``."""
     from .checkpoints import load_weights
-    from .reference import load_reference_model
+    from .reference import load_reference_cvt, load_reference_model, load_reference_psvit
 
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint file {args.checkpoint} does not exist; pass the path of a "
                                 "saved state dict or training checkpoint")
     if args.model.startswith(HF_PREFIX):
         model = load_hf_model(args.model[len(HF_PREFIX):], download=args.pretrained)
-    elif args.model == REFERENCE:
+    elif args.model in REFERENCE_MODELS:
         if args.pretrained:
             raise ValueError("--pretrained needs a timm model name (--model deit_small_patch16_224); the "
-                             "reference model always loads its bundled weights")
-        model = load_reference_model(args.checkpoint)
+                             "reference models always load their bundled weights")
+        loaders = dict(zip(REFERENCE_MODELS, (load_reference_model, load_reference_cvt, load_reference_psvit)))
+        model = loaders[args.model](args.checkpoint)
     else:
         if args.model not in timm.list_models():
             raise ValueError(f"unknown timm model {args.model!r}; see timm.list_models('deit*') or "
                              "timm.list_models('vit*') for names")
         model = timm.create_model(args.model, pretrained=args.pretrained)
-    if args.checkpoint is not None and args.model != REFERENCE:
+    if args.checkpoint is not None and args.model not in REFERENCE_MODELS:
         load_weights(model, args.checkpoint)
     return model.to(args.device).eval()
 
@@ -113,7 +119,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--blocks", action="append", default=[], metavar="SPEC",
                        help="a custom config: comma-separated BLOCK:K or FIRST-LAST:RHO, e.g. '3:108,6:56' "
                             "or '0-11:0.9'; repeatable")
-    group.add_argument("--topk", action="store_true", help="keep the K highest scores instead of sampling")
+    group.add_argument("--sampler", choices=SAMPLERS, default="inverse_transform",
+                       help="inverse_transform (the paper's), topk (keep the K highest scores) or released (the "
+                            "rule of the authors' released code, docs/method.md)")
+    group.add_argument("--topk", action="store_true", help="the same as --sampler topk")
     group.add_argument("--score", choices=("cls", "self_attention"), default="cls")
     group.add_argument("--no-keep-cls", action="store_true", help="let the class token be dropped")
     group.add_argument("--min-kept", type=count_or_fraction, default=0, metavar="N",
@@ -135,6 +144,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--merge", type=int, action="append", default=[], metavar="R",
                        help="the token-merging baseline (ToMe), R tokens merged in every block; repeatable; runs "
                             "alone (not stacked with --evit)")
+    group.add_argument("--keep-all", type=int, action="append", default=[], metavar="FIRST",
+                       help="patch the model but drop no token from block FIRST on; on CvT the linear-projection "
+                            "model ATS runs on, without sampling (the baseline of fine-tuning); repeatable")
 
 
 def block_list(text: str) -> Tuple[int, ...]:
@@ -152,14 +164,15 @@ def count_or_fraction(text: str) -> Union[int, float]:
 
 
 def configs_from_arguments(args: argparse.Namespace, depth: int) -> List[PatchConfig]:
-    """The configs the flags ask for, for a model of ``depth`` blocks: ATS configs, EViT configs, or
-    each EViT config stacked with each ATS config; then the merging configs."""
-    options = dict(sampler="topk" if args.topk else "inverse_transform", score=args.score,
+    """The configs the flags ask for, for a model of ``depth`` blocks: the keep-all configs; ATS configs,
+    EViT configs, or each EViT config stacked with each ATS config; then the merging configs."""
+    options = dict(sampler="topk" if args.topk else args.sampler, score=args.score,
                    keep_cls=not args.no_keep_cls, min_kept=args.min_kept, fuse=args.fuse, distinct=args.distinct,
                    packing=args.packing)
     rhos, ks = args.multi_stage, args.single_stage
     merging = [MergeConfig(r) for r in args.merge]
-    if not (rhos or ks or args.blocks or args.evit or merging):
+    keep_all = [KeepAllConfig(first) for first in args.keep_all]
+    if not (rhos or ks or args.blocks or args.evit or merging or keep_all):
         rhos, ks = list(PAPER_RHOS), list(PAPER_KS)
     configs = [ATSConfig.multi_stage(rho, depth=depth, every=args.stage_every, **options) for rho in rhos]
     configs += [ATSConfig.single_stage(k, block=args.stage_block, **options) for k in ks]
@@ -167,7 +180,7 @@ def configs_from_arguments(args: argparse.Namespace, depth: int) -> List[PatchCo
     evits = [EViTConfig(keep_rate, args.evit_blocks) for keep_rate in args.evit]
     if evits and configs:
         configs = [StackedConfig(evit, config) for evit in evits for config in configs]
-    return (configs or evits) + merging
+    return keep_all + (configs or evits) + merging
 
 
 def parse_blocks(spec: str) -> dict:

@@ -12,7 +12,7 @@ import torch
 from .evit import attentive_count
 from .flops import BlockCost, Count, ViTShape, block_flops, evit_block_flops, merge_block_flops
 
-SAMPLERS = ("inverse_transform", "topk")
+SAMPLERS = ("inverse_transform", "topk", "released")
 SCORES = ("cls", "self_attention")
 PACKINGS = ("rows", "padded")
 
@@ -58,6 +58,13 @@ class TokenBudget:
             return self.k
         return max(math.floor(tokens_in * self.rho), min_tokens)
 
+    def released_points(self, num_patches: int) -> int:
+        """M, the points the authors' released sampler places (``sampler="released"``): K, or
+        ``floor(rho * num_patches)`` of the model's patch tokens whatever entered the block (at least 1)."""
+        if self.k is not None:
+            return self.k
+        return max(math.floor(self.rho * num_patches), 1)
+
     def __str__(self) -> str:
         return f"K={self.k}" if self.k is not None else f"rho={self.rho:g}"
 
@@ -83,7 +90,9 @@ class ATSConfig:
 
     Args:
         blocks: block index (0-based) -> budget: an int K, a float rho in (0, 1], or a TokenBudget.
-        sampler: "inverse_transform" (the paper) or "topk" (keep the K highest scores).
+        sampler: "inverse_transform" (the paper), "topk" (keep the K highest scores) or "released" (the
+            rule of the authors' released code: M points on the min-max normalised CDF from its smallest
+            non-zero value to 1, each picking the nearest token; M = ``TokenBudget.released_points``).
         score: "cls" (class-token attention x value norm) or "self_attention" (column sums).
         keep_cls: enforce the class token; with False it is sampled like a patch token (see docs).
         min_tokens: floor on K for ratio budgets (the paper's 8).
@@ -187,6 +196,9 @@ class ATSConfig:
         """The most tokens block ``index`` can emit from n (prefix tokens included): every sample distinct."""
         if self.distinct:
             return n
+        if self.sampler == "released":
+            budget = self.budgets[index]
+            return n if budget.k is None else min(n, prefix + budget.k)
         samples = max(self.budgets[index].max_samples(n, self.min_tokens), self.kept_floor(n - prefix))
         return min(n, prefix + samples)
 
@@ -273,6 +285,47 @@ class MergeConfig:
 
     def describe(self) -> str:
         return f"merge r={self.r}" + (f" from block {self.first}" if self.first else "")
+
+
+@dataclass(frozen=True)
+class KeepAllConfig:
+    """Patch a model but drop no token: the blocks from ``first`` on run on every token through the shared
+    ATS step. On most families that is the unpatched model; on CvT it is the linear-projection model
+    (those blocks run without their convolutional q/k/v projections, as ATS needs), the baseline that
+    separates what dropping the convolutions costs from what dropping tokens costs."""
+
+    first: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.first, bool) or not isinstance(self.first, int) or self.first < 0:
+            raise ValueError(f"first must be a block index >= 0, got {self.first!r}")
+
+    @property
+    def first_block(self) -> int:
+        return self.first
+
+    @property
+    def packing(self) -> str:
+        return "rows"
+
+    def patched_blocks(self, depth: int) -> List[int]:
+        return []
+
+    def method_at(self, index: int) -> None:
+        return None
+
+    def check_model(self, depth: int, has_cls: bool) -> None:
+        if self.first >= depth:
+            raise ValueError(f"block {self.first} is outside this model's {depth} blocks (0..{depth - 1})")
+
+    def most_tokens_out(self, index: int, n: int, prefix: int) -> int:
+        return n
+
+    def block_costs(self, shape: ViTShape) -> dict[int, BlockCost]:
+        return {}
+
+    def describe(self) -> str:
+        return "keep all" + (f" from block {self.first}" if self.first else "")
 
 
 @dataclass(frozen=True)
@@ -401,7 +454,7 @@ def with_ats_options(config: "PatchConfig", **changes) -> "PatchConfig":
     return config
 
 
-#: What ``ats.patch`` takes: ATS, EViT, both stacked, or the token-merging baseline.
-PatchConfig = Union[ATSConfig, EViTConfig, StackedConfig, MergeConfig]
+#: What ``ats.patch`` takes: ATS, EViT, both stacked, the token-merging baseline, or no dropping at all.
+PatchConfig = Union[ATSConfig, EViTConfig, StackedConfig, MergeConfig, KeepAllConfig]
 #: The config types ``ats.patch`` takes, for isinstance checks.
-PATCH_CONFIGS = (ATSConfig, EViTConfig, StackedConfig, MergeConfig)
+PATCH_CONFIGS = (ATSConfig, EViTConfig, StackedConfig, MergeConfig, KeepAllConfig)

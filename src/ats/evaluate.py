@@ -16,7 +16,7 @@ from tqdm import tqdm
 import ats
 
 from .cli_options import add_config_arguments, add_model_arguments, configs_from_arguments, load_model
-from .config import EViTConfig, MergeConfig, PatchConfig, StackedConfig
+from .config import EViTConfig, KeepAllConfig, MergeConfig, PatchConfig, StackedConfig
 from .datasets import DEFAULT_MAX_BAD, SkippedImages, build_dataset, collate_usable
 from .patch import family_of
 from .timing import measure_throughput
@@ -65,6 +65,8 @@ def method_of(config: Optional[PatchConfig]) -> str:
         return "merge"
     if isinstance(config, EViTConfig):
         return "evit"
+    if isinstance(config, KeepAllConfig):
+        return "keep-all"
     return "topk" if config.sampler == "topk" else "ats"
 
 

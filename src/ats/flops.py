@@ -8,7 +8,10 @@ is ``(4 + 2r) n C^2 + 2 n^2 C``. Fusing dropped tokens into kept ones adds their
 similarities ``(n_in - n_out) n_out d`` (d head width); a token-merging block attends with all
 n_in queries, matches ``(n_in / 2)^2 d`` pairs and runs its MLP on n_out tokens; an EViT block
 attends with all n_in queries, averages its inattentive tokens into one and runs its MLP on n_out.
-Norms, softmax and activations are not counted.
+A CvT block with convolutional projections runs a depthwise k x k convolution (``k^2 C`` per output
+position) for the queries and for the keys and values, on the patch grid; the prefix tokens bypass
+them; its (strided) key grid sets the keys the attention sees. Norms, softmax and activations are
+not counted.
 """
 from __future__ import annotations
 
@@ -62,11 +65,19 @@ def patch_grid(image_size: Sequence[int], patch_size: Sequence[int],
     return height // patch_h, width // patch_w
 
 
-def conv_patch_flops(proj: nn.Module, grid: Tuple[int, int]) -> int:
-    """FLOPs of a convolutional patch embedding on a patch grid (rows, columns)."""
-    if not isinstance(proj, nn.Conv2d):
-        raise TypeError(f"cannot count FLOPs of a {type(proj).__name__} patch embedding (expected Conv2d)")
-    return grid[0] * grid[1] * proj.out_channels * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+def conv_flops(conv: nn.Module, grid: Tuple[int, int]) -> int:
+    """FLOPs of a convolution (a patch embedding, a stem layer, a depthwise projection) that emits a grid
+    of (rows, columns): ``positions x C_out x C_in / groups x k_h x k_w``."""
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"cannot count FLOPs of a {type(conv).__name__} patch embedding (expected Conv2d)")
+    kernel = conv.kernel_size[0] * conv.kernel_size[1]
+    return grid[0] * grid[1] * conv.out_channels * conv.in_channels // conv.groups * kernel
+
+
+def conv_output_grid(conv: nn.Conv2d, grid: Tuple[int, int]) -> Tuple[int, int]:
+    """The (rows, columns) ``conv`` emits on an input of (rows, columns)."""
+    return tuple((size + 2 * padding - kernel) // stride + 1
+                 for size, padding, kernel, stride in zip(grid, conv.padding, conv.kernel_size, conv.stride))
 
 
 def score_flops(shape: ViTShape, n_in: Count, score: str) -> Count:
@@ -113,6 +124,19 @@ def evit_block_flops(shape: ViTShape, n_in: Count, n_out: Count) -> Count:
     return _attention_flops(shape, n_in, n_in) + n_out * shape.mlp_flops + (n_in - n_out) * shape.embed_dim
 
 
+def conv_projection_block_flops(embed_dim: int, mlp_flops: int, num_prefix_tokens: int, query_grid: Tuple[int, int],
+                                key_grid: Tuple[int, int], kernel_size: int) -> int:
+    """FLOPs of one CvT block with convolutional q/k/v projections on a full patch grid (attention width
+    = embed_dim). query_grid, key_grid: the (rows, columns) the query and the key/value convolutions
+    emit (strided convolutions emit smaller grids)."""
+    c = embed_dim
+    query_positions, key_positions = query_grid[0] * query_grid[1], key_grid[0] * key_grid[1]
+    n_queries, n_keys = query_positions + num_prefix_tokens, key_positions + num_prefix_tokens
+    convolutions = kernel_size * kernel_size * c * (query_positions + 2 * key_positions)
+    linear = n_queries * c * c + 2 * n_keys * c * c
+    return convolutions + linear + 2 * n_queries * n_keys * c + n_queries * c * c + n_queries * mlp_flops
+
+
 def vit_flops(shape: ViTShape, tokens_in: torch.Tensor, tokens_out: torch.Tensor,
               block_costs: Mapping[int, BlockCost]) -> torch.Tensor:
     """FLOPs per image of a whole forward.
@@ -128,9 +152,3 @@ def vit_flops(shape: ViTShape, tokens_in: torch.Tensor, tokens_out: torch.Tensor
         n_in, n_out = tokens_in[:, index], tokens_out[:, index]
         total = total + (block_flops(shape, n_in, n_out) if cost is None else cost(n_in, n_out))
     return total
-
-
-def dense_flops(shape: ViTShape) -> int:
-    """FLOPs of the unpatched model on one image."""
-    n = shape.num_tokens
-    return shape.patch_embed_flops + shape.head_flops + shape.depth * block_flops(shape, n, n)

@@ -39,6 +39,7 @@ class TokenBatch:
     full: True when every image fills all m positions (no padding anywhere).
     keep_padding: the padded-and-masked alternative: rows always hold all B * m positions, so
         every layer also runs on padding (for comparison; slower).
+    num_source_tokens: N0, the length of the original token sequence that ``source`` indexes.
     """
 
     rows: torch.Tensor
@@ -50,6 +51,7 @@ class TokenBatch:
     sizes: Optional[torch.Tensor] = None
     full: bool = True
     keep_padding: bool = False
+    num_source_tokens: int = 0
 
     @classmethod
     def from_dense(cls, x: torch.Tensor, keep_padding: bool = False) -> "TokenBatch":
@@ -57,7 +59,8 @@ class TokenBatch:
         batch, n, _ = x.shape
         lengths = torch.full((batch,), n, dtype=torch.long, device=x.device)
         source = torch.arange(n, device=x.device).expand(batch, n)
-        return cls(x.reshape(batch * n, -1), lengths, n, None, source, keep_padding=keep_padding)
+        return cls(x.reshape(batch * n, -1), lengths, n, None, source, keep_padding=keep_padding,
+                   num_source_tokens=n)
 
     @property
     def batch_size(self) -> int:
@@ -197,7 +200,7 @@ class TokenBatch:
             torch.arange(width, device=keep.device) >= lengths[:, None], -1)
         sizes = None if self.sizes is None else self.sizes.index_select(0, rows_from)
         packed = TokenBatch(self.rows.index_select(0, rows_from), lengths, width, row_index, source,
-                            self.cls_live, sizes, full, self.keep_padding)
+                            self.cls_live, sizes, full, self.keep_padding, self.num_source_tokens)
         return packed, rows_from
 
     def _row_at_position(self) -> torch.Tensor:

@@ -1,8 +1,10 @@
-"""The bundled reference model: a DeiT-style ViT trained on Fashion-MNIST with DeiT-S token geometry.
+"""The reference models, trained on Fashion-MNIST with DeiT-S token geometry.
 
-28x28 grayscale input, 2x2 patches -> 14x14 = 196 patch tokens + 1 class token = 197 tokens, 12
-blocks, so the paper's schedules (K = 108/78/48 at block 3, rho over blocks 3..11) apply as written.
-It is a plain timm VisionTransformer; ``scripts/train_reference.py`` trained it (docs/reference-model.md).
+The bundled one is a DeiT-style ViT: 28x28 grayscale input, 2x2 patches -> 14x14 = 196 patch tokens
++ 1 class token = 197 tokens, 12 blocks, so the paper's schedules (K = 108/78/48 at block 3, rho over
+blocks 3..11) apply as written; a plain timm VisionTransformer. The CvT one (transformers'
+``CvtForImageClassification``, the CvT-13 layout of 1, 2 and 10 blocks) ends in a stage of 14x14 = 196
+patch tokens + 1 class token. ``scripts/train_reference.py`` trained both (docs/reference-model.md).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from .checkpoints import load_weights
 
@@ -19,6 +22,16 @@ FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
 REFERENCE_CHECKPOINT = Path(__file__).parent / "assets" / "reference_vit_fmnist.pt"
 TRAINING_COMMAND = "python scripts/train_reference.py (see docs/reference-model.md)"
+#: The CvT-13 layout (1, 2, 10 blocks; 1, 2, 3 heads) at a width that trains on a CPU. Stage strides
+#: 1, 2, 1 on 28x28 input: stages of 28x28, 14x14 and 14x14 tokens, the last with a class token.
+REFERENCE_CVT_KWARGS = dict(num_channels=1, num_labels=10, patch_sizes=[3, 3, 3], patch_stride=[1, 2, 1],
+                            patch_padding=[1, 1, 1], embed_dim=[32, 64, 96], num_heads=[1, 2, 3], depth=[1, 2, 10],
+                            mlp_ratio=[4.0] * 3, drop_rate=[0.0] * 3, attention_drop_rate=[0.0] * 3,
+                            drop_path_rate=[0.0] * 3, qkv_bias=[True] * 3, cls_token=[False, False, True],
+                            qkv_projection_method=["dw_bn"] * 3, kernel_qkv=[3] * 3, padding_kv=[1] * 3,
+                            stride_kv=[2] * 3, padding_q=[1] * 3, stride_q=[1] * 3)
+REFERENCE_CVT_CHECKPOINT = Path(__file__).parent / "assets" / "reference_cvt_fmnist.pt"
+REFERENCE_PSVIT_CHECKPOINT = Path(__file__).parent / "assets" / "reference_psvit_fmnist.pt"
 
 
 def create_reference_model(**overrides) -> VisionTransformer:
@@ -32,6 +45,35 @@ def create_reference_model(**overrides) -> VisionTransformer:
     return model
 
 
+def create_reference_cvt(**overrides) -> nn.Module:
+    """The reference CvT (a transformers ``CvtForImageClassification``), randomly initialised;
+    ``overrides`` change ``CvtConfig`` fields."""
+    try:
+        from transformers import CvtConfig, CvtForImageClassification
+    except ImportError:
+        raise ImportError("the reference CvT is a transformers model: pip install 'ats-vit[hf]'") from None
+    from .datasets import FASHION_MNIST_CLASSES
+
+    config = CvtConfig(**{**REFERENCE_CVT_KWARGS, **overrides}, id2label=dict(enumerate(FASHION_MNIST_CLASSES)))
+    model = CvtForImageClassification(config)
+    model.pretrained_cfg = dict(input_size=(1, 28, 28), mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD,
+                                interpolation="bilinear", crop_pct=1.0, crop_mode="center", num_classes=10)
+    return model
+
+
+def create_reference_psvit(**overrides) -> nn.Module:
+    """The reference PS-ViT (``ats.models.psvit.PSVIT_TINY_FMNIST``), randomly initialised; ``overrides``
+    change its arguments (e.g. img_size=14 for the cheap first phase of training)."""
+    from .models.psvit import PSVIT_TINY_FMNIST, PSViT
+
+    kwargs = {**PSVIT_TINY_FMNIST, **overrides}
+    model = PSViT(**kwargs)
+    size = kwargs["img_size"]
+    model.pretrained_cfg = dict(input_size=(1, size, size), mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD,
+                                interpolation="bilinear", crop_pct=1.0, crop_mode="center", num_classes=10)
+    return model
+
+
 def load_reference_model(path: Optional[Path] = None) -> VisionTransformer:
     """The trained reference model in eval mode, from ``path`` (default: the bundled checkpoint).
 
@@ -41,3 +83,21 @@ def load_reference_model(path: Optional[Path] = None) -> VisionTransformer:
     if not path.is_file():
         raise FileNotFoundError(f"reference checkpoint {path} does not exist; make it with {TRAINING_COMMAND}")
     return load_weights(create_reference_model(), path).eval()
+
+
+def load_reference_cvt(path: Optional[Path] = None) -> nn.Module:
+    """The trained reference CvT in eval mode, from ``path`` (default: the bundled checkpoint)."""
+    path = Path(path) if path is not None else REFERENCE_CVT_CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"reference CvT checkpoint {path} does not exist; make it with "
+                                f"{TRAINING_COMMAND.replace('.py', '.py --arch cvt')}")
+    return load_weights(create_reference_cvt(), path).eval()
+
+
+def load_reference_psvit(path: Optional[Path] = None) -> nn.Module:
+    """The trained reference PS-ViT in eval mode, from ``path`` (default: the bundled checkpoint)."""
+    path = Path(path) if path is not None else REFERENCE_PSVIT_CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"reference PS-ViT checkpoint {path} does not exist; make it with "
+                                f"{TRAINING_COMMAND.replace('.py', '.py --arch psvit')}")
+    return load_weights(create_reference_psvit(), path).eval()

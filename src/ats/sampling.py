@@ -109,6 +109,36 @@ def inverse_transform_sample(scores: torch.Tensor, k: torch.Tensor, k_max: Optio
     return torch.zeros_like(picked).scatter_(1, order, picked) & (scores > 0)
 
 
+def released_sample(scores: torch.Tensor, candidates: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """The sampling rule of the authors' released code -> keep mask [B, n].
+
+    scores: [B, n] non-negative; candidates: [B, n] bool, the positions that may be kept; points:
+    [B] long, M. The candidates are sorted by score, ascending, and their cumulative sum normalised
+    by min-max, so the lowest-scoring candidate sits at 0 and the last at 1; M points placed evenly
+    from the smallest non-zero normalised value to 1 each pick the candidate whose normalised CDF is
+    nearest (the earlier one in sorted order on a tie), and the unique picks are kept. A candidate at
+    0 (the lowest-scoring one, and any with a zero score before it) and a non-candidate are never picked.
+    """
+    batch, n = scores.shape
+    sorted_scores, order = scores.masked_fill(~candidates, -1.0).sort(dim=1)
+    valid = sorted_scores >= 0
+    cdf = sorted_scores.clamp_min(0.0).to(torch.float64).cumsum(dim=1)
+    low = cdf.masked_fill(~valid, float("inf")).amin(dim=1, keepdim=True)
+    span = (cdf[:, -1:] - low).clamp_min(torch.finfo(cdf.dtype).tiny)
+    normalised = ((cdf - low) / span).masked_fill(~valid, float("-inf"))
+    start = normalised.masked_fill(normalised <= 0, float("inf")).amin(dim=1, keepdim=True)
+    start = start.masked_fill(start.isinf(), 1.0)
+    steps = torch.arange(int(points.max()) if batch else 0, device=scores.device, dtype=torch.float64)
+    ys = (start + steps * (1 - start) / (points[:, None] - 1).clamp_min(1)).contiguous()
+    above = torch.searchsorted(normalised.contiguous(), ys)
+    upper, lower = above.clamp(max=n - 1), (above - 1).clamp(min=0)
+    nearer_below = (ys - normalised.gather(1, lower)) <= (normalised.gather(1, upper) - ys)
+    picked = torch.where((above == n) | nearer_below, lower, upper)
+    in_use = (steps < points[:, None].to(torch.float64)).long()
+    chosen = torch.zeros_like(picked[:, :1]).expand(batch, n).clone().scatter_add_(1, picked, in_use) > 0
+    return torch.zeros_like(chosen).scatter_(1, order, chosen) & candidates
+
+
 def topk_sample(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Keep the k[b] highest-scoring positions of each image -> keep mask [B, n].
 

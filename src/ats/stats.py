@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Dict, List, Mapping, NamedTuple, Optional
+from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -37,6 +37,10 @@ class ATSStats:
     cls_attention: ATS block index -> [B, num_patches] float, the class token's attention over the
         patch grid, averaged over heads (0 for patches dropped earlier); empty without a class token.
     grid_size: the patch grid (rows, columns).
+    linear_blocks: the blocks that ran linear q/k/v projections in place of the model's convolutional
+        ones (CvT); empty for other families.
+    points: [B, num_patches, 2] float, (x, y) in input pixels where each patch token was sampled, for
+        models that choose their token positions (PS-ViT); None for models on a patch grid.
     """
 
     shape: ViTShape
@@ -44,6 +48,8 @@ class ATSStats:
     tokens_in: List[torch.Tensor]
     tokens_emitted: List[torch.Tensor]
     sampling: Dict[int, BlockSampling]
+    linear_blocks: Tuple[int, ...] = ()
+    points: Optional[torch.Tensor] = None
 
     @property
     def grid_size(self) -> tuple:

@@ -27,6 +27,7 @@ from .sampling import (
     cls_scores,
     inverse_transform_sample,
     masked_softmax_logits,
+    released_sample,
     self_attention_scores,
     top_up,
     topk_sample,
@@ -50,7 +51,8 @@ class BlockParts:
     qkv: normed rows [T, C] -> [T, 3A], the queries, keys and values side by side (heads in order);
     q_norm, k_norm: per-head norms on [B, h, n, d]; attn_drop: dropout on attention probabilities;
     drop_path1/2: stochastic-depth modules (anything with ``drop_prob`` and optionally ``scale_by_keep``),
-    applied per image; dense: the block's own forward on a batch with no padding [B, N, C];
+    applied per image; dense: the block's own forward on a batch with no padding [B, N, C], or None
+    where the block runs from these parts only (a CvT block without its convolutional projections);
     checkpoint: gradient checkpointing as the user turned it on for this block (called like
     ``torch.utils.checkpoint.checkpoint``), None when the block keeps its activations.
     """
@@ -63,7 +65,7 @@ class BlockParts:
     proj: Layer
     norm2: Layer
     mlp: Layer
-    dense: Layer
+    dense: Optional[Layer]
     training: bool = False
     attn_drop: float = 0.0
     q_norm: Layer = identity
@@ -125,7 +127,7 @@ def run_block(parts: BlockParts, batch: TokenBatch, config: PatchConfig, index: 
         batch = evit_block(parts, batch, method.keep_rate, num_prefix_tokens, record, index)
     elif isinstance(method, ATSConfig):
         batch = ats_block(parts, batch, method.budgets[index], method, num_prefix_tokens, has_cls, record, index)
-    elif batch.is_dense:
+    elif batch.is_dense and parts.dense is not None:
         batch = batch.with_rows(parts.dense(batch.dense()).reshape(batch.rows.shape))
     else:
         batch = masked_block(parts, batch)
@@ -224,6 +226,9 @@ def choose_tokens(batch: TokenBatch, qkv: torch.Tensor, q: torch.Tensor, k: torc
     samples = budget.samples(batch.live_tokens, config.min_tokens)
     if config.sampler == "topk":
         keep = topk_sample(scores, samples)
+    elif config.sampler == "released":
+        points = torch.full_like(samples, budget.released_points(batch.num_source_tokens - prefix))
+        keep = released_sample(scores, candidates, points)
     else:
         keep = inverse_transform_sample(scores, samples, budget.max_samples(batch.width, config.min_tokens),
                                         config.stochastic and training)

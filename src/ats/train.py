@@ -84,11 +84,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def training_config(args: argparse.Namespace, depth: int) -> PatchConfig:
     """The one config to train with: the flags' only config, or multi-stage rho = 1 (the paper's
     K = number of input tokens) when none is given."""
-    given = args.multi_stage or args.single_stage or args.blocks or args.evit or args.merge
+    given = args.multi_stage or args.single_stage or args.blocks or args.evit or args.merge or args.keep_all
     configs = configs_from_arguments(args, depth) if given else [ATSConfig.multi_stage(1.0, depth=depth)]
     if len(configs) != 1:
         raise ValueError(f"training takes one config, got {len(configs)}: give one of --multi-stage, "
-                         "--single-stage or --blocks, and at most one --evit")
+                         "--single-stage, --blocks, --merge or --keep-all, and at most one --evit")
     if args.stochastic and isinstance(configs[0], EViTConfig):
         raise ValueError(f"--stochastic changes how ATS samples; {configs[0].describe()} has no ATS blocks")
     return with_ats_options(configs[0], stochastic=True) if args.stochastic else configs[0]

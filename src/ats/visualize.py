@@ -24,7 +24,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
 from . import last_stats, patch, unpatch
-from .cli_options import REFERENCE, add_config_arguments, add_model_arguments, configs_from_arguments, load_model
+from .cli_options import REFERENCE_MODELS, add_config_arguments, add_model_arguments, configs_from_arguments, load_model
 from .config import PatchConfig
 from .patch import family_of
 from .plots import new_figure, save_figure, slug
@@ -85,7 +85,8 @@ class ImageTokens:
 
     image: [H, W, 3] display pixels in [0, 1]; kept: block -> [rows, cols] bool; attention:
     block -> [rows, cols] float (empty without a class token); present: block -> [rows, cols] bool,
-    the patches that entered the block.
+    the patches that entered the block; points: [rows * cols, 2] (x, y) input pixels where each token
+    was sampled, for models that sample their tokens off a grid (PS-ViT), else None.
     """
 
     name: str
@@ -97,6 +98,7 @@ class ImageTokens:
     gflops: float
     label: Optional[str] = None
     prediction: Optional[str] = None
+    points: Optional[torch.Tensor] = None
 
     def title(self) -> str:
         parts = [self.name, f"{self.gflops:.4g} GFLOPs"]
@@ -104,7 +106,8 @@ class ImageTokens:
             parts.append(f"label: {self.label}")
         if self.prediction is not None:
             parts.append(f"predicted: {self.prediction}")
-        return " | ".join(parts) + f"\n{self.config}\nblue: dropped patches, heat-map: class attention / max"
+        legend = "blue: dropped patches" if self.points is None else "dots: kept tokens where sampled, x: dropped"
+        return " | ".join(parts) + f"\n{self.config}\n{legend}, heat-map: class attention / max"
 
 
 def token_figure(tokens: ImageTokens) -> Figure:
@@ -123,12 +126,19 @@ def token_figure(tokens: ImageTokens) -> Figure:
     ax.axis("off")
     for column, block in enumerate(blocks, start=rows):
         ax = figure.add_subplot(grid[0, column])
-        ax.imshow(tint_dropped(tokens.image, tokens.kept[block]))
+        if tokens.points is None:
+            ax.imshow(tint_dropped(tokens.image, tokens.kept[block]))
+        else:
+            _draw_points(ax, tokens.image, tokens.points, tokens.kept[block].flatten())
         ax.set_title(f"block {block}: {int(tokens.kept[block].sum())} kept", fontsize=8)
         ax.axis("off")
         if block in tokens.attention:
             ax = figure.add_subplot(grid[1, column])
-            _draw_attention(ax, tokens.image, tokens.attention[block], tokens.present[block])
+            if tokens.points is None:
+                _draw_attention(ax, tokens.image, tokens.attention[block], tokens.present[block])
+            else:
+                _draw_points(ax, tokens.image, tokens.points, tokens.present[block].flatten(),
+                             tokens.attention[block].flatten())
             ax.set_title(f"block {block}: class attn.", fontsize=8)
             ax.axis("off")
     figure.suptitle(tokens.title(), fontsize=9)
@@ -145,6 +155,24 @@ def _draw_attention(ax, image: torch.Tensor, attention: torch.Tensor, present: t
               interpolation="nearest", extent=(-0.5, width - 0.5, height - 0.5, -0.5))
 
 
+def _draw_points(ax, image: torch.Tensor, points: torch.Tensor, shown: torch.Tensor,
+                 attention: Optional[torch.Tensor] = None) -> None:
+    """Tokens at the points they were sampled from, points [N, 2] (x, y) input pixels, over a dimmed image:
+    the ``shown`` [N] ones as dots (coloured by ``attention`` [N] / max when given), the rest as blue crosses."""
+    height, width = image.shape[:2]
+    ax.imshow((image * 0.5).numpy())
+    x, y = (points[:, 0] - 0.5).numpy(), (points[:, 1] - 0.5).numpy()
+    shown = shown.numpy()
+    ax.scatter(x[~shown], y[~shown], s=6, marker="x", color=DROPPED_COLOUR, linewidths=0.6)
+    if attention is None:
+        ax.scatter(x[shown], y[shown], s=8, color="orange")
+    else:
+        heat = (attention / attention.max().clamp_min(1e-12)).numpy()[shown]
+        ax.scatter(x[shown], y[shown], s=8, c=heat, cmap=HEAT_MAP, vmin=0.0, vmax=1.0)
+    ax.set_xlim(-0.5, width - 0.5)
+    ax.set_ylim(height - 0.5, -0.5)
+
+
 def image_tokens(stats: ATSStats, pixels: torch.Tensor, names: Sequence[str], config: str,
                  labels: Sequence[Optional[str]], predictions: Sequence[Optional[str]]) -> List[ImageTokens]:
     """Split a batch's statistics into one ImageTokens per image. pixels: [B, H, W, 3]."""
@@ -156,7 +184,8 @@ def image_tokens(stats: ATSStats, pixels: torch.Tensor, names: Sequence[str], co
                         kept={block: mask[i] for block, mask in masks.items()},
                         attention={block: values[i] for block, values in attention.items()},
                         present={block: mask[i] for block, mask in present.items()},
-                        gflops=gflops[i], label=labels[i], prediction=predictions[i])
+                        gflops=gflops[i], label=labels[i], prediction=predictions[i],
+                        points=None if stats.points is None else stats.points[i].cpu())
             for i in range(pixels.shape[0])]
 
 
@@ -215,7 +244,7 @@ def load_inputs(args: argparse.Namespace, model: nn.Module, data_config: dict) -
     """--images files/folders, or the first --num-images images of the bundled test set."""
     from .datasets import FASHION_MNIST_CLASSES, build_dataset
 
-    class_names = FASHION_MNIST_CLASSES if args.model == REFERENCE else family_of(model).class_names(model)
+    class_names = FASHION_MNIST_CLASSES if args.model in REFERENCE_MODELS else family_of(model).class_names(model)
     if args.images:
         paths = collect_image_paths(args.images)
         return Inputs(ImageFiles(paths, data_config), [path.stem for path in paths], class_names)
@@ -242,7 +271,7 @@ def _batches(inputs: Inputs, batch_size: int) -> Iterator[Tuple[torch.Tensor, to
 
 def visualize_configs(args: argparse.Namespace, depth: int) -> List[PatchConfig]:
     """The configs the flags ask for; with none, multi-stage rho = 1.0 (not eval's six defaults)."""
-    if not (args.multi_stage or args.single_stage or args.blocks or args.evit or args.merge):
+    if not (args.multi_stage or args.single_stage or args.blocks or args.evit or args.merge or args.keep_all):
         args = argparse.Namespace(**{**vars(args), "multi_stage": [DEFAULT_RHO]})
     return configs_from_arguments(args, depth)
 

@@ -3,11 +3,13 @@ model's family. A new pre-norm family is one ``Family`` subclass (see ``family.p
 import torch
 from torch import nn
 
+from .cvt import CVT
 from .family import Family
 from .hf import HF
+from .psvit import PSVIT
 from .timm import TIMM
 
-FAMILIES = (TIMM, HF)
+FAMILIES = (TIMM, HF, CVT, PSVIT)
 
 
 def family_of(model: nn.Module) -> Family:

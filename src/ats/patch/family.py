@@ -8,13 +8,13 @@ and unpatching restores the class.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, Optional, Sequence, Tuple, Type
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
 
 from ..config import PatchConfig
-from ..flops import ViTShape, block_flops
+from ..flops import BlockCost, ViTShape, block_flops
 from ..packing import TokenBatch
 from ..stats import ATSStats
 from ..step import BlockParts, run_blocks
@@ -89,6 +89,17 @@ class Family:
         (called like ``torch.utils.checkpoint.checkpoint``), else None."""
         return None
 
+    def all_block_parts(self, model: nn.Module, input_size: Sequence[int]) -> List[BlockParts]:
+        """The parts of every block for a forward on images of ``input_size`` (C, H, W), each with its
+        gradient checkpointing."""
+        return [replace(self.block_parts(block), checkpoint=self.checkpoint_function(model, block))
+                for block in self.blocks(model)]
+
+    def block_costs(self, model: nn.Module, shape: ViTShape, config: Optional[PatchConfig]) -> Dict[int, BlockCost]:
+        """The FLOPs (n_in, n_out) -> count of every block that is not a standard one (``flops.block_flops``)
+        under ``config`` (None: the unpatched model)."""
+        return {} if config is None else config.block_costs(shape)
+
     def depth(self, model: nn.Module) -> int:
         return len(self.blocks(model))
 
@@ -123,11 +134,10 @@ class Family:
         if key not in state.shapes:
             state.shapes[key] = self.shape(model, input_size)
         shape = state.shapes[key]
-        parts = [replace(self.block_parts(block), checkpoint=self.checkpoint_function(model, block))
-                 for block in self.blocks(model)]
+        parts = self.all_block_parts(model, input_size)
         batch, record = run_blocks(parts, x, state.config, shape.num_prefix_tokens, self.has_class_token(model),
                                    start)
-        state.last_stats = record.finish(shape, state.config.block_costs(shape))
+        state.last_stats = record.finish(shape, self.block_costs(model, shape, state.config))
         state.pool_weights = batch.padded_sizes() * batch.position_mask
         return batch
 
@@ -189,13 +199,14 @@ def masked_features(batch: TokenBatch, features: torch.Tensor) -> torch.Tensor:
     return x if batch.full else x.masked_fill(~batch.position_mask[..., None], 0.0)
 
 
-def upper_bound_flops(shape: ViTShape, config: Optional[PatchConfig]) -> float:
-    """FLOPs per image when every sample is a distinct token (the most a patched forward can cost)."""
-    costs = {} if config is None else config.block_costs(shape)
+def upper_bound_flops(shape: ViTShape, config: Optional[PatchConfig], costs: Mapping[int, BlockCost]) -> float:
+    """FLOPs per image when every sample is a distinct token (the most a patched forward can cost);
+    costs: ``Family.block_costs`` of the model under ``config``."""
     total = shape.patch_embed_flops + shape.head_flops
     n = shape.num_tokens
     for index in range(shape.depth):
-        n_out = config.most_tokens_out(index, n, shape.num_prefix_tokens) if index in costs else n
+        n_out = n if config is None or config.method_at(index) is None else config.most_tokens_out(
+            index, n, shape.num_prefix_tokens)
         total += costs[index](n, n_out) if index in costs else block_flops(shape, n, n)
         n = n_out
     return total

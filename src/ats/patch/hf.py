@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..flops import ViTShape, conv_patch_flops, linear_flops, patch_grid
+from ..flops import ViTShape, conv_flops, linear_flops, patch_grid
 from ..packing import TokenBatch
 from ..step import BlockParts
 from .family import Family, PatchedModel, fit_channels, masked_features
@@ -102,7 +102,8 @@ LAYOUTS = {
 }
 
 
-def _fused_qkv(q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, y: torch.Tensor) -> torch.Tensor:
+def fused_qkv(q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """Queries, keys and values of normed rows [T, C] from three separate projections -> [T, 3A]."""
     return torch.cat([q_proj(y), k_proj(y), v_proj(y)], dim=-1)
 
 
@@ -188,7 +189,7 @@ class HuggingFaceViT(Family):
 
     def block_parts(self, layer: nn.Module) -> BlockParts:
         attn = layer.attention
-        common = dict(qkv=partial(_fused_qkv, attn.q_proj, attn.k_proj, attn.v_proj),
+        common = dict(qkv=partial(fused_qkv, attn.q_proj, attn.k_proj, attn.v_proj),
                       num_heads=attn.num_attention_heads, head_dim=attn.head_dim, scale=attn.scaling,
                       proj=attn.o_proj, mlp=layer.mlp, dense=_dense_forward(layer), training=layer.training,
                       attn_drop=attn.attention_dropout)
@@ -219,7 +220,7 @@ class HuggingFaceViT(Family):
                         head_dim=layer.attention.head_dim, mlp_flops=linear_flops(layer.mlp),
                         depth=len(self.blocks(model)), num_patches=grid[0] * grid[1],
                         num_prefix_tokens=self.num_prefix_tokens(model),
-                        patch_embed_flops=conv_patch_flops(patches.projection, grid),
+                        patch_embed_flops=conv_flops(patches.projection, grid),
                         head_flops=sum(linear_flops(head) for head in heads if head is not None), grid_size=grid)
 
     def input_size(self, model: nn.Module) -> Tuple[int, int, int]:
@@ -227,22 +228,7 @@ class HuggingFaceViT(Family):
         return (patches.num_channels, *patches.image_size)
 
     def data_config(self, model: nn.Module) -> dict:
-        """Preprocessing from the model's image processor config (``preprocessor_config.json`` where
-        it was loaded from), else timm's defaults at the model's input size."""
-        processor = _processor_config(model)
-        channels, height, width = self.input_size(model)
-        size, crop = processor.get("size") or {}, processor.get("crop_size") or {}
-        config = dict(interpolation=PIL_RESAMPLE.get(processor.get("resample"), "bicubic"), crop_pct=0.875,
-                      crop_mode="center", input_size=(channels, height, width))
-        if processor.get("do_center_crop") and crop:
-            resized = size.get("shortest_edge") or size.get("height") or crop["height"]
-            config.update(crop_pct=crop["height"] / resized, input_size=(channels, crop["height"], crop["width"]))
-        elif "height" in size:
-            config.update(crop_pct=1.0, crop_mode="squash", input_size=(channels, size["height"], size["width"]))
-        normalise = processor.get("do_normalize", True)
-        for key, default, identity in (("mean", IMAGENET_MEAN, 0.0), ("std", IMAGENET_STD, 1.0)):
-            config[key] = fit_channels(processor.get(f"image_{key}", default) if normalise else (identity,), channels)
-        return config
+        return processor_data_config(model, self.input_size(model))
 
     def class_names(self, model: nn.Module) -> Optional[Sequence[str]]:
         labels = getattr(model.config, "id2label", None) or {}
@@ -299,7 +285,26 @@ def _logits_of(model: nn.Module, output) -> torch.Tensor:
     return logits
 
 
-def _processor_config(model: nn.Module) -> dict:
+def processor_data_config(model: nn.Module, input_size: Tuple[int, int, int]) -> dict:
+    """Preprocessing from the model's image processor config (``preprocessor_config.json`` where it
+    was loaded from), else timm's defaults at ``input_size`` (C, H, W), the model's own."""
+    processor = processor_config(model)
+    channels, height, width = input_size
+    size, crop = processor.get("size") or {}, processor.get("crop_size") or {}
+    config = dict(interpolation=PIL_RESAMPLE.get(processor.get("resample"), "bicubic"),
+                  crop_pct=processor.get("crop_pct") or 0.875, crop_mode="center", input_size=(channels, height, width))
+    if processor.get("do_center_crop") and crop:
+        resized = size.get("shortest_edge") or size.get("height") or crop["height"]
+        config.update(crop_pct=crop["height"] / resized, input_size=(channels, crop["height"], crop["width"]))
+    elif "height" in size:
+        config.update(crop_pct=1.0, crop_mode="squash", input_size=(channels, size["height"], size["width"]))
+    normalise = processor.get("do_normalize", True)
+    for key, default, identity in (("mean", IMAGENET_MEAN, 0.0), ("std", IMAGENET_STD, 1.0)):
+        config[key] = fit_channels(processor.get(f"image_{key}", default) if normalise else (identity,), channels)
+    return config
+
+
+def processor_config(model: nn.Module) -> dict:
     """The image processor config saved with the model, or {} when there is none."""
     from transformers.image_processing_utils import ImageProcessingMixin
 

@@ -14,7 +14,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..flops import ViTShape, conv_patch_flops, linear_flops, patch_grid
+from ..flops import ViTShape, conv_flops, linear_flops, patch_grid
 from ..step import BlockParts
 from .family import Family, PatchedModel, fit_channels, masked_features
 
@@ -96,7 +96,7 @@ class TimmViT(Family):
         return ViTShape(embed_dim=model.embed_dim, attn_dim=block.attn.qkv.out_features // 3,
                         head_dim=block.attn.head_dim, mlp_flops=linear_flops(block.mlp), depth=len(model.blocks),
                         num_patches=grid[0] * grid[1], num_prefix_tokens=model.num_prefix_tokens,
-                        patch_embed_flops=conv_patch_flops(patch_embed.proj, grid),
+                        patch_embed_flops=conv_flops(patch_embed.proj, grid),
                         head_flops=sum(linear_flops(head) for head in heads), grid_size=grid)
 
     def has_class_token(self, model: VisionTransformer) -> bool:

@@ -1,0 +1,1 @@
+"""Architectures the library implements itself because no package it uses has them."""
