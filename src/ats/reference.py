@@ -4,7 +4,8 @@ The bundled one is a DeiT-style ViT: 28x28 grayscale input, 2x2 patches -> 14x14
 + 1 class token = 197 tokens, 12 blocks, so the paper's schedules (K = 108/78/48 at block 3, rho over
 blocks 3..11) apply as written; a plain timm VisionTransformer. The CvT one (transformers'
 ``CvtForImageClassification``, the CvT-13 layout of 1, 2 and 10 blocks) ends in a stage of 14x14 = 196
-patch tokens + 1 class token. ``scripts/train_reference.py`` trained both (docs/reference-model.md).
+patch tokens + 1 class token, and so does the PS-ViT one (``ats.models.psvit``, 196 sampled tokens).
+``scripts/train_reference.py`` trains them (docs/reference-model.md).
 """
 from __future__ import annotations
 
@@ -34,14 +35,18 @@ REFERENCE_CVT_CHECKPOINT = Path(__file__).parent / "assets" / "reference_cvt_fmn
 REFERENCE_PSVIT_CHECKPOINT = Path(__file__).parent / "assets" / "reference_psvit_fmnist.pt"
 
 
+def fashion_mnist_data_config(size: int, num_classes: int = 10) -> dict:
+    """The timm-style data config every reference model declares (``model.pretrained_cfg``)."""
+    return dict(input_size=(1, size, size), mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, interpolation="bilinear",
+                crop_pct=1.0, crop_mode="center", num_classes=num_classes)
+
+
 def create_reference_model(**overrides) -> VisionTransformer:
     """The reference architecture, randomly initialised; ``overrides`` change timm kwargs (e.g. img_size)."""
     kwargs = {**REFERENCE_KWARGS, **overrides}
     model = VisionTransformer(**kwargs)
     size = kwargs["img_size"]
-    model.pretrained_cfg = dict(input_size=(1, size, size), mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD,
-                                interpolation="bilinear", crop_pct=1.0, crop_mode="center",
-                                num_classes=kwargs["num_classes"])
+    model.pretrained_cfg = fashion_mnist_data_config(size, kwargs["num_classes"])
     return model
 
 
@@ -56,8 +61,7 @@ def create_reference_cvt(**overrides) -> nn.Module:
 
     config = CvtConfig(**{**REFERENCE_CVT_KWARGS, **overrides}, id2label=dict(enumerate(FASHION_MNIST_CLASSES)))
     model = CvtForImageClassification(config)
-    model.pretrained_cfg = dict(input_size=(1, 28, 28), mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD,
-                                interpolation="bilinear", crop_pct=1.0, crop_mode="center", num_classes=10)
+    model.pretrained_cfg = fashion_mnist_data_config(28)
     return model
 
 
@@ -69,8 +73,7 @@ def create_reference_psvit(**overrides) -> nn.Module:
     kwargs = {**PSVIT_TINY_FMNIST, **overrides}
     model = PSViT(**kwargs)
     size = kwargs["img_size"]
-    model.pretrained_cfg = dict(input_size=(1, size, size), mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD,
-                                interpolation="bilinear", crop_pct=1.0, crop_mode="center", num_classes=10)
+    model.pretrained_cfg = fashion_mnist_data_config(size)
     return model
 
 
@@ -79,25 +82,25 @@ def load_reference_model(path: Optional[Path] = None) -> VisionTransformer:
 
     The file holds a state dict (fp16 or fp32), or a training checkpoint with a ``model`` entry.
     """
-    path = Path(path) if path is not None else REFERENCE_CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"reference checkpoint {path} does not exist; make it with {TRAINING_COMMAND}")
-    return load_weights(create_reference_model(), path).eval()
+    return _load_trained(create_reference_model(), path, REFERENCE_CHECKPOINT, "reference checkpoint", "")
 
 
 def load_reference_cvt(path: Optional[Path] = None) -> nn.Module:
     """The trained reference CvT in eval mode, from ``path`` (default: the bundled checkpoint)."""
-    path = Path(path) if path is not None else REFERENCE_CVT_CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"reference CvT checkpoint {path} does not exist; make it with "
-                                f"{TRAINING_COMMAND.replace('.py', '.py --arch cvt')}")
-    return load_weights(create_reference_cvt(), path).eval()
+    return _load_trained(create_reference_cvt(), path, REFERENCE_CVT_CHECKPOINT, "reference CvT checkpoint", "cvt")
 
 
 def load_reference_psvit(path: Optional[Path] = None) -> nn.Module:
     """The trained reference PS-ViT in eval mode, from ``path`` (default: the bundled checkpoint)."""
-    path = Path(path) if path is not None else REFERENCE_PSVIT_CHECKPOINT
+    return _load_trained(create_reference_psvit(), path, REFERENCE_PSVIT_CHECKPOINT, "reference PS-ViT checkpoint",
+                         "psvit")
+
+
+def _load_trained(model: nn.Module, path: Optional[Path], bundled: Path, what: str, arch: str) -> nn.Module:
+    """``model`` with the weights in ``path`` (default ``bundled``), in eval mode; a missing file gets the
+    command that trains it (``scripts/train_reference.py --arch arch``)."""
+    path = Path(path) if path is not None else bundled
     if not path.is_file():
-        raise FileNotFoundError(f"reference PS-ViT checkpoint {path} does not exist; make it with "
-                                f"{TRAINING_COMMAND.replace('.py', '.py --arch psvit')}")
-    return load_weights(create_reference_psvit(), path).eval()
+        command = TRAINING_COMMAND.replace(".py", f".py --arch {arch}") if arch else TRAINING_COMMAND
+        raise FileNotFoundError(f"{what} {path} does not exist; make it with {command}")
+    return load_weights(model, path).eval()
