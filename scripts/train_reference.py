@@ -1,8 +1,11 @@
-"""Train a reference model (the ViT; --arch cvt or psvit) on Fashion-MNIST (CPU, seeded, resumable).
+"""Train a reference model (the ViT; --arch cvt, psvit or video) on Fashion-MNIST (CPU, seeded, resumable).
 
 Phases of ordinary supervised training (progressive resizing): most epochs at 14x14 input (a quarter
-of the tokens, or for PS-ViT a quarter of the feature map, cheap), then a few at the full 28x28, the
-ViT's position embedding resampled in between (CvT and PS-ViT have none). A checkpoint is written
+of the tokens, cheap; PS-ViT samples a 7x7 grid of points from its 7x7 feature map, a quarter of its tokens too),
+then a few at the full 28x28, the ViT's position embedding resampled in between (CvT has none; PS-ViT's position
+encoding is a linear map of the sampled points, so its weights fit both grids). The video model (TimeSformer)
+trains on moving-garment clips at its own size, rendered batch by batch with fresh motion and clutter every epoch
+(the epoch is the clips' seed); it is tested on the first --test-limit test clips. A checkpoint is written
 every --checkpoint-minutes and at the end of every epoch; rerunning the same command resumes from it,
 mid-epoch included. See docs/reference-model.md for the exact commands and the measured accuracy.
 
@@ -18,6 +21,7 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import Iterable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,15 +30,16 @@ from tqdm import tqdm
 
 from ats.checkpoints import save_atomic
 from ats.datasets import bundled_test_set, fashion_mnist_train, normalise
-from ats.reference import create_reference_cvt, create_reference_model, create_reference_psvit
+from ats.moving_garments import TEST_SEED, ClipSpec, render_clip
+from ats.reference import create_reference_cvt, create_reference_model, create_reference_psvit, create_reference_video
 
-ARCHITECTURES = ("vit", "cvt", "psvit")
+ARCHITECTURES = ("vit", "cvt", "psvit", "video")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=ARCHITECTURES, default="vit", help="the reference ViT, CvT or PS-ViT")
-    parser.add_argument("--img-size", type=int, default=28, help="training resolution (14 or 28)")
+    parser.add_argument("--img-size", type=int, default=28, help="training resolution (14 or 28; images only)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -46,7 +51,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, required=True, help="checkpoints and log; resumes from last.pt")
     parser.add_argument("--export", type=Path, help="write the final fp16 state dict here")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster on CPUs with AMX)")
-    parser.add_argument("--limit", type=int, help="train on the first N images only")
+    parser.add_argument("--limit", type=int, help="train on the first N images (or clips) only")
+    parser.add_argument("--test-limit", type=int, help="test on the first N test images or clips (default: all "
+                                                        "images, 2,000 clips)")
     parser.add_argument("--checkpoint-minutes", type=float, default=15.0,
                         help="also write a checkpoint inside an epoch this often")
     parser.add_argument("--threads", type=int, default=2)
@@ -76,10 +83,61 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], crops.flip(-1), crops)
 
 
+class ImageData:
+    """Fashion-MNIST at ``size`` (augmented in training), held in memory."""
+
+    def __init__(self, size: int, limit: Optional[int], test_limit: Optional[int]) -> None:
+        train, test = fashion_mnist_train(), bundled_test_set()
+        self.images, self.labels = resized(train.images[:limit], size), train.labels[:limit]
+        self.test_images, self.test_labels = resized(test.images[:test_limit], size), test.labels[:test_limit]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, index: torch.Tensor, epoch: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+        return augment(self.images[index], generator), self.labels[index]
+
+    def test_batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        return zip(self.test_images.split(500), self.test_labels.split(500))
+
+
+class ClipData:
+    """Moving-garment clips of Fashion-MNIST's training images, rendered per batch with the epoch as seed; the
+    test clips of the bundled test images."""
+
+    def __init__(self, spec: ClipSpec, limit: Optional[int], test_limit: Optional[int]) -> None:
+        train, test = fashion_mnist_train(), bundled_test_set()
+        self.spec, self.images, self.labels = spec, train.images[:limit], train.labels[:limit]
+        self.test_images, self.test_labels = test.images, test.labels
+        self.test_count = min(test_limit or 2000, len(test.labels))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def clips(self, images: torch.Tensor, labels: torch.Tensor, indices: Iterable[int],
+              seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Clips [N, T, 1, H, W] normalised and their labels [N]."""
+        rendered = [render_clip(images, labels, int(index), self.spec, seed) for index in indices]
+        clips = normalise(torch.stack([clip for clip, _ in rendered])[:, :, None])
+        return clips, torch.tensor([label for _, label in rendered])
+
+    def batch(self, index: torch.Tensor, epoch: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.clips(self.images, self.labels, index, epoch)
+
+    def test_batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, self.test_count, 100):
+            indices = range(start, min(start + 100, self.test_count))
+            yield self.clips(self.test_images, self.test_labels, indices, TEST_SEED)
+
+
 def create(arch: str, img_size: int) -> torch.nn.Module:
     if arch == "cvt":
         return create_reference_cvt()
-    return (create_reference_psvit if arch == "psvit" else create_reference_model)(img_size=img_size)
+    if arch == "video":
+        return create_reference_video()
+    if arch == "psvit":
+        return create_reference_psvit(img_size=img_size, num_points=img_size // 2)
+    return create_reference_model(img_size=img_size)
 
 
 def logits_of(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -88,12 +146,14 @@ def logits_of(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def test_accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+def test_accuracy(model: torch.nn.Module, data) -> float:
     model.eval()
-    correct = sum(int((logits_of(model, chunk).argmax(-1) == target).sum())
-                  for chunk, target in zip(images.split(500), labels.split(500)))
+    correct = seen = 0
+    for inputs, labels in data.test_batches():
+        correct += int((logits_of(model, inputs).argmax(-1) == labels).sum())
+        seen += len(labels)
     model.train()
-    return 100.0 * correct / len(labels)
+    return 100.0 * correct / seen
 
 
 def load_init(model: torch.nn.Module, path: Path) -> None:
@@ -112,18 +172,16 @@ def main() -> None:
     random.seed(args.seed)
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
-    train = fashion_mnist_train()
-    train_images, train_labels = resized(train.images, args.img_size), train.labels
-    if args.limit:
-        train_images, train_labels = train_images[:args.limit], train_labels[:args.limit]
-    test = bundled_test_set()
-    test_images, test_labels = resized(test.images, args.img_size), test.labels
-
     model = create(args.arch, args.img_size)
+    if args.arch == "video":
+        config = model.config
+        data = ClipData(ClipSpec(num_frames=config.num_frames, size=config.image_size), args.limit, args.test_limit)
+    else:
+        data = ImageData(args.img_size, args.limit, args.test_limit)
     if args.init:
         load_init(model, args.init)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(len(train_labels) / args.batch_size)
+    steps_per_epoch = math.ceil(len(data) / args.batch_size)
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
 
     def lr_factor(step: int) -> float:
@@ -155,16 +213,16 @@ def main() -> None:
     for epoch in range(position["epoch"], args.epochs):
         started, saved = time.time(), time.time()
         if position["order"] is None:
-            position = dict(epoch=epoch, step=0, order=torch.randperm(len(train_labels), generator=generator),
+            position = dict(epoch=epoch, step=0, order=torch.randperm(len(data), generator=generator),
                             losses=[], seconds=0.0)
         order, losses = position["order"], position["losses"]
         for step in tqdm(range(position["step"], steps_per_epoch), desc=f"epoch {epoch}", mininterval=30,
                          initial=position["step"], total=steps_per_epoch):
             index = order[step * args.batch_size:(step + 1) * args.batch_size]
-            images = augment(train_images[index], generator)
+            inputs, labels = data.batch(index, epoch, generator)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                logits = logits_of(model, images)
-            loss = F.cross_entropy(logits.float(), train_labels[index], label_smoothing=args.label_smoothing)
+                logits = logits_of(model, inputs)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -175,7 +233,7 @@ def main() -> None:
                 save(dict(epoch=epoch, step=step + 1, order=order, losses=losses,
                           seconds=position["seconds"] + time.time() - started))
                 saved = time.time()
-        top1 = test_accuracy(model, test_images, test_labels)
+        top1 = test_accuracy(model, data)
         record = dict(epoch=epoch, img_size=args.img_size, train_loss=sum(losses) / len(losses), test_top1=top1,
                       lr=scheduler.get_last_lr()[0], seconds=round(position["seconds"] + time.time() - started, 1))
         print(json.dumps(record), flush=True)

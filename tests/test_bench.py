@@ -40,3 +40,22 @@ def test_bench_compile_times_compiled_models_with_the_same_flops(checkpoint, cap
     assert [row["config"] for row in compiled] == ["unpatched", "rho=0.7 @ blocks 3..11"]
     assert compiled[1]["gflops"] == pytest.approx(eager[1]["gflops"])
     assert compiled[1]["tokens_per_block"] == pytest.approx(eager[1]["tokens_per_block"])
+
+
+def test_bench_times_forwards_under_autocast(checkpoint, capsys):
+    """bf16 autocast on CPU: every row says so, the patched model still samples (fewer tokens, the same
+    analytic FLOP count per kept token) and the forwards run in bfloat16."""
+    import torch
+
+    from ats.bench import autocast_context
+
+    argv = ["bench", "--checkpoint", str(checkpoint), "--multi-stage", "0.7", "--batch-size", "2", "--repeats", "1",
+            "--warmup", "0", "--json"]
+    assert main([*argv, "--autocast", "bf16"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["autocast"] for row in rows] == ["bf16", "bf16"]
+    assert rows[1]["flop_ratio"] > 1 and rows[1]["tokens_per_block"][-1] < 197
+    with autocast_context(torch.device("cpu"), "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown autocast"):
+        autocast_context(torch.device("cpu"), "int8")

@@ -2,11 +2,13 @@
 FLOP saving turns into time saved (efficiency = speedup / FLOP ratio).
 
 Unpatched and patched forwards alternate in every repeat, so drift in this machine's speed hits both;
-each number is the median of the repeats.
+each number is the median of the repeats. ``--autocast bf16`` (or fp16) times every forward under
+``torch.autocast`` on the model's device, as mixed-precision inference runs.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -21,7 +23,7 @@ import ats
 
 from .cli_options import REFERENCE_MODELS, add_config_arguments, add_model_arguments, configs_from_arguments, load_model
 from .config import PatchConfig, with_ats_options
-from .datasets import bundled_test_set
+from .datasets import build_dataset
 from .evaluate import set_config, text_table
 from .patch import family_of
 from .timing import time_forward
@@ -38,16 +40,18 @@ class BenchRow:
     efficiency: float
     threads: int
     tokens_per_block: List[float]
+    autocast: str = "none"
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def bench_images(model: nn.Module, batch_size: int, reference: bool) -> torch.Tensor:
-    """[batch_size, C, H, W]: the bundled test images for the reference model, else seeded random images."""
+    """[batch_size, C, H, W] (or clips [batch_size, T, C, H, W]): the bundled test images (or the moving-garment
+    test clips) for a reference model, else seeded random ones."""
     device = next(model.parameters()).device
     if reference:
-        test_set = bundled_test_set()
+        test_set = build_dataset(None, model, limit=batch_size)
         return torch.stack([test_set[index][0] for index in range(batch_size)]).to(device)
     generator = torch.Generator().manual_seed(0)
     return torch.randn(batch_size, *family_of(model).input_size(model), generator=generator).to(device)
@@ -57,13 +61,25 @@ def bench_images(model: nn.Module, batch_size: int, reference: bool) -> torch.Te
 Contender = Tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module, Optional[PatchConfig]]
 
 
+#: --autocast names -> the dtype forwards run in (None: the model's own, no autocast).
+AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_context(device: torch.device, autocast: str):
+    """``torch.autocast`` on ``device`` to the dtype ``autocast`` names, or a no-op for "none"."""
+    if autocast not in AUTOCAST_DTYPES:
+        raise ValueError(f"unknown autocast {autocast!r}; choose one of {', '.join(AUTOCAST_DTYPES)}")
+    dtype = AUTOCAST_DTYPES[autocast]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
 @torch.inference_mode()
 def bench(model: nn.Module, configs: Sequence[PatchConfig], batch_sizes: Sequence[int], repeats: int = 5,
-          warmup: int = 2, reference: bool = False, compile: bool = False) -> List[BenchRow]:
+          warmup: int = 2, reference: bool = False, compile: bool = False, autocast: str = "none") -> List[BenchRow]:
     """Rows for the unpatched model and each config at each batch size; the model is left unpatched.
 
     compile: time ``torch.compile`` of the unpatched model and of a patched copy per config instead
-    (the warm-up repeats then include compiling).
+    (the warm-up repeats then include compiling); autocast: "none", "bf16" or "fp16" (``autocast_context``).
     """
     if repeats < 1 or any(size < 1 for size in batch_sizes):
         raise ValueError(f"--repeats and --batch-size must be >= 1, got {repeats} and {list(batch_sizes)}")
@@ -84,22 +100,24 @@ def bench(model: nn.Module, configs: Sequence[PatchConfig], batch_sizes: Sequenc
                 for index, (forward, _, config) in enumerate(contenders):
                     if not compile:
                         set_config(model, config)
-                    seconds = time_forward(forward, images)
+                    with autocast_context(images.device, autocast):
+                        seconds = time_forward(forward, images)
                     if repeat >= warmup:
                         timings[index].append(seconds)
             base_throughput = batch_size / statistics.median(timings[0])
             rows.append(BenchRow("unpatched", batch_size, base_throughput, base_gflops, 1.0, 1.0, 1.0, threads,
-                                 [full] * depth))
+                                 [full] * depth, autocast))
             for (forward, module, config), seconds in zip(contenders[1:], timings[1:]):
                 if not compile:
                     set_config(model, config)
-                forward(images)
+                with autocast_context(images.device, autocast):
+                    forward(images)
                 stats = ats.last_stats(module)
                 throughput = batch_size / statistics.median(seconds)
                 gflops = float(stats.gflops.mean())
                 speedup, flop_ratio = throughput / base_throughput, base_gflops / gflops
                 rows.append(BenchRow(config.describe(), batch_size, throughput, gflops, speedup, flop_ratio,
-                                     speedup / flop_ratio, threads, stats.tokens.float().mean(0).tolist()))
+                                     speedup / flop_ratio, threads, stats.tokens.float().mean(0).tolist(), autocast))
     finally:
         set_config(model, None)
     return rows
@@ -133,6 +151,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="time torch.compile of the unpatched model and of each patched one (first call "
                              "compiles: keep --warmup >= 2)")
+    parser.add_argument("--autocast", choices=tuple(AUTOCAST_DTYPES), default="none",
+                        help="time every forward under torch.autocast to bfloat16 or float16 (default none: the "
+                             "model's own dtype)")
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows")
     parser.set_defaults(func=run)
 
@@ -146,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     if args.compare_padded:
         configs += [padded for config in configs if (padded := with_ats_options(config, packing="padded")) != config]
     rows = bench(model, configs, args.batch_size or [1, 64], args.repeats, args.warmup,
-                 reference=args.model in REFERENCE_MODELS, compile=args.compile)
+                 reference=args.model in REFERENCE_MODELS, compile=args.compile, autocast=args.autocast)
     print(f"threads: {torch.get_num_threads()}", file=sys.stderr)
     print(json.dumps([row.to_json() for row in rows], indent=1) if args.json else format_rows(rows))
     return 0

@@ -26,7 +26,7 @@ from .config import (
 REFERENCE = "reference"
 #: The models trained here on Fashion-MNIST, by --model name; they load their bundled weights and run on the
 #: bundled test set.
-REFERENCE_MODELS = (REFERENCE, "reference-cvt", "reference-psvit")
+REFERENCE_MODELS = (REFERENCE, "reference-cvt", "reference-psvit", "reference-video")
 #: ``--model hf:DIR`` names a transformers model saved with save_pretrained (or, with --pretrained, a hub name).
 HF_PREFIX = "hf:"
 
@@ -35,8 +35,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=REFERENCE,
                        help="a timm model name (e.g. deit_small_patch16_224); hf:DIR, a Hugging Face ViT, DeiT, "
-                            "DINOv2 or CvT saved with save_pretrained; 'reference' for the bundled Fashion-MNIST ViT "
-                            "(default), 'reference-cvt' or 'reference-psvit' for the bundled CvT or PS-ViT")
+                            "DINOv2, CvT or TimeSformer saved with save_pretrained; 'reference' for the bundled "
+                            "Fashion-MNIST ViT (default), 'reference-cvt' or 'reference-psvit' for the bundled CvT or "
+                            "PS-ViT, 'reference-video' for the TimeSformer on moving-garment clips")
     group.add_argument("--pretrained", action="store_true",
                        help="load timm's pretrained weights, or with hf:NAME the model NAME from the Hugging Face "
                             "hub (downloads them on first use)")
@@ -48,7 +49,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def load_model(args: argparse.Namespace) -> nn.Module:
     """The model the flags name, in eval mode on ``args.device``."""
     from .checkpoints import load_weights
-    from .reference import load_reference_cvt, load_reference_model, load_reference_psvit
+    from .reference import load_reference_cvt, load_reference_model, load_reference_psvit, load_reference_video
 
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint file {args.checkpoint} does not exist; pass the path of a "
@@ -59,7 +60,8 @@ def load_model(args: argparse.Namespace) -> nn.Module:
         if args.pretrained:
             raise ValueError("--pretrained needs a timm model name (--model deit_small_patch16_224); the "
                              "reference models always load their bundled weights")
-        loaders = dict(zip(REFERENCE_MODELS, (load_reference_model, load_reference_cvt, load_reference_psvit)))
+        loaders = dict(zip(REFERENCE_MODELS, (load_reference_model, load_reference_cvt, load_reference_psvit,
+                                              load_reference_video)))
         model = loaders[args.model](args.checkpoint)
     else:
         if args.model not in timm.list_models():
@@ -83,6 +85,7 @@ def load_hf_model(name: str, download: bool = False) -> nn.Module:
     except ImportError:
         raise ValueError("--model hf:... needs Hugging Face transformers: pip install 'ats-vit[hf]'") from None
     from .patch.hf import LAYOUTS
+    from .patch.timesformer import BASES
 
     local = Path(name).is_dir()
     if local and not (Path(name) / "config.json").is_file():
@@ -92,7 +95,7 @@ def load_hf_model(name: str, download: bool = False) -> nn.Module:
                                 f"--pretrained to download {name} from the Hugging Face hub")
     config = transformers.AutoConfig.from_pretrained(name, local_files_only=local)
     architecture = (config.architectures or [""])[0]
-    model_class = getattr(transformers, architecture) if architecture in LAYOUTS else \
+    model_class = getattr(transformers, architecture) if architecture in {*LAYOUTS, *BASES} else \
         transformers.AutoModelForImageClassification
     model = model_class.from_pretrained(name, local_files_only=local)
     if not local:

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
+from torch import nn
+
 from .cli_options import add_model_arguments, count_or_fraction, load_model
 from .config import EVIT_BLOCKS, ATSConfig, EViTConfig, MergeConfig, PatchConfig
 from .datasets import build_dataset
@@ -52,6 +54,24 @@ def comparison_configs(depth: int, rhos: Sequence[float], min_kept: Sequence[Uni
     configs += [("EViT", EViTConfig(keep_rate, evit_blocks)) for keep_rate in evit_keep_rates]
     configs += [("merge (ToMe)", MergeConfig(r=r)) for r in merge_r]
     return configs
+
+
+def runnable(model: nn.Module, pairs: Sequence[Tuple[str, Optional[PatchConfig]]]
+             ) -> List[Tuple[str, Optional[PatchConfig]]]:
+    """The pairs whose config ``model``'s family can run (e.g. only ATS on tubes under divided space-time
+    attention); a note on stderr names each method left out and why."""
+    family, kept, left_out = family_of(model), [], set()
+    for variant, config in pairs:
+        try:
+            if config is not None:
+                family.check_config(model, config)
+        except ValueError as error:
+            if variant not in left_out:
+                print(f"ats compare: left out {variant}: {error}", file=sys.stderr)
+            left_out.add(variant)
+            continue
+        kept.append((variant, config))
+    return kept
 
 
 def comparison_record(variant: str, row: EvalRow) -> dict:
@@ -94,9 +114,10 @@ def run(args: argparse.Namespace) -> int:
     from .plots import plot_frontier
 
     model = load_model(args)
-    pairs = comparison_configs(family_of(model).depth(model), args.rho or DEFAULT_RHOS,
-                               args.min_kept or DEFAULT_MIN_KEPT, args.distinct or DEFAULT_DISTINCT,
-                               args.merge_r or DEFAULT_MERGE_R, args.evit or DEFAULT_EVIT_KEEP_RATES)
+    pairs = runnable(model, comparison_configs(family_of(model).depth(model), args.rho or DEFAULT_RHOS,
+                                               args.min_kept or DEFAULT_MIN_KEPT, args.distinct or DEFAULT_DISTINCT,
+                                               args.merge_r or DEFAULT_MERGE_R,
+                                               args.evit or DEFAULT_EVIT_KEEP_RATES))
     loader = make_loader(build_dataset(args.data, model, args.limit), args.batch_size, args.workers)
     rows = evaluate(model, loader, [config for _, config in pairs], repeats=args.repeats, max_bad=args.max_bad)
     print(f"ats compare: {summary_line(rows)}", file=sys.stderr)

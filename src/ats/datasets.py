@@ -12,13 +12,16 @@ import gzip
 import struct
 import sys
 from pathlib import Path
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import Dataset, default_collate
 from tqdm import tqdm
 
 from .reference import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+
+if TYPE_CHECKING:
+    from .moving_garments import ClipSpec
 
 BUNDLED_FASHION_MNIST = Path(__file__).parent / "assets" / "fashion-mnist"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -203,7 +206,16 @@ def _grayscale_loader(path: str):
 
 def training_set(data: Optional[Path], model: torch.nn.Module) -> Dataset:
     """What ``ats train`` trains on, with augmentation: Fashion-MNIST's training images (Debian's by
-    default, or a folder holding ``train-images-idx3-ubyte.gz`` and its labels), or an ImageFolder."""
+    default, or a folder holding ``train-images-idx3-ubyte.gz`` and its labels), or an ImageFolder; for a
+    video model, moving-garment clips of those Fashion-MNIST images, or a folder of video files."""
+    from .moving_garments import moving_garments_train
+    from .patch import takes_clips
+    from .video_files import video_folder
+
+    if takes_clips(model):
+        if data is None or (Path(data) / "train-images-idx3-ubyte.gz").is_file():
+            return moving_garments_train(data, clip_spec(model))
+        return video_folder(Path(data), model)
     if data is None:
         return fashion_mnist_train(augment=True)
     if (Path(data) / "train-images-idx3-ubyte.gz").is_file():
@@ -211,11 +223,31 @@ def training_set(data: Optional[Path], model: torch.nn.Module) -> Dataset:
     return image_folder(Path(data), model, is_training=True)
 
 
+def clip_spec(model: torch.nn.Module) -> "ClipSpec":
+    """The moving-garment clips that fit a video model: its frames and frame size."""
+    from .moving_garments import ClipSpec
+    from .patch import family_of
+
+    frames, _, height, _ = family_of(model).input_size(model)
+    return ClipSpec(num_frames=frames, size=height)
+
+
 def build_dataset(data: Optional[str], model: torch.nn.Module, limit: Optional[int] = None) -> Dataset:
-    """The bundled Fashion-MNIST test set (``data`` None) or an ImageFolder at ``data``; first ``limit`` images."""
+    """The bundled Fashion-MNIST test set (``data`` None; for a video model the moving-garment test clips at its
+    frames and size) or an ImageFolder at ``data`` (for a video model a folder of video files,
+    ``ats.video_files``); first ``limit`` images or clips."""
+    from .moving_garments import moving_garments_test
+    from .patch import takes_clips
+    from .video_files import video_folder
+
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
-    dataset = bundled_test_set() if data is None else image_folder(Path(data), model)
+    if data is None:
+        dataset = moving_garments_test(clip_spec(model)) if takes_clips(model) else bundled_test_set()
+    elif takes_clips(model):
+        dataset = video_folder(Path(data), model)
+    else:
+        dataset = image_folder(Path(data), model)
     if limit is not None and limit < len(dataset):
         dataset = torch.utils.data.Subset(dataset, range(limit))
     return dataset

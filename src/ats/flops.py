@@ -10,8 +10,11 @@ n_in queries, matches ``(n_in / 2)^2 d`` pairs and runs its MLP on n_out tokens;
 attends with all n_in queries, averages its inattentive tokens into one and runs its MLP on n_out.
 A CvT block with convolutional projections runs a depthwise k x k convolution (``k^2 C`` per output
 position) for the queries and for the keys and values, on the patch grid; the prefix tokens bypass
-them; its (strided) key grid sets the keys the attention sees. Norms, softmax and activations are
-not counted.
+them; its (strided) key grid sets the keys the attention sees. A divided space-time block (TimeSformer)
+on a clip of T frames, n_in positions (tubes, the class token included) of which it keeps n_out, runs
+a temporal attention over each patch tube's T frames (qkv, attention, proj and a C x C dense layer per
+patch token), a spatial attention in each frame (the class token takes part in every frame) and its
+MLP on the class token and the kept patch tokens. Norms, softmax and activations are not counted.
 """
 from __future__ import annotations
 
@@ -109,6 +112,18 @@ def block_flops(shape: ViTShape, n_in: Count, n_out: Count, score: Optional[str]
     elif fuse:
         flops = flops + (n_in - n_out) * n_out * shape.head_dim
     return flops
+
+
+def divided_block_flops(shape: ViTShape, frames: int, n_in: Count, n_out: Count, score: Optional[str] = None) -> Count:
+    """FLOPs of one divided space-time block on a clip of ``frames`` frames with n_in positions (prefix
+    included) that keeps n_out; score: None for a standard block, "cls" for an ATS block (per frame)."""
+    c, a = shape.embed_dim, shape.attn_dim
+    prefix = shape.num_prefix_tokens
+    temporal = (n_in - prefix) * frames * (3 * c * a + 2 * frames * a + a * c + c * c)
+    spatial = frames * _attention_flops(shape, n_in, n_out)
+    if score is not None:
+        spatial = spatial + frames * score_flops(shape, n_in, score)
+    return temporal + spatial + (prefix + (n_out - prefix) * frames) * shape.mlp_flops
 
 
 def merge_block_flops(shape: ViTShape, n_in: Count, n_out: Count) -> Count:

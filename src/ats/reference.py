@@ -5,6 +5,8 @@ The bundled one is a DeiT-style ViT: 28x28 grayscale input, 2x2 patches -> 14x14
 blocks 3..11) apply as written; a plain timm VisionTransformer. The CvT one (transformers'
 ``CvtForImageClassification``, the CvT-13 layout of 1, 2 and 10 blocks) ends in a stage of 14x14 = 196
 patch tokens + 1 class token, and so does the PS-ViT one (``ats.models.psvit``, 196 sampled tokens).
+The video one (transformers' ``TimesformerForVideoClassification``, divided space-time attention) classifies
+moving-garment clips (``ats.moving_garments``: 8 frames of 64x64, 8x8 patches, 64 positions per frame).
 ``scripts/train_reference.py`` trains them (docs/reference-model.md).
 """
 from __future__ import annotations
@@ -33,6 +35,11 @@ REFERENCE_CVT_KWARGS = dict(num_channels=1, num_labels=10, patch_sizes=[3, 3, 3]
                             stride_kv=[2] * 3, padding_q=[1] * 3, stride_q=[1] * 3)
 REFERENCE_CVT_CHECKPOINT = Path(__file__).parent / "assets" / "reference_cvt_fmnist.pt"
 REFERENCE_PSVIT_CHECKPOINT = Path(__file__).parent / "assets" / "reference_psvit_fmnist.pt"
+#: A small TimeSformer with divided space-time attention on moving-garment clips (8 frames of 64x64, 8x8 patches).
+REFERENCE_VIDEO_KWARGS = dict(image_size=64, patch_size=8, num_channels=1, num_frames=8, hidden_size=64,
+                              num_attention_heads=2, num_hidden_layers=8, intermediate_size=256,
+                              attention_type="divided_space_time", qkv_bias=True)
+REFERENCE_VIDEO_CHECKPOINT = Path(__file__).parent / "assets" / "reference_video_garments.pt"
 
 
 def fashion_mnist_data_config(size: int, num_classes: int = 10) -> dict:
@@ -77,6 +84,22 @@ def create_reference_psvit(**overrides) -> nn.Module:
     return model
 
 
+def create_reference_video(**overrides) -> nn.Module:
+    """The reference video model (a transformers ``TimesformerForVideoClassification``), randomly initialised;
+    ``overrides`` change ``TimesformerConfig`` fields."""
+    try:
+        from transformers import TimesformerConfig, TimesformerForVideoClassification
+    except ImportError:
+        raise ImportError("the reference video model is a transformers model: pip install 'ats-vit[hf]'") from None
+    from .moving_garments import MOVING_GARMENT_CLASSES
+
+    config = TimesformerConfig(**{**REFERENCE_VIDEO_KWARGS, **overrides},
+                               id2label=dict(enumerate(MOVING_GARMENT_CLASSES)))
+    model = TimesformerForVideoClassification(config)
+    model.pretrained_cfg = fashion_mnist_data_config(config.image_size, len(MOVING_GARMENT_CLASSES))
+    return model
+
+
 def load_reference_model(path: Optional[Path] = None) -> VisionTransformer:
     """The trained reference model in eval mode, from ``path`` (default: the bundled checkpoint).
 
@@ -94,6 +117,12 @@ def load_reference_psvit(path: Optional[Path] = None) -> nn.Module:
     """The trained reference PS-ViT in eval mode, from ``path`` (default: the bundled checkpoint)."""
     return _load_trained(create_reference_psvit(), path, REFERENCE_PSVIT_CHECKPOINT, "reference PS-ViT checkpoint",
                          "psvit")
+
+
+def load_reference_video(path: Optional[Path] = None) -> nn.Module:
+    """The trained reference video model in eval mode, from ``path`` (default: the bundled checkpoint)."""
+    return _load_trained(create_reference_video(), path, REFERENCE_VIDEO_CHECKPOINT, "reference video checkpoint",
+                         "video")
 
 
 def _load_trained(model: nn.Module, path: Optional[Path], bundled: Path, what: str, arch: str) -> nn.Module:

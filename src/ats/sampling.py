@@ -56,6 +56,16 @@ def cls_scores(cls_attention: torch.Tensor, value_norm: torch.Tensor, candidates
     return _normalise(cls_attention.sum(dim=1) * value_norm, candidates)
 
 
+def tube_scores(cls_attention: torch.Tensor, value_norm: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Class-token significance scores of tubes (a position in every frame of a clip), summed over frames:
+    ``S_j = sum_t (sum_h a_th[j]) * ||v_tj|| / sum``.
+
+    cls_attention: [B, T, h, n] the class token's attention over each frame's keys; value_norm: [B, T, n];
+    candidates: [B, n] bool. Returns [B, n] scores summing to 1 over candidates (0 elsewhere).
+    """
+    return _normalise((cls_attention.sum(dim=2) * value_norm).sum(dim=1), candidates)
+
+
 def self_attention_scores(attention: torch.Tensor, query_mask: Optional[torch.Tensor],
                           candidates: torch.Tensor) -> torch.Tensor:
     """Self-attention scores: column sums of the attention over valid queries and all heads.

@@ -145,7 +145,7 @@ def _attend(parts: BlockParts, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
-def _drop_path(module: Optional[nn.Module], update: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+def per_image_drop_path(module: Optional[nn.Module], update: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     """Stochastic depth per image (not per row) on per-row updates [T, C]; freezes dropped class tokens."""
     drop_prob = getattr(module, "drop_prob", 0.0)
     if module is not None and module.training and drop_prob > 0.0:
@@ -165,12 +165,12 @@ def _attention_update(parts: BlockParts, out: torch.Tensor, gate_input: Optional
     out = parts.out_norm(out)
     if parts.gate is not None:
         out = out * parts.gate(gate_input).sigmoid()
-    return _drop_path(parts.drop_path1, parts.ls1(parts.proj_drop(parts.proj(out))), batch)
+    return per_image_drop_path(parts.drop_path1, parts.ls1(parts.proj_drop(parts.proj(out))), batch)
 
 
 def _mlp_half(parts: BlockParts, batch: TokenBatch) -> TokenBatch:
     update = parts.ls2(parts.mlp_drop(parts.mlp(parts.norm2(batch.rows))))
-    return batch.with_rows(batch.rows + _drop_path(parts.drop_path2, update, batch))
+    return batch.with_rows(batch.rows + per_image_drop_path(parts.drop_path2, update, batch))
 
 
 def masked_block(parts: BlockParts, batch: TokenBatch) -> TokenBatch:
@@ -223,6 +223,16 @@ def choose_tokens(batch: TokenBatch, qkv: torch.Tensor, q: torch.Tensor, k: torc
         scores = self_attention_scores(attention, key_mask, candidates)
         cls_attention = attention[:, :, 0] if has_cls else None
 
+    keep = sample_positions(batch, scores, candidates, patches, budget, config, prefix, training)
+    if cls_live is not None:
+        cls_live = keep[:, 0] & cls_live
+    return TokenChoice(keep, patches, scores, cls_attention, cls_live)
+
+
+def sample_positions(batch: TokenBatch, scores: torch.Tensor, candidates: torch.Tensor, patches: torch.Tensor,
+                     budget: TokenBudget, config: ATSConfig, prefix: int, training: bool) -> torch.Tensor:
+    """Step 4 of ATS with ``config``'s sampler: the positions to keep [B, m] bool, from the scores [B, m] of the
+    candidates [B, m] (patches [B, m]: the valid patch positions, for ``min_kept``)."""
     samples = budget.samples(batch.live_tokens, config.min_tokens)
     if config.sampler == "topk":
         keep = topk_sample(scores, samples)
@@ -234,9 +244,7 @@ def choose_tokens(batch: TokenBatch, qkv: torch.Tensor, q: torch.Tensor, k: torc
                                         config.stochastic and training)
     if config.min_kept:
         keep = top_up(keep, scores, config.kept_floor(patches.sum(dim=1)))
-    if cls_live is not None:
-        cls_live = keep[:, 0] & cls_live
-    return TokenChoice(keep, patches, scores, cls_attention, cls_live)
+    return keep
 
 
 def ats_block(parts: BlockParts, batch: TokenBatch, budget: TokenBudget, config: ATSConfig, prefix: int,

@@ -56,7 +56,10 @@ def attention_maps(stats: ATSStats) -> Dict[int, torch.Tensor]:
 
 
 def display_images(images: torch.Tensor, data_config: dict) -> torch.Tensor:
-    """Normalised model inputs [B, C, H, W] -> displayable RGB in [0, 1], [B, H, W, 3]."""
+    """Normalised model inputs [B, C, H, W] -> displayable RGB in [0, 1], [B, H, W, 3]; clips [B, T, C, H, W]
+    -> [B, T, H, W, 3]."""
+    if images.ndim == 5:
+        return display_images(images.flatten(0, 1), data_config).unflatten(0, images.shape[:2])
     mean = images.new_tensor(data_config["mean"])[:, None, None]
     std = images.new_tensor(data_config["std"])[:, None, None]
     pixels = (images * std + mean).clamp(0.0, 1.0)
@@ -83,7 +86,8 @@ def tint_dropped(image: torch.Tensor, kept: torch.Tensor) -> np.ndarray:
 class ImageTokens:
     """What one image went through under one config (tensors on the CPU).
 
-    image: [H, W, 3] display pixels in [0, 1]; kept: block -> [rows, cols] bool; attention:
+    image: [H, W, 3] display pixels in [0, 1] (a clip: [T, H, W, 3]); kept: block -> [rows, cols] bool (a
+    clip: the tubes, the same positions in every frame); attention:
     block -> [rows, cols] float (empty without a class token); present: block -> [rows, cols] bool,
     the patches that entered the block; points: [rows * cols, 2] (x, y) input pixels where each token
     was sampled, for models that sample their tokens off a grid (PS-ViT), else None.
@@ -112,7 +116,10 @@ class ImageTokens:
 
 def token_figure(tokens: ImageTokens) -> Figure:
     """The input image (left), then per ATS block its kept patches (top row, dropped ones tinted blue)
-    and the class token's attention over the patches it saw (bottom row, if there is a class token)."""
+    and the class token's attention over the patches it saw (bottom row, if there is a class token);
+    a clip: ``clip_figure``."""
+    if tokens.image.ndim == 4:
+        return clip_figure(tokens)
     blocks = list(tokens.kept)
     total = tokens.kept[blocks[0]].numel()
     rows = 2 if tokens.attention else 1
@@ -142,6 +149,37 @@ def token_figure(tokens: ImageTokens) -> Figure:
             ax.set_title(f"block {block}: class attn.", fontsize=8)
             ax.axis("off")
     figure.suptitle(tokens.title(), fontsize=9)
+    return figure
+
+
+def clip_figure(tokens: ImageTokens) -> Figure:
+    """A clip, a row per frame: the frame (left), then per ATS block the frame with the dropped tubes tinted
+    blue (a tube is one position in every frame), and the class token's attention over the positions it
+    saw (the last column, averaged over frames, on the frame)."""
+    blocks = list(tokens.kept)
+    frames, height, width = tokens.image.shape[:3]
+    columns = 1 + len(blocks) + bool(tokens.attention)
+    panel = 1.2
+    figure = new_figure(max(panel * columns * width / height, 6.0), panel * frames + 1.0)
+    last = blocks[-1]
+    for frame in range(frames):
+        image = tokens.image[frame]
+        panels = [(image.numpy(), f"input: {tokens.kept[last].numel()} positions")]
+        panels += [(tint_dropped(image, tokens.kept[block]), f"block {block}: {int(tokens.kept[block].sum())} kept")
+                   for block in blocks]
+        for column, (pixels, title) in enumerate(panels):
+            ax = figure.add_subplot(frames, columns, frame * columns + column + 1)
+            ax.imshow(pixels)
+            ax.axis("off")
+            if frame == 0:
+                ax.set_title(title, fontsize=7)
+        if tokens.attention:
+            ax = figure.add_subplot(frames, columns, (frame + 1) * columns)
+            _draw_attention(ax, image, tokens.attention[last], tokens.present[last])
+            ax.axis("off")
+            if frame == 0:
+                ax.set_title(f"block {last}: class attn.", fontsize=7)
+    figure.suptitle(tokens.title().replace("patches", "tubes"), fontsize=8)
     return figure
 
 
@@ -243,14 +281,21 @@ class Inputs:
 def load_inputs(args: argparse.Namespace, model: nn.Module, data_config: dict) -> Inputs:
     """--images files/folders, or the first --num-images images of the bundled test set."""
     from .datasets import FASHION_MNIST_CLASSES, build_dataset
+    from .moving_garments import MOVING_GARMENT_CLASSES
+    from .patch import takes_clips
 
-    class_names = FASHION_MNIST_CLASSES if args.model in REFERENCE_MODELS else family_of(model).class_names(model)
+    video = takes_clips(model)
+    test_classes = MOVING_GARMENT_CLASSES if video else FASHION_MNIST_CLASSES
+    class_names = test_classes if args.model in REFERENCE_MODELS else family_of(model).class_names(model)
     if args.images:
+        if video:
+            raise ValueError("--images takes image files, and this is a video model; leave --images out to see the "
+                             "moving-garment test clips")
         paths = collect_image_paths(args.images)
         return Inputs(ImageFiles(paths, data_config), [path.stem for path in paths], class_names)
     dataset = build_dataset(None, model, limit=args.num_images)
     names = [f"test-{index:05d}" for index in range(len(dataset))]
-    return Inputs(dataset, names, FASHION_MNIST_CLASSES)
+    return Inputs(dataset, names, test_classes)
 
 
 def _class_name(index: int, class_names: Optional[Sequence[str]]) -> Optional[str]:

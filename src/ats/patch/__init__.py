@@ -7,9 +7,10 @@ from .cvt import CVT
 from .family import Family
 from .hf import HF
 from .psvit import PSVIT
+from .timesformer import TIMESFORMER
 from .timm import TIMM
 
-FAMILIES = (TIMM, HF, CVT, PSVIT)
+FAMILIES = (TIMM, HF, CVT, PSVIT, TIMESFORMER)
 
 
 def family_of(model: nn.Module) -> Family:
@@ -27,3 +28,8 @@ def family_of(model: nn.Module) -> Family:
 def as_logits(output) -> torch.Tensor:
     """A forward's class logits: the tensor a timm model returns, or a transformers output's ``logits``."""
     return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def takes_clips(model: nn.Module) -> bool:
+    """Whether ``model`` (patched or not) classifies video clips [B, T, C, H, W] rather than images."""
+    return len(family_of(model).input_size(model)) == 4

@@ -43,7 +43,7 @@ def _base_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weig
     return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=pooled)
 
 
-def _classifier_output(model: nn.Module, logits: torch.Tensor, labels: Optional[torch.Tensor]):
+def classifier_output(model: nn.Module, logits: torch.Tensor, labels: Optional[torch.Tensor]):
     from transformers.modeling_outputs import ImageClassifierOutput
 
     loss = None if labels is None else model.loss_function(labels, logits, model.config)
@@ -52,7 +52,7 @@ def _classifier_output(model: nn.Module, logits: torch.Tensor, labels: Optional[
 
 def _class_token_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weights: torch.Tensor,
                         prefix: int, labels: Optional[torch.Tensor]):
-    return _classifier_output(model, model.classifier(features[:, 0]), labels)
+    return classifier_output(model, model.classifier(features[:, 0]), labels)
 
 
 def _class_and_mean_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weights: torch.Tensor,
@@ -60,7 +60,7 @@ def _class_and_mean_output(model: nn.Module, base: nn.Module, features: torch.Te
     """DINOv2's classifier: the class token beside the mean of the patch tokens (valid ones, by size)."""
     patch_weights = weights[:, prefix:, None]
     mean = (features[:, prefix:] * patch_weights).sum(dim=1) / patch_weights.sum(dim=1).clamp_min(1e-12)
-    return _classifier_output(model, model.classifier(torch.cat([features[:, 0], mean], dim=1)), labels)
+    return classifier_output(model, model.classifier(torch.cat([features[:, 0], mean], dim=1)), labels)
 
 
 def _teacher_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weights: torch.Tensor, prefix: int,
@@ -111,7 +111,7 @@ def _checkpointed(layer: nn.Module) -> bool:
     return getattr(layer, "gradient_checkpointing", False) and layer.training
 
 
-def _dense_forward(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+def dense_forward(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """The layer itself; under gradient checkpointing its forward without transformers' checkpointing
     wrapper, since run_blocks checkpoints every block the same way."""
     if not _checkpointed(layer):
@@ -128,7 +128,7 @@ class ATSHuggingFaceModel(PatchedModel):
                 bool_masked_pos: Optional[torch.Tensor] = None, output_attentions: Optional[bool] = None,
                 output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None, **kwargs):
         """The original forward's arguments and output class (see the module docstring for what differs)."""
-        _refuse_unsupported(self, attention_mask, bool_masked_pos, output_attentions, output_hidden_states, kwargs)
+        refuse_unsupported(self, attention_mask, bool_masked_pos, output_attentions, output_hidden_states, kwargs)
         if pixel_values is None:
             raise ValueError("pass pixel_values, images [B, C, H, W]")
         tokens = HF.embed(self, pixel_values, bool(interpolate_pos_encoding))
@@ -139,8 +139,8 @@ class ATSHuggingFaceModel(PatchedModel):
         return output if return_dict else output.to_tuple()
 
 
-def _refuse_unsupported(model: nn.Module, attention_mask, bool_masked_pos, output_attentions, output_hidden_states,
-                        kwargs: dict) -> None:
+def refuse_unsupported(model: nn.Module, attention_mask, bool_masked_pos, output_attentions, output_hidden_states,
+                       kwargs: dict) -> None:
     config = model.config
     if output_hidden_states or (output_hidden_states is None and getattr(config, "output_hidden_states", False)):
         raise ValueError("output_hidden_states: a patched model cannot return hidden states: after an ATS block "
@@ -191,7 +191,7 @@ class HuggingFaceViT(Family):
         attn = layer.attention
         common = dict(qkv=partial(fused_qkv, attn.q_proj, attn.k_proj, attn.v_proj),
                       num_heads=attn.num_attention_heads, head_dim=attn.head_dim, scale=attn.scaling,
-                      proj=attn.o_proj, mlp=layer.mlp, dense=_dense_forward(layer), training=layer.training,
+                      proj=attn.o_proj, mlp=layer.mlp, dense=dense_forward(layer), training=layer.training,
                       attn_drop=attn.attention_dropout)
         if hasattr(layer, "layernorm_before"):  # ViT, DeiT
             return BlockParts(norm1=layer.layernorm_before, norm2=layer.layernorm_after, proj_drop=layer.dropout,

@@ -1,0 +1,235 @@
+"""The adapter for Hugging Face TimeSformer (``TimesformerModel``, ``TimesformerForVideoClassification``).
+
+Clips are pixel_values [B, T, C, H, W] at the model's own frames and size. By attention type:
+
+- ``divided_space_time``: ATS keeps tubes, one set of spatial positions per clip shared by all frames
+  (``ats.tubes``); token counts and ``ats.last_stats(model)`` are per clip and in positions, ``kept``
+  indexes the frame's patch grid; GFLOPs are per clip.
+- ``joint_space_time``: every block attends over all space-time tokens, so ATS samples among them as for
+  an image; token j >= 1 is patch ``(j - 1) // T`` of frame ``(j - 1) % T`` (TimeSformer's order).
+- ``space_only``: frames are independent and transformers classifies each one (logits [B * T, classes]);
+  ATS samples per frame, and statistics are per frame (a clip costs the sum of its frames).
+
+The patched forward returns the model's own output class; ``last_hidden_state`` is padded (zeros on
+padding) in TimeSformer's token order. Hidden states and attention maps are refused, as for images.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..config import ATSConfig, PatchConfig
+from ..flops import BlockCost, ViTShape, conv_flops, divided_block_flops, linear_flops, patch_grid
+from ..packing import TokenBatch
+from ..step import BlockParts
+from ..tubes import TubeBlockParts, from_tubes, run_tube_blocks, to_tubes
+from .family import Family, PatchedModel, masked_features
+from .hf import HF, classifier_output, dense_forward, processor_data_config, refuse_unsupported
+
+BASES = {"TimesformerModel": None, "TimesformerForVideoClassification": "timesformer"}
+DIVIDED = "divided_space_time"
+
+
+def _mlp(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    return layer.output(layer.intermediate(y))
+
+
+def _first_output(forward: Callable, x: torch.Tensor) -> torch.Tensor:
+    return forward(x)[0]
+
+
+class ATSTimesformer(PatchedModel):
+    """Mixed in before a TimeSformer class by ``TimesformerFamily.patch``; ``TIMESFORMER`` is the adapter."""
+
+    def forward(self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                output_attentions: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
+                return_dict: Optional[bool] = None, **kwargs):
+        """The original forward's arguments and output class (see the module docstring for what differs)."""
+        refuse_unsupported(self, None, None, output_attentions, output_hidden_states, kwargs)
+        if pixel_values is None:
+            raise ValueError("pass pixel_values, clips [B, T, C, H, W]")
+        tokens = TIMESFORMER.embed(self, pixel_values)
+        batch = TIMESFORMER.run_patched(self, tokens, 0, tuple(pixel_values.shape[1:]))
+        output = TIMESFORMER.output(self, batch, labels)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        return output if return_dict else output.to_tuple()
+
+
+class TimesformerFamily(Family):
+    name = "Hugging Face " + ", ".join(BASES)
+    mixin = ATSTimesformer
+
+    def owns(self, cls: type) -> bool:
+        return cls.__module__.startswith("transformers.") and cls.__name__ in BASES
+
+    def base(self, model: nn.Module) -> nn.Module:
+        """The TimesformerModel inside ``model`` (or ``model`` itself)."""
+        original = model._ats.original_class if hasattr(model, "_ats") else type(model)
+        attribute = BASES[original.__name__]
+        return model if attribute is None else getattr(model, attribute)
+
+    def attention_type(self, model: nn.Module) -> str:
+        return model.config.attention_type
+
+    def frames(self, model: nn.Module) -> int:
+        return model.config.num_frames
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        return self.base(model).encoder.layer
+
+    def block_parts(self, layer: nn.Module) -> BlockParts:
+        """A joint or space-only block: a standard pre-norm block."""
+        attention = layer.attention.attention
+        return BlockParts(norm1=layer.layernorm_before, qkv=attention.qkv, num_heads=attention.num_heads,
+                          head_dim=attention.qkv.in_features // attention.num_heads, scale=attention.scale,
+                          proj=layer.attention.output, norm2=layer.layernorm_after, mlp=partial(_mlp, layer),
+                          dense=partial(_first_output, dense_forward(layer)), training=layer.training,
+                          attn_drop=attention.attn_drop.p, drop_path1=layer.drop_path, drop_path2=layer.drop_path)
+
+    def tube_parts(self, model: nn.Module, layer: nn.Module) -> TubeBlockParts:
+        """A divided space-time block."""
+        attention, temporal = layer.attention.attention, layer.temporal_attention
+        return TubeBlockParts(
+            temporal_norm=layer.temporal_layernorm, temporal_qkv=temporal.attention.qkv, temporal_proj=temporal.output,
+            temporal_dense=layer.temporal_dense, norm1=layer.layernorm_before, qkv=attention.qkv,
+            proj=layer.attention.output, norm2=layer.layernorm_after, mlp=partial(_mlp, layer),
+            num_heads=attention.num_heads, head_dim=attention.qkv.in_features // attention.num_heads,
+            scale=attention.scale, training=layer.training, attn_drop=attention.attn_drop.p,
+            drop_path=layer.drop_path, checkpoint=self.checkpoint_function(model, layer))
+
+    def checkpoint_function(self, model: nn.Module, layer: nn.Module) -> Optional[Callable]:
+        return HF.checkpoint_function(model, layer)
+
+    def check_config(self, model: nn.Module, config: PatchConfig) -> None:
+        super().check_config(model, config)
+        if self.attention_type(model) != DIVIDED:
+            return
+        methods = [config.method_at(index) for index in config.patched_blocks(self.depth(model))]
+        if not all(isinstance(method, ATSConfig) for method in methods):
+            raise ValueError(f"{config.describe()}: under divided space-time attention only ATS runs (on tubes); "
+                             "use an ATSConfig, or a TimeSformer with attention_type='joint_space_time'")
+        method = methods[0]
+        if method.fuse or method.distinct or not method.keep_cls or method.score != "cls" or method.packing != "rows":
+            raise ValueError(f"{method.describe()}: tube sampling (divided space-time attention) supports the class "
+                             "token score with the class token kept, without fuse or distinct and with rows packing")
+
+    def shape(self, model: nn.Module, input_size: Optional[Sequence[int]] = None) -> ViTShape:
+        """Sizes per clip (divided, joint) or per frame (space-only); ``num_patches`` counts positions
+        (divided, space-only) or space-time tokens (joint)."""
+        if input_size is not None and tuple(input_size) != self.input_size(model):
+            raise ValueError(f"this TimeSformer takes clips of {self.input_size(model)} (frames, channels, height, "
+                             f"width), got {tuple(input_size)}")
+        frames, channels, height, width = self.input_size(model)
+        patches = self.base(model).embeddings.patch_embeddings
+        grid = patch_grid(patches.image_size, patches.patch_size)
+        layer = self.blocks(model)[0]
+        attention_type = self.attention_type(model)
+        per_clip = frames if attention_type != "space_only" else 1
+        positions = grid[0] * grid[1] * (frames if attention_type == "joint_space_time" else 1)
+        head = getattr(model, "classifier", None)
+        return ViTShape(embed_dim=model.config.hidden_size, attn_dim=layer.attention.attention.qkv.out_features // 3,
+                        head_dim=model.config.hidden_size // model.config.num_attention_heads,
+                        mlp_flops=linear_flops(layer.intermediate) + linear_flops(layer.output),
+                        depth=len(self.blocks(model)), num_patches=positions, num_prefix_tokens=1,
+                        patch_embed_flops=per_clip * conv_flops(patches.projection, grid),
+                        head_flops=0 if head is None else linear_flops(head), grid_size=grid)
+
+    def block_costs(self, model: nn.Module, shape: ViTShape, config: Optional[PatchConfig]) -> Dict[int, BlockCost]:
+        if self.attention_type(model) != DIVIDED:
+            return super().block_costs(model, shape, config)
+        patched = set() if config is None else set(config.patched_blocks(shape.depth))
+        frames = self.frames(model)
+        return {index: partial(divided_block_flops, shape, frames, score="cls" if index in patched else None)
+                for index in range(shape.depth)}
+
+    def input_size(self, model: nn.Module) -> Tuple[int, int, int, int]:
+        """(frames, channels, height, width) the model takes."""
+        config = model.config
+        return config.num_frames, config.num_channels, config.image_size, config.image_size
+
+    def data_config(self, model: nn.Module) -> dict:
+        """Per-frame preprocessing (the config the model declares, as the reference video model does, else its
+        image processor's), with ``num_frames``."""
+        frames, *image_size = self.input_size(model)
+        declared = getattr(model, "pretrained_cfg", None)
+        config = dict(declared) if declared else processor_data_config(model, tuple(image_size))
+        return {**config, "input_size": tuple(image_size), "num_frames": frames}
+
+    def class_names(self, model: nn.Module) -> Optional[Sequence[str]]:
+        return HF.class_names(model)
+
+    def embed(self, model: nn.Module, clips: torch.Tensor) -> torch.Tensor:
+        """Clips [B, T, C, H, W] -> TimeSformer's tokens entering block 0 ([B, 1 + P * T, C'], or [B * T, 1 + P, C']
+        for space-only attention)."""
+        expected = self.input_size(model)
+        if clips.ndim != 5 or tuple(clips.shape[1:]) != expected:
+            raise ValueError(f"expected pixel_values of shape [B, {', '.join(map(str, expected))}] (clips of "
+                             f"{expected[0]} frames) for this TimeSformer, got {list(clips.shape)}; sample "
+                             f"{expected[0]} frames per clip and preprocess them with the model's image processor")
+        embeddings = self.base(model).embeddings
+        return embeddings(clips.to(embeddings.patch_embeddings.projection.weight.dtype))
+
+    def run_first_blocks(self, model: nn.Module, images: torch.Tensor, count: int) -> torch.Tensor:
+        x = self.embed(model, images)
+        for layer in self.blocks(model)[:count]:
+            x = layer(x)[0]
+        return x
+
+    def run_patched(self, model: nn.Module, x: torch.Tensor, start: int, input_size: Sequence[int]) -> TokenBatch:
+        """As ``Family.run_patched``; under divided attention on tubes (``ats.tubes``), so x is TimeSformer's
+        [B, 1 + P * T, C] and the returned rows are tubes [R, T * C]."""
+        if self.attention_type(model) != DIVIDED:
+            return super().run_patched(model, x, start, input_size)
+        state = model._ats
+        key = tuple(input_size)
+        if key not in state.shapes:
+            state.shapes[key] = self.shape(model, input_size)
+        shape, frames = state.shapes[key], self.frames(model)
+        parts: List[TubeBlockParts] = [self.tube_parts(model, layer) for layer in self.blocks(model)]
+        batch, record = run_tube_blocks(parts, to_tubes(x, frames), frames, state.config, start)
+        state.last_stats = record.finish(shape, self.block_costs(model, shape, state.config))
+        state.pool_weights = batch.padded_sizes() * batch.position_mask
+        return batch
+
+    def features(self, model: nn.Module, batch: TokenBatch) -> torch.Tensor:
+        """The final layer norm's output, padded, in TimeSformer's token order."""
+        norm = self.base(model).layernorm
+        if self.attention_type(model) != DIVIDED:
+            return masked_features(batch, norm(batch.rows))
+        frames = self.frames(model)
+        rows = norm(batch.rows.unflatten(-1, (frames, -1))).flatten(1)
+        return from_tubes(masked_features(batch, rows), frames)
+
+    def output(self, model: nn.Module, batch: TokenBatch, labels: Optional[torch.Tensor]):
+        """The model's own output object from the packed tokens after the last block."""
+        features = self.features(model, batch)
+        if self.base(model) is model:
+            from transformers.modeling_outputs import BaseModelOutput
+
+            return BaseModelOutput(last_hidden_state=features)
+        return classifier_output(model, model.classifier(features[:, 0]), labels)
+
+    def logits(self, model: nn.Module, clips: torch.Tensor) -> torch.Tensor:
+        self._check_classifier(model)
+        return model(pixel_values=clips).logits
+
+    def logits_from_block(self, model: nn.Module, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        self._check_classifier(model)
+        if hasattr(model, "_ats"):
+            batch = self.run_patched(model, tokens, start, self.input_size(model))
+            return self.output(model, batch, None).logits
+        for layer in self.blocks(model)[start:]:
+            tokens = layer(tokens)[0]
+        return model.classifier(self.base(model).layernorm(tokens)[:, 0])
+
+    def _check_classifier(self, model: nn.Module) -> None:
+        if self.base(model) is model:
+            raise TypeError("a TimesformerModel has no classification head; load the checkpoint with "
+                            "TimesformerForVideoClassification to measure accuracy")
+
+
+TIMESFORMER = TimesformerFamily()

@@ -1,0 +1,182 @@
+"""ATS under divided space-time attention (TimeSformer): tokens are tubes, one patch position in every frame.
+
+A divided block runs a temporal attention over each patch position's T frames, then a spatial
+attention within each frame, then its MLP. The temporal attention needs the same positions in every
+frame, so an ATS block here keeps *tubes*: one set of spatial positions per clip, shared by all its
+frames. The score of a position is the class token's spatial attention times the position's value
+norm, summed over heads and frames (``sampling.tube_scores``); the budget, the sampler and the
+statistics are those of images, counted in positions.
+
+Layout: a ``TokenBatch`` whose rows are tubes, [R, T * C] (frame by frame within a row), the class
+token first in each clip. The model keeps one class token per clip, takes part in every frame's
+spatial attention with it and averages its T updates; here it is a tube of T equal copies, which that
+average keeps equal. Stochastic depth drops a block's updates per clip.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ATSConfig, PatchConfig
+from .packing import TokenBatch
+from .sampling import class_attention, tube_scores
+from .stats import ForwardRecord
+from .step import Layer, per_image_drop_path, sample_positions
+
+
+@dataclass
+class TubeBlockParts:
+    """The parts of one divided space-time block, wherever its family keeps them. On tubes x [R, T, C]:
+
+        x[patches] += temporal_dense(drop_path(temporal_proj(attention over frames(temporal_norm(x)))))
+        x += drop_path(proj(attention within each frame(norm1(x))))   (the class token: mean over frames)
+        x += drop_path(mlp(norm2(x)))
+
+    temporal_qkv, qkv: normed rows [..., C] -> [..., 3A] (queries, keys, values; heads in order);
+    attn_drop: dropout on attention probabilities; drop_path: a stochastic-depth module (with
+    ``drop_prob``) or None; checkpoint: gradient checkpointing (as ``torch.utils.checkpoint.checkpoint``) or None.
+    """
+
+    temporal_norm: Layer
+    temporal_qkv: Layer
+    temporal_proj: Layer
+    temporal_dense: Layer
+    norm1: Layer
+    qkv: Layer
+    proj: Layer
+    norm2: Layer
+    mlp: Layer
+    num_heads: int
+    head_dim: int
+    scale: float
+    training: bool = False
+    attn_drop: float = 0.0
+    drop_path: Optional[nn.Module] = None
+    checkpoint: Optional[Callable] = None
+
+    def split_heads(self, qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[N, n, 3A] -> q, k, v each [N, h, n, d]."""
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Queries [N, h, nq, d] over keys [N, h, n, d] (mask: [N, 1, 1, n] bool or None) -> [N, nq, A]."""
+        dropout = self.attn_drop if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
+        return out.transpose(1, 2).flatten(2)
+
+
+def to_tubes(tokens: torch.Tensor, frames: int) -> torch.Tensor:
+    """TimeSformer's token sequence [B, 1 + P * T, C] (class token, then position-major, frames inner)
+    -> tubes [B, 1 + P, T * C] (the class token repeated over frames)."""
+    batch, _, channels = tokens.shape
+    cls = tokens[:, :1].repeat(1, 1, frames)
+    return torch.cat([cls, tokens[:, 1:].reshape(batch, -1, frames * channels)], dim=1)
+
+
+def from_tubes(tubes: torch.Tensor, frames: int) -> torch.Tensor:
+    """Padded tubes [B, m, T * C] -> TimeSformer's layout [B, 1 + (m - 1) * T, C] (the first copy of
+    the class token); the inverse of ``to_tubes``."""
+    batch, _, width = tubes.shape
+    channels = width // frames
+    return torch.cat([tubes[:, :1, :channels], tubes[:, 1:].reshape(batch, -1, channels)], dim=1)
+
+
+def run_tube_blocks(blocks: Sequence[TubeBlockParts], tubes: torch.Tensor, frames: int, config: PatchConfig,
+                    start: int = 0) -> Tuple[TokenBatch, ForwardRecord]:
+    """Run ``blocks[start:]`` under ``config`` (ATS blocks or none) on tubes [B, 1 + P, T * C] that the first
+    ``start`` blocks made. Returns the packed tubes after the last block and what each block did."""
+    batch = TokenBatch.from_dense(tubes)
+    record = ForwardRecord()
+    for index, parts in enumerate(blocks):
+        record.tokens_in.append(batch.live_tokens)
+        if index >= start:
+            step = tube_block
+            if parts.checkpoint is not None and torch.is_grad_enabled():
+                step = partial(parts.checkpoint, tube_block, use_reentrant=False)
+            batch = step(parts, batch, frames, config.method_at(index), index, record)
+        record.tokens_out.append(batch.live_tokens)
+    return batch, record
+
+
+def tube_block(parts: TubeBlockParts, batch: TokenBatch, frames: int, config: Optional[ATSConfig], index: int,
+               record: ForwardRecord) -> TokenBatch:
+    """One divided block on packed tubes; with ``config``, an ATS block that keeps the sampled tubes only."""
+    x = batch.rows.unflatten(-1, (frames, -1))
+    x = x + _temporal_update(parts, x, batch)
+    y = parts.norm1(x)
+    qkv = parts.qkv(y)
+    q, k, v = parts.split_heads(_frames_first(batch.pad(qkv.flatten(1)), frames))
+    mask = batch.attention_mask
+    if mask is not None:
+        mask = mask.repeat_interleave(frames, dim=0)
+    kept, rows_from = batch, None
+    if config is not None:
+        keep, scores, cls_attention = _choose_tubes(parts, batch, frames, q, k, v, mask, config, index)
+        kept, rows_from = batch.select(keep | (batch.source == 0))
+        record.record_sampling(index, batch.source, kept.source, scores, cls_attention)
+        x, qkv = x.index_select(0, rows_from), qkv.index_select(0, rows_from)
+        q = parts.split_heads(_frames_first(kept.pad(qkv.flatten(1)), frames))[0]
+    out = _frames_last(parts.attend(q, k, v, mask), kept.batch_size, frames)
+    update = parts.proj(kept.unpad(out.flatten(2)).unflatten(-1, (frames, -1)))
+    first = _first_rows(kept)
+    update = update.index_copy(0, first, update.index_select(0, first).mean(dim=1, keepdim=True).expand(
+        -1, frames, -1))
+    x = x + _per_clip(parts, update, kept)
+    x = x + _per_clip(parts, parts.mlp(parts.norm2(x)), kept)
+    return kept.with_rows(x.flatten(1))
+
+
+def _temporal_update(parts: TubeBlockParts, x: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """Temporal attention's update of every patch tube [R, T, C]; zero for the class token."""
+    q, k, v = parts.split_heads(parts.temporal_qkv(parts.temporal_norm(x)))
+    update = parts.temporal_dense(_per_clip(parts, parts.temporal_proj(parts.attend(q, k, v, None)), batch))
+    is_cls = torch.zeros(x.shape[0], 1, 1, dtype=torch.bool, device=x.device)
+    is_cls[_first_rows(batch)] = True
+    return update.masked_fill(is_cls, 0.0)
+
+
+def _choose_tubes(parts: TubeBlockParts, batch: TokenBatch, frames: int, q: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor, mask: Optional[torch.Tensor], config: ATSConfig,
+                  index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score the positions and sample the tubes to keep. q, k, v: [B * T, h, m, d] per frame.
+
+    Returns keep [B, m] bool (patch tubes), the scores [B, m] and the class token's attention [B, m]
+    (mean over heads and frames)."""
+    key_mask = None if mask is None else mask[:, 0, 0]
+    cls_attention = class_attention(q[:, :, 0], k.transpose(1, 2), parts.scale, key_mask)
+    value_norm = torch.linalg.vector_norm(v.transpose(1, 2).flatten(2), dim=-1)
+    positions = torch.arange(batch.width, device=q.device)
+    patches = batch.position_mask & (positions >= 1)
+    by_frame = (batch.batch_size, frames) + cls_attention.shape[1:]
+    scores = tube_scores(cls_attention.view(by_frame), value_norm.view(by_frame[:2] + (-1,)), patches)
+    keep = sample_positions(batch, scores, patches, patches, config.budgets[index], config, 1, parts.training)
+    return keep, scores, cls_attention.view(by_frame).mean(dim=(1, 2))
+
+
+def _frames_first(padded: torch.Tensor, frames: int) -> torch.Tensor:
+    """Padded per-tube values [B, m, T * D] -> per-frame sequences [B * T, m, D]."""
+    batch, width, _ = padded.shape
+    return padded.view(batch, width, frames, -1).transpose(1, 2).reshape(batch * frames, width, -1)
+
+
+def _frames_last(per_frame: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
+    """Per-frame sequences [B * T, m, D] -> padded tubes [B, m, T, D]."""
+    return per_frame.view(batch, frames, per_frame.shape[1], -1).transpose(1, 2)
+
+
+def _first_rows(batch: TokenBatch) -> torch.Tensor:
+    """[B] long, the row of each clip's class token."""
+    if batch.row_index is None:
+        return torch.arange(batch.batch_size, device=batch.lengths.device) * batch.width
+    return torch.cumsum(batch.lengths, 0) - batch.lengths
+
+
+def _per_clip(parts: TubeBlockParts, update: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """Stochastic depth per clip on per-tube updates [R, T, C]."""
+    return per_image_drop_path(parts.drop_path, update.flatten(1), batch).view_as(update)
