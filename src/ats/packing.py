@@ -116,12 +116,8 @@ class TokenBatch:
         """[T, 1] float, 0 on the rows of frozen class tokens (their updates are dropped), else None."""
         if self.cls_live is None:
             return None
-        if self.row_index is None:
-            first_row = torch.arange(self.batch_size, device=self.rows.device) * self.width
-        else:
-            first_row = torch.cumsum(self.lengths, 0) - self.lengths
         live = torch.ones(self.rows.shape[0], 1, dtype=self.rows.dtype, device=self.rows.device)
-        live[first_row, 0] = self.cls_live.to(self.rows.dtype)
+        live[self.first_rows, 0] = self.cls_live.to(self.rows.dtype)
         return live
 
     def dense(self) -> torch.Tensor:
@@ -162,6 +158,13 @@ class TokenBatch:
         """[B, m] float sizes in the padded layout (1 for every token when none were merged)."""
         sizes = self.sizes if self.sizes is not None else self.rows.new_ones(self.rows.shape[0])
         return self.pad_values(sizes)
+
+    @property
+    def first_rows(self) -> torch.Tensor:
+        """[B] long, the row of each image's first token (the class token, where there is one)."""
+        if self.row_index is None:
+            return torch.arange(self.batch_size, device=self.lengths.device) * self.width
+        return torch.cumsum(self.lengths, 0) - self.lengths
 
     @property
     def last_rows(self) -> torch.Tensor:

@@ -124,7 +124,7 @@ def tube_block(parts: TubeBlockParts, batch: TokenBatch, frames: int, config: Op
         q = parts.split_heads(_frames_first(kept.pad(qkv.flatten(1)), frames))[0]
     out = _frames_last(parts.attend(q, k, v, mask), kept.batch_size, frames)
     update = parts.proj(kept.unpad(out.flatten(2)).unflatten(-1, (frames, -1)))
-    first = _first_rows(kept)
+    first = kept.first_rows
     update = update.index_copy(0, first, update.index_select(0, first).mean(dim=1, keepdim=True).expand(
         -1, frames, -1))
     x = x + _per_clip(parts, update, kept)
@@ -137,7 +137,7 @@ def _temporal_update(parts: TubeBlockParts, x: torch.Tensor, batch: TokenBatch) 
     q, k, v = parts.split_heads(parts.temporal_qkv(parts.temporal_norm(x)))
     update = parts.temporal_dense(_per_clip(parts, parts.temporal_proj(parts.attend(q, k, v, None)), batch))
     is_cls = torch.zeros(x.shape[0], 1, 1, dtype=torch.bool, device=x.device)
-    is_cls[_first_rows(batch)] = True
+    is_cls[batch.first_rows] = True
     return update.masked_fill(is_cls, 0.0)
 
 
@@ -168,13 +168,6 @@ def _frames_first(padded: torch.Tensor, frames: int) -> torch.Tensor:
 def _frames_last(per_frame: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
     """Per-frame sequences [B * T, m, D] -> padded tubes [B, m, T, D]."""
     return per_frame.view(batch, frames, per_frame.shape[1], -1).transpose(1, 2)
-
-
-def _first_rows(batch: TokenBatch) -> torch.Tensor:
-    """[B] long, the row of each clip's class token."""
-    if batch.row_index is None:
-        return torch.arange(batch.batch_size, device=batch.lengths.device) * batch.width
-    return torch.cumsum(batch.lengths, 0) - batch.lengths
 
 
 def _per_clip(parts: TubeBlockParts, update: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
