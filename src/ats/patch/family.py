@@ -16,7 +16,7 @@ from torch import nn
 from ..config import PatchConfig
 from ..flops import BlockCost, ViTShape, block_flops
 from ..packing import TokenBatch
-from ..stats import ATSStats
+from ..stats import ATSStats, ForwardRecord
 from ..step import BlockParts, run_blocks
 
 
@@ -125,6 +125,13 @@ class Family:
         model.__class__ = _patched_class(self.mixin, original)
         return model
 
+    def run_blocks(self, model: nn.Module, x: torch.Tensor, shape: ViTShape, start: int,
+                   input_size: Sequence[int]) -> Tuple[TokenBatch, ForwardRecord]:
+        """``step.run_blocks`` on a patched model's blocks from ``start`` (a family whose blocks are not
+        pre-norm blocks runs them its own way here)."""
+        parts = self.all_block_parts(model, input_size)
+        return run_blocks(parts, x, model._ats.config, shape.num_prefix_tokens, self.has_class_token(model), start)
+
     def run_patched(self, model: nn.Module, x: torch.Tensor, start: int,
                     input_size: Sequence[int]) -> TokenBatch:
         """Run a patched model's blocks from ``start`` on the tokens x [B, N, C'] (see ``run_blocks``),
@@ -134,9 +141,7 @@ class Family:
         if key not in state.shapes:
             state.shapes[key] = self.shape(model, input_size)
         shape = state.shapes[key]
-        parts = self.all_block_parts(model, input_size)
-        batch, record = run_blocks(parts, x, state.config, shape.num_prefix_tokens, self.has_class_token(model),
-                                   start)
+        batch, record = self.run_blocks(model, x, shape, start, input_size)
         state.last_stats = record.finish(shape, self.block_costs(model, shape, state.config))
         state.pool_weights = batch.padded_sizes() * batch.position_mask
         return batch

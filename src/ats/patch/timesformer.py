@@ -24,6 +24,7 @@ from torch import nn
 from ..config import ATSConfig, PatchConfig
 from ..flops import BlockCost, ViTShape, conv_flops, divided_block_flops, linear_flops, patch_grid
 from ..packing import TokenBatch
+from ..stats import ForwardRecord
 from ..step import BlockParts
 from ..tubes import TubeBlockParts, from_tubes, run_tube_blocks, to_tubes
 from .family import Family, PatchedModel, masked_features
@@ -179,21 +180,15 @@ class TimesformerFamily(Family):
             x = layer(x)[0]
         return x
 
-    def run_patched(self, model: nn.Module, x: torch.Tensor, start: int, input_size: Sequence[int]) -> TokenBatch:
-        """As ``Family.run_patched``; under divided attention on tubes (``ats.tubes``), so x is TimeSformer's
+    def run_blocks(self, model: nn.Module, x: torch.Tensor, shape: ViTShape, start: int,
+                   input_size: Sequence[int]) -> Tuple[TokenBatch, ForwardRecord]:
+        """As ``Family.run_blocks``; under divided attention on tubes (``ats.tubes``): x is TimeSformer's
         [B, 1 + P * T, C] and the returned rows are tubes [R, T * C]."""
         if self.attention_type(model) != DIVIDED:
-            return super().run_patched(model, x, start, input_size)
-        state = model._ats
-        key = tuple(input_size)
-        if key not in state.shapes:
-            state.shapes[key] = self.shape(model, input_size)
-        shape, frames = state.shapes[key], self.frames(model)
+            return super().run_blocks(model, x, shape, start, input_size)
+        frames = self.frames(model)
         parts: List[TubeBlockParts] = [self.tube_parts(model, layer) for layer in self.blocks(model)]
-        batch, record = run_tube_blocks(parts, to_tubes(x, frames), frames, state.config, start)
-        state.last_stats = record.finish(shape, self.block_costs(model, shape, state.config))
-        state.pool_weights = batch.padded_sizes() * batch.position_mask
-        return batch
+        return run_tube_blocks(parts, to_tubes(x, frames), frames, model._ats.config, start)
 
     def features(self, model: nn.Module, batch: TokenBatch) -> torch.Tensor:
         """The final layer norm's output, padded, in TimeSformer's token order."""
