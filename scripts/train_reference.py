@@ -1,10 +1,10 @@
-"""Train a reference model (the ViT; --arch cvt, psvit or video) on Fashion-MNIST (CPU, seeded, resumable).
+"""Train a reference model (the ViT; --arch cvt, psvit, video or xvit) on Fashion-MNIST (CPU, seeded, resumable).
 
 Phases of ordinary supervised training (progressive resizing): most epochs at 14x14 input (a quarter
 of the tokens, cheap; PS-ViT samples a 7x7 grid of points from its 7x7 feature map, a quarter of its tokens too),
 then a few at the full 28x28, the ViT's position embedding resampled in between (CvT has none; PS-ViT's position
-encoding is a linear map of the sampled points, so its weights fit both grids). The video model (TimeSformer)
-trains on moving-garment clips at its own size, rendered batch by batch with fresh motion and clutter every epoch
+encoding is a linear map of the sampled points, so its weights fit both grids). The video models (TimeSformer,
+XViT) train on moving-garment clips at its own size, rendered batch by batch with fresh motion and clutter every epoch
 (the epoch is the clips' seed); it is tested on the first --test-limit test clips. A checkpoint is written
 every --checkpoint-minutes and at the end of every epoch; rerunning the same command resumes from it,
 mid-epoch included. See docs/reference-model.md for the exact commands and the measured accuracy.
@@ -29,16 +29,24 @@ from timm.layers import resample_abs_pos_embed
 from tqdm import tqdm
 
 from ats.checkpoints import save_atomic
-from ats.datasets import bundled_test_set, fashion_mnist_train, normalise
+from ats.datasets import bundled_test_set, clip_spec, fashion_mnist_train, normalise
 from ats.moving_garments import TEST_SEED, ClipSpec, render_clip
-from ats.reference import create_reference_cvt, create_reference_model, create_reference_psvit, create_reference_video
+from ats.reference import (
+    create_reference_cvt,
+    create_reference_model,
+    create_reference_psvit,
+    create_reference_video,
+    create_reference_xvit,
+)
 
-ARCHITECTURES = ("vit", "cvt", "psvit", "video")
+ARCHITECTURES = ("vit", "cvt", "psvit", "video", "xvit")
+VIDEO_ARCHITECTURES = ("video", "xvit")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=ARCHITECTURES, default="vit", help="the reference ViT, CvT or PS-ViT")
+    parser.add_argument("--arch", choices=ARCHITECTURES, default="vit",
+                        help="the reference ViT, CvT, PS-ViT, TimeSformer (video) or XViT")
     parser.add_argument("--img-size", type=int, default=28, help="training resolution (14 or 28; images only)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -135,6 +143,8 @@ def create(arch: str, img_size: int) -> torch.nn.Module:
         return create_reference_cvt()
     if arch == "video":
         return create_reference_video()
+    if arch == "xvit":
+        return create_reference_xvit()
     if arch == "psvit":
         return create_reference_psvit(img_size=img_size, num_points=img_size // 2)
     return create_reference_model(img_size=img_size)
@@ -146,14 +156,21 @@ def logits_of(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def test_accuracy(model: torch.nn.Module, data) -> float:
+def test_accuracy(model: torch.nn.Module, data) -> dict:
+    """Test top-1 in percent; for clips also the garment's and the direction's accuracy (label = garment * 2 +
+    direction), which show whether a video model uses the frames' order (direction alone: 50% by chance)."""
     model.eval()
-    correct = seen = 0
+    predictions, targets = [], []
     for inputs, labels in data.test_batches():
-        correct += int((logits_of(model, inputs).argmax(-1) == labels).sum())
-        seen += len(labels)
+        predictions.append(logits_of(model, inputs).argmax(-1))
+        targets.append(labels)
     model.train()
-    return 100.0 * correct / seen
+    predicted, labels = torch.cat(predictions), torch.cat(targets)
+    accuracy = dict(test_top1=100.0 * float((predicted == labels).float().mean()))
+    if isinstance(data, ClipData):
+        accuracy.update(test_garment=100.0 * float((predicted // 2 == labels // 2).float().mean()),
+                        test_direction=100.0 * float((predicted % 2 == labels % 2).float().mean()))
+    return accuracy
 
 
 def load_init(model: torch.nn.Module, path: Path) -> None:
@@ -173,9 +190,8 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
     model = create(args.arch, args.img_size)
-    if args.arch == "video":
-        config = model.config
-        data = ClipData(ClipSpec(num_frames=config.num_frames, size=config.image_size), args.limit, args.test_limit)
+    if args.arch in VIDEO_ARCHITECTURES:
+        data = ClipData(clip_spec(model), args.limit, args.test_limit)
     else:
         data = ImageData(args.img_size, args.limit, args.test_limit)
     if args.init:
@@ -233,9 +249,9 @@ def main() -> None:
                 save(dict(epoch=epoch, step=step + 1, order=order, losses=losses,
                           seconds=position["seconds"] + time.time() - started))
                 saved = time.time()
-        top1 = test_accuracy(model, data)
-        record = dict(epoch=epoch, img_size=args.img_size, train_loss=sum(losses) / len(losses), test_top1=top1,
-                      lr=scheduler.get_last_lr()[0], seconds=round(position["seconds"] + time.time() - started, 1))
+        record = dict(epoch=epoch, img_size=args.img_size, train_loss=sum(losses) / len(losses),
+                      **test_accuracy(model, data), lr=scheduler.get_last_lr()[0],
+                      seconds=round(position["seconds"] + time.time() - started, 1))
         print(json.dumps(record), flush=True)
         with open(args.out_dir / "log.jsonl", "a") as log:
             log.write(json.dumps(record) + "\n")

@@ -26,7 +26,7 @@ from .config import (
 REFERENCE = "reference"
 #: The models trained here on Fashion-MNIST, by --model name; they load their bundled weights and run on the
 #: bundled test set.
-REFERENCE_MODELS = (REFERENCE, "reference-cvt", "reference-psvit", "reference-video")
+REFERENCE_MODELS = (REFERENCE, "reference-cvt", "reference-psvit", "reference-video", "reference-xvit")
 #: ``--model hf:DIR`` names a transformers model saved with save_pretrained (or, with --pretrained, a hub name).
 HF_PREFIX = "hf:"
 
@@ -37,7 +37,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a timm model name (e.g. deit_small_patch16_224); hf:DIR, a Hugging Face ViT, DeiT, "
                             "DINOv2, CvT or TimeSformer saved with save_pretrained; 'reference' for the bundled "
                             "Fashion-MNIST ViT (default), 'reference-cvt' or 'reference-psvit' for the bundled CvT or "
-                            "PS-ViT, 'reference-video' for the TimeSformer on moving-garment clips")
+                            "PS-ViT, 'reference-video' or 'reference-xvit' for the TimeSformer or XViT on "
+                            "moving-garment clips")
     group.add_argument("--pretrained", action="store_true",
                        help="load timm's pretrained weights, or with hf:NAME the model NAME from the Hugging Face "
                             "hub (downloads them on first use)")
@@ -49,7 +50,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def load_model(args: argparse.Namespace) -> nn.Module:
     """The model the flags name, in eval mode on ``args.device``."""
     from .checkpoints import load_weights
-    from .reference import load_reference_cvt, load_reference_model, load_reference_psvit, load_reference_video
+    from .reference import (
+        load_reference_cvt,
+        load_reference_model,
+        load_reference_psvit,
+        load_reference_video,
+        load_reference_xvit,
+    )
 
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint file {args.checkpoint} does not exist; pass the path of a "
@@ -61,7 +68,7 @@ def load_model(args: argparse.Namespace) -> nn.Module:
             raise ValueError("--pretrained needs a timm model name (--model deit_small_patch16_224); the "
                              "reference models always load their bundled weights")
         loaders = dict(zip(REFERENCE_MODELS, (load_reference_model, load_reference_cvt, load_reference_psvit,
-                                              load_reference_video)))
+                                              load_reference_video, load_reference_xvit)))
         model = loaders[args.model](args.checkpoint)
     else:
         if args.model not in timm.list_models():

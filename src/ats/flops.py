@@ -14,7 +14,9 @@ them; its (strided) key grid sets the keys the attention sees. A divided space-t
 on a clip of T frames, n_in positions (tubes, the class token included) of which it keeps n_out, runs
 a temporal attention over each patch tube's T frames (qkv, attention, proj and a C x C dense layer per
 patch token), a spatial attention in each frame (the class token takes part in every frame) and its
-MLP on the class token and the kept patch tokens. Norms, softmax and activations are not counted.
+MLP on the class token and the kept patch tokens. A space-time mixing block (XViT) is a standard block
+in each frame: mixing its keys and values over frames moves channels and multiplies nothing. Norms,
+softmax and activations are not counted.
 """
 from __future__ import annotations
 
@@ -124,6 +126,12 @@ def divided_block_flops(shape: ViTShape, frames: int, n_in: Count, n_out: Count,
     if score is not None:
         spatial = spatial + frames * score_flops(shape, n_in, score)
     return temporal + spatial + (prefix + (n_out - prefix) * frames) * shape.mlp_flops
+
+
+def frames_block_flops(shape: ViTShape, frames: int, n_in: Count, n_out: Count, score: Optional[str] = None) -> Count:
+    """FLOPs of one space-time mixing block on a clip of ``frames`` frames with n_in positions (tubes, prefix
+    included) that keeps n_out: a standard (or ATS, with ``score``) block in every frame."""
+    return frames * block_flops(shape, n_in, n_out, score)
 
 
 def merge_block_flops(shape: ViTShape, n_in: Count, n_out: Count) -> Count:

@@ -6,7 +6,8 @@ blocks 3..11) apply as written; a plain timm VisionTransformer. The CvT one (tra
 ``CvtForImageClassification``, the CvT-13 layout of 1, 2 and 10 blocks) ends in a stage of 14x14 = 196
 patch tokens + 1 class token, and so does the PS-ViT one (``ats.models.psvit``, 196 sampled tokens).
 The video one (transformers' ``TimesformerForVideoClassification``, divided space-time attention) classifies
-moving-garment clips (``ats.moving_garments``: 8 frames of 64x64, 8x8 patches, 64 positions per frame).
+moving-garment clips (``ats.moving_garments``: 8 frames of 64x64, 8x8 patches, 64 positions per frame), and so
+does the XViT one (``ats.models.xvit``, space-time mixing attention) at the same sizes.
 ``scripts/train_reference.py`` trains them (docs/reference-model.md).
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ REFERENCE_VIDEO_KWARGS = dict(image_size=64, patch_size=8, num_channels=1, num_f
                               num_attention_heads=2, num_hidden_layers=8, intermediate_size=256,
                               attention_type="divided_space_time", qkv_bias=True)
 REFERENCE_VIDEO_CHECKPOINT = Path(__file__).parent / "assets" / "reference_video_garments.pt"
+REFERENCE_XVIT_CHECKPOINT = Path(__file__).parent / "assets" / "reference_xvit_garments.pt"
 
 
 def fashion_mnist_data_config(size: int, num_classes: int = 10) -> dict:
@@ -100,6 +102,16 @@ def create_reference_video(**overrides) -> nn.Module:
     return model
 
 
+def create_reference_xvit(**overrides) -> nn.Module:
+    """The reference XViT (``ats.models.xvit.XVIT_TINY_GARMENTS``), randomly initialised; ``overrides`` change its
+    arguments."""
+    from .models.xvit import XVIT_TINY_GARMENTS, XViT
+
+    model = XViT(**{**XVIT_TINY_GARMENTS, **overrides})
+    model.pretrained_cfg = fashion_mnist_data_config(model.img_size, model.num_classes)
+    return model
+
+
 def load_reference_model(path: Optional[Path] = None) -> VisionTransformer:
     """The trained reference model in eval mode, from ``path`` (default: the bundled checkpoint).
 
@@ -123,6 +135,11 @@ def load_reference_video(path: Optional[Path] = None) -> nn.Module:
     """The trained reference video model in eval mode, from ``path`` (default: the bundled checkpoint)."""
     return _load_trained(create_reference_video(), path, REFERENCE_VIDEO_CHECKPOINT, "reference video checkpoint",
                          "video")
+
+
+def load_reference_xvit(path: Optional[Path] = None) -> nn.Module:
+    """The trained reference XViT in eval mode, from ``path`` (default: the bundled checkpoint)."""
+    return _load_trained(create_reference_xvit(), path, REFERENCE_XVIT_CHECKPOINT, "reference XViT checkpoint", "xvit")
 
 
 def _load_trained(model: nn.Module, path: Optional[Path], bundled: Path, what: str, arch: str) -> nn.Module:

@@ -1,16 +1,22 @@
-"""ATS under divided space-time attention (TimeSformer): tokens are tubes, one patch position in every frame.
+"""ATS on tubes, for video blocks whose attention needs the same positions in every frame.
 
-A divided block runs a temporal attention over each patch position's T frames, then a spatial
-attention within each frame, then its MLP. The temporal attention needs the same positions in every
-frame, so an ATS block here keeps *tubes*: one set of spatial positions per clip, shared by all its
-frames. The score of a position is the class token's spatial attention times the position's value
-norm, summed over heads and frames (``sampling.tube_scores``); the budget, the sampler and the
-statistics are those of images, counted in positions.
+A tube is one patch position in every frame. Two kinds of block need them:
+
+- divided space-time (TimeSformer): a temporal attention over each position's T frames, then a spatial
+  attention within each frame, then the MLP;
+- space-time mixing (XViT): a spatial attention within each frame whose keys and values mix channels
+  from the same position in the neighbouring frames, then the MLP.
+
+So an ATS block here keeps *tubes*: one set of spatial positions per clip, shared by all its frames.
+The score of a position is the class token's spatial attention times the position's value norm,
+summed over heads and frames (``sampling.tube_scores``); the budget, the sampler and the statistics
+are those of images, counted in positions.
 
 Layout: a ``TokenBatch`` whose rows are tubes, [R, T * C] (frame by frame within a row), the class
-token first in each clip. The model keeps one class token per clip, takes part in every frame's
+token first in each clip. TimeSformer keeps one class token per clip, takes part in every frame's
 spatial attention with it and averages its T updates; here it is a tube of T equal copies, which that
-average keeps equal. Stochastic depth drops a block's updates per clip.
+average keeps equal (``shared_cls``). XViT has a class token per frame: a tube like the others.
+Stochastic depth drops a block's updates per clip.
 """
 from __future__ import annotations
 
@@ -31,21 +37,20 @@ from .step import Layer, per_image_drop_path, sample_positions
 
 @dataclass
 class TubeBlockParts:
-    """The parts of one divided space-time block, wherever its family keeps them. On tubes x [R, T, C]:
+    """The parts of one tube block, wherever its family keeps them. On tubes x [R, T, C]:
 
         x[patches] += temporal_dense(drop_path(temporal_proj(attention over frames(temporal_norm(x)))))
-        x += drop_path(proj(attention within each frame(norm1(x))))   (the class token: mean over frames)
+                                                                     (divided space-time blocks only)
+        x += drop_path(proj(attention within each frame(mix_qkv(qkv(norm1(x))))))
+                                                      (with ``shared_cls``, the class token: mean over frames)
         x += drop_path(mlp(norm2(x)))
 
     temporal_qkv, qkv: normed rows [..., C] -> [..., 3A] (queries, keys, values; heads in order);
+    mix_qkv: [R, T, 3A] -> [R, T, 3A], keys and values mixed over frames (XViT), or None;
     attn_drop: dropout on attention probabilities; drop_path: a stochastic-depth module (with
     ``drop_prob``) or None; checkpoint: gradient checkpointing (as ``torch.utils.checkpoint.checkpoint``) or None.
     """
 
-    temporal_norm: Layer
-    temporal_qkv: Layer
-    temporal_proj: Layer
-    temporal_dense: Layer
     norm1: Layer
     qkv: Layer
     proj: Layer
@@ -54,6 +59,12 @@ class TubeBlockParts:
     num_heads: int
     head_dim: int
     scale: float
+    temporal_norm: Optional[Layer] = None
+    temporal_qkv: Optional[Layer] = None
+    temporal_proj: Optional[Layer] = None
+    temporal_dense: Optional[Layer] = None
+    mix_qkv: Optional[Layer] = None
+    shared_cls: bool = True
     training: bool = False
     attn_drop: float = 0.0
     drop_path: Optional[nn.Module] = None
@@ -71,6 +82,16 @@ class TubeBlockParts:
         return out.transpose(1, 2).flatten(2)
 
 
+def frames_to_tubes(x: torch.Tensor) -> torch.Tensor:
+    """Per-frame tokens [B, T, N, C] (XViT's layout) -> tubes [B, N, T * C]."""
+    return x.transpose(1, 2).flatten(2)
+
+
+def tubes_to_frames(tubes: torch.Tensor, frames: int) -> torch.Tensor:
+    """Padded tubes [B, m, T * C] -> per-frame tokens [B, T, m, C]; the inverse of ``frames_to_tubes``."""
+    return tubes.unflatten(-1, (frames, -1)).transpose(1, 2)
+
+
 def to_tubes(tokens: torch.Tensor, frames: int) -> torch.Tensor:
     """TimeSformer's token sequence [B, 1 + P * T, C] (class token, then position-major, frames inner)
     -> tubes [B, 1 + P, T * C] (the class token repeated over frames)."""
@@ -85,6 +106,20 @@ def from_tubes(tubes: torch.Tensor, frames: int) -> torch.Tensor:
     batch, _, width = tubes.shape
     channels = width // frames
     return torch.cat([tubes[:, :1, :channels], tubes[:, 1:].reshape(batch, -1, channels)], dim=1)
+
+
+def check_tube_config(config: PatchConfig, depth: int, blocks: str, alternative: str = "") -> None:
+    """Raise ValueError unless every patched block of ``config`` runs ATS as tubes can: the class token score with
+    the class token kept, no fusing or distinct tokens, rows packing. blocks, alternative: for the message (the
+    kind of block; another model to use)."""
+    methods = [config.method_at(index) for index in config.patched_blocks(depth)]
+    if not all(isinstance(method, ATSConfig) for method in methods):
+        raise ValueError(f"{config.describe()}: under {blocks} only ATS runs (on tubes); use an ATSConfig"
+                         f"{', ' + alternative if alternative else ''}")
+    for method in methods:
+        if method.fuse or method.distinct or not method.keep_cls or method.score != "cls" or method.packing != "rows":
+            raise ValueError(f"{method.describe()}: tube sampling ({blocks}) supports the class token score with the "
+                             "class token kept, without fuse or distinct and with rows packing")
 
 
 def run_tube_blocks(blocks: Sequence[TubeBlockParts], tubes: torch.Tensor, frames: int, config: PatchConfig,
@@ -108,9 +143,11 @@ def tube_block(parts: TubeBlockParts, batch: TokenBatch, frames: int, config: Op
                record: ForwardRecord) -> TokenBatch:
     """One divided block on packed tubes; with ``config``, an ATS block that keeps the sampled tubes only."""
     x = batch.rows.unflatten(-1, (frames, -1))
-    x = x + _temporal_update(parts, x, batch)
-    y = parts.norm1(x)
-    qkv = parts.qkv(y)
+    if parts.temporal_qkv is not None:
+        x = x + _temporal_update(parts, x, batch)
+    qkv = parts.qkv(parts.norm1(x))
+    if parts.mix_qkv is not None:
+        qkv = parts.mix_qkv(qkv)
     q, k, v = parts.split_heads(_frames_first(batch.pad(qkv.flatten(1)), frames))
     mask = batch.attention_mask
     if mask is not None:
@@ -124,9 +161,10 @@ def tube_block(parts: TubeBlockParts, batch: TokenBatch, frames: int, config: Op
         q = parts.split_heads(_frames_first(kept.pad(qkv.flatten(1)), frames))[0]
     out = _frames_last(parts.attend(q, k, v, mask), kept.batch_size, frames)
     update = parts.proj(kept.unpad(out.flatten(2)).unflatten(-1, (frames, -1)))
-    first = kept.first_rows
-    update = update.index_copy(0, first, update.index_select(0, first).mean(dim=1, keepdim=True).expand(
-        -1, frames, -1))
+    if parts.shared_cls:
+        first = kept.first_rows
+        update = update.index_copy(0, first, update.index_select(0, first).mean(dim=1, keepdim=True).expand(
+            -1, frames, -1))
     x = x + _per_clip(parts, update, kept)
     x = x + _per_clip(parts, parts.mlp(parts.norm2(x)), kept)
     return kept.with_rows(x.flatten(1))

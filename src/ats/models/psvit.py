@@ -33,6 +33,8 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from .init import init_linear
+
 PSVIT_TINY_FMNIST = dict(img_size=28, in_chans=1, num_classes=10, stem_channels=(32, 96), stem_strides=(1, 2),
                          embed_dim=96, num_points=14, num_iterations=4, depth=10, num_heads=3, mlp_ratio=3.0,
                          qkv_bias=True)
@@ -166,7 +168,7 @@ class PSViT(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes)
 
         trunc_normal_(self.cls_token, std=0.02)
-        self.apply(_init_linear)
+        self.apply(init_linear)
         self.sampler.reset_offset_heads()
 
     def sample_tokens(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -193,11 +195,3 @@ class PSViT(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, in_chans, img_size, img_size] -> logits [B, num_classes]."""
         return self.forward_head(self.forward_features(images))
-
-
-def _init_linear(module: nn.Module) -> None:
-    """timm's ViT initialisation: truncated-normal (std 0.02) linear weights and zero biases."""
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)

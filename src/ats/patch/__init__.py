@@ -9,8 +9,9 @@ from .hf import HF
 from .psvit import PSVIT
 from .timesformer import TIMESFORMER
 from .timm import TIMM
+from .xvit import XVIT
 
-FAMILIES = (TIMM, HF, CVT, PSVIT, TIMESFORMER)
+FAMILIES = (TIMM, HF, CVT, PSVIT, TIMESFORMER, XVIT)
 
 
 def family_of(model: nn.Module) -> Family:

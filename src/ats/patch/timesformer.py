@@ -21,12 +21,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..config import ATSConfig, PatchConfig
+from ..config import PatchConfig
 from ..flops import BlockCost, ViTShape, conv_flops, divided_block_flops, linear_flops, patch_grid
 from ..packing import TokenBatch
 from ..stats import ForwardRecord
 from ..step import BlockParts
-from ..tubes import TubeBlockParts, from_tubes, run_tube_blocks, to_tubes
+from ..tubes import TubeBlockParts, check_tube_config, from_tubes, run_tube_blocks, to_tubes
 from .family import Family, PatchedModel, masked_features
 from .hf import HF, classifier_output, dense_forward, processor_data_config, refuse_unsupported
 
@@ -109,14 +109,8 @@ class TimesformerFamily(Family):
         super().check_config(model, config)
         if self.attention_type(model) != DIVIDED:
             return
-        methods = [config.method_at(index) for index in config.patched_blocks(self.depth(model))]
-        if not all(isinstance(method, ATSConfig) for method in methods):
-            raise ValueError(f"{config.describe()}: under divided space-time attention only ATS runs (on tubes); "
-                             "use an ATSConfig, or a TimeSformer with attention_type='joint_space_time'")
-        method = methods[0]
-        if method.fuse or method.distinct or not method.keep_cls or method.score != "cls" or method.packing != "rows":
-            raise ValueError(f"{method.describe()}: tube sampling (divided space-time attention) supports the class "
-                             "token score with the class token kept, without fuse or distinct and with rows packing")
+        check_tube_config(config, self.depth(model), "divided space-time attention",
+                          "or a TimeSformer with attention_type='joint_space_time'")
 
     def shape(self, model: nn.Module, input_size: Optional[Sequence[int]] = None) -> ViTShape:
         """Sizes per clip (divided, joint) or per frame (space-only); ``num_patches`` counts positions
