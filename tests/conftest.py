@@ -31,6 +31,13 @@ def contrasted_images(count: int = 8, size: int = 32) -> torch.Tensor:
     return torch.randn(count, 3, size, size, generator=generator) * scale
 
 
+def contrasted_clips(count: int, frames: int, size: int) -> torch.Tensor:
+    """[count, frames, 1, size, size] random clips whose contrast grows with the index."""
+    generator = torch.Generator().manual_seed(1)
+    scale = torch.linspace(0.2, 3.0, count)[:, None, None, None, None]
+    return torch.randn(count, frames, 1, size, size, generator=generator) * scale
+
+
 @pytest.fixture
 def checkpoint(tmp_path):
     """A random-init reference model's state dict, saved for --checkpoint."""

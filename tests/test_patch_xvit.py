@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from conftest import contrasted_clips
 from torch.utils.flop_counter import FlopCounterMode
 
 import ats
@@ -32,10 +33,8 @@ def tiny_xvit(peaked: bool = True, **overrides) -> XViT:
 
 
 def clips(count: int = 6) -> torch.Tensor:
-    """[count, T, 1, H, W] random clips whose contrast grows with the index."""
-    generator = torch.Generator().manual_seed(1)
-    scale = torch.linspace(0.2, 3.0, count)[:, None, None, None, None]
-    return torch.randn(count, FRAMES, 1, SIZE, SIZE, generator=generator) * scale
+    """[count, FRAMES, 1, SIZE, SIZE] random clips whose contrast grows with the index."""
+    return contrasted_clips(count, FRAMES, SIZE)
 
 
 CONFIG = ats.ATSConfig.multi_stage(1.0, first=1, depth=4, min_tokens=2)
