@@ -141,7 +141,8 @@ def run_tube_blocks(blocks: Sequence[TubeBlockParts], tubes: torch.Tensor, frame
 
 def tube_block(parts: TubeBlockParts, batch: TokenBatch, frames: int, config: Optional[ATSConfig], index: int,
                record: ForwardRecord) -> TokenBatch:
-    """One divided block on packed tubes; with ``config``, an ATS block that keeps the sampled tubes only."""
+    """One tube block (divided or mixing) on packed tubes; with ``config``, an ATS block that keeps the sampled
+    tubes only."""
     x = batch.rows.unflatten(-1, (frames, -1))
     if parts.temporal_qkv is not None:
         x = x + _temporal_update(parts, x, batch)
