@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from ats.checkpoints import save_atomic
 from ats.datasets import bundled_test_set, clip_spec, fashion_mnist_train, normalise
-from ats.moving_garments import TEST_SEED, ClipSpec, render_clip
+from ats.moving_garments import TEST_SEED, ClipSpec, render_clip, split_labels
 from ats.reference import (
     create_reference_cvt,
     create_reference_model,
@@ -168,8 +168,9 @@ def test_accuracy(model: torch.nn.Module, data) -> dict:
     predicted, labels = torch.cat(predictions), torch.cat(targets)
     accuracy = dict(test_top1=100.0 * float((predicted == labels).float().mean()))
     if isinstance(data, ClipData):
-        accuracy.update(test_garment=100.0 * float((predicted // 2 == labels // 2).float().mean()),
-                        test_direction=100.0 * float((predicted % 2 == labels % 2).float().mean()))
+        (garment, direction), (true_garment, true_direction) = split_labels(predicted), split_labels(labels)
+        accuracy.update(test_garment=100.0 * float((garment == true_garment).float().mean()),
+                        test_direction=100.0 * float((direction == true_direction).float().mean()))
     return accuracy
 
 

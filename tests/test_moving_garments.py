@@ -13,6 +13,7 @@ from ats.moving_garments import (
     moving_garments_test,
     moving_garments_train,
     render_clip,
+    split_labels,
 )
 
 STILL = ClipSpec(clutter=0)
@@ -67,6 +68,9 @@ def test_labels_are_class_and_direction(source):
         assert label in range(20) and 2 <= abs(motion.dx) <= 4 and abs(motion.dy) <= 2
         directions.append(motion.direction)
     assert 80 <= sum(directions) <= 120
+    rendered = torch.tensor([render_clip(images, labels, index, seed=1)[1] for index in range(200)])
+    garments, split_directions = split_labels(rendered)
+    assert torch.equal(garments, labels[:200].long()) and split_directions.tolist() == directions
 
 
 def test_garment_centre_of_mass_moves_with_the_direction(source):

@@ -143,6 +143,11 @@ def clip_label(garment_class: int, motion: Motion) -> int:
     return garment_class * 2 + motion.direction
 
 
+def split_labels(labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Labels [N] (``clip_label``) -> (garment classes [N], directions [N]); the inverse of ``clip_label``."""
+    return labels // 2, labels % 2
+
+
 def garment_frames(image: torch.Tensor, motion: Motion, spec: ClipSpec) -> torch.Tensor:
     """uint8 image [28, 28] moved by ``motion`` over a black canvas: uint8 [T, size, size]."""
     frames = image.new_zeros(spec.num_frames, spec.size, spec.size)
