@@ -38,13 +38,17 @@ def contrasted_clips(count: int, frames: int, size: int) -> torch.Tensor:
     return torch.randn(count, frames, 1, size, size, generator=generator) * scale
 
 
+def random_checkpoint(create, path):
+    """Save the state dict of ``create()``, randomly initialised with seed 0, to ``path`` (for --checkpoint)."""
+    torch.manual_seed(0)
+    torch.save(create().state_dict(), path)
+    return path
+
+
 @pytest.fixture
 def checkpoint(tmp_path):
     """A random-init reference model's state dict, saved for --checkpoint."""
-    torch.manual_seed(0)
-    path = tmp_path / "reference.pt"
-    torch.save(create_reference_model().state_dict(), path)
-    return path
+    return random_checkpoint(create_reference_model, tmp_path / "reference.pt")
 
 
 @pytest.fixture

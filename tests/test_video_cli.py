@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from conftest import random_checkpoint
 
 import ats
 from ats.cli import main
@@ -16,10 +17,7 @@ from ats.video_files import frame_indices
 @pytest.fixture
 def video_checkpoint(tmp_path):
     """A random-init reference video model's state dict, saved for --checkpoint."""
-    torch.manual_seed(0)
-    path = tmp_path / "video.pt"
-    torch.save(create_reference_video().state_dict(), path)
-    return path
+    return random_checkpoint(create_reference_video, tmp_path / "video.pt")
 
 
 def test_the_bundled_video_model_classifies_the_test_clips(capsys):

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from conftest import random_checkpoint
 
 import ats
 from ats.cli import main
@@ -13,10 +14,7 @@ from ats.reference import create_reference_xvit
 @pytest.fixture
 def xvit_checkpoint(tmp_path):
     """A random-init reference XViT's state dict, saved for --checkpoint."""
-    torch.manual_seed(0)
-    path = tmp_path / "xvit.pt"
-    torch.save(create_reference_xvit().state_dict(), path)
-    return path
+    return random_checkpoint(create_reference_xvit, tmp_path / "xvit.pt")
 
 
 def test_the_bundled_xvit_classifies_the_test_clips(capsys):
