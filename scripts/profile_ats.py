@@ -1,6 +1,7 @@
 """Where a patched model's time goes, and how close it is to the best that running fewer tokens allows.
 
     python scripts/profile_ats.py --model deit_small_patch16_224 --rho 0.7 --batch-size 64
+    python scripts/profile_ats.py --model reference --rho 1.0 --fuse --distinct 0.95 --batch-size 64
 
 1. A torch.profiler trace of the patched forward. Every op's self CPU time goes to the ATS region
    it runs in (``ats.profiling.REGIONS``: scoring and sampling, fusing, packing and unpacking), else
@@ -102,6 +103,9 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--model", default="deit_small_patch16_224",
                         help="a timm model name (random init), or 'reference' for the bundled model")
     parser.add_argument("--rho", type=float, default=0.7, help="multi-stage rho, blocks 3 to the last")
+    parser.add_argument("--fuse", action="store_true", help="fold each dropped token into its most similar kept one")
+    parser.add_argument("--distinct", type=float, default=0.0, metavar="COS",
+                        help="also keep dropped tokens less similar than COS to every kept one (with --fuse)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -116,7 +120,7 @@ def main(argv: Optional[list] = None) -> int:
     else:
         images = torch.randn(args.batch_size, model.patch_embed.proj.in_channels, *model.patch_embed.img_size,
                              generator=torch.Generator().manual_seed(0))
-    config = ats.ATSConfig.multi_stage(args.rho, depth=len(model.blocks))
+    config = ats.ATSConfig.multi_stage(args.rho, depth=len(model.blocks), fuse=args.fuse, distinct=args.distinct)
     print(f"{args.model}, {config.describe()}, batch {args.batch_size}, {torch.get_num_threads()} threads\n")
 
     with torch.inference_mode():

@@ -1,7 +1,7 @@
 import torch
 
 import ats
-from ats.merging import bipartite_soft_matching, cosine_similarity, fold, keep_distinct, nearest_kept
+from ats.merging import bipartite_soft_matching, fold, gather_tokens, keep_distinct, nearest_kept, positions_of
 from ats.packing import TokenBatch
 
 
@@ -54,14 +54,14 @@ def test_fold_averages_groups_by_size():
     target = torch.tensor([[1, 1, 2]])
     folded, new_sizes = fold(x, sizes, target)
     assert folded[0, 1, 0] == (1 * 1 + 3 * 3) / 4 and folded[0, 2, 0] == 10
-    assert new_sizes[0, 1:].tolist() == [4.0, 2.0]
+    assert new_sizes[0].tolist() == [0.0, 4.0, 2.0]  # position 0 moved away
 
 
 def test_nearest_kept_sends_dropped_tokens_to_their_closest_kept_token():
     metric = torch.tensor([[[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]])
     keep = torch.tensor([[True, False, True, False]])
     movable = torch.ones(1, 4, dtype=torch.bool)
-    assert nearest_kept(cosine_similarity(metric), keep, movable).tolist() == [[0, 0, 2, 2]]
+    assert nearest_kept(metric, keep, movable).tolist() == [[0, 0, 2, 2]]
 
 
 def test_keep_distinct_keeps_one_token_of_each_unrepresented_group():
@@ -70,12 +70,31 @@ def test_keep_distinct_keeps_one_token_of_each_unrepresented_group():
     keep = torch.tensor([[True, False, False, False, False, False]])
     movable = torch.tensor([[True, True, True, True, True, False]])
     scores = torch.tensor([[0.5, 0.1, 0.1, 0.2, 0.1, 0.0]])
-    similarity = cosine_similarity(metric)
-    kept = keep_distinct(similarity, keep, movable, scores, threshold=0.9)
+    kept = keep_distinct(metric, keep, movable, scores, threshold=0.9)
     assert kept.tolist() == [[True, False, False, True, False, False]]
-    assert nearest_kept(similarity, kept, movable).tolist() == [[0, 0, 3, 3, 3, 5]]
-    assert keep_distinct(similarity, keep, movable, scores, threshold=1.0)[0, :5].all()
-    assert torch.equal(keep_distinct(similarity, keep, movable, scores, threshold=0.0), keep)
+    assert nearest_kept(metric, kept, movable).tolist() == [[0, 0, 3, 3, 3, 5]]
+    assert keep_distinct(metric, keep, movable, scores, threshold=1.0)[0, :5].all()
+    assert torch.equal(keep_distinct(metric, keep, movable, scores, threshold=0.0), keep)
+
+
+def test_positions_of_a_mask_in_order_and_the_tokens_there():
+    x = torch.arange(12.0).reshape(2, 3, 2)
+    mask = torch.tensor([[False, True, True], [True, False, False]])
+    index, valid = positions_of(mask)
+    assert index.tolist() == [[1, 2], [0, 1]] and valid.tolist() == [[True, True], [True, False]]
+    assert torch.equal(gather_tokens(x, index), x.gather(1, index[..., None].expand(-1, -1, 2)))
+    assert positions_of(torch.zeros(2, 3, dtype=torch.bool))[0].shape == (2, 0)
+
+
+def test_distinct_ties_go_to_the_later_position_and_images_keeping_nothing_keep_one_of_a_group():
+    metric = torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0]]).expand(2, 3, 2)
+    keep = torch.tensor([[False, False, True], [False, False, False]])
+    scores = torch.tensor([[0.3, 0.3, 0.1], [0.2, 0.1, 0.1]])
+    movable = torch.ones(2, 3, dtype=torch.bool)
+    kept = keep_distinct(metric, keep, movable, scores, threshold=0.9)
+    assert kept.tolist() == [[False, True, True], [True, False, True]]
+    assert nearest_kept(metric, kept, movable).tolist() == [[1, 1, 2], [0, 0, 2]]
+    assert nearest_kept(metric, keep, movable)[1].tolist() == [0, 1, 2]  # nothing kept: nothing moves
 
 
 def test_bipartite_matching_merges_r_tokens_of_set_a_into_set_b():

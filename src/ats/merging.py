@@ -28,19 +28,42 @@ def _self_target(keep: torch.Tensor) -> torch.Tensor:
     return torch.arange(keep.shape[1], device=keep.device).expand_as(keep).clone()
 
 
-def nearest_kept(similarity: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor) -> torch.Tensor:
+def positions_of(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions where mask [B, n], in order, padded to the largest count c -> (index [B, c], valid [B, c]).
+    Padding entries are other positions, all distinct, so scattering ``index`` back touches each position once."""
+    count = mask.sum(dim=1)
+    width = int(count.max()) if mask.numel() else 0
+    index = (~mask).to(torch.uint8).argsort(dim=1, stable=True)[:, :width]
+    return index, torch.arange(width, device=mask.device) < count[:, None]
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, n, d] at positions index [B, c] -> [B, c, d] (one index_select, much faster than gather on CPU)."""
+    batch, n, d = x.shape
+    offsets = torch.arange(batch, device=x.device)[:, None] * n
+    return x.reshape(batch * n, d).index_select(0, (index + offsets).flatten()).view(*index.shape, d)
+
+
+def nearest_kept(metric: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor) -> torch.Tensor:
     """Send each movable, unkept position to its most similar kept movable position -> target [B, n].
 
-    similarity: [B, n, n] (``cosine_similarity``); keep, movable: [B, n] bool. Images with no kept
-    movable token move nothing.
+    metric: [B, n, d]; keep, movable: [B, n] bool. Images with no kept movable token move nothing.
+    Only dropped rows and kept columns are compared: [B, dropped, kept] work, not [B, n, n].
     """
-    similarity = similarity.masked_fill(~(keep & movable)[:, None, :], float("-inf"))
-    nearest = similarity.argmax(dim=-1)
-    moves = movable & ~keep & (keep & movable).any(dim=1, keepdim=True)
-    return torch.where(moves, nearest, _self_target(keep))
+    kept, dropped = keep & movable, movable & ~keep
+    target = _self_target(keep)
+    kept_index, kept_valid = positions_of(kept)
+    dropped_index, dropped_valid = positions_of(dropped)
+    if kept_index.shape[1] == 0 or dropped_index.shape[1] == 0:
+        return target
+    unit = F.normalize(metric.float(), dim=-1)
+    similarity = gather_tokens(unit, dropped_index) @ gather_tokens(unit, kept_index).transpose(1, 2)
+    nearest = kept_index.gather(1, similarity.masked_fill_(~kept_valid[:, None, :], float("-inf")).argmax(dim=-1))
+    moves = dropped_valid & kept.any(dim=1, keepdim=True)
+    return target.scatter(1, dropped_index, torch.where(moves, nearest, dropped_index))
 
 
-def keep_distinct(similarity: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor, scores: torch.Tensor,
+def keep_distinct(metric: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor, scores: torch.Tensor,
                   threshold: float) -> torch.Tensor:
     """Also keep the dropped movable tokens that no kept token resembles -> keep [B, n] bool.
 
@@ -48,14 +71,24 @@ def keep_distinct(similarity: torch.Tensor, keep: torch.Tensor, movable: torch.T
     ``threshold``. A distinct token stays unless a higher-scoring distinct token (ties: the later
     position) is at least ``threshold`` similar to it: one parallel round, so of a group of alike
     distinct tokens the best stays and the others can fold into it.
-    similarity: [B, n, n] (``cosine_similarity``); keep, movable: [B, n] bool; scores: [B, n].
+    metric: [B, n, d]; keep, movable: [B, n] bool; scores: [B, n].
     """
-    alike = similarity >= threshold
-    distinct = movable & ~keep & ~(alike & (keep & movable)[:, None, :]).any(dim=-1)
-    rank = scores.argsort(dim=1, stable=True).argsort(dim=1)
-    outranks = rank[:, None, :] > rank[:, :, None]  # [b, i, j]: token j ranks above token i
-    suppressed = (alike & outranks & distinct[:, None, :]).any(dim=-1)
-    return keep | (distinct & ~suppressed)
+    unit = F.normalize(metric.float(), dim=-1)
+    kept_index, kept_valid = positions_of(keep & movable)
+    dropped_index, dropped_valid = positions_of(movable & ~keep)
+    distinct = dropped_valid
+    if kept_index.shape[1]:
+        similarity = gather_tokens(unit, dropped_index) @ gather_tokens(unit, kept_index).transpose(1, 2)
+        distinct = distinct & (similarity.masked_fill_(~kept_valid[:, None, :], float("-inf")).amax(dim=-1) < threshold)
+    distinct = torch.zeros_like(keep).scatter(1, dropped_index, distinct)
+    # the distinct tokens by rank, best first (ties: the later position first), padded to the largest count
+    order = scores.float().masked_fill(~distinct, float("-inf")).argsort(dim=1, stable=True).flip(1)
+    order = order[:, :int(distinct.sum(dim=1).max())]
+    valid = distinct.gather(1, order)
+    ranked = gather_tokens(unit, order)
+    outranked = torch.ones(order.shape[1], order.shape[1], dtype=torch.bool, device=keep.device).tril(-1)
+    suppressed = ((ranked @ ranked.transpose(1, 2) >= threshold) & outranked & valid[:, None, :]).any(dim=-1)
+    return keep.scatter(1, order, keep.gather(1, order) | (valid & ~suppressed))
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, movable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,10 +117,11 @@ def fold(x: torch.Tensor, sizes: torch.Tensor, target: torch.Tensor) -> tuple[to
     """Size-weighted average of the tokens sharing a target -> (x [B, n, C], sizes [B, n]).
 
     x: [B, n, C]; sizes: [B, n]; target: [B, n]. Every target holds the average of its group and the
-    group's total size; positions that moved away keep their old values (the caller drops them).
+    group's total size; positions that moved away hold zeros of size 0 (the caller drops them).
     """
-    weighted = torch.zeros_like(x).scatter_add_(1, target[..., None].expand_as(x), x * sizes[..., None])
-    total = torch.zeros_like(sizes).scatter_add_(1, target, sizes)
-    stays = target == torch.arange(x.shape[1], device=x.device)
-    folded = torch.where(stays[..., None], weighted / total.clamp_min(1e-12)[..., None], x)
-    return folded, torch.where(stays, total, sizes)
+    batch, n, channels = x.shape
+    flat = (target + torch.arange(batch, device=x.device)[:, None] * n).flatten()
+    weighted = torch.zeros_like(x).view(batch * n, channels).index_add_(
+        0, flat, (x * sizes[..., None]).reshape(batch * n, channels)).view_as(x)
+    total = torch.zeros_like(sizes).view(-1).index_add_(0, flat, sizes.reshape(-1)).view_as(sizes)
+    return weighted / total.clamp_min(1e-12)[..., None], total

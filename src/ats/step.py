@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import ATSConfig, EViTConfig, MergeConfig, PatchConfig, TokenBudget
 from .evit import FUSED_SOURCE, attentive_tokens, fuse_inattentive
-from .merging import bipartite_soft_matching, cosine_similarity, fold, keep_distinct, nearest_kept
+from .merging import bipartite_soft_matching, fold, keep_distinct, nearest_kept
 from .packing import TokenBatch
 from .profiling import region
 from .sampling import (
@@ -258,11 +258,11 @@ def ats_block(parts: BlockParts, batch: TokenBatch, budget: TokenBudget, config:
         choice = choose_tokens(batch, qkv, q, k, parts.scale, budget, config, prefix, has_cls, parts.training)
     if config.fuse or config.distinct:
         with region("ats.fuse"):
-            similarity = cosine_similarity(k.mean(dim=1))
+            metric = k.mean(dim=1)
             if config.distinct:
-                choice.keep = keep_distinct(similarity, choice.keep, choice.patches, choice.scores, config.distinct)
+                choice.keep = keep_distinct(metric, choice.keep, choice.patches, choice.scores, config.distinct)
             if config.fuse:
-                batch = _fold(batch, nearest_kept(similarity, choice.keep, choice.patches))
+                batch = _fold(batch, nearest_kept(metric, choice.keep, choice.patches))
     prefix_tokens = batch.position_mask & ~choice.patches
     kept, rows_from = batch.select(choice.keep | prefix_tokens)
     if choice.cls_live is not None:
