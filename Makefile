@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml requirements-ci.txt
 
 eval: $(STAMP)
 	$(VENV)/bin/ats eval
+	$(VENV)/bin/ats eval --model reference-cluttered --limit 2000
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts

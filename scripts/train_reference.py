@@ -23,15 +23,20 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Tuple
 
+import numpy
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
 from timm.layers import resample_abs_pos_embed
 from tqdm import tqdm
 
 from ats.checkpoints import save_atomic
+from ats.cluttered import cluttered_test, render_canvas
 from ats.datasets import bundled_test_set, clip_spec, fashion_mnist_train, normalise
 from ats.moving_garments import TEST_SEED, ClipSpec, render_clip, split_labels
 from ats.reference import (
+    create_reference_cluttered,
     create_reference_cvt,
     create_reference_model,
     create_reference_psvit,
@@ -39,15 +44,22 @@ from ats.reference import (
     create_reference_xvit,
 )
 
-ARCHITECTURES = ("vit", "cvt", "psvit", "video", "xvit")
+ARCHITECTURES = ("vit", "cluttered", "cvt", "psvit", "video", "xvit")
 VIDEO_ARCHITECTURES = ("video", "xvit")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=ARCHITECTURES, default="vit",
-                        help="the reference ViT, CvT, PS-ViT, TimeSformer (video) or XViT")
-    parser.add_argument("--img-size", type=int, default=28, help="training resolution (14 or 28; images only)")
+                        help="the reference ViT, the ViT on cluttered canvases, CvT, PS-ViT, TimeSformer (video) or "
+                             "XViT")
+    parser.add_argument("--img-size", type=int, default=28,
+                        help="training resolution (images: 14 or 28; cluttered canvases: 28 or 56)")
+    parser.add_argument("--heads", type=int, help="attention heads of the ViTs (default: the model's own, 3 or 6)")
+    parser.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the ViTs")
+    parser.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (timm's Mixup; 0: off)")
+    parser.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (timm's Mixup; 0: off)")
+    parser.add_argument("--erase", type=float, default=0.0, help="random erasing probability (timm's; 0: off)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -109,6 +121,37 @@ class ImageData:
         return zip(self.test_images.split(500), self.test_labels.split(500))
 
 
+class CanvasData:
+    """Cluttered Fashion-MNIST canvases (``ats.cluttered``) at ``size``: training canvases of Fashion-MNIST's
+    training images rendered per batch with the epoch as seed (fresh positions and clutter) and flipped at
+    random; the test canvases of the bundled test images, rendered once."""
+
+    def __init__(self, size: int, limit: Optional[int], test_limit: Optional[int]) -> None:
+        train, test = fashion_mnist_train(), cluttered_test()
+        self.size, self.images, self.labels = size, train.images[:limit], train.labels[:limit]
+        count = min(test_limit or len(test), len(test))
+        canvases = torch.stack([test[index][0] for index in range(count)])
+        self.test_images, self.test_labels = self.resized(canvases), test.labels[:count]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def resized(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised canvases [N, 1, 56, 56] -> [N, 1, size, size]."""
+        if images.shape[-1] == self.size:
+            return images
+        return F.interpolate(images, size=(self.size, self.size), mode="bilinear", antialias=True)
+
+    def batch(self, index: torch.Tensor, epoch: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+        canvases = torch.stack([render_canvas(self.images, self.labels, int(i), seed=epoch)[0] for i in index])
+        images = self.resized(normalise(canvases[:, None]))
+        flip = torch.rand(len(images), generator=generator) < 0.5
+        return torch.where(flip[:, None, None, None], images.flip(-1), images), self.labels[index]
+
+    def test_batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        return zip(self.test_images.split(500), self.test_labels.split(500))
+
+
 class ClipData:
     """Moving-garment clips of Fashion-MNIST's training images, rendered per batch with the epoch as seed; the
     test clips of the bundled test images."""
@@ -138,7 +181,10 @@ class ClipData:
             yield self.clips(self.test_images, self.test_labels, indices, TEST_SEED)
 
 
-def create(arch: str, img_size: int) -> torch.nn.Module:
+def create(arch: str, img_size: int, heads: Optional[int], drop_path: float) -> torch.nn.Module:
+    vit_options = dict(drop_path_rate=drop_path, **(dict(num_heads=heads) if heads else {}))
+    if arch == "cluttered":
+        return create_reference_cluttered(img_size=img_size, **vit_options)
     if arch == "cvt":
         return create_reference_cvt()
     if arch == "video":
@@ -147,7 +193,11 @@ def create(arch: str, img_size: int) -> torch.nn.Module:
         return create_reference_xvit()
     if arch == "psvit":
         return create_reference_psvit(img_size=img_size, num_points=img_size // 2)
-    return create_reference_model(img_size=img_size)
+    return create_reference_model(img_size=img_size, **vit_options)
+
+
+def model_classes(model: torch.nn.Module) -> int:
+    return model.num_classes if hasattr(model, "num_classes") else model.config.num_labels
 
 
 def logits_of(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -188,11 +238,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
+    numpy.random.seed(args.seed)
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
-    model = create(args.arch, args.img_size)
+    model = create(args.arch, args.img_size, args.heads, args.drop_path)
     if args.arch in VIDEO_ARCHITECTURES:
         data = ClipData(clip_spec(model), args.limit, args.test_limit)
+    elif args.arch == "cluttered":
+        data = CanvasData(args.img_size, args.limit, args.test_limit)
     else:
         data = ImageData(args.img_size, args.limit, args.test_limit)
     if args.init:
@@ -208,6 +261,9 @@ def main() -> None:
         return (args.min_lr + (args.lr - args.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))) / args.lr
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.label_smoothing,
+                  num_classes=model_classes(model)) if args.mixup or args.cutmix else None
+    erase = RandomErasing(args.erase, mode="pixel", device="cpu") if args.erase else None
     generator = torch.Generator().manual_seed(args.seed)
     last = args.out_dir / "last.pt"
     position = dict(epoch=0, step=0, order=None, losses=[], seconds=0.0)
@@ -237,9 +293,16 @@ def main() -> None:
                          initial=position["step"], total=steps_per_epoch):
             index = order[step * args.batch_size:(step + 1) * args.batch_size]
             inputs, labels = data.batch(index, epoch, generator)
+            if erase is not None:
+                inputs = erase(inputs)
+            targets = labels
+            if mixup is not None:
+                even = len(labels) // 2 * 2  # mixup pairs the batch with its reverse
+                inputs, targets = mixup(inputs[:even], labels[:even])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
                 logits = logits_of(model, inputs)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
+            loss = F.cross_entropy(logits.float(), targets,
+                                   label_smoothing=0.0 if mixup is not None else args.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

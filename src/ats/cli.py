@@ -9,7 +9,7 @@ from typing import List, Optional
 from . import __version__
 
 #: Tool modules under ``ats``; each defines ``add_parser(subparsers)``, which sets ``func(args) -> int``.
-COMMANDS: tuple = ("evaluate", "bench", "visualize", "train", "compare", "calibration")
+COMMANDS: tuple = ("evaluate", "bench", "visualize", "train", "compare", "calibration", "retention")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,8 @@ from .config import (
 REFERENCE = "reference"
 #: The models trained here on Fashion-MNIST, by --model name; they load their bundled weights and run on the
 #: bundled test set.
-REFERENCE_MODELS = (REFERENCE, "reference-cvt", "reference-psvit", "reference-video", "reference-xvit")
+REFERENCE_MODELS = (REFERENCE, "reference-cluttered", "reference-cvt", "reference-psvit", "reference-video",
+                    "reference-xvit")
 #: ``--model hf:DIR`` names a transformers model saved with save_pretrained (or, with --pretrained, a hub name).
 HF_PREFIX = "hf:"
 
@@ -36,7 +37,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default=REFERENCE,
                        help="a timm model name (e.g. deit_small_patch16_224); hf:DIR, a Hugging Face ViT, DeiT, "
                             "DINOv2, CvT or TimeSformer saved with save_pretrained; 'reference' for the bundled "
-                            "Fashion-MNIST ViT (default), 'reference-cvt' or 'reference-psvit' for the bundled CvT or "
+                            "Fashion-MNIST ViT (default), 'reference-cluttered' for the ViT on cluttered Fashion-MNIST "
+                            "(models/ in the repository), 'reference-cvt' or 'reference-psvit' for the bundled CvT or "
                             "PS-ViT, 'reference-video' or 'reference-xvit' for the TimeSformer or XViT on "
                             "moving-garment clips")
     group.add_argument("--pretrained", action="store_true",
@@ -51,6 +53,7 @@ def load_model(args: argparse.Namespace) -> nn.Module:
     """The model the flags name, in eval mode on ``args.device``."""
     from .checkpoints import load_weights
     from .reference import (
+        load_reference_cluttered,
         load_reference_cvt,
         load_reference_model,
         load_reference_psvit,
@@ -67,8 +70,8 @@ def load_model(args: argparse.Namespace) -> nn.Module:
         if args.pretrained:
             raise ValueError("--pretrained needs a timm model name (--model deit_small_patch16_224); the "
                              "reference models always load their bundled weights")
-        loaders = dict(zip(REFERENCE_MODELS, (load_reference_model, load_reference_cvt, load_reference_psvit,
-                                              load_reference_video, load_reference_xvit)))
+        loaders = dict(zip(REFERENCE_MODELS, (load_reference_model, load_reference_cluttered, load_reference_cvt,
+                                              load_reference_psvit, load_reference_video, load_reference_xvit)))
         model = loaders[args.model](args.checkpoint)
     else:
         if args.model not in timm.list_models():

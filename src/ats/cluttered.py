@@ -11,7 +11,9 @@ uniform in [``min_scale``, ``max_scale``] (bilinear with antialiasing), at a uni
 fully inside the canvas. ``clutter`` fragments, random ``clutter_size`` x ``clutter_size`` crops of other
 images of the same split (never the target), lie at uniformly random positions; garment and clutter
 combine by the pixel-wise maximum. The label is the target's class (``FASHION_MNIST_CLASSES``), and
-``target_box`` says where the target is, e.g. to measure where a model looks.
+``target_box`` says where the target is, e.g. to measure where a model looks. The default clutter, 4
+fragments of 8 x 8 pixels, is modelled on the 60 x 60 cluttered MNIST of the recurrent attention model
+(Mnih et al., 2014), whose clutter is 8 x 8 pieces of other digits.
 
 Seeds: image ``index`` of a data set with ``seed`` is drawn from its own ``torch.Generator`` seeded from
 (seed, index) alone, so it is the same whatever else is generated and in whatever order (DataLoader
@@ -46,8 +48,8 @@ class CanvasSpec:
     """The canvas size, the range of the garment's scale factor, and the clutter (fragments and their size)."""
 
     size: int = 56
-    clutter: int = 8
-    clutter_size: int = 9
+    clutter: int = 4
+    clutter_size: int = 8
     min_scale: float = 1.0
     max_scale: float = 1.0
 
@@ -137,9 +139,9 @@ def cluttered_test(spec: CanvasSpec = DEFAULT_CANVAS_SPEC) -> ClutteredFashionMN
     return ClutteredFashionMNIST(test_set.images, test_set.labels, spec, TEST_SEED)
 
 
-def cluttered_train(root: Optional[Path] = None, spec: CanvasSpec = DEFAULT_CANVAS_SPEC,
-                    seed: int = 0) -> ClutteredFashionMNIST:
+def cluttered_train(root: Optional[Path] = None, spec: CanvasSpec = DEFAULT_CANVAS_SPEC, seed: int = 0,
+                    transform: Optional[Callable] = None) -> ClutteredFashionMNIST:
     """The training split: 60,000 canvases of Fashion-MNIST's training images (Debian's by default, or those
     under ``root``). Pass a different ``seed`` per epoch (e.g. ``seed=epoch``) for fresh positions and clutter."""
     train_set = fashion_mnist_train(root)
-    return ClutteredFashionMNIST(train_set.images, train_set.labels, spec, seed)
+    return ClutteredFashionMNIST(train_set.images, train_set.labels, spec, seed, transform)

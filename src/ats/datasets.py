@@ -204,14 +204,27 @@ def _grayscale_loader(path: str):
         return image.convert("L")
 
 
+def takes_canvases(model: torch.nn.Module) -> bool:
+    """Whether ``model`` declares cluttered Fashion-MNIST as its data (the reference model trained on it)."""
+    from .reference import CLUTTERED_TEST_SET
+
+    return (getattr(model, "pretrained_cfg", None) or {}).get("test_set") == CLUTTERED_TEST_SET
+
+
 def training_set(data: Optional[Path], model: torch.nn.Module) -> Dataset:
     """What ``ats train`` trains on, with augmentation: Fashion-MNIST's training images (Debian's by
     default, or a folder holding ``train-images-idx3-ubyte.gz`` and its labels), or an ImageFolder; for a
-    video model, moving-garment clips of those Fashion-MNIST images, or a folder of video files."""
+    video model, moving-garment clips of those Fashion-MNIST images, or a folder of video files; for the
+    cluttered reference model, cluttered canvases of those Fashion-MNIST images, flipped at random."""
+    from torchvision.transforms import v2
+
+    from .cluttered import cluttered_train
     from .moving_garments import moving_garments_train
     from .patch import takes_clips
     from .video_files import video_folder
 
+    if takes_canvases(model) and (data is None or (Path(data) / "train-images-idx3-ubyte.gz").is_file()):
+        return cluttered_train(data, transform=v2.RandomHorizontalFlip())
     if takes_clips(model):
         if data is None or (Path(data) / "train-images-idx3-ubyte.gz").is_file():
             return moving_garments_train(data, clip_spec(model))
@@ -234,15 +247,18 @@ def clip_spec(model: torch.nn.Module) -> "ClipSpec":
 
 def build_dataset(data: Optional[str], model: torch.nn.Module, limit: Optional[int] = None) -> Dataset:
     """The bundled Fashion-MNIST test set (``data`` None; for a video model the moving-garment test clips at its
-    frames and size) or an ImageFolder at ``data`` (for a video model a folder of video files,
-    ``ats.video_files``); first ``limit`` images or clips."""
+    frames and size, for the cluttered reference model the cluttered test canvases) or an ImageFolder at
+    ``data`` (for a video model a folder of video files, ``ats.video_files``); first ``limit`` images or clips."""
+    from .cluttered import cluttered_test
     from .moving_garments import moving_garments_test
     from .patch import takes_clips
     from .video_files import video_folder
 
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
-    if data is None:
+    if data is None and takes_canvases(model):
+        dataset = cluttered_test()
+    elif data is None:
         dataset = moving_garments_test(clip_spec(model)) if takes_clips(model) else bundled_test_set()
     elif takes_clips(model):
         dataset = video_folder(Path(data), model)
