@@ -18,6 +18,14 @@ def cluttered_checkpoint(tmp_path):
     return random_checkpoint(create_reference_cluttered, tmp_path / "cluttered.pt")
 
 
+def test_the_trained_cluttered_model_classifies_the_test_canvases(capsys):
+    """Chance is 10%; the model in models/ scores far above it with and without ATS."""
+    assert main(["eval", "--model", "reference-cluttered", "--limit", "64", "--batch-size", "32", "--single-stage",
+                 "108", "--json"]) == 0
+    unpatched, sampled = json.loads(capsys.readouterr().out)
+    assert unpatched["top1"] > 50.0 and sampled["top1"] > 40.0 and sampled["gflops"] < unpatched["gflops"]
+
+
 def test_the_cluttered_model_reads_canvases_and_the_others_do_not(fashion_train):
     model = create_reference_cluttered()
     test_set = build_dataset(None, model, limit=3)
