@@ -44,22 +44,28 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.reshape(batch * n, d).index_select(0, (index + offsets).flatten()).view(*index.shape, d)
 
 
+def dropped_to_kept(unit: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Cosine similarity of the dropped movable tokens (rows) to the kept movable ones (columns, -inf on
+    padding) of unit [B, n, d] (unit vectors) -> (similarity [B, r, c], dropped_index [B, r], dropped_valid
+    [B, r], kept_index [B, c]); only [B, dropped, kept] work, not [B, n, n]."""
+    kept_index, kept_valid = positions_of(keep & movable)
+    dropped_index, dropped_valid = positions_of(movable & ~keep)
+    similarity = gather_tokens(unit, dropped_index) @ gather_tokens(unit, kept_index).transpose(1, 2)
+    return similarity.masked_fill_(~kept_valid[:, None, :], float("-inf")), dropped_index, dropped_valid, kept_index
+
+
 def nearest_kept(metric: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor) -> torch.Tensor:
     """Send each movable, unkept position to its most similar kept movable position -> target [B, n].
 
     metric: [B, n, d]; keep, movable: [B, n] bool. Images with no kept movable token move nothing.
-    Only dropped rows and kept columns are compared: [B, dropped, kept] work, not [B, n, n].
     """
-    kept, dropped = keep & movable, movable & ~keep
     target = _self_target(keep)
-    kept_index, kept_valid = positions_of(kept)
-    dropped_index, dropped_valid = positions_of(dropped)
-    if kept_index.shape[1] == 0 or dropped_index.shape[1] == 0:
+    similarity, dropped_index, dropped_valid, kept_index = dropped_to_kept(F.normalize(metric.float(), dim=-1),
+                                                                          keep, movable)
+    if similarity.numel() == 0:
         return target
-    unit = F.normalize(metric.float(), dim=-1)
-    similarity = gather_tokens(unit, dropped_index) @ gather_tokens(unit, kept_index).transpose(1, 2)
-    nearest = kept_index.gather(1, similarity.masked_fill_(~kept_valid[:, None, :], float("-inf")).argmax(dim=-1))
-    moves = dropped_valid & kept.any(dim=1, keepdim=True)
+    nearest = kept_index.gather(1, similarity.argmax(dim=-1))
+    moves = dropped_valid & (keep & movable).any(dim=1, keepdim=True)
     return target.scatter(1, dropped_index, torch.where(moves, nearest, dropped_index))
 
 
@@ -74,12 +80,9 @@ def keep_distinct(metric: torch.Tensor, keep: torch.Tensor, movable: torch.Tenso
     metric: [B, n, d]; keep, movable: [B, n] bool; scores: [B, n].
     """
     unit = F.normalize(metric.float(), dim=-1)
-    kept_index, kept_valid = positions_of(keep & movable)
-    dropped_index, dropped_valid = positions_of(movable & ~keep)
-    distinct = dropped_valid
+    similarity, dropped_index, distinct, kept_index = dropped_to_kept(unit, keep, movable)
     if kept_index.shape[1]:
-        similarity = gather_tokens(unit, dropped_index) @ gather_tokens(unit, kept_index).transpose(1, 2)
-        distinct = distinct & (similarity.masked_fill_(~kept_valid[:, None, :], float("-inf")).amax(dim=-1) < threshold)
+        distinct = distinct & (similarity.amax(dim=-1) < threshold)
     distinct = torch.zeros_like(keep).scatter(1, dropped_index, distinct)
     # the distinct tokens by rank, best first (ties: the later position first), padded to the largest count
     order = scores.float().masked_fill(~distinct, float("-inf")).argsort(dim=1, stable=True).flip(1)
