@@ -82,7 +82,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def resized(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [N, 28, 28] -> normalised float [N, 1, size, size]."""
+    """uint8 [N, S, S] (images or canvases) -> normalised float [N, 1, size, size]."""
     images = normalise(images)[:, None]
     if size != images.shape[-1]:
         images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
@@ -130,21 +130,16 @@ class CanvasData:
         train, test = fashion_mnist_train(), cluttered_test()
         self.size, self.images, self.labels = size, train.images[:limit], train.labels[:limit]
         count = min(test_limit or len(test), len(test))
-        canvases = torch.stack([test[index][0] for index in range(count)])
-        self.test_images, self.test_labels = self.resized(canvases), test.labels[:count]
+        canvases = torch.stack([render_canvas(test.images, test.labels, index, test.spec, test.seed)[0]
+                                for index in range(count)])
+        self.test_images, self.test_labels = resized(canvases, size), test.labels[:count]
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def resized(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised canvases [N, 1, 56, 56] -> [N, 1, size, size]."""
-        if images.shape[-1] == self.size:
-            return images
-        return F.interpolate(images, size=(self.size, self.size), mode="bilinear", antialias=True)
-
     def batch(self, index: torch.Tensor, epoch: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
         canvases = torch.stack([render_canvas(self.images, self.labels, int(i), seed=epoch)[0] for i in index])
-        images = self.resized(normalise(canvases[:, None]))
+        images = resized(canvases, self.size)
         flip = torch.rand(len(images), generator=generator) < 0.5
         return torch.where(flip[:, None, None, None], images.flip(-1), images), self.labels[index]
 
