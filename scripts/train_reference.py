@@ -56,6 +56,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--img-size", type=int, default=28,
                         help="training resolution (images: 14 or 28; cluttered canvases: 28 or 56)")
     parser.add_argument("--heads", type=int, help="attention heads of the ViTs (default: the model's own, 3 or 6)")
+    parser.add_argument("--conv-stem", action="store_true",
+                        help="--arch cluttered: a convolutional stem instead of the linear patch embedding")
     parser.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the ViTs")
     parser.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (timm's Mixup; 0: off)")
     parser.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (timm's Mixup; 0: off)")
@@ -176,10 +178,12 @@ class ClipData:
             yield self.clips(self.test_images, self.test_labels, indices, TEST_SEED)
 
 
-def create(arch: str, img_size: int, heads: Optional[int], drop_path: float) -> torch.nn.Module:
+def create(arch: str, img_size: int, heads: Optional[int], drop_path: float, conv_stem: bool) -> torch.nn.Module:
     vit_options = dict(drop_path_rate=drop_path, **(dict(num_heads=heads) if heads else {}))
+    if conv_stem and arch != "cluttered":
+        raise SystemExit("--conv-stem is an option of --arch cluttered only")
     if arch == "cluttered":
-        return create_reference_cluttered(img_size=img_size, **vit_options)
+        return create_reference_cluttered(conv_stem, img_size=img_size, **vit_options)
     if arch == "cvt":
         return create_reference_cvt()
     if arch == "video":
@@ -236,7 +240,7 @@ def main() -> None:
     numpy.random.seed(args.seed)
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
-    model = create(args.arch, args.img_size, args.heads, args.drop_path)
+    model = create(args.arch, args.img_size, args.heads, args.drop_path, args.conv_stem)
     if args.arch in VIDEO_ARCHITECTURES:
         data = ClipData(clip_spec(model), args.limit, args.test_limit)
     elif args.arch == "cluttered":

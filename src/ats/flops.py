@@ -85,6 +85,19 @@ def conv_output_grid(conv: nn.Conv2d, grid: Tuple[int, int]) -> Tuple[int, int]:
                  for size, padding, kernel, stride in zip(grid, conv.padding, conv.kernel_size, conv.stride))
 
 
+def stem_flops(stem: nn.Module, grid: Tuple[int, int]) -> Tuple[int, Tuple[int, int]]:
+    """FLOPs of the convolutions of a stem (one patch-embedding convolution, or a sequence of them in module
+    order) on an input of (rows, columns), and the grid it emits; its norms and activations are not counted."""
+    convolutions = [module for module in stem.modules() if isinstance(module, nn.Conv2d)]
+    if not convolutions:
+        raise TypeError(f"cannot count FLOPs of a {type(stem).__name__} patch embedding (expected Conv2d layers)")
+    flops = 0
+    for conv in convolutions:
+        grid = conv_output_grid(conv, grid)
+        flops += conv_flops(conv, grid)
+    return flops, grid
+
+
 def score_flops(shape: ViTShape, n_in: Count, score: str) -> Count:
     """Cost of the significance scores: the class-token row, or every row for self-attention."""
     if score == "cls":

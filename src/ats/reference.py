@@ -18,7 +18,8 @@ from typing import Optional
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .checkpoints import load_weights
+from .checkpoints import load_weights, read_state_dict
+from .models.conv_stem import ConvStemPatchEmbed
 
 REFERENCE_KWARGS = dict(img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_dim=96, depth=12,
                         num_heads=3, mlp_ratio=4.0, class_token=True, global_pool="token")
@@ -29,6 +30,8 @@ REFERENCE_CHECKPOINT = Path(__file__).parent / "assets" / "reference_vit_fmnist.
 #: again 14x14 = 196 patch tokens + 1 class token; 6 heads of 16 channels (DeiT-S's head count), which
 #: spread the early class attention wider than 3 (docs/reference-model.md).
 REFERENCE_CLUTTERED_KWARGS = dict(REFERENCE_KWARGS, img_size=56, patch_size=4, num_heads=6)
+#: A state-dict key only a cluttered reference model with a convolutional stem has.
+CONV_STEM_KEY = "patch_embed.proj.0.weight"
 #: The models too big for the wheel's 15 MB (docs/reference-model.md): the repository's ``models/`` folder.
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 REFERENCE_CLUTTERED_CHECKPOINT = MODELS_DIR / "reference-cluttered.pt"
@@ -68,8 +71,11 @@ def create_reference_model(**overrides) -> VisionTransformer:
     return model
 
 
-def create_reference_cluttered(**overrides) -> VisionTransformer:
-    """The reference ViT for cluttered Fashion-MNIST, randomly initialised; ``overrides`` change timm kwargs."""
+def create_reference_cluttered(conv_stem: bool = False, **overrides) -> VisionTransformer:
+    """The reference ViT for cluttered Fashion-MNIST, randomly initialised; ``conv_stem``: a convolutional stem
+    (``ConvStemPatchEmbed``) instead of the linear 4x4 patch embedding; ``overrides`` change timm kwargs."""
+    if conv_stem:
+        overrides = dict(overrides, embed_layer=ConvStemPatchEmbed)
     model = create_reference_model(**{**REFERENCE_CLUTTERED_KWARGS, **overrides})
     model.pretrained_cfg["test_set"] = CLUTTERED_TEST_SET
     return model
@@ -139,7 +145,9 @@ def load_reference_model(path: Optional[Path] = None) -> VisionTransformer:
 def load_reference_cluttered(path: Optional[Path] = None) -> VisionTransformer:
     """The trained reference ViT for cluttered Fashion-MNIST in eval mode, from ``path`` (default: the
     repository's ``models/reference-cluttered.pt``; it is not in the wheel)."""
-    return _load_trained(create_reference_cluttered(), path, REFERENCE_CLUTTERED_CHECKPOINT,
+    path = Path(path) if path is not None else REFERENCE_CLUTTERED_CHECKPOINT
+    conv_stem = path.is_file() and CONV_STEM_KEY in read_state_dict(path)
+    return _load_trained(create_reference_cluttered(conv_stem), path, REFERENCE_CLUTTERED_CHECKPOINT,
                          "reference cluttered-Fashion-MNIST checkpoint (in the repository, not the wheel)", "cluttered")
 
 

@@ -13,7 +13,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ..flops import ViTShape, block_flops, conv_flops, conv_output_grid, linear_flops
+from ..flops import ViTShape, block_flops, linear_flops, stem_flops
 from ..models.psvit import PSViT
 from ..step import BlockParts
 from .family import Family, PatchedModel, masked_features
@@ -63,11 +63,7 @@ class PSViTFamily(Family):
                          head_dim=block.attn.head_dim, mlp_flops=linear_flops(block.mlp), depth=len(model.blocks),
                          num_patches=model.num_points ** 2, num_prefix_tokens=1, patch_embed_flops=0,
                          head_flops=linear_flops(model.head), grid_size=(model.num_points, model.num_points))
-        stem, grid = 0, (model.img_size, model.img_size)
-        for module in model.stem.modules():
-            if isinstance(module, nn.Conv2d):
-                grid = conv_output_grid(module, grid)
-                stem += conv_flops(module, grid)
+        stem = stem_flops(model.stem, (model.img_size, model.img_size))[0]
         n, sampler = shape.num_patches, model.sampler
         per_point = 4 * model.embed_dim + linear_flops(sampler.pos_embed)
         sampling = len(sampler.blocks) * (n * per_point + block_flops(shape, n, n))

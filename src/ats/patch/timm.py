@@ -14,7 +14,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..flops import ViTShape, conv_flops, linear_flops, patch_grid
+from ..flops import ViTShape, linear_flops, patch_grid, stem_flops
 from ..step import BlockParts
 from .family import Family, PatchedModel, fit_channels, masked_features
 
@@ -90,20 +90,22 @@ class TimmViT(Family):
         patch_embed = model.patch_embed
         grid = tuple(patch_embed.grid_size) if input_size is None else patch_grid(
             patch_embed.img_size, patch_embed.patch_size, input_size)
+        image_size = tuple(patch_embed.img_size) if input_size is None else tuple(input_size[1:])
         block = model.blocks[0]
         heads = [m for m in (getattr(model, "head", None), getattr(model, "head_dist", None))
                  if isinstance(m, nn.Linear)]
         return ViTShape(embed_dim=model.embed_dim, attn_dim=block.attn.qkv.out_features // 3,
                         head_dim=block.attn.head_dim, mlp_flops=linear_flops(block.mlp), depth=len(model.blocks),
                         num_patches=grid[0] * grid[1], num_prefix_tokens=model.num_prefix_tokens,
-                        patch_embed_flops=conv_flops(patch_embed.proj, grid),
+                        patch_embed_flops=stem_flops(patch_embed.proj, image_size)[0],
                         head_flops=sum(linear_flops(head) for head in heads), grid_size=grid)
 
     def has_class_token(self, model: VisionTransformer) -> bool:
         return model.cls_token is not None
 
     def input_size(self, model: VisionTransformer) -> Tuple[int, int, int]:
-        return (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+        first_conv = next(module for module in model.patch_embed.proj.modules() if isinstance(module, nn.Conv2d))
+        return (first_conv.in_channels, *model.patch_embed.img_size)
 
     def data_config(self, model: VisionTransformer) -> dict:
         """timm's data config with the model's real input size and per-channel mean/std.
