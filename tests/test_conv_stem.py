@@ -62,3 +62,12 @@ def test_the_loader_builds_the_stem_a_checkpoint_holds(tmp_path):
         assert torch.allclose(loaded(images), trained.eval()(images))
     torch.save(create_reference_cluttered().state_dict(), tmp_path / "linear.pt")
     assert not isinstance(load_reference_cluttered(tmp_path / "linear.pt").patch_embed, ConvStemPatchEmbed)
+
+
+def test_a_patch_embedding_without_convolutions_is_refused_with_a_clear_error():
+    model = create_reference_cluttered()
+    model.patch_embed.proj = torch.nn.Identity()
+    with pytest.raises(TypeError, match="cannot count FLOPs of a Identity patch embedding"):
+        ats.gflops(model)
+    with pytest.raises(TypeError, match="expected Conv2d layers"):
+        family_of(model).input_size(model)

@@ -21,7 +21,7 @@ softmax and activations are not counted.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -85,14 +85,19 @@ def conv_output_grid(conv: nn.Conv2d, grid: Tuple[int, int]) -> Tuple[int, int]:
                  for size, padding, kernel, stride in zip(grid, conv.padding, conv.kernel_size, conv.stride))
 
 
-def stem_flops(stem: nn.Module, grid: Tuple[int, int]) -> Tuple[int, Tuple[int, int]]:
-    """FLOPs of the convolutions of a stem (one patch-embedding convolution, or a sequence of them in module
-    order) on an input of (rows, columns), and the grid it emits; its norms and activations are not counted."""
+def stem_convolutions(stem: nn.Module) -> List[nn.Conv2d]:
+    """The convolutions of a stem (one patch-embedding convolution, or a sequence of them), in module order."""
     convolutions = [module for module in stem.modules() if isinstance(module, nn.Conv2d)]
     if not convolutions:
         raise TypeError(f"cannot count FLOPs of a {type(stem).__name__} patch embedding (expected Conv2d layers)")
+    return convolutions
+
+
+def stem_flops(stem: nn.Module, grid: Tuple[int, int]) -> Tuple[int, Tuple[int, int]]:
+    """FLOPs of the convolutions of a stem on an input of (rows, columns), and the grid it emits; its norms and
+    activations are not counted."""
     flops = 0
-    for conv in convolutions:
+    for conv in stem_convolutions(stem):
         grid = conv_output_grid(conv, grid)
         flops += conv_flops(conv, grid)
     return flops, grid

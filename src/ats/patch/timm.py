@@ -14,7 +14,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..flops import ViTShape, linear_flops, patch_grid, stem_flops
+from ..flops import ViTShape, linear_flops, patch_grid, stem_convolutions, stem_flops
 from ..step import BlockParts
 from .family import Family, PatchedModel, fit_channels, masked_features
 
@@ -104,8 +104,7 @@ class TimmViT(Family):
         return model.cls_token is not None
 
     def input_size(self, model: VisionTransformer) -> Tuple[int, int, int]:
-        first_conv = next(module for module in model.patch_embed.proj.modules() if isinstance(module, nn.Conv2d))
-        return (first_conv.in_channels, *model.patch_embed.img_size)
+        return (stem_convolutions(model.patch_embed.proj)[0].in_channels, *model.patch_embed.img_size)
 
     def data_config(self, model: VisionTransformer) -> dict:
         """timm's data config with the model's real input size and per-channel mean/std.
