@@ -10,6 +10,8 @@ def test_multi_stage_schedule():
     assert list(config.budgets) == list(range(3, 12))
     samples = config.budgets[5].samples(torch.tensor([197, 100, 10]), config.min_tokens)
     assert samples.tolist() == [137, 70, 8]
+    assert [config.budgets[5].samples(n, config.min_tokens) for n in (197, 100, 10)] == [137, 70, 8]  # one int for all
+    assert TokenBudget(k=108).samples(197, 8) == 108
     assert config.describe() == "rho=0.7 @ blocks 3..11"
 
 

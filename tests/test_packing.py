@@ -1,7 +1,15 @@
 import torch
 
 import ats
-from ats.merging import bipartite_soft_matching, fold, gather_tokens, keep_distinct, nearest_kept, positions_of
+from ats.merging import (
+    bipartite_soft_matching,
+    fold,
+    gather_tokens,
+    keep_distinct,
+    nearest_kept,
+    positions_of,
+    unit_vectors,
+)
 from ats.packing import TokenBatch
 
 
@@ -33,6 +41,18 @@ def test_little_padding_keeps_the_padded_layout():
     assert packed.row_index is not None and packed.rows.shape[0] == 30
 
 
+def test_common_live_tokens_only_while_every_image_has_as_many():
+    batch = TokenBatch.from_dense(torch.randn(3, 5, 2))
+    assert batch.common_live_tokens == 5 and batch.patch_positions(1).tolist() == [[False] + [True] * 4] * 3
+    uneven, _ = batch.select(torch.tensor([[True] * 5, [True, True, False, True, False], [True] * 5]))
+    assert uneven.common_live_tokens is None and uneven.live_tokens.tolist() == [5, 3, 5]
+    assert uneven.patch_positions(1).tolist()[1] == [False, True, True, False, False]
+    even, _ = batch.select(torch.tensor([[True, False, True, True, True]] * 3))
+    assert even.common_live_tokens == 4
+    even.cls_live = torch.tensor([True, False, True])
+    assert even.common_live_tokens is None
+
+
 def test_padded_packing_keeps_every_position():
     x = torch.randn(2, 4, 2)
     keep = torch.tensor([[True, True, True, True], [True, False, False, True]])
@@ -49,32 +69,45 @@ def test_sizes_become_a_log_bias_on_the_keys():
 
 
 def test_fold_averages_groups_by_size():
-    x = torch.tensor([[[1.0], [3.0], [10.0]]])
-    sizes = torch.tensor([[1.0, 3.0, 2.0]])
-    target = torch.tensor([[1, 1, 2]])
+    x = torch.tensor([[1.0], [3.0], [10.0]])
+    sizes = torch.tensor([1.0, 3.0, 2.0])
+    target = torch.tensor([1, 1, 2])
     folded, new_sizes = fold(x, sizes, target)
-    assert folded[0, 1, 0] == (1 * 1 + 3 * 3) / 4 and folded[0, 2, 0] == 10
-    assert new_sizes[0].tolist() == [0.0, 4.0, 2.0]  # position 0 moved away
+    assert folded[1, 0] == (1 * 1 + 3 * 3) / 4 and folded[2, 0] == 10
+    assert new_sizes.tolist() == [0.0, 4.0, 2.0]  # token 0 moved away
+
+
+def test_rows_at_maps_each_rows_target_position_to_its_row():
+    x = torch.arange(8.0).reshape(2, 4, 1)
+    keep = torch.tensor([[True, False, True, True], [False, True, True, False]])
+    for keep_padding in (False, True):
+        packed, _ = TokenBatch.from_dense(x, keep_padding=keep_padding).select(keep)
+        # packed: image 0 holds tokens 0, 2, 3 and image 1 tokens 5, 6; image 0 sends positions 0 and 1 to
+        # position 2 (token 3) and 2 to 0 (token 0); image 1 sends both its positions to 1 (token 6)
+        target = torch.tensor([[2, 2, 0], [1, 1, 2]])
+        moved = packed.pad(packed.rows.index_select(0, packed.rows_at(target)))[:, :, 0]
+        valid = packed.position_mask
+        assert moved[valid].tolist() == [3.0, 3.0, 0.0, 6.0, 6.0]
 
 
 def test_nearest_kept_sends_dropped_tokens_to_their_closest_kept_token():
-    metric = torch.tensor([[[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]])
+    unit = unit_vectors(torch.tensor([[[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]]))
     keep = torch.tensor([[True, False, True, False]])
     movable = torch.ones(1, 4, dtype=torch.bool)
-    assert nearest_kept(metric, keep, movable).tolist() == [[0, 0, 2, 2]]
+    assert nearest_kept(unit, keep, movable).tolist() == [[0, 0, 2, 2]]
 
 
 def test_keep_distinct_keeps_one_token_of_each_unrepresented_group():
     # 1 resembles kept 0; 2, 3 and 4 resemble each other but not 0, and 3 scores highest among them
-    metric = torch.tensor([[[1.0, 0.0], [0.95, 0.05], [0.1, 1.0], [0.0, 1.0], [0.05, 1.0], [0.7, 0.7]]])
+    unit = unit_vectors(torch.tensor([[[1.0, 0.0], [0.95, 0.05], [0.1, 1.0], [0.0, 1.0], [0.05, 1.0], [0.7, 0.7]]]))
     keep = torch.tensor([[True, False, False, False, False, False]])
     movable = torch.tensor([[True, True, True, True, True, False]])
     scores = torch.tensor([[0.5, 0.1, 0.1, 0.2, 0.1, 0.0]])
-    kept = keep_distinct(metric, keep, movable, scores, threshold=0.9)
+    kept = keep_distinct(unit, keep, movable, scores, threshold=0.9)
     assert kept.tolist() == [[True, False, False, True, False, False]]
-    assert nearest_kept(metric, kept, movable).tolist() == [[0, 0, 3, 3, 3, 5]]
-    assert keep_distinct(metric, keep, movable, scores, threshold=1.0)[0, :5].all()
-    assert torch.equal(keep_distinct(metric, keep, movable, scores, threshold=0.0), keep)
+    assert nearest_kept(unit, kept, movable).tolist() == [[0, 0, 3, 3, 3, 5]]
+    assert keep_distinct(unit, keep, movable, scores, threshold=1.0)[0, :5].all()
+    assert torch.equal(keep_distinct(unit, keep, movable, scores, threshold=0.0), keep)
 
 
 def test_positions_of_a_mask_in_order_and_the_tokens_there():
@@ -87,14 +120,14 @@ def test_positions_of_a_mask_in_order_and_the_tokens_there():
 
 
 def test_distinct_ties_go_to_the_later_position_and_images_keeping_nothing_keep_one_of_a_group():
-    metric = torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0]]).expand(2, 3, 2)
+    unit = unit_vectors(torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0]]).expand(2, 3, 2))
     keep = torch.tensor([[False, False, True], [False, False, False]])
     scores = torch.tensor([[0.3, 0.3, 0.1], [0.2, 0.1, 0.1]])
     movable = torch.ones(2, 3, dtype=torch.bool)
-    kept = keep_distinct(metric, keep, movable, scores, threshold=0.9)
+    kept = keep_distinct(unit, keep, movable, scores, threshold=0.9)
     assert kept.tolist() == [[False, True, True], [True, False, True]]
-    assert nearest_kept(metric, kept, movable).tolist() == [[1, 1, 2], [0, 0, 2]]
-    assert nearest_kept(metric, keep, movable)[1].tolist() == [0, 1, 2]  # nothing kept: nothing moves
+    assert nearest_kept(unit, kept, movable).tolist() == [[1, 1, 2], [0, 0, 2]]
+    assert nearest_kept(unit, keep, movable)[1].tolist() == [0, 1, 2]  # nothing kept: nothing moves
 
 
 def test_bipartite_matching_merges_r_tokens_of_set_a_into_set_b():

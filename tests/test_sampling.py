@@ -43,6 +43,12 @@ def test_duplicates_collapse_and_peaked_scores_keep_fewer():
     assert 0 < kept < 30
 
 
+def test_one_k_for_every_image_is_the_same_as_k_per_image():
+    scores = torch.softmax(torch.randn(3, 40, generator=torch.Generator().manual_seed(3)) * 2, 1)
+    assert torch.equal(inverse_transform_sample(scores, 17), inverse_transform_sample(scores, torch.tensor([17] * 3)))
+    assert torch.equal(topk_sample(scores, 17), topk_sample(scores, torch.tensor([17] * 3)))
+
+
 def test_per_image_budgets():
     scores = torch.full((2, 10), 0.1)
     keep = inverse_transform_sample(scores, torch.tensor([3, 7]))
@@ -165,7 +171,7 @@ def test_class_attention_is_the_class_rows_of_masked_attention():
     mask = torch.tensor([[True, True, True, True, False], [True, True, True, False, False]])
     bias = torch.rand(2, 5)
     expected = masked_softmax_logits(q[:, :, :1], k, 8 ** -0.5, mask, bias)[:, :, 0]
-    attention = class_attention(q[:, :, 0], qkv[:, :, 1], 8 ** -0.5, mask, bias)
+    attention = class_attention(q[:, :, 0], k, 8 ** -0.5, mask, bias)
     assert attention.shape == (2, 4, 5)
     assert torch.allclose(attention, expected, atol=1e-6)
     assert torch.all(attention[1, :, 3:] == 0)

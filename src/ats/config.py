@@ -46,8 +46,11 @@ class TokenBudget:
         if self.rho is not None and not (0.0 < float(self.rho) <= 1.0):
             raise ValueError(f"rho must lie in (0, 1], got {self.rho!r}; the paper uses 1.0, 0.87 and 0.72")
 
-    def samples(self, tokens_in: torch.Tensor, min_tokens: int) -> torch.Tensor:
-        """K per image. tokens_in: [B] valid tokens entering the block (prefix included) -> [B] long."""
+    def samples(self, tokens_in: Union[int, torch.Tensor], min_tokens: int) -> Union[int, torch.Tensor]:
+        """K per image. tokens_in: the valid tokens entering the block (prefix included), [B] long, or
+        one int when every image has as many -> K of the same kind."""
+        if not isinstance(tokens_in, torch.Tensor):
+            return self.max_samples(tokens_in, min_tokens)
         if self.k is not None:
             return torch.full_like(tokens_in, self.k)
         return torch.floor(tokens_in.to(torch.float64) * self.rho).long().clamp(min=min_tokens)

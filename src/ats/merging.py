@@ -8,7 +8,7 @@ destination; a position that stays is its own target):
   the paper and matching its published code's choices: split the tokens into two alternating sets
   A and B, match each A token with its most similar B token, and merge the r best-matched A tokens.
 ``fold`` then averages every group, weighted by token sizes (how many patches a token holds).
-Similarity is the cosine of keys averaged over heads: metric [B, n, d].
+Similarity is the cosine of keys averaged over heads: metric [B, n, d], or its ``unit_vectors``.
 """
 from __future__ import annotations
 
@@ -18,10 +18,21 @@ import torch.nn.functional as F
 from .sampling import topk_sample
 
 
+def unit_vectors(metric: torch.Tensor) -> torch.Tensor:
+    """metric [B, n, d] -> its rows scaled to length 1 (float), whose dot products are cosine similarities."""
+    return F.normalize(metric.float(), dim=-1)
+
+
 def cosine_similarity(metric: torch.Tensor) -> torch.Tensor:
     """metric [B, n, d] -> the cosine similarity of every pair of tokens [B, n, n]."""
-    metric = F.normalize(metric.float(), dim=-1)
-    return metric @ metric.transpose(1, 2)
+    unit = unit_vectors(metric)
+    return unit @ unit.transpose(1, 2)
+
+
+def column_bias(valid: torch.Tensor) -> torch.Tensor:
+    """valid [B, c] bool -> [B, 1, c] float: 0 on valid columns, -inf on the others, to add to a similarity
+    [B, r, c] (an add, or baddbmm's input: many times faster on CPU than a broadcast masked_fill)."""
+    return torch.zeros(valid.shape, device=valid.device).masked_fill_(~valid, float("-inf")).unsqueeze(1)
 
 
 def _self_target(keep: torch.Tensor) -> torch.Tensor:
@@ -33,8 +44,12 @@ def positions_of(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Padding entries are other positions, all distinct, so scattering ``index`` back touches each position once."""
     count = mask.sum(dim=1)
     width = int(count.max()) if mask.numel() else 0
-    index = (~mask).to(torch.uint8).argsort(dim=1, stable=True)[:, :width]
-    return index, torch.arange(width, device=mask.device) < count[:, None]
+    # the stable order that puts the marked positions first, built by scattering each position to its rank
+    rank = mask.cumsum(dim=1)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    destination = torch.where(mask, rank - 1, count.unsqueeze(1) + positions - rank)
+    index = torch.empty_like(destination).scatter_(1, destination, positions.expand_as(destination))
+    return index.narrow(1, 0, width), positions.narrow(0, 0, width) < count.unsqueeze(1)
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -46,22 +61,23 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def dropped_to_kept(unit: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Cosine similarity of the dropped movable tokens (rows) to the kept movable ones (columns, -inf on
-    padding) of unit [B, n, d] (unit vectors) -> (similarity [B, r, c], dropped_index [B, r], dropped_valid
+    padding) of unit [B, n, d] (``unit_vectors``) -> (similarity [B, r, c], dropped_index [B, r], dropped_valid
     [B, r], kept_index [B, c]); only [B, dropped, kept] work, not [B, n, n]."""
     kept_index, kept_valid = positions_of(keep & movable)
     dropped_index, dropped_valid = positions_of(movable & ~keep)
-    similarity = gather_tokens(unit, dropped_index) @ gather_tokens(unit, kept_index).transpose(1, 2)
-    return similarity.masked_fill_(~kept_valid[:, None, :], float("-inf")), dropped_index, dropped_valid, kept_index
+    similarity = torch.baddbmm(column_bias(kept_valid), gather_tokens(unit, dropped_index),
+                               gather_tokens(unit, kept_index).transpose(1, 2))
+    return similarity, dropped_index, dropped_valid, kept_index
 
 
-def nearest_kept(metric: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor) -> torch.Tensor:
+def nearest_kept(unit: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor) -> torch.Tensor:
     """Send each movable, unkept position to its most similar kept movable position -> target [B, n].
 
-    metric: [B, n, d]; keep, movable: [B, n] bool. Images with no kept movable token move nothing.
+    unit: [B, n, d] unit vectors (``unit_vectors``); keep, movable: [B, n] bool. Images with no kept
+    movable token move nothing.
     """
     target = _self_target(keep)
-    similarity, dropped_index, dropped_valid, kept_index = dropped_to_kept(F.normalize(metric.float(), dim=-1),
-                                                                          keep, movable)
+    similarity, dropped_index, dropped_valid, kept_index = dropped_to_kept(unit, keep, movable)
     if similarity.numel() == 0:
         return target
     nearest = kept_index.gather(1, similarity.argmax(dim=-1))
@@ -69,7 +85,7 @@ def nearest_kept(metric: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor
     return target.scatter(1, dropped_index, torch.where(moves, nearest, dropped_index))
 
 
-def keep_distinct(metric: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor, scores: torch.Tensor,
+def keep_distinct(unit: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor, scores: torch.Tensor,
                   threshold: float) -> torch.Tensor:
     """Also keep the dropped movable tokens that no kept token resembles -> keep [B, n] bool.
 
@@ -77,20 +93,23 @@ def keep_distinct(metric: torch.Tensor, keep: torch.Tensor, movable: torch.Tenso
     ``threshold``. A distinct token stays unless a higher-scoring distinct token (ties: the later
     position) is at least ``threshold`` similar to it: one parallel round, so of a group of alike
     distinct tokens the best stays and the others can fold into it.
-    metric: [B, n, d]; keep, movable: [B, n] bool; scores: [B, n].
+    unit: [B, n, d] unit vectors (``unit_vectors``); keep, movable: [B, n] bool; scores: [B, n].
     """
-    unit = F.normalize(metric.float(), dim=-1)
     similarity, dropped_index, distinct, kept_index = dropped_to_kept(unit, keep, movable)
     if kept_index.shape[1]:
         distinct = distinct & (similarity.amax(dim=-1) < threshold)
     distinct = torch.zeros_like(keep).scatter(1, dropped_index, distinct)
     # the distinct tokens by rank, best first (ties: the later position first), padded to the largest count
     order = scores.float().masked_fill(~distinct, float("-inf")).argsort(dim=1, stable=True).flip(1)
-    order = order[:, :int(distinct.sum(dim=1).max())]
+    count = int(distinct.sum(dim=1).max())
+    if count == 0:
+        return keep
+    order = order.narrow(1, 0, count)
     valid = distinct.gather(1, order)
     ranked = gather_tokens(unit, order)
-    outranked = torch.ones(order.shape[1], order.shape[1], dtype=torch.bool, device=keep.device).tril(-1)
-    suppressed = ((ranked @ ranked.transpose(1, 2) >= threshold) & outranked & valid[:, None, :]).any(dim=-1)
+    # row j, column i: 0 where i is a valid token ranked above j, -inf elsewhere (triu: i >= j)
+    above = column_bias(valid) + torch.full((count, count), float("-inf"), device=unit.device).triu()
+    suppressed = torch.baddbmm(above, ranked, ranked.transpose(1, 2)).amax(dim=-1) >= threshold
     return keep.scatter(1, order, keep.gather(1, order) | (valid & ~suppressed))
 
 
@@ -107,7 +126,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, movable: torch.Tensor)
     parity = torch.arange(movable.shape[1], device=movable.device) % 2
     side_a = movable & (parity == 0)
     side_b = movable & (parity == 1)
-    similarity = cosine_similarity(metric).masked_fill(~side_b[:, None, :], float("-inf"))
+    similarity = cosine_similarity(metric) + column_bias(side_b)
     best, match = similarity.max(dim=-1)
     has_match = side_a & side_b.any(dim=1, keepdim=True)
     strength = torch.where(has_match, best + 2.0, torch.zeros_like(best))
@@ -117,14 +136,12 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, movable: torch.Tensor)
 
 
 def fold(x: torch.Tensor, sizes: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted average of the tokens sharing a target -> (x [B, n, C], sizes [B, n]).
+    """Size-weighted average of the tokens sharing a target -> (x [T, C], sizes [T]).
 
-    x: [B, n, C]; sizes: [B, n]; target: [B, n]. Every target holds the average of its group and the
-    group's total size; positions that moved away hold zeros of size 0 (the caller drops them).
+    x: [T, C] tokens; sizes: [T]; target: [T] long, the token (row) each one goes to, its own where it
+    stays. Every target holds the average of its group and the group's total size; tokens that moved
+    away hold zeros of size 0 (the caller drops them).
     """
-    batch, n, channels = x.shape
-    flat = (target + torch.arange(batch, device=x.device)[:, None] * n).flatten()
-    weighted = torch.zeros_like(x).view(batch * n, channels).index_add_(
-        0, flat, (x * sizes[..., None]).reshape(batch * n, channels)).view_as(x)
-    total = torch.zeros_like(sizes).view(-1).index_add_(0, flat, sizes.reshape(-1)).view_as(sizes)
-    return weighted / total.clamp_min(1e-12)[..., None], total
+    weighted = torch.zeros_like(x).index_add_(0, target, x * sizes.unsqueeze(1))
+    total = torch.zeros_like(sizes).index_add_(0, target, sizes)
+    return weighted / total.clamp_min(1e-12).unsqueeze(1), total

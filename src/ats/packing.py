@@ -97,6 +97,17 @@ class TokenBatch:
             return log_size.masked_fill(~mask, float("-inf"))[:, None, None, :]
         return None if mask is None else mask[:, None, None, :]
 
+    def patch_positions(self, prefix: int) -> torch.Tensor:
+        """[B, m] bool, the positions holding a patch token (a token at or after the ``prefix`` ones)."""
+        patches = torch.arange(self.width, device=self.lengths.device) >= prefix
+        return patches.expand(self.batch_size, -1) if self.full else patches & self.position_mask
+
+    @property
+    def common_live_tokens(self) -> Optional[int]:
+        """The live token count of every image when all have the same (no padding, no frozen class
+        token), else None: per-image counts then come from ``live_tokens``."""
+        return self.width if self.full and self.cls_live is None else None
+
     @property
     def live_tokens(self) -> torch.Tensor:
         """[B] long, tokens per image that take part in attention (a frozen class token does not)."""
@@ -159,6 +170,18 @@ class TokenBatch:
         sizes = self.sizes if self.sizes is not None else self.rows.new_ones(self.rows.shape[0])
         return self.pad_values(sizes)
 
+    def rows_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """A map between positions as a map between rows: positions [B, m] long gives a position of the same
+        image for each position -> [T] long, for each row the row at the position its own maps to."""
+        flat = positions
+        if self.batch_size > 1:
+            flat = positions + torch.arange(0, self.batch_size * self.width, self.width,
+                                            device=positions.device).unsqueeze(1)
+        flat = flat.reshape(-1)
+        if self.row_index is None:
+            return flat
+        return self._row_at_position().index_select(0, flat.index_select(0, self.row_index))
+
     @property
     def first_rows(self) -> torch.Tensor:
         """[B] long, the row of each image's first token (the class token, where there is one)."""
@@ -188,28 +211,30 @@ class TokenBatch:
     def _select(self, keep: torch.Tensor, last: Optional[torch.Tensor]) -> tuple["TokenBatch", torch.Tensor]:
         batch = self.batch_size
         lengths = keep.sum(dim=1)
-        total, width = (int(value) for value in torch.stack([lengths.sum(), lengths.max()]).tolist())
-        order = keep.to(torch.uint8) if last is None else keep.to(torch.uint8) * 2 - (keep & last).to(torch.uint8)
-        positions = order.sort(dim=1, descending=True, stable=True).indices[:, :width]
+        counts = lengths.tolist()
+        total, width = sum(counts), max(counts)
+        order = keep if last is None else keep.to(torch.uint8) * 2 - (keep & last).to(torch.uint8)
+        positions = order.sort(dim=1, descending=True, stable=True).indices.narrow(1, 0, width)
         full = total == batch * width
         padded_layout = self.keep_padding or total >= (1 - PADDED_LAYOUT_SLACK) * batch * width
         row_index = None if padded_layout else _row_index(lengths, width, total)
-        flat_positions = positions + torch.arange(batch, device=keep.device)[:, None] * self.width
-        valid_flat = flat_positions.reshape(-1)
+        valid_flat = positions.reshape(-1)
+        if batch > 1:
+            image_starts = torch.arange(0, batch * self.width, self.width, device=keep.device)
+            valid_flat = (positions + image_starts.unsqueeze(1)).reshape(-1)
         if row_index is not None:
             valid_flat = valid_flat.index_select(0, row_index)
-        rows_from = self._row_at_position().index_select(0, valid_flat)
-        source = self.source.gather(1, positions).masked_fill(
-            torch.arange(width, device=keep.device) >= lengths[:, None], -1)
+        rows_from = valid_flat if self.row_index is None else self._row_at_position().index_select(0, valid_flat)
+        source = self.source.gather(1, positions)
+        if not full:
+            source = source.masked_fill(torch.arange(width, device=keep.device) >= lengths.unsqueeze(1), -1)
         sizes = None if self.sizes is None else self.sizes.index_select(0, rows_from)
         packed = TokenBatch(self.rows.index_select(0, rows_from), lengths, width, row_index, source,
                             self.cls_live, sizes, full, self.keep_padding, self.num_source_tokens)
         return packed, rows_from
 
     def _row_at_position(self) -> torch.Tensor:
-        """[B * m] long, the row index of each padded position (0 on padding)."""
-        if self.row_index is None:
-            return torch.arange(self.rows.shape[0], device=self.rows.device)
+        """[B * m] long, the row index of each padded position (0 on padding); for packed rows only."""
         at = torch.zeros(self.batch_size * self.width, dtype=torch.long, device=self.rows.device)
         return at.index_copy_(0, self.row_index, torch.arange(self.rows.shape[0], device=self.rows.device))
 
@@ -221,3 +246,4 @@ def _row_index(lengths: torch.Tensor, width: int, total: int) -> torch.Tensor:
     starts = torch.cumsum(lengths, 0) - lengths
     offset = torch.arange(total, device=lengths.device) - starts.index_select(0, image)
     return image * width + offset
+

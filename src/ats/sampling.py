@@ -22,28 +22,32 @@ def masked_softmax_logits(q: torch.Tensor, k: torch.Tensor, scale: float, key_ma
     return _masked_softmax((q * scale) @ k.transpose(-2, -1), key_mask, key_bias)
 
 
-def class_attention(q_cls: torch.Tensor, keys: torch.Tensor, scale: float, key_mask: Optional[torch.Tensor],
+def class_attention(q_cls: torch.Tensor, k: torch.Tensor, scale: float, key_mask: Optional[torch.Tensor],
                     key_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The class token's attention over the keys, per head -> [B, h, n].
+    """The class token's attention over the keys, per head -> [B, h, n] (a transposed view).
 
-    q_cls: [B, h, d] the class token's query; keys: [B, n, h, d], token-major as the qkv projection
-    lays them out (a strided view is fine); key_mask, key_bias as in masked_softmax_logits.
-    The logits are an elementwise product summed over d: one pass over the keys, no copy into a
-    head-major layout and no matrix product with a single query column (slow on CPU BLAS).
+    q_cls: [B, h, d] the class token's query; k: [B, h, n, d] the keys, a head-major view of the qkv
+    projection's token-major rows (as ``BlockParts.split_heads`` makes them); key_mask, key_bias as in
+    masked_softmax_logits. The logits are an elementwise product with the token-major keys summed over
+    d: one pass over the rows as they lie, no matrix product with a single query column (both several
+    times slower on CPU at batch 64).
     """
-    logits = (keys * (q_cls * scale)[:, None]).sum(dim=-1).transpose(1, 2)
-    return _masked_softmax(logits, key_mask, key_bias)
+    logits = (k.transpose(1, 2) * (q_cls * scale).unsqueeze(1)).sum(dim=-1)
+    return _masked_softmax(logits, key_mask, key_bias, dim=1).transpose(1, 2)
 
 
-def _masked_softmax(logits: torch.Tensor, key_mask: Optional[torch.Tensor],
-                    key_bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Softmax over the last (key) axis of logits [B, ..., n], with the key bias added and masked keys out."""
-    broadcast = (logits.shape[0],) + (1,) * (logits.ndim - 2) + (logits.shape[-1],)
+def _masked_softmax(logits: torch.Tensor, key_mask: Optional[torch.Tensor], key_bias: Optional[torch.Tensor],
+                    dim: int = -1) -> torch.Tensor:
+    """Softmax over the key axis ``dim`` of logits [B, ...], with the key bias [B, n] added and masked
+    keys [B, n] out."""
+    if key_mask is not None:  # one additive [B, n] term: adding it is far cheaper than a broadcast masked_fill
+        key_bias = (torch.zeros(key_mask.shape, dtype=logits.dtype, device=logits.device) if key_bias is None
+                    else key_bias.to(logits.dtype)).masked_fill(~key_mask, float("-inf"))
     if key_bias is not None:
+        broadcast = [1] * logits.ndim
+        broadcast[0], broadcast[dim] = logits.shape[0], logits.shape[dim]
         logits = logits + key_bias.view(broadcast)
-    if key_mask is not None:
-        logits = logits.masked_fill(~key_mask.view(broadcast), float("-inf"))
-    return logits.softmax(dim=-1)
+    return logits.softmax(dim=dim)
 
 
 def cls_scores(cls_attention: torch.Tensor, value_norm: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -80,8 +84,13 @@ def self_attention_scores(attention: torch.Tensor, query_mask: Optional[torch.Te
 
 
 def _normalise(raw: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    raw = raw.float().masked_fill(~candidates, 0.0)
+    raw = torch.where(candidates, raw if raw.dtype == torch.float32 else raw.float(), 0.0)
     return raw / raw.sum(dim=1, keepdim=True).clamp_min(torch.finfo(raw.dtype).tiny)
+
+
+def per_image(k: Union[int, torch.Tensor]) -> Union[int, torch.Tensor]:
+    """A count for every image (an int) or one per image ([B] long) -> broadcastable against [B, n]."""
+    return k.unsqueeze(1) if isinstance(k, torch.Tensor) else k
 
 
 def uniform_points(k: torch.Tensor, k_max: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -94,29 +103,34 @@ def uniform_points(k: torch.Tensor, k_max: int, generator: Optional[torch.Genera
     return draws.masked_fill(unused, float("inf")).sort(dim=1).values
 
 
-def inverse_transform_sample(scores: torch.Tensor, k: torch.Tensor, k_max: Optional[int] = None,
+def inverse_transform_sample(scores: torch.Tensor, k: Union[int, torch.Tensor], k_max: Optional[int] = None,
                              stochastic: bool = False, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Inverse transform sampling of token positions by score -> keep mask [B, n] (duplicates merged).
 
-    scores: [B, n] non-negative, summing to 1 per image; k: [B] long, samples K per image.
-    Each point y on the CDF's y-axis picks the first position (in ascending score order) whose CDF
-    reaches y, so a zero-score position (padding, prefix, non-candidate) is never picked. Position i
-    is therefore kept when some point lies in (CDF_{i-1}, CDF_i]: when the count of points at or
-    below the CDF rises at i. For the deterministic points ``y_j = (2j - 1) / (2K)``, j = 1..K, that
-    count is ``floor(K * CDF_i + 1/2)``, so no point is materialised. Stochastic: K sorted uniform
-    draws (``uniform_points``; k_max, an upper bound on k, sizes them).
+    scores: [B, n] non-negative, summing to 1 per image; k: samples K, one int for every image or
+    [B] long per image. Each point y on the CDF's y-axis picks the first position (in ascending score
+    order) whose CDF reaches y, so a zero-score position (padding, prefix, non-candidate) is never
+    picked. Position i is therefore kept when some point lies in (CDF_{i-1}, CDF_i]: when the count of
+    points at or below the CDF rises at i. For the deterministic points ``y_j = (2j - 1) / (2K)``,
+    j = 1..K, that count is ``floor(K * CDF_i + 1/2)``, so no point is materialised. Stochastic: K
+    sorted uniform draws (``uniform_points``; k_max, an upper bound on k, sizes them).
     """
     sorted_scores, order = scores.sort(dim=1)
-    cdf = sorted_scores.to(torch.float64).cumsum(dim=1)
+    cdf = sorted_scores.cumsum(dim=1, dtype=torch.float64)
+    # cdf[:, -1:], not cdf.narrow(1, n - 1, 1): torch.compile (2.14, CPU) miscompiles that narrow here
     cdf = cdf / cdf[:, -1:].clamp_min(torch.finfo(cdf.dtype).tiny)
     if stochastic:
         if k_max is None:
             raise ValueError("stochastic sampling needs k_max, an upper bound on the samples per image")
+        k = k if isinstance(k, torch.Tensor) else torch.full_like(order[:, 0], k)
         at_or_below = torch.searchsorted(uniform_points(k, k_max, generator), cdf, right=True)
     else:
-        at_or_below = torch.floor(cdf * k[:, None] + 0.5)
+        at_or_below = (torch.add(0.5, cdf, alpha=k) if isinstance(k, int) else cdf.mul_(k.unsqueeze(1)).add_(0.5))
+        at_or_below = at_or_below.floor_()
     picked = at_or_below.diff(dim=1, prepend=at_or_below.new_zeros(scores.shape[0], 1)) > 0
-    return torch.zeros_like(picked).scatter_(1, order, picked) & (scores > 0)
+    keep = torch.zeros_like(picked).scatter_(1, order, picked)
+    # a zero score leaves the CDF where it was, so no count rises there; only a random draw can land on 0
+    return keep & (scores > 0) if stochastic else keep
 
 
 def released_sample(scores: torch.Tensor, candidates: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -149,13 +163,13 @@ def released_sample(scores: torch.Tensor, candidates: torch.Tensor, points: torc
     return torch.zeros_like(chosen).scatter_(1, order, chosen) & candidates
 
 
-def topk_sample(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def topk_sample(scores: torch.Tensor, k: Union[int, torch.Tensor]) -> torch.Tensor:
     """Keep the k[b] highest-scoring positions of each image -> keep mask [B, n].
 
-    scores: [B, n]; k: [B] long. Positions with score 0 are never kept.
+    scores: [B, n]; k: an int for every image, or [B] long. Positions with score 0 are never kept.
     """
     order = scores.argsort(dim=1, descending=True, stable=True)
-    ranks_kept = torch.arange(scores.shape[1], device=scores.device) < k[:, None]
+    ranks_kept = (torch.arange(scores.shape[1], device=scores.device) < per_image(k)).expand_as(order)
     keep = torch.zeros_like(ranks_kept).scatter_(1, order, ranks_kept)
     return keep & (scores > 0)
 

@@ -15,7 +15,8 @@ from .flops import BlockCost, ViTShape, vit_flops
 
 
 class BlockSampling(NamedTuple):
-    """One ATS (or merging) block's choice. source_*: [B, m] original token index, -1 on padding."""
+    """One ATS (or merging) block's choice. source_*: [B, m] original token index, -1 on padding;
+    scores: [B, m_before]; cls_attention: [B, m_before], or per head [B, h, m_before]."""
 
     source_before: torch.Tensor
     source_after: torch.Tensor
@@ -83,7 +84,7 @@ class ATSStats:
 
     @cached_property
     def cls_attention(self) -> Dict[int, torch.Tensor]:
-        return {index: self._on_grid(block.cls_attention, block.source_before)
+        return {index: self._on_grid(_head_mean(block.cls_attention), block.source_before)
                 for index, block in self.sampling.items() if block.cls_attention is not None}
 
     def kept_counts(self, block: int) -> torch.Tensor:
@@ -109,7 +110,8 @@ class ForwardRecord:
     @torch.compiler.disable
     def record_sampling(self, index: int, source_before: torch.Tensor, source_after: torch.Tensor,
                         scores: Optional[torch.Tensor], cls_attention: Optional[torch.Tensor]) -> None:
-        """Keep what block ``index`` chose. scores, cls_attention: [B, m_before] or None.
+        """Keep what block ``index`` chose. scores: [B, m_before] or None; cls_attention: [B, m_before],
+        per head [B, h, m_before] (averaged when read), or None.
 
         Not compiled: torch.compile would make one graph per block index for a dictionary write."""
         self.sampling[index] = BlockSampling(source_before, source_after, _detached(scores), _detached(cls_attention))
@@ -118,5 +120,10 @@ class ForwardRecord:
         return ATSStats(shape, block_costs, self.tokens_in, self.tokens_out, self.sampling)
 
 
+def _head_mean(attention: torch.Tensor) -> torch.Tensor:
+    """[B, h, m] per-head attention -> its mean over heads [B, m]; [B, m] as it is."""
+    return attention.mean(dim=1) if attention.ndim == 3 else attention
+
+
 def _detached(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if tensor is None else tensor.detach()
+    return tensor.detach() if tensor is not None and tensor.requires_grad else tensor

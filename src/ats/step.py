@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import ATSConfig, EViTConfig, MergeConfig, PatchConfig, TokenBudget
 from .evit import FUSED_SOURCE, attentive_tokens, fuse_inattentive
-from .merging import bipartite_soft_matching, fold, keep_distinct, nearest_kept
+from .merging import bipartite_soft_matching, fold, keep_distinct, nearest_kept, unit_vectors
 from .packing import TokenBatch
 from .profiling import region
 from .sampling import (
@@ -86,8 +86,8 @@ class BlockParts:
 
     def split_heads(self, qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[B, m, 3A] -> q, k, v each [B, h, m, d], with the q/k norms applied."""
-        q, k, v = qkv.chunk(3, dim=-1)
-        return self.q_norm(self.heads(q)), self.k_norm(self.heads(k)), self.heads(v)
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.q_norm(q), self.k_norm(k), v
 
 
 def run_blocks(blocks: Sequence[BlockParts], x: torch.Tensor, config: PatchConfig, num_prefix_tokens: int,
@@ -147,8 +147,8 @@ def _attend(parts: BlockParts, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 def per_image_drop_path(module: Optional[nn.Module], update: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     """Stochastic depth per image (not per row) on per-row updates [T, C]; freezes dropped class tokens."""
-    drop_prob = getattr(module, "drop_prob", 0.0)
-    if module is not None and module.training and drop_prob > 0.0:
+    drop_prob = getattr(module, "drop_prob", 0.0) if module is not None and module.training else 0.0
+    if drop_prob > 0.0:
         keep_prob = 1.0 - drop_prob
         keep = update.new_empty(batch.batch_size).bernoulli_(keep_prob)
         if getattr(module, "scale_by_keep", True):
@@ -198,26 +198,24 @@ class TokenChoice:
     cls_live: Optional[torch.Tensor]
 
 
-def choose_tokens(batch: TokenBatch, qkv: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float,
+def choose_tokens(batch: TokenBatch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                   budget: TokenBudget, config: ATSConfig, prefix: int, has_cls: bool,
                   training: bool) -> TokenChoice:
     """Score the valid tokens and sample the ones to keep (steps 2-4 of ATS).
 
-    qkv: [T, 3A] the batch's rows through the qkv projection; q, k: [B, h, m, d] in the padded layout.
+    q, k, v: [B, h, m, d] in the padded layout (padding is no key and no candidate).
     """
     key_mask, mask = batch.key_mask, batch.attention_mask
-    positions = torch.arange(batch.width, device=q.device)
-    patches = batch.position_mask & (positions >= prefix)
+    patches = batch.patch_positions(prefix)
     candidates, cls_live = patches, None
     if not config.keep_cls:
         cls_live = batch.cls_live if batch.cls_live is not None else torch.ones_like(patches[:, 0])
-        candidates = candidates.clone()
+        candidates = patches.clone()
         candidates[:, 0] = cls_live
     key_bias = None if mask is None or mask.dtype == torch.bool else mask[:, 0, 0]
     if config.score == "cls":
-        cls_attention = class_attention(q[:, :, 0], k.transpose(1, 2), scale, key_mask, key_bias)
-        value_norm = torch.linalg.vector_norm(qkv.chunk(3, dim=-1)[2], dim=-1)
-        scores = cls_scores(cls_attention, batch.pad_values(value_norm), candidates)
+        cls_attention = class_attention(q.select(2, 0), k, scale, key_mask, key_bias)
+        scores = cls_scores(cls_attention, torch.linalg.vector_norm(v, dim=(1, 3)), candidates)
     else:
         attention = masked_softmax_logits(q, k, scale, key_mask, key_bias)
         scores = self_attention_scores(attention, key_mask, candidates)
@@ -233,11 +231,12 @@ def sample_positions(batch: TokenBatch, scores: torch.Tensor, candidates: torch.
                      budget: TokenBudget, config: ATSConfig, prefix: int, training: bool) -> torch.Tensor:
     """Step 4 of ATS with ``config``'s sampler: the positions to keep [B, m] bool, from the scores [B, m] of the
     candidates [B, m] (patches [B, m]: the valid patch positions, for ``min_kept``)."""
-    samples = budget.samples(batch.live_tokens, config.min_tokens)
+    common = batch.common_live_tokens
+    samples = budget.samples(batch.live_tokens if common is None else common, config.min_tokens)
     if config.sampler == "topk":
         keep = topk_sample(scores, samples)
     elif config.sampler == "released":
-        points = torch.full_like(samples, budget.released_points(batch.num_source_tokens - prefix))
+        points = torch.full_like(batch.lengths, budget.released_points(batch.num_source_tokens - prefix))
         keep = released_sample(scores, candidates, points)
     else:
         keep = inverse_transform_sample(scores, samples, budget.max_samples(batch.width, config.min_tokens),
@@ -255,22 +254,22 @@ def ats_block(parts: BlockParts, batch: TokenBatch, budget: TokenBudget, config:
     q, k, v = parts.split_heads(batch.pad(qkv))
     mask = batch.attention_mask
     with region("ats.score_and_sample"):
-        choice = choose_tokens(batch, qkv, q, k, parts.scale, budget, config, prefix, has_cls, parts.training)
+        choice = choose_tokens(batch, q, k, v, parts.scale, budget, config, prefix, has_cls, parts.training)
     if config.fuse or config.distinct:
         with region("ats.fuse"):
-            metric = k.mean(dim=1)
+            unit = unit_vectors(k.mean(dim=1))
             if config.distinct:
-                choice.keep = keep_distinct(metric, choice.keep, choice.patches, choice.scores, config.distinct)
+                choice.keep = keep_distinct(unit, choice.keep, choice.patches, choice.scores, config.distinct)
             if config.fuse:
-                batch = _fold(batch, nearest_kept(metric, choice.keep, choice.patches))
-    prefix_tokens = batch.position_mask & ~choice.patches
-    kept, rows_from = batch.select(choice.keep | prefix_tokens)
+                batch = _fold(batch, nearest_kept(unit, choice.keep, choice.patches))
+    keep = choice.keep.clone()
+    keep.narrow(1, 0, prefix).fill_(True)  # every image's prefix tokens hold its first positions
+    kept, rows_from = batch.select(keep)
     if choice.cls_live is not None:
         kept.cls_live = choice.cls_live
-    cls_attention = None if choice.cls_attention is None else choice.cls_attention.mean(1)
-    record.record_sampling(index, batch.source, kept.source, choice.scores, cls_attention)
+    record.record_sampling(index, batch.source, kept.source, choice.scores, choice.cls_attention)
     with region("ats.pack"):
-        query_rows = qkv.chunk(3, dim=-1)[0].index_select(0, rows_from)
+        query_rows = qkv.narrow(-1, 0, qkv.shape[-1] // 3).index_select(0, rows_from)
         queries = parts.q_norm(parts.heads(kept.pad(query_rows)))
         gate_input = None if parts.gate is None else y.index_select(0, rows_from)
     out = kept.unpad(_attend(parts, queries, k, v, mask))
@@ -305,7 +304,7 @@ def evit_block(parts: BlockParts, batch: TokenBatch, keep_rate: float, prefix: i
     out = batch.unpad(_attend(parts, q, k, v, mask))
     batch = batch.with_rows(batch.rows + _attention_update(parts, out, y, batch))
     key_bias = None if mask is None or mask.dtype == torch.bool else mask[:, 0, 0]
-    cls_attention = class_attention(q[:, :, 0], k.transpose(1, 2), parts.scale, batch.key_mask, key_bias).mean(1)
+    cls_attention = class_attention(q[:, :, 0], k, parts.scale, batch.key_mask, key_bias).mean(1)
     positions = torch.arange(batch.width, device=y.device)
     patches = batch.position_mask & (positions >= prefix)
     keep = attentive_tokens(cls_attention, patches, keep_rate)
@@ -334,5 +333,6 @@ def _with_fused_token(batch: TokenBatch, has_fused: torch.Tensor, fused: torch.T
 
 def _fold(batch: TokenBatch, target: torch.Tensor) -> TokenBatch:
     """Size-weighted average of the tokens sharing a target position [B, m]; sizes follow."""
-    x, sizes = fold(batch.pad(batch.rows), batch.padded_sizes(), target)
-    return batch.with_rows(batch.unpad(x), batch.unpad(sizes[..., None])[:, 0])
+    sizes = batch.sizes if batch.sizes is not None else batch.rows.new_ones(batch.rows.shape[0])
+    rows, sizes = fold(batch.rows, sizes, batch.rows_at(target))
+    return batch.with_rows(rows, sizes)

@@ -188,7 +188,7 @@ def _choose_tubes(parts: TubeBlockParts, batch: TokenBatch, frames: int, q: torc
     Returns keep [B, m] bool (patch tubes), the scores [B, m] and the class token's attention [B, m]
     (mean over heads and frames)."""
     key_mask = None if mask is None else mask[:, 0, 0]
-    cls_attention = class_attention(q[:, :, 0], k.transpose(1, 2), parts.scale, key_mask)
+    cls_attention = class_attention(q[:, :, 0], k, parts.scale, key_mask)
     value_norm = torch.linalg.vector_norm(v.transpose(1, 2).flatten(2), dim=-1)
     positions = torch.arange(batch.width, device=q.device)
     patches = batch.position_mask & (positions >= 1)

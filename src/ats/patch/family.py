@@ -7,7 +7,7 @@ and unpatching restores the class.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
@@ -92,8 +92,12 @@ class Family:
     def all_block_parts(self, model: nn.Module, input_size: Sequence[int]) -> List[BlockParts]:
         """The parts of every block for a forward on images of ``input_size`` (C, H, W), each with its
         gradient checkpointing."""
-        return [replace(self.block_parts(block), checkpoint=self.checkpoint_function(model, block))
-                for block in self.blocks(model)]
+        all_parts = []
+        for block in self.blocks(model):
+            parts = self.block_parts(block)
+            parts.checkpoint = self.checkpoint_function(model, block)
+            all_parts.append(parts)
+        return all_parts
 
     def block_costs(self, model: nn.Module, shape: ViTShape, config: Optional[PatchConfig]) -> Dict[int, BlockCost]:
         """The FLOPs (n_in, n_out) -> count of every block that is not a standard one (``flops.block_flops``)
@@ -201,7 +205,7 @@ def fit_channels(values: Sequence[float], channels: int) -> Tuple[float, ...]:
 def masked_features(batch: TokenBatch, features: torch.Tensor) -> torch.Tensor:
     """Per-row features [T, C] -> padded [B, m, C], zeros on padding."""
     x = batch.pad(features)
-    return x if batch.full else x.masked_fill(~batch.position_mask[..., None], 0.0)
+    return x if batch.full else x * batch.position_mask.unsqueeze(-1)  # a multiply: far cheaper than masked_fill
 
 
 def upper_bound_flops(shape: ViTShape, config: Optional[PatchConfig], costs: Mapping[int, BlockCost]) -> float:
