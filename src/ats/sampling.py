@@ -40,14 +40,20 @@ def _masked_softmax(logits: torch.Tensor, key_mask: Optional[torch.Tensor], key_
                     dim: int = -1) -> torch.Tensor:
     """Softmax over the key axis ``dim`` of logits [B, ...], with the key bias [B, n] added and masked
     keys [B, n] out."""
-    if key_mask is not None:  # one additive [B, n] term: adding it is far cheaper than a broadcast masked_fill
-        key_bias = (torch.zeros(key_mask.shape, dtype=logits.dtype, device=logits.device) if key_bias is None
-                    else key_bias.to(logits.dtype)).masked_fill(~key_mask, float("-inf"))
+    if key_mask is not None:  # one additive [B, n] term (``additive_mask``)
+        key_bias = additive_mask(key_mask, logits.dtype) if key_bias is None else \
+            key_bias.to(logits.dtype).masked_fill(~key_mask, float("-inf"))
     if key_bias is not None:
         broadcast = [1] * logits.ndim
         broadcast[0], broadcast[dim] = logits.shape[0], logits.shape[dim]
         logits = logits + key_bias.view(broadcast)
     return logits.softmax(dim=dim)
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """mask [...] bool -> 0 where True, -inf where False. Added to logits or similarities it masks them:
+    far cheaper on CPU than a broadcast masked_fill (2 to 7 times here), and free as baddbmm's input."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def cls_scores(cls_attention: torch.Tensor, value_norm: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

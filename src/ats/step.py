@@ -286,7 +286,7 @@ def merge_block(parts: BlockParts, batch: TokenBatch, r: int, prefix: int, recor
     out = batch.unpad(_attend(parts, q, k, v, batch.attention_mask))
     batch = batch.with_rows(batch.rows + _attention_update(parts, out, y, batch))
     positions = torch.arange(batch.width, device=y.device)
-    patches = batch.position_mask & (positions >= prefix)
+    patches = batch.patch_positions(prefix)
     target, side_b = bipartite_soft_matching(k.mean(dim=1), r, patches)
     batch = _fold(batch, target)
     kept, _ = batch.select(batch.position_mask & (target == positions), last=side_b)
@@ -305,8 +305,7 @@ def evit_block(parts: BlockParts, batch: TokenBatch, keep_rate: float, prefix: i
     batch = batch.with_rows(batch.rows + _attention_update(parts, out, y, batch))
     key_bias = None if mask is None or mask.dtype == torch.bool else mask[:, 0, 0]
     cls_attention = class_attention(q[:, :, 0], k, parts.scale, batch.key_mask, key_bias).mean(1)
-    positions = torch.arange(batch.width, device=y.device)
-    patches = batch.position_mask & (positions >= prefix)
+    patches = batch.patch_positions(prefix)
     keep = attentive_tokens(cls_attention, patches, keep_rate)
     inattentive = patches & ~keep
     fused, fused_size = fuse_inattentive(batch.pad(batch.rows), batch.padded_sizes(), cls_attention, inattentive)

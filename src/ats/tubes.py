@@ -190,8 +190,7 @@ def _choose_tubes(parts: TubeBlockParts, batch: TokenBatch, frames: int, q: torc
     key_mask = None if mask is None else mask[:, 0, 0]
     cls_attention = class_attention(q[:, :, 0], k, parts.scale, key_mask)
     value_norm = torch.linalg.vector_norm(v.transpose(1, 2).flatten(2), dim=-1)
-    positions = torch.arange(batch.width, device=q.device)
-    patches = batch.position_mask & (positions >= 1)
+    patches = batch.patch_positions(1)
     by_frame = (batch.batch_size, frames) + cls_attention.shape[1:]
     scores = tube_scores(cls_attention.view(by_frame), value_norm.view(by_frame[:2] + (-1,)), patches)
     keep = sample_positions(batch, scores, patches, patches, config.budgets[index], config, 1, parts.training)
