@@ -5,8 +5,8 @@ of the tokens, cheap; PS-ViT samples a 7x7 grid of points from its 7x7 feature m
 then a few at the full 28x28, the ViT's position embedding resampled in between (CvT has none; PS-ViT's position
 encoding is a linear map of the sampled points, so its weights fit both grids). The video models (TimeSformer,
 XViT) train on moving-garment clips at its own size, rendered batch by batch with fresh motion and clutter every epoch
-(the epoch is the clips' seed); it is tested on the first --test-limit test clips. A checkpoint is written
-every --checkpoint-minutes and at the end of every epoch; rerunning the same command resumes from it,
+(1000 * --seed + the epoch is the clips' seed); it is tested on the first --test-limit test clips. A checkpoint is
+written every --checkpoint-minutes and at the end of every epoch; rerunning the same command resumes from it,
 mid-epoch included. See docs/reference-model.md for the exact commands and the measured accuracy.
 
     python scripts/train_reference.py --img-size 14 --epochs 10 --out-dir .train-ref/low
@@ -48,7 +48,7 @@ ARCHITECTURES = ("vit", "cluttered", "cvt", "psvit", "video", "xvit")
 VIDEO_ARCHITECTURES = ("video", "xvit")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=ARCHITECTURES, default="vit",
                         help="the reference ViT, the ViT on cluttered canvases, CvT, PS-ViT, TimeSformer (video) or "
@@ -79,8 +79,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--checkpoint-minutes", type=float, default=15.0,
                         help="also write a checkpoint inside an epoch this often")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds shuffling and augmentation; canvases and clips are rendered with seed "
+                             "1000 * SEED + epoch, so another seed (a further phase) draws fresh ones")
+    return parser.parse_args(argv)
 
 
 def resized(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -116,7 +118,8 @@ class ImageData:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, index: torch.Tensor, epoch: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, index: torch.Tensor, render_seed: int,
+              generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
         return augment(self.images[index], generator), self.labels[index]
 
     def test_batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
@@ -125,8 +128,8 @@ class ImageData:
 
 class CanvasData:
     """Cluttered Fashion-MNIST canvases (``ats.cluttered``) at ``size``: training canvases of Fashion-MNIST's
-    training images rendered per batch with the epoch as seed (fresh positions and clutter) and flipped at
-    random; the test canvases of the bundled test images, rendered once."""
+    training images rendered per batch with ``render_seed`` (1000 * --seed + the epoch: fresh positions and clutter
+    every epoch) and flipped at random; the test canvases of the bundled test images, rendered once."""
 
     def __init__(self, size: int, limit: Optional[int], test_limit: Optional[int]) -> None:
         train, test = fashion_mnist_train(), cluttered_test()
@@ -139,8 +142,9 @@ class CanvasData:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, index: torch.Tensor, epoch: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
-        canvases = torch.stack([render_canvas(self.images, self.labels, int(i), seed=epoch)[0] for i in index])
+    def batch(self, index: torch.Tensor, render_seed: int,
+              generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+        canvases = torch.stack([render_canvas(self.images, self.labels, int(i), seed=render_seed)[0] for i in index])
         images = resized(canvases, self.size)
         flip = torch.rand(len(images), generator=generator) < 0.5
         return torch.where(flip[:, None, None, None], images.flip(-1), images), self.labels[index]
@@ -150,8 +154,8 @@ class CanvasData:
 
 
 class ClipData:
-    """Moving-garment clips of Fashion-MNIST's training images, rendered per batch with the epoch as seed; the
-    test clips of the bundled test images."""
+    """Moving-garment clips of Fashion-MNIST's training images, rendered per batch with ``render_seed`` (1000 *
+    --seed + the epoch); the test clips of the bundled test images."""
 
     def __init__(self, spec: ClipSpec, limit: Optional[int], test_limit: Optional[int]) -> None:
         train, test = fashion_mnist_train(), bundled_test_set()
@@ -169,8 +173,9 @@ class ClipData:
         clips = normalise(torch.stack([clip for clip, _ in rendered])[:, :, None])
         return clips, torch.tensor([label for _, label in rendered])
 
-    def batch(self, index: torch.Tensor, epoch: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.clips(self.images, self.labels, index, epoch)
+    def batch(self, index: torch.Tensor, render_seed: int,
+              generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.clips(self.images, self.labels, index, render_seed)
 
     def test_batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, self.test_count, 100):
@@ -232,8 +237,8 @@ def load_init(model: torch.nn.Module, path: Path) -> None:
     model.load_state_dict(state)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: Optional[list] = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -291,7 +296,7 @@ def main() -> None:
         for step in tqdm(range(position["step"], steps_per_epoch), desc=f"epoch {epoch}", mininterval=30,
                          initial=position["step"], total=steps_per_epoch):
             index = order[step * args.batch_size:(step + 1) * args.batch_size]
-            inputs, labels = data.batch(index, epoch, generator)
+            inputs, labels = data.batch(index, 1000 * args.seed + epoch, generator)
             if erase is not None:
                 inputs = erase(inputs)
             targets = labels
