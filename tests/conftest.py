@@ -1,6 +1,8 @@
 """Small random-init ViTs that make ATS keep different numbers of tokens per image, and small data."""
 import gzip
+import importlib.util
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +38,17 @@ def contrasted_clips(count: int, frames: int, size: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
     scale = torch.linspace(0.2, 3.0, count)[:, None, None, None, None]
     return torch.randn(count, frames, 1, size, size, generator=generator) * scale
+
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    """scripts/<name>.py imported as a module (the scripts are not a package), to call its functions."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
 
 
 def random_checkpoint(create, path):

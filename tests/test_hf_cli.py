@@ -1,23 +1,19 @@
 """The commands on a Hugging Face model: --model hf:DIR, the reference model converted by its script."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 from test_datasets import write_image_folder
 
 from ats.cli import main
 from ats.patch.hf import HF
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "convert_reference_to_hf.py"
-
 
 @pytest.fixture
 def hf_reference(checkpoint, tmp_path):
     """The random-init reference checkpoint, converted into a transformers ViTForImageClassification folder."""
-    spec = importlib.util.spec_from_file_location("convert_reference_to_hf", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("convert_reference_to_hf")
     out = tmp_path / "reference-hf"
     assert script.main(["--out", str(out), "--checkpoint", str(checkpoint)]) == 0
     return out

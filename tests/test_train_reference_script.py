@@ -1,28 +1,19 @@
 """scripts/train_reference.py run small: what seeds the training canvases, and resuming."""
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
+from conftest import load_script
 
 from ats.cluttered import cluttered_test
 from ats.datasets import bundled_test_set
 
 THREADS = str(torch.get_num_threads())  # the script sets its --threads for the whole process
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_reference.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_reference", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
 
 
 def test_canvases_are_rendered_with_1000_seed_plus_epoch(monkeypatch, tmp_path):
     """--seed 0 renders epoch e's canvases with seed e (the runs in docs/reference-model.md); another --seed,
     for a further phase from a checkpoint, draws canvases no earlier epoch saw."""
-    script = load_script()
+    script = load_script("train_reference")
     monkeypatch.setattr(script, "fashion_mnist_train", bundled_test_set)  # no Debian package needed
     seeds = []
 
