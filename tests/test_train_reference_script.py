@@ -21,17 +21,20 @@ def test_canvases_are_rendered_with_1000_seed_plus_epoch(monkeypatch, tmp_path):
         seeds.append(kwargs.get("seed", args[4] if len(args) > 4 else 0))
         return script_render(*args, **kwargs)
 
+    def train(seed: int) -> None:
+        script.main(["--arch", "cluttered", "--img-size", "28", "--epochs", "2", "--limit", "4", "--batch-size", "4",
+                     "--test-limit", "2", "--threads", THREADS, "--seed", str(seed), "--out-dir",
+                     str(tmp_path / f"seed{seed}")])
+
     script_render = script.render_canvas
     monkeypatch.setattr(script, "render_canvas", render_canvas)
     for seed in (0, 1):
-        out = tmp_path / f"seed{seed}"
-        script.main(["--arch", "cluttered", "--img-size", "28", "--epochs", "2", "--limit", "4", "--batch-size", "4",
-                     "--test-limit", "2", "--threads", THREADS, "--seed", str(seed), "--out-dir", str(out)])
-        assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [0, 1]
+        train(seed)
+        log = (tmp_path / f"seed{seed}" / "log.jsonl").read_text().splitlines()
+        assert [json.loads(line)["epoch"] for line in log] == [0, 1]
     test_seed = cluttered_test().seed
     assert [seed for seed in seeds if seed != test_seed] == [0] * 4 + [1] * 4 + [1000] * 4 + [1001] * 4
 
     seeds.clear()  # the same command again resumes after the last epoch: nothing more to train
-    script.main(["--arch", "cluttered", "--img-size", "28", "--epochs", "2", "--limit", "4", "--batch-size", "4",
-                 "--test-limit", "2", "--threads", THREADS, "--seed", "1", "--out-dir", str(tmp_path / "seed1")])
+    train(1)
     assert [seed for seed in seeds if seed != test_seed] == []
