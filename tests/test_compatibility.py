@@ -1,6 +1,7 @@
 """A patched model still behaves like the model it came from, in every supported family."""
 import dataclasses
 import io
+import pickle
 
 import pytest
 import torch
@@ -117,6 +118,7 @@ def test_gradient_checkpointing_is_honoured_in_ats_blocks(name):
         assert torch.allclose(checkpointed_gradients[parameter], gradient, atol=1e-6), parameter
     assert checkpointed_saved < saved / 20
     assert ats.last_stats(model).tokens_out[:, -1].unique().numel() > 1
+    assert pickle.loads(pickle.dumps(model))._ats.config == config  # a checkpoint mid-training
 
 
 @pytest.mark.parametrize("name", list(MODELS))

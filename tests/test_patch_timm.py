@@ -1,4 +1,5 @@
 import dataclasses
+import pickle
 
 import pytest
 import timm
@@ -110,6 +111,33 @@ def test_repatching_replaces_the_config(model, images):
     assert tokens[:, 2].max() <= 21 and tokens[:, 1].min() == 65
     ats.unpatch(model)
     assert type(model) is VisionTransformer
+
+
+def test_the_forward_follows_modules_swapped_and_modes_changed_after_patching(model, images):
+    """The block parts are cached between forwards; train mode, gradient checkpointing and a swapped
+    layer must still take effect, and a patched model must still pickle."""
+    ats.patch(model, CONFIGS["multi_stage"])
+    with torch.no_grad():
+        before = model(images)
+    calls = []
+    hook = model.blocks[0].register_forward_pre_hook(lambda *args: calls.append(1))  # block 0: its own forward
+    model.train()
+    model(images).sum().backward()
+    assert len(calls) == 1 and all(parts.training for parts in model._ats.parts)
+    model.set_grad_checkpointing()
+    model(images).sum().backward()
+    assert len(calls) == 3, "checkpointing runs block 0 again in the backward pass"
+    hook.remove()
+    model.set_grad_checkpointing(False)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(images), before)
+        zero = torch.nn.Linear(model.embed_dim, model.embed_dim)
+        torch.nn.init.zeros_(zero.weight), torch.nn.init.zeros_(zero.bias)
+        model.blocks[4].attn.proj = zero  # as an adapter library would
+        swapped = model(images)
+        assert not torch.allclose(swapped, before)
+        assert torch.equal(pickle.loads(pickle.dumps(model))(images), swapped)
 
 
 @pytest.mark.parametrize("name", ["multi_stage", "fuse_min_kept", "fraction_floor", "fuse_distinct",

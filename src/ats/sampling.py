@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 
 def masked_softmax_logits(q: torch.Tensor, k: torch.Tensor, scale: float, key_mask: Optional[torch.Tensor],
@@ -133,7 +134,8 @@ def inverse_transform_sample(scores: torch.Tensor, k: Union[int, torch.Tensor], 
     else:
         at_or_below = (torch.add(0.5, cdf, alpha=k) if isinstance(k, int) else cdf.mul_(k.unsqueeze(1)).add_(0.5))
         at_or_below = at_or_below.floor_()
-    picked = at_or_below.diff(dim=1, prepend=at_or_below.new_zeros(scores.shape[0], 1)) > 0
+    at_or_below = F.pad(at_or_below, (1, 0))  # no point at or below 0
+    picked = at_or_below[:, 1:] > at_or_below[:, :-1]
     keep = torch.zeros_like(picked).scatter_(1, order, picked)
     # a zero score leaves the CDF where it was, so no count rises there; only a random draw can land on 0
     return keep & (scores > 0) if stochastic else keep

@@ -262,7 +262,7 @@ def ats_block(parts: BlockParts, batch: TokenBatch, budget: TokenBudget, config:
                 choice.keep = keep_distinct(unit, choice.keep, choice.patches, choice.scores, config.distinct)
             if config.fuse:
                 batch = _fold(batch, nearest_kept(unit, choice.keep, choice.patches))
-    keep = choice.keep.clone()
+    keep = choice.keep
     keep.narrow(1, 0, prefix).fill_(True)  # every image's prefix tokens hold its first positions
     kept, rows_from = batch.select(keep)
     if choice.cls_live is not None:
