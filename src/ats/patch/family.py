@@ -161,7 +161,7 @@ class Family:
         blocks = self.blocks(model)
         key = (tuple(input_size), _submodule_changes[0], tuple(block.training for block in blocks),
                tuple(self.checkpoint_function(model, block) for block in blocks))
-        if state.parts is None or state.parts_key != key:
+        if state.parts_key != key:
             state.parts, state.parts_key = self.all_block_parts(model, input_size), key
         return state.parts
 
