@@ -16,8 +16,8 @@ from typing import Dict, Optional
 import torch
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-from ats.datasets import FASHION_MNIST_CLASSES, bundled_test_set
-from ats.reference import FASHION_MNIST_MEAN, FASHION_MNIST_STD, REFERENCE_KWARGS, load_reference_model
+from ats.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, bundled_test_set
+from ats.reference import REFERENCE_KWARGS, load_reference_model
 
 #: timm parameter names -> transformers' (per block; the fused qkv is split into three).
 BLOCK_NAMES = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.o_proj",

@@ -30,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ats
-from ats.cli_options import REFERENCE, load_model
+from ats.commands.options import REFERENCE, load_model
 from ats.patch.timm import TIMM
 from ats.profiling import REGIONS
 
@@ -120,7 +120,7 @@ def main(argv: Optional[list] = None) -> int:
     torch.set_num_threads(args.threads)
     model = load_model(argparse.Namespace(model=args.model, pretrained=False, checkpoint=None, device="cpu"))
     if args.model == REFERENCE:
-        from ats.datasets import bundled_test_set
+        from ats.data.fashion_mnist import bundled_test_set
 
         test_set = bundled_test_set()
         images = torch.stack([test_set[index][0] for index in range(args.batch_size)])

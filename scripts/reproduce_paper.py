@@ -2,7 +2,7 @@
 
     python scripts/reproduce_paper.py --out docs/results --limit 2000
 
-Experiments (all in one pass of ``ats.evaluate.evaluate`` over the data):
+Experiments (all in one pass of ``ats.commands.evaluate.evaluate`` over the data):
 - ksweep: single-stage K at block 3 from 8 to 196, inverse transform sampling and top-K
   (supplement Fig. 1 and Table 3);
 - placement: ATS at block 0, 3 and 6 with K chosen so the upper-bound GFLOPs equal K=108 at block 3,
@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import ats
-from ats.cli_options import add_model_arguments, load_model
+from ats.commands.evaluate import evaluate
+from ats.commands.options import add_model_arguments, load_model
+from ats.commands.plots import plot_frontier
 from ats.config import ATSConfig
-from ats.datasets import build_dataset
-from ats.evaluate import evaluate, make_loader
-from ats.plots import plot_frontier
+from ats.data.build import build_dataset
+from ats.data.skipped import make_loader
 
 K_SWEEP = (8, 16, 32, 48, 64, 78, 96, 108, 128, 160, 196)
 RHOS = (1.0, 0.9, 0.8, 0.7)

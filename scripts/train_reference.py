@@ -11,7 +11,7 @@ mid-epoch included. See docs/reference-model.md for the exact commands and the m
 
     python scripts/train_reference.py --img-size 14 --epochs 10 --out-dir .train-ref/low
     python scripts/train_reference.py --img-size 28 --epochs 2 --init .train-ref/low/last.pt \
-        --out-dir .train-ref/full --export src/ats/assets/reference_vit_fmnist.pt
+        --out-dir .train-ref/full --export src/ats/reference/weights/reference_vit_fmnist.pt
 """
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ from timm.data.random_erasing import RandomErasing
 from timm.layers import resample_abs_pos_embed
 from tqdm import tqdm
 
-from ats.checkpoints import save_atomic
-from ats.cluttered import cluttered_test, render_canvas
-from ats.datasets import bundled_test_set, clip_spec, fashion_mnist_train, normalise
-from ats.moving_garments import TEST_SEED, ClipSpec, render_clip, split_labels
+from ats.data.build import clip_spec
+from ats.data.cluttered import cluttered_test, render_canvas
+from ats.data.fashion_mnist import bundled_test_set, fashion_mnist_train, normalise
+from ats.data.moving_garments import TEST_SEED, ClipSpec, render_clip, split_labels
 from ats.reference import (
     create_reference_cluttered,
     create_reference_cvt,
@@ -43,6 +43,7 @@ from ats.reference import (
     create_reference_video,
     create_reference_xvit,
 )
+from ats.reference.checkpoints import save_atomic
 
 ARCHITECTURES = ("vit", "cluttered", "cvt", "psvit", "video", "xvit")
 VIDEO_ARCHITECTURES = ("video", "xvit")
@@ -127,7 +128,7 @@ class ImageData:
 
 
 class CanvasData:
-    """Cluttered Fashion-MNIST canvases (``ats.cluttered``) at ``size``: training canvases of Fashion-MNIST's
+    """Cluttered Fashion-MNIST canvases (``ats.data.cluttered``) at ``size``: training canvases of Fashion-MNIST's
     training images rendered per batch with ``render_seed`` (1000 * --seed + the epoch: fresh positions and clutter
     every epoch) and flipped at random; the test canvases of the bundled test images, rendered once."""
 

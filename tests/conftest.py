@@ -8,7 +8,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from ats.datasets import bundled_test_set
+from ats.data.fashion_mnist import bundled_test_set
 from ats.reference import create_reference_model
 
 

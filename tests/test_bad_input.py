@@ -9,9 +9,9 @@ from conftest import contrasted_images, tiny_vit
 from PIL import Image
 from test_datasets import write_image_folder
 
-from ats.cli import main
-from ats.datasets import SkippedImage, UsableImages, collate_usable
-from ats.evaluate import evaluate
+from ats.commands.cli import main
+from ats.commands.evaluate import evaluate
+from ats.data.skipped import SkippedImage, UsableImages, collate_usable
 
 BAD = ("truncated.jpg", "empty.jpg", "text.png")
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ats.cli import main
+from ats.commands.cli import main
 
 
 def test_bench_rows_are_consistent(checkpoint, capsys):
@@ -47,7 +47,7 @@ def test_bench_times_forwards_under_autocast(checkpoint, capsys):
     analytic FLOP count per kept token) and the forwards run in bfloat16."""
     import torch
 
-    from ats.bench import autocast_context
+    from ats.commands.bench import autocast_context
 
     argv = ["bench", "--checkpoint", str(checkpoint), "--multi-stage", "0.7", "--batch-size", "2", "--repeats", "1",
             "--warmup", "0", "--json"]

@@ -7,7 +7,7 @@ from conftest import contrasted_images, tiny_vit
 
 import ats
 from ats.calibration import BudgetUnreachable, calibrate
-from ats.cli import main
+from ats.commands.cli import main
 
 
 @pytest.fixture

@@ -4,9 +4,9 @@ import os
 import pytest
 import torch
 
-from ats.checkpoints import load_weights, read_state_dict, save_atomic
-from ats.cli import main
+from ats.commands.cli import main
 from ats.reference import create_reference_model
+from ats.reference.checkpoints import load_weights, read_state_dict, save_atomic
 
 
 class FailingToSave:

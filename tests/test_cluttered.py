@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ats.cluttered import (
+from ats.data.cluttered import (
     TEST_SEED,
     CanvasSpec,
     ClutteredFashionMNIST,
@@ -10,7 +10,7 @@ from ats.cluttered import (
     render_canvas,
     target_box,
 )
-from ats.datasets import FASHION_MNIST_CLASSES, bundled_test_set, normalise
+from ats.data.fashion_mnist import FASHION_MNIST_CLASSES, bundled_test_set, normalise
 
 CLEAN = CanvasSpec(clutter=0)
 SCALED = CanvasSpec(min_scale=0.5, max_scale=1.5)

@@ -6,9 +6,9 @@ import torch
 from conftest import random_checkpoint
 
 import ats
-from ats.cli import main
-from ats.cluttered import ClutteredFashionMNIST, cluttered_test
-from ats.datasets import build_dataset, training_set
+from ats.commands.cli import main
+from ats.data.build import build_dataset, training_set
+from ats.data.cluttered import ClutteredFashionMNIST, cluttered_test
 from ats.reference import create_reference_cluttered, create_reference_model, load_reference_cluttered
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ats
-from ats.cli import main
+from ats.commands.cli import main
 from ats.reference import load_reference_cvt
 
 pytestmark = pytest.mark.filterwarnings("ignore:CvT. blocks")

@@ -4,7 +4,8 @@ import timm
 import torch
 from PIL import Image
 
-from ats.datasets import build_dataset, bundled_test_set, fashion_mnist_train, read_idx, training_set
+from ats.data.build import build_dataset, training_set
+from ats.data.fashion_mnist import bundled_test_set, fashion_mnist_train, read_idx
 from ats.reference import REFERENCE_KWARGS, create_reference_model, load_reference_model
 
 

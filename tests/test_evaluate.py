@@ -5,8 +5,8 @@ import torch
 from test_datasets import write_image_folder
 
 import ats
-from ats.cli import main
-from ats.evaluate import evaluate
+from ats.commands.cli import main
+from ats.commands.evaluate import evaluate
 
 
 def run_json(capsys, *argv):

@@ -6,7 +6,7 @@ import pytest
 from conftest import load_script
 from test_datasets import write_image_folder
 
-from ats.cli import main
+from ats.commands.cli import main
 from ats.patch.hf import HF
 
 
@@ -37,7 +37,7 @@ def test_eval_of_the_converted_reference_equals_the_timm_one(hf_reference, check
 
 
 def test_preprocessing_comes_from_the_image_processor_config(hf_reference, tmp_path, capsys):
-    from ats.cli_options import load_hf_model
+    from ats.commands.options import load_hf_model
 
     model = load_hf_model(str(hf_reference))
     config = HF.data_config(model)

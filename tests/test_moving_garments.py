@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ats.datasets import FASHION_MNIST_CLASSES, bundled_test_set, normalise
-from ats.moving_garments import (
+from ats.data.fashion_mnist import FASHION_MNIST_CLASSES, bundled_test_set, normalise
+from ats.data.moving_garments import (
     MOVING_GARMENT_CLASSES,
     TEST_SEED,
     ClipSpec,

@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from ats.plots import eval_method, frontier_figure, kept_tokens_histograms, plot_frontier, slug, write_eval_plots
+from ats.commands.plots import (
+    eval_method,
+    frontier_figure,
+    kept_tokens_histograms,
+    plot_frontier,
+    slug,
+    write_eval_plots,
+)
 
 DEPTH, IMAGES = 12, 20
 

@@ -4,7 +4,7 @@ import json
 import pytest
 
 import ats
-from ats.cli import main
+from ats.commands.cli import main
 from ats.reference import load_reference_psvit
 
 

@@ -6,9 +6,9 @@ import torch
 from conftest import random_checkpoint, tiny_vit
 
 import ats
-from ats.cli import main
+from ats.commands.cli import main
+from ats.commands.retention import effective_tokens, measure_retention
 from ats.reference import create_reference_model
-from ats.retention import effective_tokens, measure_retention
 
 
 def sharpened_vit(factor: float):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ats.cli import main
+from ats.commands.cli import main
 
 
 def train_argv(checkpoint, data, out, *extra):
@@ -70,10 +70,11 @@ def test_training_errors_name_the_problem(extra, message, checkpoint, fashion_tr
     assert message in capsys.readouterr().err
 
 
-def test_two_processes_keep_identical_replicas(checkpoint, fashion_train, tmp_path):
+@pytest.mark.parametrize("module", [["ats.train"], ["ats", "train"]], ids=["-m ats.train", "-m ats train"])
+def test_two_processes_keep_identical_replicas(module, checkpoint, fashion_train, tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "ats.train", *train_argv(checkpoint, fashion_train, out, "--epochs", "1", "--limit", "64")[1:]]
+               "-m", *module, *train_argv(checkpoint, fashion_train, out, "--epochs", "1", "--limit", "64")[1:]]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
@@ -160,7 +161,7 @@ def test_a_dead_worker_stops_the_run_naming_its_rank_and_the_run_resumes(checkpo
 
 
 def test_resuming_with_another_process_count_is_refused():
-    from ats.resume import restore_rng_states, rng_states
+    from ats.commands.resume import restore_rng_states, rng_states
 
     with pytest.raises(ValueError, match=r"written by 2 training process\(es\) and this run has 1; resume with"):
         restore_rng_states(rng_states(1) * 2, rank=0, world_size=1)

@@ -4,8 +4,8 @@ import json
 import torch
 from conftest import load_script
 
-from ats.cluttered import cluttered_test
-from ats.datasets import bundled_test_set
+from ats.data.cluttered import cluttered_test
+from ats.data.fashion_mnist import bundled_test_set
 
 THREADS = str(torch.get_num_threads())  # the script sets its --threads for the whole process
 

@@ -6,12 +6,13 @@ import torch
 from conftest import random_checkpoint
 
 import ats
-from ats.cli import main
-from ats.compare import comparison_configs, runnable
-from ats.datasets import SkippedImage, build_dataset, training_set
-from ats.moving_garments import MOVING_GARMENT_CLASSES, MovingGarments
+from ats.commands.cli import main
+from ats.commands.compare import comparison_configs, runnable
+from ats.data.build import build_dataset, training_set
+from ats.data.moving_garments import MOVING_GARMENT_CLASSES, MovingGarments
+from ats.data.skipped import SkippedImage
+from ats.data.video_files import frame_indices
 from ats.reference import create_reference_video
-from ats.video_files import frame_indices
 
 
 @pytest.fixture

@@ -9,10 +9,9 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 import ats
-from ats.cli import main
-from ats.cli_options import add_config_arguments
-from ats.patch.timm import TIMM
-from ats.visualize import (
+from ats.commands.cli import main
+from ats.commands.options import add_config_arguments
+from ats.commands.visualize import (
     ImageTokens,
     attention_maps,
     display_images,
@@ -20,6 +19,7 @@ from ats.visualize import (
     token_figure,
     visualize_configs,
 )
+from ats.patch.timm import TIMM
 
 ROWS, COLS = 4, 6
 
@@ -164,7 +164,7 @@ def test_cli_rejects_counts_below_one(tmp_path, capsys, flag):
 
 
 def test_cli_shows_bundled_test_images_through_the_reference_model(tmp_path, capsys, checkpoint):
-    from ats.datasets import FASHION_MNIST_CLASSES
+    from ats.data.fashion_mnist import FASHION_MNIST_CLASSES
 
     out = tmp_path / "out"
     code = main(["visualize", "--checkpoint", str(checkpoint), "--num-images", "2", "--out", str(out),

@@ -6,8 +6,8 @@ import torch
 from conftest import random_checkpoint
 
 import ats
-from ats.cli import main
-from ats.moving_garments import MOVING_GARMENT_CLASSES
+from ats.commands.cli import main
+from ats.data.moving_garments import MOVING_GARMENT_CLASSES
 from ats.reference import create_reference_xvit
 
 

@@ -1,4 +1,4 @@
-"""`ats calibrate` / ``ats.calibrate``: ask for a budget, get a config.
+"""``ats.calibrate``: ask for a budget, get a config (the search; ``ats calibrate`` is its command).
 
 A method (ATS, top-K, ATS with ``fuse`` + ``distinct``, EViT, token merging) has one free parameter
 that sets its cost: rho, the ``distinct`` threshold, the keep rate, or r. What a value costs depends
@@ -9,8 +9,6 @@ the nearest budget it can reach.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional, Tuple
@@ -19,13 +17,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-import ats
-
-from .cli_options import add_model_arguments, block_list, load_model
 from .config import EVIT_BLOCKS, MULTI_STAGE_FIRST_BLOCK, ATSConfig, EViTConfig, MergeConfig, PatchConfig
-from .datasets import DEFAULT_MAX_BAD, SkippedImages, build_dataset
-from .evaluate import add_max_bad_argument, dataset_size, make_loader
-from .patch import as_logits, family_of
+from .data.skipped import DEFAULT_MAX_BAD, SkippedImages, dataset_size
+from .patch import as_logits, family_of, is_patched, last_stats, patch, unpatch
+from .patch import gflops as analytic_gflops
 
 #: The calibration set's default size: enough for a stable mean of GFLOPs, quick to run many times.
 DEFAULT_LIMIT = 500
@@ -142,9 +137,9 @@ def calibrate(model: nn.Module, loader: Iterable, gflops: Optional[float] = None
         raise ValueError(f"the fraction must lie in (0, 1] (of the unpatched model's GFLOPs), got {fraction}")
     if not 0.0 < tolerance < 1.0:
         raise ValueError(f"the tolerance is a relative error in (0, 1), e.g. 0.02, got {tolerance}")
-    previous = model._ats.config if ats.is_patched(model) else None
+    previous = model._ats.config if is_patched(model) else None
     if previous is not None:
-        ats.unpatch(model)
+        unpatch(model)
     device = next(model.parameters()).device
     skipped = SkippedImages(dataset_size(loader), max_bad)
     batches = []
@@ -157,7 +152,7 @@ def calibrate(model: nn.Module, loader: Iterable, gflops: Optional[float] = None
                                                            else ""))
     family = family_of(model)
     input_size = tuple(batches[0][0].shape[1:])
-    unpatched_gflops = ats.gflops(model, input_size)
+    unpatched_gflops = analytic_gflops(model, input_size)
     target = gflops if gflops is not None else fraction * unpatched_gflops
     knob = method_knob(method, family.depth(model), family.shape(model, input_size).num_patches, first, every,
                        evit_blocks)
@@ -168,9 +163,9 @@ def calibrate(model: nn.Module, loader: Iterable, gflops: Optional[float] = None
         gflops_found, top1 = search.measured[value]
     finally:
         if previous is not None:
-            ats.patch(model, previous)
-        elif ats.is_patched(model):
-            ats.unpatch(model)
+            patch(model, previous)
+        elif is_patched(model):
+            unpatch(model)
     found = Calibration(method, knob.name, value, knob.make(value), gflops_found, target, unpatched_gflops, top1,
                         unpatched_top1, sum(len(labels) for _, labels in batches), len(skipped), len(search.measured),
                         knob.python(value))
@@ -243,69 +238,16 @@ class _Search:
 def _measure(model: nn.Module, batches: List[tuple], config: Optional[PatchConfig]) -> Tuple[float, float]:
     """(mean GFLOPs per image, top-1 %) of ``model`` under ``config`` (None: unpatched) on the batches."""
     if config is None:
-        if ats.is_patched(model):
-            ats.unpatch(model)
+        if is_patched(model):
+            unpatch(model)
     else:
-        ats.patch(model, config)
+        patch(model, config)
     total_gflops, correct, count = 0.0, 0, 0
     for images, labels in batches:
         logits = as_logits(model(images))
         correct += int((logits.argmax(-1) == labels).sum())
         count += len(labels)
         if config is not None:
-            total_gflops += float(ats.last_stats(model).gflops.sum())
-    mean_gflops = total_gflops / count if config is not None else ats.gflops(model, tuple(images.shape[1:]))
+            total_gflops += float(last_stats(model).gflops.sum())
+    mean_gflops = total_gflops / count if config is not None else analytic_gflops(model, tuple(images.shape[1:]))
     return mean_gflops, 100.0 * correct / count
-
-
-def format_calibration(found: Calibration) -> str:
-    record = found.to_json()
-    return "\n".join([
-        f"method:  {found.method}: {METHODS[found.method]}",
-        f"target:  {found.target_gflops:.4f} GFLOPs ({found.target_gflops / found.unpatched_gflops:.1%} of the "
-        f"unpatched {found.unpatched_gflops:.4f})",
-        f"found:   {found.parameter}={found.value:g} -> {found.gflops:.4f} GFLOPs ({record['error']:+.1%}), "
-        f"top-1 {found.top1:.2f}% on {found.images} images (unpatched {found.unpatched_top1:.2f}%; "
-        f"{found.skipped} skipped as unusable), {found.steps} passes",
-        f"config:  {found.config.describe()}",
-        f"python:  ats.patch(model, {found.python})",
-    ])
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("calibrate", help="find the config that costs a given GFLOPs budget",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser)
-    group = parser.add_argument_group("data")
-    group.add_argument("--data", help="an ImageFolder of calibration images; default: the bundled Fashion-MNIST "
-                                      "test set")
-    group.add_argument("--limit", type=int, default=DEFAULT_LIMIT,
-                       help=f"calibrate on the first N images (default {DEFAULT_LIMIT})")
-    group.add_argument("--batch-size", type=int, default=250)
-    add_max_bad_argument(group)
-    budget = parser.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--gflops", type=float, metavar="G", help="the target mean GFLOPs per image")
-    budget.add_argument("--fraction", type=float, metavar="F",
-                        help="the target as a fraction of the unpatched model's GFLOPs, e.g. 0.6")
-    parser.add_argument("--method", choices=list(METHODS), default="fuse-distinct",
-                        help="; ".join(f"{name}: {text}" for name, text in METHODS.items()) +
-                             " (default fuse-distinct)")
-    parser.add_argument("--first", type=int, default=MULTI_STAGE_FIRST_BLOCK,
-                        help=f"the first ATS block of the ATS methods (default {MULTI_STAGE_FIRST_BLOCK})")
-    parser.add_argument("--every", type=int, default=1, help="ATS in every N-th block from --first (default 1)")
-    parser.add_argument("--evit-blocks", type=block_list, default=EVIT_BLOCKS, metavar="I,J,..",
-                        help=f"the blocks of --method evit (default {','.join(map(str, EVIT_BLOCKS))})")
-    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                        help=f"how close to the target the mean GFLOPs must come (default {DEFAULT_TOLERANCE})")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    model = load_model(args)
-    loader = make_loader(build_dataset(args.data, model, args.limit), args.batch_size, 0)
-    found = calibrate(model, loader, gflops=args.gflops, fraction=args.fraction, method=args.method,
-                      first=args.first, every=args.every, evit_blocks=args.evit_blocks, tolerance=args.tolerance,
-                      max_bad=args.max_bad)
-    print(json.dumps(found.to_json(), indent=1) if args.json else format_calibration(found))
-    return 0

@@ -30,7 +30,7 @@ from .init import init_linear
 
 XVIT_TINY_GARMENTS = dict(img_size=64, patch_size=8, in_chans=1, num_frames=8, num_classes=20, embed_dim=64, depth=8,
                           num_heads=2, mlp_ratio=4.0, window=1, mix=0.5, qkv_bias=True)
-"""Moving-garment clips (``ats.moving_garments``): 8 frames of 64 x 64 with 8 x 8 patches (64 positions), width 64,
+"""Moving-garment clips (``ats.data.moving_garments``): 8 frames of 64 x 64 with 8 x 8 patches (64 positions), width 64,
 2 heads, 8 blocks, a window of t - 1 .. t + 1 with half of every head's key and value channels from the neighbours;
 the sizes of the reference TimeSformer, so the two are comparable."""
 

@@ -1,10 +1,14 @@
-"""Integrations of ATS into model families: one adapter module per family, and the lookup of a
-model's family. A new pre-norm family is one ``Family`` subclass (see ``family.py``) added to FAMILIES."""
+"""Integrations of ATS into model families: one adapter module per family, the lookup of a model's
+family, and the calls that patch a model through it (``ats.patch``, ``ats.unpatch``, ``ats.gflops``). A
+new pre-norm family is one ``Family`` subclass (see ``family.py``) added to FAMILIES."""
+from typing import Optional, Sequence
+
 import torch
 from torch import nn
 
+from ..config import PATCH_CONFIGS, PatchConfig
 from .cvt import CVT
-from .family import Family
+from .family import Family, last_stats, unpatch, upper_bound_flops
 from .hf import HF
 from .psvit import PSVIT
 from .timesformer import TIMESFORMER
@@ -12,6 +16,8 @@ from .timm import TIMM
 from .xvit import XVIT
 
 FAMILIES = (TIMM, HF, CVT, PSVIT, TIMESFORMER, XVIT)
+__all__ = ["FAMILIES", "Family", "as_logits", "family_of", "gflops", "is_patched", "last_stats", "patch",
+           "takes_clips", "unpatch"]
 
 
 def family_of(model: nn.Module) -> Family:
@@ -24,6 +30,30 @@ def family_of(model: nn.Module) -> Family:
     raise TypeError(f"ATS does not support {cls.__module__}.{cls.__name__}; it supports {supported}. For timm, "
                     "create e.g. timm.create_model('deit_small_patch16_224'); for transformers, e.g. "
                     "ViTForImageClassification.from_pretrained(...)")
+
+
+def patch(model: nn.Module, config: PatchConfig) -> nn.Module:
+    """Apply ATS (or EViT, both stacked, or the token-merging baseline) to ``model`` in place and
+    return it; patching again replaces the config."""
+    if not isinstance(config, PATCH_CONFIGS):
+        raise TypeError(f"config must be an ats.ATSConfig (or EViTConfig, StackedConfig, MergeConfig, "
+                        f"KeepAllConfig), got {type(config).__name__}; e.g. ats.ATSConfig.multi_stage(rho=1.0)")
+    return family_of(model).patch(model, config)
+
+
+def is_patched(model: nn.Module) -> bool:
+    return hasattr(model, "_ats")
+
+
+def gflops(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> float:
+    """Analytic GFLOPs per image: of an unpatched model, or the upper bound of a patched one.
+
+    input_size: (C, H, W); defaults to the model's own.
+    """
+    family = family_of(model)
+    shape = family.shape(model, input_size)
+    config = model._ats.config if is_patched(model) else None
+    return upper_bound_flops(shape, config, family.block_costs(model, shape, config)) / 1e9
 
 
 def as_logits(output) -> torch.Tensor:

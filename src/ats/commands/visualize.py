@@ -23,12 +23,12 @@ from torch import nn
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
-from . import last_stats, patch, unpatch
-from .cli_options import REFERENCE_MODELS, add_config_arguments, add_model_arguments, configs_from_arguments, load_model
-from .config import PatchConfig
-from .patch import family_of
+from .. import last_stats, patch, unpatch
+from ..config import PatchConfig
+from ..patch import family_of
+from ..stats import ATSStats
+from .options import REFERENCE_MODELS, add_config_arguments, add_model_arguments, configs_from_arguments, load_model
 from .plots import new_figure, save_figure, slug
-from .stats import ATSStats
 
 #: Dropped patches are tinted this far towards DROPPED_COLOUR (visible on dark and light backgrounds).
 DROPPED_FADE = 0.7
@@ -280,9 +280,10 @@ class Inputs:
 
 def load_inputs(args: argparse.Namespace, model: nn.Module, data_config: dict) -> Inputs:
     """--images files/folders, or the first --num-images images of the bundled test set."""
-    from .datasets import FASHION_MNIST_CLASSES, build_dataset
-    from .moving_garments import MOVING_GARMENT_CLASSES
-    from .patch import takes_clips
+    from ..data.build import build_dataset
+    from ..data.fashion_mnist import FASHION_MNIST_CLASSES
+    from ..data.moving_garments import MOVING_GARMENT_CLASSES
+    from ..patch import takes_clips
 
     video = takes_clips(model)
     test_classes = MOVING_GARMENT_CLASSES if video else FASHION_MNIST_CLASSES

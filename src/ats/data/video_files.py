@@ -14,7 +14,8 @@ from typing import Callable, List, Tuple
 import torch
 from torch.utils.data import Dataset
 
-from .datasets import SkippedImage
+from ..patch import family_of
+from .skipped import SkippedImage
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 
@@ -76,8 +77,6 @@ def video_folder(root: Path, model: torch.nn.Module) -> VideoFolder:
     """A folder of video files for ``model``: its frames, and timm's evaluation transform for its per-frame data
     config (also in training: random crops and flips drawn per frame would tear a clip apart)."""
     import timm.data
-
-    from .patch import family_of
 
     config = dict(family_of(model).data_config(model))
     frames = config.pop("num_frames")

@@ -10,15 +10,16 @@ from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import ats
 
-from .cli_options import add_config_arguments, add_model_arguments, configs_from_arguments, load_model
-from .config import EViTConfig, KeepAllConfig, MergeConfig, PatchConfig, StackedConfig
-from .datasets import DEFAULT_MAX_BAD, SkippedImages, build_dataset, collate_usable
-from .patch import family_of
+from ..config import EViTConfig, KeepAllConfig, MergeConfig, PatchConfig, StackedConfig
+from ..data.build import build_dataset
+from ..data.skipped import DEFAULT_MAX_BAD, SkippedImages, dataset_size, make_loader
+from ..patch import family_of
+from .options import add_config_arguments, add_data_arguments, add_model_arguments, configs_from_arguments, load_model
 from .timing import measure_throughput
 
 
@@ -156,7 +157,6 @@ def set_config(model: nn.Module, config: Optional[PatchConfig]) -> None:
         ats.patch(model, config)
 
 
-
 def _tokens(model: nn.Module, config: Optional[PatchConfig], batch: int, depth: int, num_tokens: int,
             which: str) -> torch.Tensor:
     if config is None:
@@ -183,41 +183,9 @@ def format_table(rows: Sequence[EvalRow]) -> str:
     return text_table(lines)
 
 
-def make_loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
-    """Batches in order; unusable images are left out and named (``collate_usable``)."""
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    if workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {workers}")
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_usable)
-
-
-def dataset_size(loader) -> int:
-    """Images in a DataLoader's data set, or in a list of (images, labels) batches."""
-    if hasattr(loader, "dataset"):
-        return len(loader.dataset)
-    return sum(len(batch[1]) + len(getattr(batch, "skipped", ())) for batch in loader)
-
-
 def summary_line(rows: Sequence[EvalRow]) -> str:
     """'N images evaluated, M skipped' for stderr."""
     return f"{len(rows[0].tokens_in)} images evaluated, {rows[0].skipped} skipped as unusable"
-
-
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("data")
-    group.add_argument("--data", help="an ImageFolder directory (root/<class>/<image>); default: the bundled "
-                                      "Fashion-MNIST test set")
-    group.add_argument("--limit", type=int, help="evaluate the first N images")
-    group.add_argument("--batch-size", type=int, default=250)
-    group.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    add_max_bad_argument(group)
-
-
-def add_max_bad_argument(group) -> None:
-    group.add_argument("--max-bad", type=float, default=DEFAULT_MAX_BAD, metavar="SHARE",
-                       help="unreadable images (or non-finite ones) are skipped with a warning; stop when more than "
-                            f"this share of them is (default {DEFAULT_MAX_BAD})")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

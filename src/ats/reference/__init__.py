@@ -6,7 +6,7 @@ blocks 3..11) apply as written; a plain timm VisionTransformer. The CvT one (tra
 ``CvtForImageClassification``, the CvT-13 layout of 1, 2 and 10 blocks) ends in a stage of 14x14 = 196
 patch tokens + 1 class token, and so does the PS-ViT one (``ats.models.psvit``, 196 sampled tokens).
 The video one (transformers' ``TimesformerForVideoClassification``, divided space-time attention) classifies
-moving-garment clips (``ats.moving_garments``: 8 frames of 64x64, 8x8 patches, 64 positions per frame), and so
+moving-garment clips (``ats.data.moving_garments``: 8 frames of 64x64, 8x8 patches, 64 positions per frame), and so
 does the XViT one (``ats.models.xvit``, space-time mixing attention) at the same sizes.
 ``scripts/train_reference.py`` trains them (docs/reference-model.md).
 """
@@ -18,25 +18,28 @@ from typing import Optional
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ..data.cluttered import CLUTTERED_TEST_SET
+from ..data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from ..data.moving_garments import MOVING_GARMENT_CLASSES
+from ..models.conv_stem import ConvStemPatchEmbed
+from ..models.psvit import PSVIT_TINY_FMNIST, PSViT
+from ..models.xvit import XVIT_TINY_GARMENTS, XViT
 from .checkpoints import load_weights, read_state_dict
-from .models.conv_stem import ConvStemPatchEmbed
 
 REFERENCE_KWARGS = dict(img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_dim=96, depth=12,
                         num_heads=3, mlp_ratio=4.0, class_token=True, global_pool="token")
-FASHION_MNIST_MEAN = (0.2860,)
-FASHION_MNIST_STD = (0.3530,)
-REFERENCE_CHECKPOINT = Path(__file__).parent / "assets" / "reference_vit_fmnist.pt"
-#: The reference ViT's layout on cluttered Fashion-MNIST canvases (``ats.cluttered``): 56x56, 4x4 patches,
+#: The bundled reference models' weights (in the wheel).
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+REFERENCE_CHECKPOINT = WEIGHTS_DIR / "reference_vit_fmnist.pt"
+#: The reference ViT's layout on cluttered Fashion-MNIST canvases (``ats.data.cluttered``): 56x56, 4x4 patches,
 #: again 14x14 = 196 patch tokens + 1 class token; 6 heads of 16 channels (DeiT-S's head count), which
 #: spread the early class attention wider than 3 (docs/reference-model.md).
 REFERENCE_CLUTTERED_KWARGS = dict(REFERENCE_KWARGS, img_size=56, patch_size=4, num_heads=6)
 #: A state-dict key only a cluttered reference model with a convolutional stem has.
 CONV_STEM_KEY = "patch_embed.proj.0.weight"
 #: The models too big for the wheel's 15 MB (docs/reference-model.md): the repository's ``models/`` folder.
-MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+MODELS_DIR = Path(__file__).resolve().parents[3] / "models"
 REFERENCE_CLUTTERED_CHECKPOINT = MODELS_DIR / "reference-cluttered.pt"
-#: ``pretrained_cfg["test_set"]`` of the models whose test set is cluttered Fashion-MNIST, not Fashion-MNIST.
-CLUTTERED_TEST_SET = "cluttered-fashion-mnist"
 TRAINING_COMMAND = "python scripts/train_reference.py (see docs/reference-model.md)"
 #: The CvT-13 layout (1, 2, 10 blocks; 1, 2, 3 heads) at a width that trains on a CPU. Stage strides
 #: 1, 2, 1 on 28x28 input: stages of 28x28, 14x14 and 14x14 tokens, the last with a class token.
@@ -46,14 +49,14 @@ REFERENCE_CVT_KWARGS = dict(num_channels=1, num_labels=10, patch_sizes=[3, 3, 3]
                             drop_path_rate=[0.0] * 3, qkv_bias=[True] * 3, cls_token=[False, False, True],
                             qkv_projection_method=["dw_bn"] * 3, kernel_qkv=[3] * 3, padding_kv=[1] * 3,
                             stride_kv=[2] * 3, padding_q=[1] * 3, stride_q=[1] * 3)
-REFERENCE_CVT_CHECKPOINT = Path(__file__).parent / "assets" / "reference_cvt_fmnist.pt"
-REFERENCE_PSVIT_CHECKPOINT = Path(__file__).parent / "assets" / "reference_psvit_fmnist.pt"
+REFERENCE_CVT_CHECKPOINT = WEIGHTS_DIR / "reference_cvt_fmnist.pt"
+REFERENCE_PSVIT_CHECKPOINT = WEIGHTS_DIR / "reference_psvit_fmnist.pt"
 #: A small TimeSformer with divided space-time attention on moving-garment clips (8 frames of 64x64, 8x8 patches).
 REFERENCE_VIDEO_KWARGS = dict(image_size=64, patch_size=8, num_channels=1, num_frames=8, hidden_size=64,
                               num_attention_heads=2, num_hidden_layers=8, intermediate_size=256,
                               attention_type="divided_space_time", qkv_bias=True)
-REFERENCE_VIDEO_CHECKPOINT = Path(__file__).parent / "assets" / "reference_video_garments.pt"
-REFERENCE_XVIT_CHECKPOINT = Path(__file__).parent / "assets" / "reference_xvit_garments.pt"
+REFERENCE_VIDEO_CHECKPOINT = WEIGHTS_DIR / "reference_video_garments.pt"
+REFERENCE_XVIT_CHECKPOINT = WEIGHTS_DIR / "reference_xvit_garments.pt"
 
 
 def fashion_mnist_data_config(size: int, num_classes: int = 10) -> dict:
@@ -88,8 +91,6 @@ def create_reference_cvt(**overrides) -> nn.Module:
         from transformers import CvtConfig, CvtForImageClassification
     except ImportError:
         raise ImportError("the reference CvT is a transformers model: pip install 'ats-vit[hf]'") from None
-    from .datasets import FASHION_MNIST_CLASSES
-
     config = CvtConfig(**{**REFERENCE_CVT_KWARGS, **overrides}, id2label=dict(enumerate(FASHION_MNIST_CLASSES)))
     model = CvtForImageClassification(config)
     model.pretrained_cfg = fashion_mnist_data_config(28)
@@ -99,8 +100,6 @@ def create_reference_cvt(**overrides) -> nn.Module:
 def create_reference_psvit(**overrides) -> nn.Module:
     """The reference PS-ViT (``ats.models.psvit.PSVIT_TINY_FMNIST``), randomly initialised; ``overrides``
     change its arguments (e.g. img_size=14 for the cheap first phase of training)."""
-    from .models.psvit import PSVIT_TINY_FMNIST, PSViT
-
     kwargs = {**PSVIT_TINY_FMNIST, **overrides}
     model = PSViT(**kwargs)
     size = kwargs["img_size"]
@@ -115,8 +114,6 @@ def create_reference_video(**overrides) -> nn.Module:
         from transformers import TimesformerConfig, TimesformerForVideoClassification
     except ImportError:
         raise ImportError("the reference video model is a transformers model: pip install 'ats-vit[hf]'") from None
-    from .moving_garments import MOVING_GARMENT_CLASSES
-
     config = TimesformerConfig(**{**REFERENCE_VIDEO_KWARGS, **overrides},
                                id2label=dict(enumerate(MOVING_GARMENT_CLASSES)))
     model = TimesformerForVideoClassification(config)
@@ -127,8 +124,6 @@ def create_reference_video(**overrides) -> nn.Module:
 def create_reference_xvit(**overrides) -> nn.Module:
     """The reference XViT (``ats.models.xvit.XVIT_TINY_GARMENTS``), randomly initialised; ``overrides`` change its
     arguments."""
-    from .models.xvit import XVIT_TINY_GARMENTS, XViT
-
     model = XViT(**{**XVIT_TINY_GARMENTS, **overrides})
     model.pretrained_cfg = fashion_mnist_data_config(model.img_size, model.num_classes)
     return model

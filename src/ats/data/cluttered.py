@@ -31,9 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .datasets import FASHION_MNIST_CLASSES, bundled_test_set, fashion_mnist_train, normalise
+from .fashion_mnist import FASHION_MNIST_CLASSES, bundled_test_set, fashion_mnist_train, normalise
 from .moving_garments import GARMENT_SIZE, check_clutter, check_source, clip_generator, draw_clutter
 
+#: ``pretrained_cfg["test_set"]`` of the models whose test set is cluttered Fashion-MNIST, not Fashion-MNIST.
+CLUTTERED_TEST_SET = "cluttered-fashion-mnist"
 #: The seed of the test split, ``cluttered_test()``.
 TEST_SEED = 104729
 

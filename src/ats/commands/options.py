@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from .config import (
+from ..config import (
     EVIT_BLOCKS,
     PAPER_KS,
     PAPER_RHOS,
@@ -22,6 +22,7 @@ from .config import (
     StackedConfig,
     TokenBudget,
 )
+from ..data.skipped import DEFAULT_MAX_BAD
 
 REFERENCE = "reference"
 #: The models trained here on Fashion-MNIST, by --model name; they load their bundled weights and run on the
@@ -51,8 +52,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_model(args: argparse.Namespace) -> nn.Module:
     """The model the flags name, in eval mode on ``args.device``."""
-    from .checkpoints import load_weights
-    from .reference import (
+    from ..reference import (
         load_reference_cluttered,
         load_reference_cvt,
         load_reference_model,
@@ -60,6 +60,7 @@ def load_model(args: argparse.Namespace) -> nn.Module:
         load_reference_video,
         load_reference_xvit,
     )
+    from ..reference.checkpoints import load_weights
 
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint file {args.checkpoint} does not exist; pass the path of a "
@@ -94,8 +95,8 @@ def load_hf_model(name: str, download: bool = False) -> nn.Module:
         from transformers.image_processing_utils import ImageProcessingMixin
     except ImportError:
         raise ValueError("--model hf:... needs Hugging Face transformers: pip install 'ats-vit[hf]'") from None
-    from .patch.hf import LAYOUTS
-    from .patch.timesformer import BASES
+    from ..patch.hf import LAYOUTS
+    from ..patch.timesformer import BASES
 
     local = Path(name).is_dir()
     if local and not (Path(name) / "config.json").is_file():
@@ -212,3 +213,19 @@ def parse_blocks(spec: str) -> dict:
             raise ValueError(f"cannot read block spec {part!r} ({error}); use BLOCK:K or FIRST-LAST:RHO") from None
         blocks.update({index: value for index in indices})
     return blocks
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", help="an ImageFolder directory (root/<class>/<image>); default: the bundled "
+                                      "Fashion-MNIST test set")
+    group.add_argument("--limit", type=int, help="evaluate the first N images")
+    group.add_argument("--batch-size", type=int, default=250)
+    group.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    add_max_bad_argument(group)
+
+
+def add_max_bad_argument(group) -> None:
+    group.add_argument("--max-bad", type=float, default=DEFAULT_MAX_BAD, metavar="SHARE",
+                       help="unreadable images (or non-finite ones) are skipped with a warning; stop when more than "
+                            f"this share of them is (default {DEFAULT_MAX_BAD})")

@@ -17,11 +17,12 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
-from .cli_options import add_model_arguments, count_or_fraction, load_model
-from .config import EVIT_BLOCKS, ATSConfig, EViTConfig, MergeConfig, PatchConfig
-from .datasets import build_dataset
-from .evaluate import EvalRow, add_data_arguments, evaluate, kept_summary, make_loader, summary_line, text_table
-from .patch import family_of
+from ..config import EVIT_BLOCKS, ATSConfig, EViTConfig, MergeConfig, PatchConfig
+from ..data.build import build_dataset
+from ..data.skipped import make_loader
+from ..patch import family_of
+from .evaluate import EvalRow, evaluate, kept_summary, summary_line, text_table
+from .options import add_data_arguments, add_model_arguments, count_or_fraction, load_model
 
 DEFAULT_RHOS = (1.0, 0.9, 0.8, 0.7)
 DEFAULT_MIN_KEPT = (0.9, 0.85, 0.8, 0.75)

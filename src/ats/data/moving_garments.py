@@ -31,7 +31,7 @@ from typing import Callable, NamedTuple, Optional, Protocol, Tuple
 import torch
 from torch.utils.data import Dataset
 
-from .datasets import FASHION_MNIST_CLASSES, bundled_test_set, fashion_mnist_train, normalise
+from .fashion_mnist import FASHION_MNIST_CLASSES, bundled_test_set, fashion_mnist_train, normalise
 
 GARMENT_SIZE = 28
 #: The seed of the test split, ``moving_garments_test()``.
@@ -41,7 +41,7 @@ _SEED_STRIDE = 0x9E3779B1  # odd, so the clip seeds of one data set seed are dis
 
 
 class ClutterSpec(Protocol):
-    """What the clutter needs of a spec (``ClipSpec`` here, ``ats.cluttered.CanvasSpec`` for still images)."""
+    """What the clutter needs of a spec (``ClipSpec`` here, ``ats.data.cluttered.CanvasSpec`` for still images)."""
 
     size: int
     clutter: int

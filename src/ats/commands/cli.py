@@ -6,10 +6,10 @@ import importlib
 import sys
 from typing import List, Optional
 
-from . import __version__
+from .. import __version__
 
-#: Tool modules under ``ats``; each defines ``add_parser(subparsers)``, which sets ``func(args) -> int``.
-COMMANDS: tuple = ("evaluate", "bench", "visualize", "train", "compare", "calibration", "retention")
+#: Command modules under ``ats.commands``; each defines ``add_parser(subparsers)``, which sets ``func(args) -> int``.
+COMMANDS: tuple = ("evaluate", "bench", "visualize", "train", "compare", "calibrate", "retention")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ats {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"ats.{name}").add_parser(subparsers)
+        importlib.import_module(f"ats.commands.{name}").add_parser(subparsers)
     return parser
 
 

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .cli_options import add_model_arguments, load_model
-from .config import ATSConfig
-from .datasets import build_dataset
-from .evaluate import make_loader
-from .patch.family import last_stats, unpatch
+from ..config import ATSConfig
+from ..data.build import build_dataset
+from ..data.skipped import make_loader
+from ..patch.family import last_stats, unpatch
+from .options import add_model_arguments, load_model
 
 #: The paper's single-stage budget at block 3 on DeiT-S (196 patch tokens), where retention is read.
 RETENTION_K = 108
@@ -61,7 +61,7 @@ def measure_retention(model: nn.Module, batches: Iterable, k: int = RETENTION_K,
     """Retention of single-stage ATS with ``k`` samples in ``block`` on an unpatched ``model`` over
     ``batches`` of inputs (or (inputs, labels) pairs); the model is patched for the measurement and
     unpatched after."""
-    from . import is_patched, patch
+    from .. import is_patched, patch
 
     if is_patched(model):
         raise ValueError("measure_retention patches the model itself; pass an unpatched model (ats.unpatch(model))")

@@ -21,11 +21,11 @@ from torch import nn
 
 import ats
 
-from .cli_options import REFERENCE_MODELS, add_config_arguments, add_model_arguments, configs_from_arguments, load_model
-from .config import PatchConfig, with_ats_options
-from .datasets import build_dataset
+from ..config import PatchConfig, with_ats_options
+from ..data.build import build_dataset
+from ..patch import family_of
 from .evaluate import set_config, text_table
-from .patch import family_of
+from .options import REFERENCE_MODELS, add_config_arguments, add_model_arguments, configs_from_arguments, load_model
 from .timing import time_forward
 
 
