@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup eval test lint
+.PHONY: setup eval test lint wheel-check
 
 setup: $(STAMP)
 
@@ -23,3 +23,13 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts
+
+# Build the wheel, install it into a fresh virtual environment and run the commands from there (CI runs it).
+WHEEL_VENV := build/wheel-venv
+wheel-check: $(STAMP)
+	rm -rf dist build
+	$(VENV)/bin/pip wheel --quiet --no-deps -w dist .
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/pip install --quiet -c requirements-ci.txt "$$(ls dist/ats_vit-*.whl)[hf]"
+	cd build && wheel-venv/bin/ats eval --limit 8 --repeats 1
+	cd build && wheel-venv/bin/ats bench --model deit_tiny_patch16_224 --batch-size 2 --repeats 1

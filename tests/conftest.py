@@ -90,3 +90,17 @@ def fashion_train(tmp_path):
     write_idx(folder / "train-images-idx3-ubyte.gz", test_set.images[:64])
     write_idx(folder / "train-labels-idx1-ubyte.gz", test_set.labels[:64].to(torch.uint8))
     return folder
+
+
+def worker_pid(rank: int, launcher_pid: int) -> int:
+    """The pid of the torchrun worker of ``rank`` (Linux: read from /proc)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+                parent = int((entry / "stat").read_text().split(") ")[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if f"RANK={rank}".encode() in environ and b"ATS_TEST_RUN=1" in environ and parent == launcher_pid:
+                return int(entry.name)
+    raise AssertionError(f"no worker of rank {rank} found")

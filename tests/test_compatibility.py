@@ -6,7 +6,10 @@ import pickle
 import pytest
 import torch
 from conftest import contrasted_images, tiny_vit
+from test_patch_beit import tiny_beit
+from test_patch_eva import tiny_eva
 from test_patch_hf import tiny_hf
+from test_patch_siglip import tiny_siglip
 from torch._dynamo.testing import CompileCounter
 
 import ats
@@ -16,6 +19,9 @@ CONFIG = ats.ATSConfig.multi_stage(0.87, first=1, depth=6, fuse=True)
 MODELS = {
     "timm ViT": tiny_vit,
     "timm ViT, average pooling": lambda: tiny_vit(class_token=False, global_pool="avg"),
+    "timm SigLIP (attention pool)": lambda: tiny_siglip(depth=6),
+    "timm Eva (mixed RoPE)": lambda: tiny_eva("rope mixed + ape", depth=6),
+    "timm Beit (relative position bias)": lambda: tiny_beit("own and shared bias, SwiGLU", depth=6),
     "ViTForImageClassification": lambda: tiny_hf("ViTForImageClassification"),
     "DeiTForImageClassificationWithTeacher": lambda: tiny_hf("DeiTForImageClassificationWithTeacher"),
     "Dinov2WithRegistersForImageClassification": lambda: tiny_hf("Dinov2WithRegistersForImageClassification"),

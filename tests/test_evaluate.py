@@ -27,14 +27,34 @@ def test_eval_on_an_image_folder(tmp_path, checkpoint, capsys):
     assert everything["top1"] == unpatched["top1"]  # top-K keeping every token changes nothing
 
 
-def test_eval_defaults_to_the_papers_six_configs_and_prints_a_table(checkpoint, capsys, tmp_path):
+def test_eval_defaults_to_the_papers_six_the_recommended_and_merging_and_says_which_row(checkpoint, capsys,
+                                                                                          tmp_path):
     assert main(["eval", "--checkpoint", str(checkpoint), "--limit", "8", "--repeats", "1",
                  "--plots", str(tmp_path / "plots")]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["config", "params", "GFLOPs"]
-    assert [line.split()[0] for line in table[1:]] == ["unpatched"] + ["rho=1", "rho=0.87", "rho=0.72"] + \
-        ["K=108", "K=78", "K=48"]
+    assert [line.split()[0] for line in table[1:-1]] == ["unpatched"] + ["rho=1", "rho=0.87", "rho=0.72"] + \
+        ["K=108", "K=78", "K=48", "rho=1", "merge"]
+    assert "(fuse, distinct=0.95)" in table[-3] and table[-1].startswith("which row: 'rho=1 @ blocks 3..11 (fuse, ")
     assert list((tmp_path / "plots").glob("*.png"))
+
+
+def test_the_default_merging_row_costs_about_what_the_recommended_one_does(capsys):
+    rows = run_json(capsys, "eval", "--limit", "100", "--repeats", "1", "--json")
+    recommended, merging = rows[-2:]
+    assert recommended["config"] == ats.ATSConfig.recommended().describe() and merging["method"] == "merge"
+    assert abs(merging["gflops"] / recommended["gflops"] - 1) < 0.05
+    assert recommended["top1"] > max(row["top1"] for row in rows[1:7])  # the bundled model: above the paper's six
+
+
+def test_nearest_merge_is_the_r_whose_analytic_gflops_come_closest(model):
+    from ats.calibration import nearest_merge
+
+    costs = {r: ats.gflops(ats.patch(model, ats.MergeConfig(r))) for r in range(1, 33)}
+    ats.unpatch(model)
+    target = (costs[5] + costs[6]) / 2 + 1e-6
+    assert nearest_merge(model, target) == ats.MergeConfig(5) and not ats.is_patched(model)
+    assert nearest_merge(model, 0.0) == ats.MergeConfig(32)
 
 
 def test_eval_passes_fuse_distinct_and_min_kept_to_every_config(checkpoint, capsys):

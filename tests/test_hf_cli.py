@@ -46,7 +46,7 @@ def test_preprocessing_comes_from_the_image_processor_config(hf_reference, tmp_p
     assert HF.class_names(model)[0] == "T-shirt/top"
     data = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=2, size=(40, 30))
     rows = run_json(capsys, "eval", "--model", f"hf:{hf_reference}", "--data", str(data), "--repeats", "1", "--json")
-    assert len(rows) == 7 and rows[0]["tokens_per_block"][0] == 197
+    assert len(rows) == 9 and rows[0]["tokens_per_block"][0] == 197  # the paper's six, recommended, merging
 
 
 def test_visualize_bench_and_train_take_a_transformers_model(hf_reference, fashion_train, tmp_path, capsys):

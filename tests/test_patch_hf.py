@@ -222,14 +222,15 @@ def test_save_pretrained_round_trips_after_unpatch(tmp_path):
 def test_unsupported_families_are_named():
     supported = r"supports timm VisionTransformer.*Hugging Face ViTModel"
     with pytest.raises(TypeError, match=supported):
-        ats.patch(timm.models.eva.Eva(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4), CONFIG)
+        ats.patch(timm.models.mlp_mixer.MlpMixer(img_size=32, patch_size=4, embed_dim=64, num_blocks=2), CONFIG)
     clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
         image_size=32, patch_size=4, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4))
     with pytest.raises(TypeError, match=supported):
         ats.patch(clip, CONFIG)
-    with pytest.raises(TypeError, match="global_pool='map' is not supported"):
-        ats.patch(VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4,
-                                    global_pool="map"), ats.ATSConfig.single_stage(k=10, block=1))
+    with pytest.raises(TypeError, match="global_pool='max_and_min' is not supported"):
+        model = VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4)
+        model.global_pool = "max_and_min"
+        ats.patch(model, ats.ATSConfig.single_stage(k=10, block=1))
 
 
 def test_other_attention_implementations_are_refused():

@@ -287,16 +287,21 @@ def test_register_tokens_are_kept():
     assert (stats.kept[1] < 64).all()
 
 
-def test_model_without_class_token_needs_self_attention_scores(images):
+def test_model_without_class_token_scores_by_self_attention(images):
+    """The default score ("auto") is the self-attention score on a model without a class token."""
     model = tiny_vit(class_token=False, global_pool="avg")
     with pytest.raises(ValueError, match="self_attention"):
-        ats.patch(model, ats.ATSConfig.single_stage(k=10, block=1))
-    ats.patch(model, ats.ATSConfig.single_stage(k=10, block=1, score="self_attention"))
-    with torch.no_grad():
-        together = model(images)
-        alone = torch.cat([model(image[None]) for image in images])
-    assert (together - alone).abs().max() < 1e-4
-    assert (ats.last_stats(model).tokens[:, 2] <= 10).all()
+        ats.patch(model, ats.ATSConfig.single_stage(k=10, block=1, score="cls"))
+    outputs = []
+    for score in ("self_attention", "auto"):
+        ats.patch(model, ats.ATSConfig.single_stage(k=10, block=1, score=score))
+        with torch.no_grad():
+            together = model(images)
+            alone = torch.cat([model(image[None]) for image in images])
+        assert (together - alone).abs().max() < 1e-4
+        assert (ats.last_stats(model).tokens[:, 2] <= 10).all()
+        outputs.append((together, ats.last_stats(model).gflops))
+    assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
 
 
 @pytest.mark.parametrize("config, error, message", [

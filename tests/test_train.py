@@ -5,10 +5,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import worker_pid
 
 from ats.commands.cli import main
 
@@ -126,20 +126,6 @@ def test_a_run_killed_at_any_moment_resumes_to_the_same_weights(processes, check
     for name, tensor in expected.items():
         assert torch.equal(weights[name], tensor), name
     assert log_lines(killed)[-1]["train_loss"] == log_lines(whole)[-1]["train_loss"]
-
-
-def worker_pid(rank: int, launcher_pid: int) -> int:
-    """The pid of the torchrun worker of ``rank`` (Linux: read from /proc)."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                environ = (entry / "environ").read_bytes().split(b"\0")
-                parent = int((entry / "stat").read_text().split(") ")[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if f"RANK={rank}".encode() in environ and b"ATS_TEST_RUN=1" in environ and parent == launcher_pid:
-                return int(entry.name)
-    raise AssertionError(f"no worker of rank {rank} found")
 
 
 def test_a_dead_worker_stops_the_run_naming_its_rank_and_the_run_resumes(checkpoint, fashion_train, tmp_path):

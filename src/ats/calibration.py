@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .config import EVIT_BLOCKS, MULTI_STAGE_FIRST_BLOCK, ATSConfig, EViTConfig, MergeConfig, PatchConfig
+from .data.distributed import ONE_PROCESS, Processes, interleave
 from .data.skipped import DEFAULT_MAX_BAD, SkippedImages, dataset_size
 from .patch import as_logits, family_of, is_patched, last_stats, patch, unpatch
 from .patch import gflops as analytic_gflops
@@ -78,6 +80,25 @@ METHODS = {
 }
 
 
+def nearest_merge(model: nn.Module, gflops: float, input_size: Optional[Tuple[int, ...]] = None) -> MergeConfig:
+    """The token-merging config whose GFLOPs per image come nearest ``gflops``: merging removes the same count
+    from every image, so its cost is the analytic one and no image is needed. The model is left as it was."""
+    previous = model._ats.config if is_patched(model) else None
+    shape = family_of(model).shape(model, input_size)
+    costs = {}
+    try:
+        for r in range(1, max(shape.num_patches // 2, 1) + 1):
+            costs[r] = analytic_gflops(patch(model, MergeConfig(r)), input_size)
+            if costs[r] <= gflops:
+                break
+    finally:
+        if previous is not None:
+            patch(model, previous)
+        elif is_patched(model):
+            unpatch(model)
+    return MergeConfig(min(costs, key=lambda r: abs(costs[r] - gflops)))
+
+
 class BudgetUnreachable(ValueError):
     """The target lies outside what the method can reach; ``nearest`` is the closest Calibration seen."""
 
@@ -119,15 +140,18 @@ class Calibration:
 def calibrate(model: nn.Module, loader: Iterable, gflops: Optional[float] = None, fraction: Optional[float] = None,
               method: str = "fuse-distinct", first: int = MULTI_STAGE_FIRST_BLOCK, every: int = 1,
               evit_blocks: Tuple[int, ...] = EVIT_BLOCKS, tolerance: float = DEFAULT_TOLERANCE,
-              progress: bool = True, max_bad: float = DEFAULT_MAX_BAD) -> Calibration:
+              progress: bool = True, max_bad: float = DEFAULT_MAX_BAD,
+              processes: Processes = ONE_PROCESS) -> Calibration:
     """Find the config of ``method`` whose mean GFLOPs on ``loader`` is within ``tolerance`` of a target:
     ``gflops`` per image, or ``fraction`` of the unpatched model's.
 
     loader: (images [B, C, H, W], labels [B]) batches, held in memory for the search (a few hundred
     images). Returns a Calibration (``.config`` is what to pass to ``ats.patch``); raises
     BudgetUnreachable naming the nearest reachable budget when no value of the parameter gets within
-    the tolerance. Images the loader skipped as unusable are counted (up to ``max_bad`` of them). The
-    model is left as it was (patched with its own config, or unpatched).
+    the tolerance. Images the loader skipped as unusable are counted (up to ``max_bad`` of them). Under
+    torchrun (``processes``, each with its share of the batches: ``ats.data.distributed.make_loader``) every
+    pass sums the GFLOPs and hits of all processes, so each finds what one process finds. The model is left
+    as it was (patched with its own config, or unpatched).
     """
     if (gflops is None) == (fraction is None):
         raise ValueError("give exactly one target: gflops (per image) or fraction (of the unpatched model's)")
@@ -147,18 +171,23 @@ def calibrate(model: nn.Module, loader: Iterable, gflops: Optional[float] = None
         skipped.note(batch)
         if len(batch[1]):
             batches.append((batch[0].to(device), batch[1].to(device)))
-    if not batches:
+    skipped = SkippedImages(skipped.total, max_bad, [name for names in processes.gather(skipped.names)
+                                                     for name in names])
+    skipped.check()
+    sizes = [size for size in processes.gather(tuple(batches[0][0].shape[1:]) if batches else None) if size]
+    if not sizes:
         raise ValueError("the calibration set is empty" + (f" (all {len(skipped)} images were skipped)" if skipped
                                                            else ""))
     family = family_of(model)
-    input_size = tuple(batches[0][0].shape[1:])
+    input_size = sizes[0]
     unpatched_gflops = analytic_gflops(model, input_size)
     target = gflops if gflops is not None else fraction * unpatched_gflops
     knob = method_knob(method, family.depth(model), family.shape(model, input_size).num_patches, first, every,
                        evit_blocks)
+    measure = partial(_measure, model, batches, processes=processes, input_size=input_size)
     try:
-        unpatched_top1 = _measure(model, batches, None)[1]
-        search = _Search(model, batches, knob, target, tolerance, progress)
+        unpatched_top1 = measure(None)[1]
+        search = _Search(measure, knob, target, tolerance, progress and processes.main)
         value = search.run()
         gflops_found, top1 = search.measured[value]
     finally:
@@ -166,9 +195,9 @@ def calibrate(model: nn.Module, loader: Iterable, gflops: Optional[float] = None
             patch(model, previous)
         elif is_patched(model):
             unpatch(model)
+    images = sum(processes.gather(sum(len(labels) for _, labels in batches)))
     found = Calibration(method, knob.name, value, knob.make(value), gflops_found, target, unpatched_gflops, top1,
-                        unpatched_top1, sum(len(labels) for _, labels in batches), len(skipped), len(search.measured),
-                        knob.python(value))
+                        unpatched_top1, images, len(skipped), len(search.measured), knob.python(value))
     if abs(gflops_found - target) > tolerance * target:
         raise BudgetUnreachable(search.unreachable_message(found), found)
     return found
@@ -177,16 +206,16 @@ def calibrate(model: nn.Module, loader: Iterable, gflops: Optional[float] = None
 class _Search:
     """Bisection on a knob; remembers every value it measured (value -> (GFLOPs, top-1))."""
 
-    def __init__(self, model: nn.Module, batches: List[tuple], knob: Knob, target: float, tolerance: float,
-                 progress: bool) -> None:
-        self.model, self.batches, self.knob = model, batches, knob
+    def __init__(self, measure: Callable[[Optional[PatchConfig]], Tuple[float, float]], knob: Knob, target: float,
+                 tolerance: float, progress: bool) -> None:
+        self.measure, self.knob = measure, knob
         self.target, self.tolerance = target, tolerance
         self.measured: dict = {}
         self.bar = tqdm(total=MAX_STEPS + 2, desc="calibrate", unit="pass", disable=not progress, file=sys.stderr)
 
     def gflops(self, value: float) -> float:
         if value not in self.measured:
-            self.measured[value] = _measure(self.model, self.batches, self.knob.make(value))
+            self.measured[value] = self.measure(self.knob.make(value))
             self.bar.update()
             self.bar.set_postfix_str(f"{self.knob.name}={value:g}: {self.measured[value][0]:.4g} GFLOPs")
         return self.measured[value][0]
@@ -235,19 +264,22 @@ class _Search:
                 f"({self.knob.name}={nearest.value:g}: {nearest.python}); aim there or try another method")
 
 
-def _measure(model: nn.Module, batches: List[tuple], config: Optional[PatchConfig]) -> Tuple[float, float]:
-    """(mean GFLOPs per image, top-1 %) of ``model`` under ``config`` (None: unpatched) on the batches."""
+def _measure(model: nn.Module, batches: List[tuple], config: Optional[PatchConfig], processes: Processes,
+             input_size: Tuple[int, ...]) -> Tuple[float, float]:
+    """(mean GFLOPs per image, top-1 %) of ``model`` under ``config`` (None: unpatched) on the batches of every
+    process, summed batch by batch in the order one process would sum them."""
     if config is None:
         if is_patched(model):
             unpatch(model)
     else:
         patch(model, config)
-    total_gflops, correct, count = 0.0, 0, 0
+    sums = []
     for images, labels in batches:
         logits = as_logits(model(images))
-        correct += int((logits.argmax(-1) == labels).sum())
-        count += len(labels)
-        if config is not None:
-            total_gflops += float(last_stats(model).gflops.sum())
-    mean_gflops = total_gflops / count if config is not None else analytic_gflops(model, tuple(images.shape[1:]))
+        gflops = float(last_stats(model).gflops.sum()) if config is not None else 0.0
+        sums.append((gflops, int((logits.argmax(-1) == labels).sum()), len(labels)))
+    total_gflops, correct, count = 0.0, 0, 0
+    for gflops, hits, size in interleave(processes.gather(sums)):
+        total_gflops, correct, count = total_gflops + gflops, correct + hits, count + size
+    mean_gflops = total_gflops / count if config is not None else analytic_gflops(model, input_size)
     return mean_gflops, 100.0 * correct / count

@@ -13,7 +13,7 @@ from .evit import attentive_count
 from .flops import BlockCost, Count, ViTShape, block_flops, evit_block_flops, merge_block_flops
 
 SAMPLERS = ("inverse_transform", "topk", "released")
-SCORES = ("cls", "self_attention")
+SCORES = ("auto", "cls", "self_attention")
 PACKINGS = ("rows", "padded")
 
 #: The paper's multi-stage schedule starts at block 3 (0-based) and runs to the last block.
@@ -23,6 +23,8 @@ PAPER_RHOS = (1.0, 0.87, 0.72)
 PAPER_KS = (108, 78, 48)
 #: EViT's defaults (Liang et al. 2022, DeiT-S): blocks 3, 6 and 9 (0-based), keeping 70% of the patch tokens.
 EVIT_BLOCKS = (3, 6, 9)
+#: The ``distinct`` threshold of the library's recommended setting (``ATSConfig.recommended``).
+RECOMMENDED_DISTINCT = 0.95
 EVIT_KEEP_RATE = 0.7
 
 
@@ -96,7 +98,8 @@ class ATSConfig:
         sampler: "inverse_transform" (the paper), "topk" (keep the K highest scores) or "released" (the
             rule of the authors' released code: M points on the min-max normalised CDF from its smallest
             non-zero value to 1, each picking the nearest token; M = ``TokenBudget.released_points``).
-        score: "cls" (class-token attention x value norm) or "self_attention" (column sums).
+        score: "cls" (class-token attention x value norm), "self_attention" (column sums), or "auto" (the
+            default): "cls" on a model with a class token, "self_attention" on one without.
         keep_cls: enforce the class token; with False it is sampled like a patch token (see docs).
         min_tokens: floor on K for ratio budgets (the paper's 8).
         min_kept: a floor on the unique patch tokens each ATS block keeps, topped up by score when sampling
@@ -114,7 +117,7 @@ class ATSConfig:
 
     blocks: Mapping[int, BudgetLike]
     sampler: str = "inverse_transform"
-    score: str = "cls"
+    score: str = "auto"
     keep_cls: bool = True
     min_tokens: int = 8
     min_kept: Union[int, float] = 0
@@ -166,6 +169,13 @@ class ATSConfig:
         return cls(blocks={index: TokenBudget(rho=rho) for index in range(first, depth, every)}, **options)
 
     @classmethod
+    def recommended(cls, depth: int = 12, **options) -> "ATSConfig":
+        """The library's recommended setting: multi-stage rho = 1 with ``fuse`` and ``distinct`` =
+        RECOMMENDED_DISTINCT, so each image keeps its own count and sampling loses what it would drop
+        (docs/results.md: -0.06 points at 51.5% saved on the reference model)."""
+        return cls.multi_stage(1.0, depth=depth, fuse=True, distinct=RECOMMENDED_DISTINCT, **options)
+
+    @classmethod
     def single_stage(cls, k: int, block: int = MULTI_STAGE_FIRST_BLOCK, **options) -> "ATSConfig":
         """ATS in one block with a fixed number of samples K."""
         return cls(blocks={block: TokenBudget(k=k)}, **options)
@@ -194,6 +204,12 @@ class ATSConfig:
                              "use ATSConfig(..., score='self_attention')")
         if not self.keep_cls and not has_cls:
             raise ValueError("keep_cls=False needs a class token to drop; this model has none")
+
+    def score_for(self, has_cls: bool) -> str:
+        """The score variant on a model with (or without) a class token: ``score``, with "auto" resolved."""
+        if self.score != "auto":
+            return self.score
+        return "cls" if has_cls else "self_attention"
 
     def most_tokens_out(self, index: int, n: int, prefix: int) -> int:
         """The most tokens block ``index`` can emit from n (prefix tokens included): every sample distinct."""
@@ -226,7 +242,7 @@ class ATSConfig:
         else:
             label = ", ".join(f"{budget} @ block {index}" for index, budget in self.budgets.items())
         extras = [self.sampler] if self.sampler != "inverse_transform" else []
-        if self.score != "cls":
+        if self.score == "self_attention":
             extras.append(f"score={self.score}")
         if not self.keep_cls:
             extras.append("cls not enforced")
@@ -240,9 +256,10 @@ class ATSConfig:
             extras.append(f"{self.packing} packing")
         return label + (f" ({', '.join(extras)})" if extras else "")
 
-    def block_costs(self, shape: ViTShape) -> dict[int, BlockCost]:
-        """FLOPs (n_in, n_out) -> count of each ATS block, for flops.vit_flops."""
-        return {index: partial(block_flops, shape, score=self.score, fuse=self.fuse,
+    def block_costs(self, shape: ViTShape, has_cls: bool = True) -> dict[int, BlockCost]:
+        """FLOPs (n_in, n_out) -> count of each ATS block of a model with (or without) a class token, for
+        flops.vit_flops."""
+        return {index: partial(block_flops, shape, score=self.score_for(has_cls), fuse=self.fuse,
                                  distinct=bool(self.distinct)) for index in self.budgets}
 
 
@@ -283,7 +300,7 @@ class MergeConfig:
     def most_tokens_out(self, index: int, n: int, prefix: int) -> int:
         return n - min(self.r, (n - prefix) // 2)
 
-    def block_costs(self, shape: ViTShape) -> dict[int, BlockCost]:
+    def block_costs(self, shape: ViTShape, has_cls: bool = True) -> dict[int, BlockCost]:
         return {index: partial(merge_block_flops, shape) for index in self.patched_blocks(shape.depth)}
 
     def describe(self) -> str:
@@ -324,7 +341,7 @@ class KeepAllConfig:
     def most_tokens_out(self, index: int, n: int, prefix: int) -> int:
         return n
 
-    def block_costs(self, shape: ViTShape) -> dict[int, BlockCost]:
+    def block_costs(self, shape: ViTShape, has_cls: bool = True) -> dict[int, BlockCost]:
         return {}
 
     def describe(self) -> str:
@@ -381,7 +398,7 @@ class EViTConfig:
         kept = int(attentive_count(torch.tensor([n - prefix]), self.keep_rate))
         return prefix + kept + (kept < n - prefix)
 
-    def block_costs(self, shape: ViTShape) -> dict[int, BlockCost]:
+    def block_costs(self, shape: ViTShape, has_cls: bool = True) -> dict[int, BlockCost]:
         return {index: partial(evit_block_flops, shape) for index in self.blocks}
 
     def describe(self) -> str:
@@ -440,8 +457,8 @@ class StackedConfig:
     def most_tokens_out(self, index: int, n: int, prefix: int) -> int:
         return self.method_at(index).most_tokens_out(index, n, prefix)
 
-    def block_costs(self, shape: ViTShape) -> dict[int, BlockCost]:
-        return {index: cost for config in self.configs for index, cost in config.block_costs(shape).items()}
+    def block_costs(self, shape: ViTShape, has_cls: bool = True) -> dict[int, BlockCost]:
+        return {index: cost for config in self.configs for index, cost in config.block_costs(shape, has_cls).items()}
 
     def describe(self) -> str:
         return " + ".join(config.describe() for config in self.configs)

@@ -15,8 +15,13 @@ on a clip of T frames, n_in positions (tubes, the class token included) of which
 a temporal attention over each patch tube's T frames (qkv, attention, proj and a C x C dense layer per
 patch token), a spatial attention in each frame (the class token takes part in every frame) and its
 MLP on the class token and the kept patch tokens. A space-time mixing block (XViT) is a standard block
-in each frame: mixing its keys and values over frames moves channels and multiplies nothing. Norms,
-softmax and activations are not counted.
+in each frame: mixing its keys and values over frames moves channels and multiplies nothing. An
+attention-pool head (a few latent queries attending over the tokens that leave the last block, as
+SigLIP's) costs, per token it reads, its key and value projection and ``2 L A`` for the attention of
+its L queries; the rest of the head is fixed. Norms, softmax, activations and other elementwise work
+(rotary position embeddings, relative position biases added to the logits, SwiGLU's gating product)
+are not counted: a FLOP is a multiply-add of a matrix product or convolution, as PyTorch's
+FlopCounterMode counts them (it counts 2 per multiply-add).
 """
 from __future__ import annotations
 
@@ -44,6 +49,10 @@ class ViTShape:
     patch_embed_flops: int
     head_flops: int
     grid_size: Tuple[int, int]
+    #: FLOPs of an attention-pool head per token it reads (``attention_pool_token_flops``), 0 for other heads.
+    head_token_flops: int = 0
+    #: Whether that head reads the prefix tokens too (else the patch tokens only).
+    head_reads_prefix: bool = True
 
     @property
     def num_tokens(self) -> int:
@@ -101,6 +110,18 @@ def stem_flops(stem: nn.Module, grid: Tuple[int, int]) -> Tuple[int, Tuple[int, 
         grid = conv_output_grid(conv, grid)
         flops += conv_flops(conv, grid)
     return flops, grid
+
+
+def attention_pool_token_flops(kv_flops: int, queries: int, attn_dim: int) -> int:
+    """FLOPs an attention-pool head spends on each token it reads: its keys and values (``kv_flops``, the
+    multiply-adds of their projection) and the attention of its ``queries`` latent queries (``2 L A``)."""
+    return kv_flops + 2 * queries * attn_dim
+
+
+def head_cost(shape: ViTShape, n_out: Count) -> Count:
+    """FLOPs of the head on the n_out tokens (prefix included) leaving the last block."""
+    read = n_out if shape.head_reads_prefix else n_out - shape.num_prefix_tokens
+    return shape.head_flops + read * shape.head_token_flops
 
 
 def score_flops(shape: ViTShape, n_in: Count, score: str) -> Count:
@@ -187,7 +208,7 @@ def vit_flops(shape: ViTShape, tokens_in: torch.Tensor, tokens_out: torch.Tensor
     """
     tokens_in = tokens_in.to(torch.float64)
     tokens_out = tokens_out.to(torch.float64)
-    total = torch.full_like(tokens_in[:, 0], float(shape.patch_embed_flops + shape.head_flops))
+    total = head_cost(shape, tokens_out[:, -1]) + shape.patch_embed_flops
     for index in range(shape.depth):
         cost = block_costs.get(index)
         n_in, n_out = tokens_in[:, index], tokens_out[:, index]

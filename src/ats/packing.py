@@ -40,6 +40,8 @@ class TokenBatch:
     keep_padding: the padded-and-masked alternative: rows always hold all B * m positions, so
         every layer also runs on padding (for comparison; slower).
     num_source_tokens: N0, the length of the original token sequence that ``source`` indexes.
+    in_source_order: True while every image holds the whole original sequence in its order (no token
+        dropped or moved), so that a block whose attention depends on positions may run its own forward.
     """
 
     rows: torch.Tensor
@@ -52,6 +54,7 @@ class TokenBatch:
     full: bool = True
     keep_padding: bool = False
     num_source_tokens: int = 0
+    in_source_order: bool = True
 
     @classmethod
     def from_dense(cls, x: torch.Tensor, keep_padding: bool = False) -> "TokenBatch":
@@ -229,8 +232,9 @@ class TokenBatch:
         if not full:
             source = source.masked_fill(torch.arange(width, device=keep.device) >= lengths.unsqueeze(1), -1)
         sizes = None if self.sizes is None else self.sizes.index_select(0, rows_from)
+        in_order = self.in_source_order and last is None and full and width == self.width
         packed = TokenBatch(self.rows.index_select(0, rows_from), lengths, width, row_index, source,
-                            self.cls_live, sizes, full, self.keep_padding, self.num_source_tokens)
+                            self.cls_live, sizes, full, self.keep_padding, self.num_source_tokens, in_order)
         return packed, rows_from
 
     def _row_at_position(self) -> torch.Tensor:

@@ -141,6 +141,27 @@ def inverse_transform_sample(scores: torch.Tensor, k: Union[int, torch.Tensor], 
     return keep & (scores > 0) if stochastic else keep
 
 
+#: The epsilon of the released code's softmax (``softmax_with_policy``).
+RELEASED_EPS = 1e-6
+
+
+def released_attention(attention: torch.Tensor, key_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The released code's softmax, from an ordinary one -> [B, h, n].
+
+    attention: [B, h, n] probabilities over the keys; key_mask: [B, n] bool, the valid keys (None: all
+    n). The released code normalises ``e_j = exp(logit_j - max)`` as ``(e_j + eps / N) / (sum e + eps)``
+    over its N keys instead of ``e_j / sum e``: each valid key gains ``eps / (N sum e)``, where
+    ``1 / sum e`` is the largest probability. N is the image's own valid keys (what the released code
+    sees at batch size 1). The scores move by ~1e-9, enough to settle near-ties of the nearest-point
+    search (3 of the 500 reference images, docs/method.md). Padding stays 0.
+    """
+    shift = RELEASED_EPS * attention.amax(dim=-1, keepdim=True)
+    if key_mask is None:
+        return (attention + shift / attention.shape[-1]) / (1 + shift)
+    bias = shift / key_mask.sum(dim=1).to(attention.dtype)[:, None, None]
+    return (attention + bias * key_mask[:, None, :]) / (1 + shift)
+
+
 def released_sample(scores: torch.Tensor, candidates: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """The sampling rule of the authors' released code -> keep mask [B, n].
 

@@ -5,7 +5,9 @@ A family adapter (``ats.patch.timm``, ``ats.patch.hf``, ...) describes each of i
 token merging): blocks before the first patched one and any block while no image has padding run
 the block's own forward; an ATS block scores, samples (and optionally fuses) tokens and runs
 attention for the kept queries only; an EViT or merging block attends with every token and reduces
-them before its MLP; later blocks mask padded keys. Nothing here knows a family's module names.
+them before its MLP; later blocks mask padded keys. Where attention depends on positions (rotary
+embeddings, relative position biases), each token's share is gathered at the position it came from.
+Nothing here knows a family's module names.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from .sampling import (
     cls_scores,
     inverse_transform_sample,
     masked_softmax_logits,
+    released_attention,
     released_sample,
     self_attention_scores,
     top_up,
@@ -42,6 +45,60 @@ def identity(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class Rotation:
+    """Rotary position embeddings of one block: each patch token's queries and keys turn by the angles of
+    its patch position, wherever packing has moved the token; prefix tokens, padding and tokens that stand
+    for no one position (EViT's fused token) do not turn.
+
+    sin, cos: [P + 1, d], or per head [h, P + 1, d]: the P patch positions' values, then the identity
+    (0 and 1); half: the rotate-half layout (channel i pairs with i + d/2), else interleaved pairs
+    (2i with 2i + 1); prefix: the tokens before the patches in the original sequence.
+    """
+
+    sin: torch.Tensor
+    cos: torch.Tensor
+    half: bool
+    prefix: int
+
+    @classmethod
+    def from_table(cls, table: torch.Tensor, half: bool, prefix: int) -> "Rotation":
+        """table: [P, 2d] or [h, P, 2d], each position's sines then cosines (timm's layout)."""
+        sin, cos = table.chunk(2, dim=-1)
+        return cls(F.pad(sin, (0, 0, 0, 1)), F.pad(cos, (0, 0, 0, 1), value=1.0), half, prefix)
+
+    def __call__(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """Turn x [B, h, m, d], whose positions hold the tokens ``source`` [B, m] (``TokenBatch.source``)."""
+        patch = source - self.prefix
+        index = torch.where(patch >= 0, patch, self.sin.shape[-2] - 1)
+        sin, cos = self._at(self.sin, index), self._at(self.cos, index)
+        if self.half:
+            first, second = x.chunk(2, dim=-1)
+            turned = torch.cat((-second, first), dim=-1)
+        else:
+            turned = torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+        return (x * cos + turned * sin).to(x.dtype)
+
+    @staticmethod
+    def _at(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """values [P + 1, d] or [h, P + 1, d] at index [B, m] -> [B, 1 or h, m, d]."""
+        if values.ndim == 2:
+            return values[index].unsqueeze(1)
+        return values[:, index].transpose(0, 1)
+
+
+def pair_bias(bias: torch.Tensor, query_source: torch.Tensor, key_source: torch.Tensor) -> torch.Tensor:
+    """A position bias [h, N0, N0] (by query and key index in the original token sequence) at the pairs of
+    queries ``query_source`` [B, nq] and keys ``key_source`` [B, n] -> [B, h, nq, n]; 0 where either holds
+    no position (padding, EViT's fused token)."""
+    size = bias.shape[-1]
+    padded = F.pad(bias, (0, 1, 0, 1)).flatten(1)
+    queries = torch.where(query_source >= 0, query_source, size)
+    keys = torch.where(key_source >= 0, key_source, size)
+    pairs = queries.unsqueeze(2) * (size + 1) + keys.unsqueeze(1)
+    return padded[:, pairs].transpose(0, 1)
+
+
+@dataclass
 class BlockParts:
     """The parts of one pre-norm block, wherever its family keeps them. The block computes
 
@@ -54,7 +111,11 @@ class BlockParts:
     applied per image; dense: the block's own forward on a batch with no padding [B, N, C], or None
     where the block runs from these parts only (a CvT block without its convolutional projections);
     checkpoint: gradient checkpointing as the user turned it on for this block (called like
-    ``torch.utils.checkpoint.checkpoint``), None when the block keeps its activations.
+    ``torch.utils.checkpoint.checkpoint``), None when the block keeps its activations;
+    rotation: rotary position embeddings of q and k by each token's original position (after the q/k
+    norms), None without; position_bias: [h, N0, N0] added to the attention logit of each (query, key)
+    pair of the model's original token sequence (prefix included), None without. With either, ``dense``
+    runs only while the tokens are in their original order.
     """
 
     norm1: Layer
@@ -79,15 +140,27 @@ class BlockParts:
     ls2: Layer = identity
     drop_path2: Optional[nn.Module] = None
     checkpoint: Optional[Callable] = None
+    rotation: Optional[Rotation] = None
+    position_bias: Optional[torch.Tensor] = None
+
+    @property
+    def positional(self) -> bool:
+        """Whether attention depends on where each token came from (beyond what its features hold)."""
+        return self.rotation is not None or self.position_bias is not None
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, m, A] -> [B, h, m, d], a view."""
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-    def split_heads(self, qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[B, m, 3A] -> q, k, v each [B, h, m, d], with the q/k norms applied."""
+    def split_heads(self, qkv: torch.Tensor, source: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, m, 3A] of the tokens ``source`` [B, m] -> q, k, v each [B, h, m, d], with the q/k norms and the
+        rotation applied."""
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
-        return self.q_norm(q), self.k_norm(k), v
+        return self.rotated(self.q_norm(q), source), self.rotated(self.k_norm(k), source), v
+
+    def rotated(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """Queries or keys [B, h, m, d] of the tokens ``source`` [B, m], turned by the rotation (if any)."""
+        return x if self.rotation is None else self.rotation(x, source)
 
 
 def run_blocks(blocks: Sequence[BlockParts], x: torch.Tensor, config: PatchConfig, num_prefix_tokens: int,
@@ -127,7 +200,7 @@ def run_block(parts: BlockParts, batch: TokenBatch, config: PatchConfig, index: 
         batch = evit_block(parts, batch, method.keep_rate, num_prefix_tokens, record, index)
     elif isinstance(method, ATSConfig):
         batch = ats_block(parts, batch, method.budgets[index], method, num_prefix_tokens, has_cls, record, index)
-    elif batch.is_dense and parts.dense is not None:
+    elif batch.is_dense and parts.dense is not None and (batch.in_source_order or not parts.positional):
         batch = batch.with_rows(parts.dense(batch.dense()).reshape(batch.rows.shape))
     else:
         batch = masked_block(parts, batch)
@@ -135,14 +208,48 @@ def run_block(parts: BlockParts, batch: TokenBatch, config: PatchConfig, index: 
 
 
 def _attend(parts: BlockParts, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            mask: Optional[torch.Tensor]) -> torch.Tensor:
+            bias: Optional[torch.Tensor]) -> torch.Tensor:
     """Attention of queries q [B, h, nq, d] over keys [B, h, n, d] -> [B, nq, A].
 
-    mask: TokenBatch.attention_mask of the keys' batch ([B, 1, 1, n] bool or additive float), or None.
+    bias: ``logit_bias`` of the queries over the keys' batch, or None.
     """
     dropout = parts.attn_drop if parts.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=parts.scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=parts.scale)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+def logit_bias(parts: BlockParts, batch: TokenBatch, query_source: torch.Tensor) -> Optional[torch.Tensor]:
+    """What attention adds to the logits of the queries ``query_source`` [B, nq] over the keys of ``batch``:
+    its ``attention_mask`` ([B, 1, 1, n] bool or additive float, or None), plus in a block with a position
+    bias that bias at each (query, key) pair (then [B, h, nq, n] float)."""
+    mask = batch.attention_mask
+    if parts.position_bias is None:
+        return mask
+    bias = pair_bias(parts.position_bias, query_source, batch.source)
+    if mask is None:
+        return bias
+    return bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else bias + mask
+
+
+def _key_bias(batch: TokenBatch) -> Optional[torch.Tensor]:
+    """[B, n] the log size added to each key's logit, or None when every key counts once."""
+    mask = batch.attention_mask
+    return None if mask is None or mask.dtype == torch.bool else mask[:, 0, 0]
+
+
+def attention_probabilities(parts: BlockParts, batch: TokenBatch, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The attention of every query q [B, h, m, d] over the keys k [B, h, m, d] of ``batch`` -> [B, h, m, m]."""
+    if parts.position_bias is None:
+        return masked_softmax_logits(q, k, parts.scale, batch.key_mask, _key_bias(batch))
+    return ((q * parts.scale) @ k.transpose(-2, -1) + logit_bias(parts, batch, batch.source)).softmax(dim=-1)
+
+
+def class_attention_of(parts: BlockParts, batch: TokenBatch, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The class token's (position 0's) attention over the keys k [B, h, m, d] of ``batch`` -> [B, h, m]."""
+    if parts.position_bias is None:
+        return class_attention(q.select(2, 0), k, parts.scale, batch.key_mask, _key_bias(batch))
+    logits = (q.narrow(2, 0, 1) * parts.scale) @ k.transpose(-2, -1)
+    return (logits + logit_bias(parts, batch, batch.source.narrow(1, 0, 1))).softmax(dim=-1).squeeze(2)
 
 
 def per_image_drop_path(module: Optional[nn.Module], update: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
@@ -176,8 +283,8 @@ def _mlp_half(parts: BlockParts, batch: TokenBatch) -> TokenBatch:
 def masked_block(parts: BlockParts, batch: TokenBatch) -> TokenBatch:
     """A standard block on a padded batch: valid rows through the linear layers, padded keys masked."""
     y = parts.norm1(batch.rows)
-    q, k, v = parts.split_heads(batch.pad(parts.qkv(y)))
-    out = batch.unpad(_attend(parts, q, k, v, batch.attention_mask))
+    q, k, v = parts.split_heads(batch.pad(parts.qkv(y)), batch.source)
+    out = batch.unpad(_attend(parts, q, k, v, logit_bias(parts, batch, batch.source)))
     return _mlp_half(parts, batch.with_rows(batch.rows + _attention_update(parts, out, y, batch)))
 
 
@@ -198,30 +305,28 @@ class TokenChoice:
     cls_live: Optional[torch.Tensor]
 
 
-def choose_tokens(batch: TokenBatch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                  budget: TokenBudget, config: ATSConfig, prefix: int, has_cls: bool,
-                  training: bool) -> TokenChoice:
-    """Score the valid tokens and sample the ones to keep (steps 2-4 of ATS).
+def choose_tokens(parts: BlockParts, batch: TokenBatch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  budget: TokenBudget, config: ATSConfig, prefix: int, has_cls: bool) -> TokenChoice:
+    """Score the valid tokens and sample the ones to keep (steps 2-4 of ATS) in the block of ``parts``.
 
     q, k, v: [B, h, m, d] in the padded layout (padding is no key and no candidate).
     """
-    key_mask, mask = batch.key_mask, batch.attention_mask
     patches = batch.patch_positions(prefix)
     candidates, cls_live = patches, None
     if not config.keep_cls:
         cls_live = batch.cls_live if batch.cls_live is not None else torch.ones_like(patches[:, 0])
         candidates = patches.clone()
         candidates[:, 0] = cls_live
-    key_bias = None if mask is None or mask.dtype == torch.bool else mask[:, 0, 0]
-    if config.score == "cls":
-        cls_attention = class_attention(q.select(2, 0), k, scale, key_mask, key_bias)
-        scores = cls_scores(cls_attention, torch.linalg.vector_norm(v, dim=(1, 3)), candidates)
+    if config.score_for(has_cls) == "cls":
+        cls_attention = class_attention_of(parts, batch, q, k)
+        scored = released_attention(cls_attention, batch.key_mask) if config.sampler == "released" else cls_attention
+        scores = cls_scores(scored, torch.linalg.vector_norm(v, dim=(1, 3)), candidates)
     else:
-        attention = masked_softmax_logits(q, k, scale, key_mask, key_bias)
-        scores = self_attention_scores(attention, key_mask, candidates)
+        attention = attention_probabilities(parts, batch, q, k)
+        scores = self_attention_scores(attention, batch.key_mask, candidates)
         cls_attention = attention[:, :, 0] if has_cls else None
 
-    keep = sample_positions(batch, scores, candidates, patches, budget, config, prefix, training)
+    keep = sample_positions(batch, scores, candidates, patches, budget, config, prefix, parts.training)
     if cls_live is not None:
         cls_live = keep[:, 0] & cls_live
     return TokenChoice(keep, patches, scores, cls_attention, cls_live)
@@ -251,10 +356,10 @@ def ats_block(parts: BlockParts, batch: TokenBatch, budget: TokenBudget, config:
     """Score, sample and keep tokens, then run the block on the kept ones (selected queries only)."""
     y = parts.norm1(batch.rows)
     qkv = parts.qkv(y)
-    q, k, v = parts.split_heads(batch.pad(qkv))
-    mask = batch.attention_mask
+    q, k, v = parts.split_heads(batch.pad(qkv), batch.source)
+    keys = batch  # the keys' tokens and sizes, as they are before fusing folds dropped tokens into kept ones
     with region("ats.score_and_sample"):
-        choice = choose_tokens(batch, q, k, v, parts.scale, budget, config, prefix, has_cls, parts.training)
+        choice = choose_tokens(parts, batch, q, k, v, budget, config, prefix, has_cls)
     if config.fuse or config.distinct:
         with region("ats.fuse"):
             unit = unit_vectors(k.mean(dim=1))
@@ -270,9 +375,9 @@ def ats_block(parts: BlockParts, batch: TokenBatch, budget: TokenBudget, config:
     record.record_sampling(index, batch.source, kept.source, choice.scores, choice.cls_attention)
     with region("ats.pack"):
         query_rows = qkv.narrow(-1, 0, qkv.shape[-1] // 3).index_select(0, rows_from)
-        queries = parts.q_norm(parts.heads(kept.pad(query_rows)))
+        queries = parts.rotated(parts.q_norm(parts.heads(kept.pad(query_rows))), kept.source)
         gate_input = None if parts.gate is None else y.index_select(0, rows_from)
-    out = kept.unpad(_attend(parts, queries, k, v, mask))
+    out = kept.unpad(_attend(parts, queries, k, v, logit_bias(parts, keys, kept.source)))
     update = _attention_update(parts, out, gate_input, kept)
     return _mlp_half(parts, kept.with_rows(kept.rows + update))
 
@@ -282,8 +387,8 @@ def merge_block(parts: BlockParts, batch: TokenBatch, r: int, prefix: int, recor
     """The token-merging baseline: attention over all tokens, merge r of them, MLP on the rest. The
     tokens leave in ToMe's order: prefix, the unmerged tokens of set A, then set B."""
     y = parts.norm1(batch.rows)
-    q, k, v = parts.split_heads(batch.pad(parts.qkv(y)))
-    out = batch.unpad(_attend(parts, q, k, v, batch.attention_mask))
+    q, k, v = parts.split_heads(batch.pad(parts.qkv(y)), batch.source)
+    out = batch.unpad(_attend(parts, q, k, v, logit_bias(parts, batch, batch.source)))
     batch = batch.with_rows(batch.rows + _attention_update(parts, out, y, batch))
     positions = torch.arange(batch.width, device=y.device)
     patches = batch.patch_positions(prefix)
@@ -299,12 +404,10 @@ def evit_block(parts: BlockParts, batch: TokenBatch, keep_rate: float, prefix: i
     """EViT: attention over all tokens, then keep the attentive patch tokens, fuse the rest into one
     token after them, and run the MLP on what is left."""
     y = parts.norm1(batch.rows)
-    q, k, v = parts.split_heads(batch.pad(parts.qkv(y)))
-    mask = batch.attention_mask
-    out = batch.unpad(_attend(parts, q, k, v, mask))
+    q, k, v = parts.split_heads(batch.pad(parts.qkv(y)), batch.source)
+    out = batch.unpad(_attend(parts, q, k, v, logit_bias(parts, batch, batch.source)))
     batch = batch.with_rows(batch.rows + _attention_update(parts, out, y, batch))
-    key_bias = None if mask is None or mask.dtype == torch.bool else mask[:, 0, 0]
-    cls_attention = class_attention(q[:, :, 0], k, parts.scale, batch.key_mask, key_bias).mean(1)
+    cls_attention = class_attention_of(parts, batch, q, k).mean(1)
     patches = batch.patch_positions(prefix)
     keep = attentive_tokens(cls_attention, patches, keep_rate)
     inattentive = patches & ~keep

@@ -117,7 +117,8 @@ def check_tube_config(config: PatchConfig, depth: int, blocks: str, alternative:
         raise ValueError(f"{config.describe()}: under {blocks} only ATS runs (on tubes); use an ATSConfig"
                          f"{', ' + alternative if alternative else ''}")
     for method in methods:
-        if method.fuse or method.distinct or not method.keep_cls or method.score != "cls" or method.packing != "rows":
+        if (method.fuse or method.distinct or not method.keep_cls or method.score_for(True) != "cls"
+                or method.packing != "rows"):
             raise ValueError(f"{method.describe()}: tube sampling ({blocks}) supports the class token score with the "
                              "class token kept, without fuse or distinct and with rows packing")
 

@@ -23,6 +23,7 @@ import ats
 
 from ..config import PatchConfig, with_ats_options
 from ..data.build import build_dataset
+from ..data.distributed import refuse_torchrun
 from ..patch import family_of
 from .evaluate import set_config, text_table
 from .options import REFERENCE_MODELS, add_config_arguments, add_model_arguments, configs_from_arguments, load_model
@@ -159,6 +160,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    refuse_torchrun("bench")
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)

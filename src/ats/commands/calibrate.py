@@ -15,8 +15,8 @@ import json
 from ..calibration import DEFAULT_LIMIT, DEFAULT_TOLERANCE, METHODS, Calibration, calibrate
 from ..config import EVIT_BLOCKS, MULTI_STAGE_FIRST_BLOCK
 from ..data.build import build_dataset
-from ..data.skipped import make_loader
-from .options import add_max_bad_argument, add_model_arguments, block_list, load_model
+from ..data.distributed import make_loader, torchrun_processes
+from .options import add_max_bad_argument, add_model_arguments, block_list, load_model, require_data
 
 
 def format_calibration(found: Calibration) -> str:
@@ -63,10 +63,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_model(args)
-    loader = make_loader(build_dataset(args.data, model, args.limit), args.batch_size, 0)
-    found = calibrate(model, loader, gflops=args.gflops, fraction=args.fraction, method=args.method,
-                      first=args.first, every=args.every, evit_blocks=args.evit_blocks, tolerance=args.tolerance,
-                      max_bad=args.max_bad)
-    print(json.dumps(found.to_json(), indent=1) if args.json else format_calibration(found))
+    with torchrun_processes(args.device) as processes:
+        args.device = processes.device
+        model = load_model(args)
+        require_data(args, model, "calibrate")
+        loader = make_loader(build_dataset(args.data, model, args.limit), args.batch_size, 0, processes)
+        found = calibrate(model, loader, gflops=args.gflops, fraction=args.fraction, method=args.method,
+                          first=args.first, every=args.every, evit_blocks=args.evit_blocks, tolerance=args.tolerance,
+                          max_bad=args.max_bad, processes=processes)
+        if processes.main:
+            print(json.dumps(found.to_json(), indent=1) if args.json else format_calibration(found))
     return 0

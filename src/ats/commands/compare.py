@@ -19,10 +19,10 @@ from torch import nn
 
 from ..config import EVIT_BLOCKS, ATSConfig, EViTConfig, MergeConfig, PatchConfig
 from ..data.build import build_dataset
-from ..data.skipped import make_loader
+from ..data.distributed import make_loader, torchrun_processes
 from ..patch import family_of
 from .evaluate import EvalRow, evaluate, kept_summary, summary_line, text_table
-from .options import add_data_arguments, add_model_arguments, count_or_fraction, load_model
+from .options import add_data_arguments, add_model_arguments, count_or_fraction, load_model, require_data
 
 DEFAULT_RHOS = (1.0, 0.9, 0.8, 0.7)
 DEFAULT_MIN_KEPT = (0.9, 0.85, 0.8, 0.75)
@@ -114,13 +114,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from .plots import plot_frontier
 
-    model = load_model(args)
-    pairs = runnable(model, comparison_configs(family_of(model).depth(model), args.rho or DEFAULT_RHOS,
-                                               args.min_kept or DEFAULT_MIN_KEPT, args.distinct or DEFAULT_DISTINCT,
-                                               args.merge_r or DEFAULT_MERGE_R,
-                                               args.evit or DEFAULT_EVIT_KEEP_RATES))
-    loader = make_loader(build_dataset(args.data, model, args.limit), args.batch_size, args.workers)
-    rows = evaluate(model, loader, [config for _, config in pairs], repeats=args.repeats, max_bad=args.max_bad)
+    with torchrun_processes(args.device) as processes:
+        args.device = processes.device
+        model = load_model(args)
+        require_data(args, model, "compare")
+        pairs = runnable(model, comparison_configs(family_of(model).depth(model), args.rho or DEFAULT_RHOS,
+                                                   args.min_kept or DEFAULT_MIN_KEPT, args.distinct or DEFAULT_DISTINCT,
+                                                   args.merge_r or DEFAULT_MERGE_R,
+                                                   args.evit or DEFAULT_EVIT_KEEP_RATES))
+        loader = make_loader(build_dataset(args.data, model, args.limit), args.batch_size, args.workers, processes)
+        rows = evaluate(model, loader, [config for _, config in pairs], repeats=args.repeats, max_bad=args.max_bad,
+                        processes=processes)
+        if not processes.main:
+            return 0
     print(f"ats compare: {summary_line(rows)}", file=sys.stderr)
     records = [comparison_record(variant, row) for (variant, _), row in zip(pairs, rows)]
     print(json.dumps(records, indent=1) if args.json else format_comparison(records))

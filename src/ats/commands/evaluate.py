@@ -6,34 +6,44 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import ats
 
-from ..config import EViTConfig, KeepAllConfig, MergeConfig, PatchConfig, StackedConfig
-from ..data.build import build_dataset
-from ..data.skipped import DEFAULT_MAX_BAD, SkippedImages, dataset_size, make_loader
+from ..calibration import nearest_merge
+from ..config import ATSConfig, EViTConfig, KeepAllConfig, MergeConfig, PatchConfig, StackedConfig
+from ..data.build import build_dataset, knows_bundled_classes
+from ..data.distributed import ONE_PROCESS, Processes, interleave, make_loader, torchrun_processes
+from ..data.skipped import DEFAULT_MAX_BAD, SkippedImages, dataset_size
 from ..patch import family_of
-from .options import add_config_arguments, add_data_arguments, add_model_arguments, configs_from_arguments, load_model
+from .options import (
+    add_config_arguments,
+    add_data_arguments,
+    add_model_arguments,
+    config_flags_given,
+    configs_from_arguments,
+    load_model,
+)
 from .timing import measure_throughput
 
 
 @dataclass
 class EvalRow:
-    """One evaluated config. tokens_in, tokens_out: [N, depth] long, per image and block."""
+    """One evaluated config. tokens_in, tokens_out: [N, depth] long, per image and block; top1 None where the
+    labels are not the model's classes (the bundled images run through a model trained on other data)."""
 
     method: str
     config: str
     params: int
     gflops: float
     throughput: float
-    top1: float
-    top1_change: float
+    top1: Optional[float]
+    top1_change: Optional[float]
     tokens_in: torch.Tensor
     tokens_out: torch.Tensor
     ats_blocks: List[int]
@@ -43,8 +53,8 @@ class EvalRow:
     def to_json(self) -> dict:
         kept = self.tokens_out[:, self.ats_blocks[-1]].float() if self.ats_blocks else self.tokens_out[:, -1].float()
         return dict(method=self.method, config=self.config, params=self.params, gflops=round(self.gflops, 5),
-                    throughput=round(self.throughput, 2), top1=round(self.top1, 3),
-                    top1_change=round(self.top1_change, 3),
+                    throughput=round(self.throughput, 2), top1=_rounded(self.top1),
+                    top1_change=_rounded(self.top1_change),
                     tokens_per_block=[round(value, 2) for value in self.tokens_in.float().mean(0).tolist()],
                     kept_tokens_min=int(kept.min()), kept_tokens_mean=round(float(kept.mean()), 2),
                     kept_tokens_max=int(kept.max()), images=len(self.tokens_in), skipped=self.skipped,
@@ -53,6 +63,10 @@ class EvalRow:
     def plot_record(self) -> dict:
         return dict(method=self.method, config=self.config, gflops=self.gflops, top1=self.top1,
                     tokens_in=self.tokens_in, tokens_out=self.tokens_out, ats_blocks=self.ats_blocks)
+
+
+def _rounded(value: Optional[float]) -> Optional[float]:
+    return None if value is None else round(value, 3)
 
 
 def method_of(config: Optional[PatchConfig]) -> str:
@@ -75,31 +89,86 @@ def method_of(config: Optional[PatchConfig]) -> str:
 TIMING_BATCH_SIZE = 64
 
 
+@dataclass
+class BatchResult:
+    """What one batch gave under one config: correct and non-finite predictions, tokens each image took in and
+    kept per block ([B, depth]), and each image's GFLOPs ([B]; None for the unpatched model)."""
+
+    correct: int
+    nonfinite: int
+    tokens_in: torch.Tensor
+    tokens_out: torch.Tensor
+    gflops: Optional[torch.Tensor]
+
+
+@dataclass
+class EvalShare:
+    """One process's part of an evaluation: per batch, a BatchResult per config; the images it skipped; its
+    throughput per config (None when it had no batch)."""
+
+    batches: List[List[BatchResult]]
+    skipped: List[str]
+    throughputs: Optional[List[float]]
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[PatchConfig]], repeats: int = 5,
-             progress: bool = True, max_bad: float = DEFAULT_MAX_BAD) -> List[EvalRow]:
+             progress: bool = True, max_bad: float = DEFAULT_MAX_BAD, labels: bool = True,
+             processes: Processes = ONE_PROCESS) -> List[EvalRow]:
     """Evaluate ``model`` as it is (config None) and patched with each config, on one pass over ``loader``.
 
-    Each batch is read once and run through every config; the blocks before the first block any
-    config changes run once per batch for all of them. Throughput (img/s, median of ``repeats``) is
+    Each batch is read once and run through every config; the blocks before the first block a config
+    changes run once per batch for all the configs that start there. Throughput (img/s, median of ``repeats``) is
     measured on the first TIMING_BATCH_SIZE images, every config in this same run, with whole forwards.
     Images the loader skipped (``collate_usable``) are counted, up to ``max_bad`` of the data set;
-    an image whose logits are not finite counts as an error and is reported. The model is left unpatched.
+    an image whose logits are not finite counts as an error and is reported. ``labels`` False: the labels
+    are not the model's classes, and top-1 is None. Under torchrun each process evaluates its share of the
+    batches (``make_loader(..., processes)``) and every process returns the rows of the whole data set, equal
+    to one process's but for throughput, the sum over processes. The model is left unpatched.
     """
     model.eval()
+    share = _evaluate_share(model, loader, configs, repeats, progress and processes.main,
+                            SkippedImages(dataset_size(loader), max_bad))
+    shares = processes.gather(share)
+    batches = interleave([part.batches for part in shares])
+    skipped = SkippedImages(dataset_size(loader), max_bad, names=[name for part in shares for name in part.skipped])
+    skipped.check()
+    if not batches:
+        raise ValueError("the dataset is empty" + (f" (all {len(skipped)} images were skipped)" if skipped else "")
+                         + "; nothing to evaluate")
+    throughputs = [sum(values) for values in zip(*[part.throughputs for part in shares if part.throughputs])]
+    depth = family_of(model).depth(model)
+    params = sum(p.numel() for p in model.parameters())
+    rows = []
+    for index, config in enumerate(configs):
+        results = [batch[index] for batch in batches]
+        seen = sum(len(result.tokens_in) for result in results)
+        nonfinite = sum(result.nonfinite for result in results)
+        top1 = 100.0 * sum(result.correct for result in results) / seen if labels else None
+        gflops = ats.gflops(model) if config is None else float(torch.cat([result.gflops for result in results]).mean())
+        blocks = [] if config is None else config.patched_blocks(depth)
+        rows.append(EvalRow(method_of(config), "unpatched" if config is None else config.describe(), params,
+                            gflops, throughputs[index], top1, None, torch.cat([result.tokens_in for result in results]),
+                            torch.cat([result.tokens_out for result in results]), blocks, len(skipped), nonfinite))
+        if nonfinite and processes.main:
+            tqdm.write(f"ats: warning: {nonfinite} of {seen} images gave non-finite logits under "
+                       f"{rows[-1].config}; they count as errors in its top-1", file=sys.stderr)
+    for row in rows:
+        row.top1_change = None if row.top1 is None else row.top1 - rows[0].top1
+    return rows
+
+
+def _evaluate_share(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[PatchConfig]], repeats: int,
+                    progress: bool, skipped: SkippedImages) -> EvalShare:
+    """This process's batches through every config, and the throughput of each on its first batch."""
     device = next(model.parameters()).device
     family = family_of(model)
     depth = family.depth(model)
     num_tokens = family.shape(model).num_tokens
-    shared = min((config.first_block for config in configs if config is not None), default=0)
-    correct = [0] * len(configs)
-    nonfinite = [0] * len(configs)
-    skipped = SkippedImages(dataset_size(loader), max_bad)
-    tokens_in: List[List[torch.Tensor]] = [[] for _ in configs]
-    tokens_out: List[List[torch.Tensor]] = [[] for _ in configs]
-    flops: List[List[torch.Tensor]] = [[] for _ in configs]
+    starts = {config.first_block for config in configs if config is not None} or {0}
+    start_of = [max(starts) if config is None else config.first_block for config in configs]
+    batches: List[List[BatchResult]] = []
     timing_batch = None
-    seen = 0
     try:
         for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress, file=sys.stderr):
             skipped.note(batch)
@@ -107,45 +176,27 @@ def evaluate(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[Pa
             if len(labels) == 0:
                 continue
             timing_batch = images[:TIMING_BATCH_SIZE] if timing_batch is None else timing_batch
-            seen += len(labels)
-            tokens = family.run_first_blocks(model, images, shared)
-            for index, config in enumerate(configs):
+            tokens = {start: family.run_first_blocks(model, images, start) for start in starts}
+            results = []
+            for config, start in zip(configs, start_of):
                 set_config(model, config)
-                logits = family.logits_from_block(model, tokens, shared)
+                logits = family.logits_from_block(model, tokens[start], start)
                 finite = torch.isfinite(logits).all(dim=-1)
-                correct[index] += int(((logits.argmax(-1) == labels) & finite).sum())
-                nonfinite[index] += int((~finite).sum())
-                tokens_in[index].append(_tokens(model, config, len(labels), depth, num_tokens, "tokens"))
-                tokens_out[index].append(_tokens(model, config, len(labels), depth, num_tokens, "tokens_out"))
-                if config is not None:
-                    flops[index].append(ats.last_stats(model).gflops.cpu())
-        if seen == 0:
-            raise ValueError("the dataset is empty" + (f" (all {len(skipped)} images were skipped)" if skipped else "")
-                             + "; nothing to evaluate")
-        throughputs = []
-        for config in configs:
-            set_config(model, config)
-            throughputs.append(measure_throughput(model, timing_batch, repeats=repeats, warmup=1))
-        set_config(model, None)
-        params = sum(p.numel() for p in model.parameters())
-        base_gflops = ats.gflops(model)
+                results.append(BatchResult(
+                    int(((logits.argmax(-1) == labels) & finite).sum()), int((~finite).sum()),
+                    _tokens(model, config, len(labels), depth, num_tokens, "tokens"),
+                    _tokens(model, config, len(labels), depth, num_tokens, "tokens_out"),
+                    None if config is None else ats.last_stats(model).gflops.cpu()))
+            batches.append(results)
+        throughputs = None
+        if timing_batch is not None:
+            throughputs = []
+            for config in configs:
+                set_config(model, config)
+                throughputs.append(measure_throughput(model, timing_batch, repeats=repeats, warmup=1))
     finally:
         set_config(model, None)
-
-    rows = []
-    for index, config in enumerate(configs):
-        top1 = 100.0 * correct[index] / seen
-        gflops = base_gflops if config is None else float(torch.cat(flops[index]).mean())
-        blocks = [] if config is None else config.patched_blocks(depth)
-        rows.append(EvalRow(method_of(config), "unpatched" if config is None else config.describe(), params,
-                            gflops, throughputs[index], top1, 0.0, torch.cat(tokens_in[index]),
-                            torch.cat(tokens_out[index]), blocks, len(skipped), nonfinite[index]))
-        if nonfinite[index]:
-            tqdm.write(f"ats: warning: {nonfinite[index]} of {seen} images gave non-finite logits under "
-                       f"{rows[-1].config}; they count as errors in its top-1", file=sys.stderr)
-    for row in rows:
-        row.top1_change = row.top1 - rows[0].top1
-    return rows
+    return EvalShare(batches, list(skipped.names), throughputs)
 
 
 def set_config(model: nn.Module, config: Optional[PatchConfig]) -> None:
@@ -179,8 +230,39 @@ def format_table(rows: Sequence[EvalRow]) -> str:
     """An aligned text table of the rows."""
     lines = [("config", "params", "GFLOPs", "img/s", "top-1 %", "change", "kept (min/mean/max)")]
     lines += [(row.config, f"{row.params / 1e6:.2f}M", f"{row.gflops:.4f}", f"{row.throughput:.1f}",
-               f"{row.top1:.2f}", f"{row.top1_change:+.2f}", kept_summary(row.to_json())) for row in rows]
+               "n/a" if row.top1 is None else f"{row.top1:.2f}",
+               "n/a" if row.top1_change is None else f"{row.top1_change:+.2f}", kept_summary(row.to_json()))
+              for row in rows]
     return text_table(lines)
+
+
+def recommended_and_merge(model: nn.Module, dataset: Dataset, batch_size: int) -> Tuple[ATSConfig, MergeConfig]:
+    """The recommended config (``ATSConfig.recommended``), and token merging at about its mean GFLOPs on the
+    first batch of ``dataset`` (the same batch on every process of a torchrun)."""
+    family = family_of(model)
+    recommended = ATSConfig.recommended(family.depth(model))
+    device = next(model.parameters()).device
+    images = next(batch[0] for batch in make_loader(dataset, batch_size, 0) if len(batch[1]))
+    try:
+        with torch.inference_mode():
+            family.logits(ats.patch(model, recommended), images.to(device))
+        gflops = float(ats.last_stats(model).gflops.mean())
+    finally:
+        set_config(model, None)
+    return recommended, nearest_merge(model, gflops, tuple(images.shape[1:]))
+
+
+def which_row(recommended: ATSConfig, merge: MergeConfig) -> str:
+    """The line under the default table that says which row is for what."""
+    return (f"which row: '{recommended.describe()}' is the recommended setting; '{merge.describe()}' is token "
+            "merging at about its GFLOPs, for comparison; the paper's six configs above them drop more tokens than a "
+            "model with peaked class attention can spare (docs/results.md)")
+
+
+def labels_note(data: Optional[str]) -> str:
+    return ("ats eval: top-1 is n/a: the bundled images are Fashion-MNIST garments (resized to this model's input), "
+            "not this model's classes; pass --data DIR (an ImageFolder of its classes, e.g. ImageNet's val "
+            "folder) for accuracy") if data is None else ""
 
 
 def summary_line(rows: Sequence[EvalRow]) -> str:
@@ -201,18 +283,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_model(args)
-    configs = [None, *configs_from_arguments(args, depth=family_of(model).depth(model))]
-    loader = make_loader(build_dataset(args.data, model, args.limit), args.batch_size, args.workers)
-    rows = evaluate(model, loader, configs, repeats=args.repeats, max_bad=args.max_bad)
-    print(f"ats eval: {summary_line(rows)}", file=sys.stderr)
-    if args.json:
-        print(json.dumps([row.to_json() for row in rows], indent=1))
-    else:
-        print(format_table(rows))
-    if args.plots is not None:
-        from .plots import write_eval_plots
+    with torchrun_processes(args.device) as processes:
+        args.device = processes.device
+        model = load_model(args)
+        dataset = build_dataset(args.data, model, args.limit)
+        labels = args.data is not None or knows_bundled_classes(model)
+        configs = [None, *configs_from_arguments(args, depth=family_of(model).depth(model))]
+        defaults = not config_flags_given(args)
+        if defaults:
+            recommended, merge = recommended_and_merge(model, dataset, args.batch_size)
+            configs += [recommended, merge]
+        loader = make_loader(dataset, args.batch_size, args.workers, processes)
+        rows = evaluate(model, loader, configs, repeats=args.repeats, max_bad=args.max_bad, labels=labels,
+                        processes=processes)
+        if not processes.main:
+            return 0
+        where = f" ({processes.world_size} processes)" if processes.distributed else ""
+        print(f"ats eval{where}: {summary_line(rows)}", file=sys.stderr)
+        if not labels:
+            print(labels_note(args.data), file=sys.stderr)
+        if args.json:
+            print(json.dumps([row.to_json() for row in rows], indent=1))
+        else:
+            print(format_table(rows))
+            if defaults:
+                print(which_row(recommended, merge))
+        if args.plots is not None:
+            from .plots import write_eval_plots
 
-        for path in write_eval_plots([row.plot_record() for row in rows], args.plots):
-            print(f"wrote {path}", file=sys.stderr)
+            for path in write_eval_plots([row.plot_record() for row in rows], args.plots):
+                print(f"wrote {path}", file=sys.stderr)
     return 0

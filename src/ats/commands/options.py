@@ -14,6 +14,7 @@ from ..config import (
     PAPER_KS,
     PAPER_RHOS,
     SAMPLERS,
+    SCORES,
     ATSConfig,
     EViTConfig,
     KeepAllConfig,
@@ -22,6 +23,7 @@ from ..config import (
     StackedConfig,
     TokenBudget,
 )
+from ..data.build import knows_bundled_classes
 from ..data.skipped import DEFAULT_MAX_BAD
 
 REFERENCE = "reference"
@@ -137,7 +139,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                        help="inverse_transform (the paper's), topk (keep the K highest scores) or released (the "
                             "rule of the authors' released code, docs/method.md)")
     group.add_argument("--topk", action="store_true", help="the same as --sampler topk")
-    group.add_argument("--score", choices=("cls", "self_attention"), default="cls")
+    group.add_argument("--score", choices=SCORES, default="auto",
+                       help="what ATS scores tokens by (default auto: the class token's attention where the model "
+                            "has one, else self-attention)")
     group.add_argument("--no-keep-cls", action="store_true", help="let the class token be dropped")
     group.add_argument("--min-kept", type=count_or_fraction, default=0, metavar="N",
                        help="a floor on the unique patch tokens each ATS block keeps, topped up by score: a count "
@@ -177,6 +181,11 @@ def count_or_fraction(text: str) -> Union[int, float]:
     return float(text) if "." in text else int(text)
 
 
+def config_flags_given(args: argparse.Namespace) -> bool:
+    """Whether the flags name any config (else a command runs its defaults)."""
+    return bool(args.multi_stage or args.single_stage or args.blocks or args.evit or args.merge or args.keep_all)
+
+
 def configs_from_arguments(args: argparse.Namespace, depth: int) -> List[PatchConfig]:
     """The configs the flags ask for, for a model of ``depth`` blocks: the keep-all configs; ATS configs,
     EViT configs, or each EViT config stacked with each ATS config; then the merging configs."""
@@ -186,7 +195,7 @@ def configs_from_arguments(args: argparse.Namespace, depth: int) -> List[PatchCo
     rhos, ks = args.multi_stage, args.single_stage
     merging = [MergeConfig(r) for r in args.merge]
     keep_all = [KeepAllConfig(first) for first in args.keep_all]
-    if not (rhos or ks or args.blocks or args.evit or merging or keep_all):
+    if not config_flags_given(args):
         rhos, ks = list(PAPER_RHOS), list(PAPER_KS)
     configs = [ATSConfig.multi_stage(rho, depth=depth, every=args.stage_every, **options) for rho in rhos]
     configs += [ATSConfig.single_stage(k, block=args.stage_block, **options) for k in ks]
@@ -213,6 +222,15 @@ def parse_blocks(spec: str) -> dict:
             raise ValueError(f"cannot read block spec {part!r} ({error}); use BLOCK:K or FIRST-LAST:RHO") from None
         blocks.update({index: value for index in indices})
     return blocks
+
+
+def require_data(args: argparse.Namespace, model: nn.Module, command: str) -> None:
+    """A ValueError, before any work, when ``command`` would run ``model`` without ``--data`` on bundled images
+    whose labels are not its classes."""
+    if args.data is None and not knows_bundled_classes(model):
+        raise ValueError(f"ats {command} --model {args.model} needs --data DIR: the bundled images are Fashion-MNIST "
+                         "garments, not this model's classes (pass an ImageFolder of its classes, e.g. ImageNet's "
+                         "val folder; `ats eval` and `ats bench` run without one)")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 from ..config import ATSConfig
 from ..data.build import build_dataset
-from ..data.skipped import make_loader
+from ..data.distributed import make_loader, refuse_torchrun
 from ..patch.family import last_stats, unpatch
-from .options import add_model_arguments, load_model
+from .options import add_model_arguments, load_model, require_data
 
 #: The paper's single-stage budget at block 3 on DeiT-S (196 patch tokens), where retention is read.
 RETENTION_K = 108
@@ -100,7 +100,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    refuse_torchrun("retention")
     model = load_model(args)
+    require_data(args, model, "retention")
     loader = make_loader(build_dataset(args.data, model, args.limit), args.batch_size, 0)
     result = measure_retention(model, tqdm(loader, desc="retention", leave=False), args.k, args.block)
     if args.json:

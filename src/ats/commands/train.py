@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,11 +29,20 @@ import ats
 
 from ..config import ATSConfig, EViTConfig, PatchConfig, with_ats_options
 from ..data.build import build_dataset, training_set
-from ..data.skipped import SkippedImages, collate_usable, make_loader
+from ..data.distributed import make_loader, torchrun_processes
+from ..data.skipped import SkippedImages, collate_usable
 from ..patch import as_logits, family_of
 from ..reference.checkpoints import save_atomic
 from .evaluate import evaluate
-from .options import add_config_arguments, add_max_bad_argument, add_model_arguments, configs_from_arguments, load_model
+from .options import (
+    add_config_arguments,
+    add_max_bad_argument,
+    add_model_arguments,
+    config_flags_given,
+    configs_from_arguments,
+    load_model,
+    require_data,
+)
 from .resume import CheckpointClock, ResumableSampler, restore_rng_states, rng_states
 
 CHECKPOINT = "checkpoint.pt"
@@ -85,7 +93,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def training_config(args: argparse.Namespace, depth: int) -> PatchConfig:
     """The one config to train with: the flags' only config, or multi-stage rho = 1 (the paper's
     K = number of input tokens) when none is given."""
-    given = args.multi_stage or args.single_stage or args.blocks or args.evit or args.merge or args.keep_all
+    given = config_flags_given(args)
     configs = configs_from_arguments(args, depth) if given else [ATSConfig.multi_stage(1.0, depth=depth)]
     if len(configs) != 1:
         raise ValueError(f"training takes one config, got {len(configs)}: give one of --multi-stage, "
@@ -110,25 +118,15 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_arguments(args)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:
-        cuda = torch.cuda.is_available() and args.device.startswith("cuda")
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-        if cuda:
-            local_rank = int(os.environ["LOCAL_RANK"])
-            torch.cuda.set_device(local_rank)
-            args.device = f"cuda:{local_rank}"
-    try:
-        return train(args, rank=dist.get_rank() if distributed else 0,
-                     world_size=dist.get_world_size() if distributed else 1)
-    finally:
-        if distributed:
-            dist.destroy_process_group()
+    with torchrun_processes(args.device) as processes:
+        args.device = processes.device
+        return train(args, rank=processes.rank, world_size=processes.world_size)
 
 
 def train(args: argparse.Namespace, rank: int, world_size: int) -> int:
     torch.manual_seed(args.seed)
     model = load_model(args)
+    require_data(args, model, "train")
     device = next(model.parameters()).device
     config = training_config(args, family_of(model).depth(model))
     ats.patch(model, config)

@@ -25,9 +25,16 @@ from tqdm import tqdm
 
 from .. import last_stats, patch, unpatch
 from ..config import PatchConfig
+from ..data.distributed import refuse_torchrun
 from ..patch import family_of
 from ..stats import ATSStats
-from .options import REFERENCE_MODELS, add_config_arguments, add_model_arguments, configs_from_arguments, load_model
+from .options import (
+    add_config_arguments,
+    add_model_arguments,
+    config_flags_given,
+    configs_from_arguments,
+    load_model,
+)
 from .plots import new_figure, save_figure, slug
 
 #: Dropped patches are tinted this far towards DROPPED_COLOUR (visible on dark and light backgrounds).
@@ -270,33 +277,34 @@ class ImageFiles(torch.utils.data.Dataset):
 
 @dataclass
 class Inputs:
-    """The images to show: a dataset of (normalised image [C, H, W], label or -1), their names,
-    and class names (None: show class indices)."""
+    """The images to show: a dataset of (normalised image [C, H, W], label or -1), their names, and the class
+    names of the labels and of the model's predictions (None: show class indices)."""
 
     dataset: torch.utils.data.Dataset
     names: List[str]
+    label_names: Optional[Sequence[str]]
     class_names: Optional[Sequence[str]]
 
 
 def load_inputs(args: argparse.Namespace, model: nn.Module, data_config: dict) -> Inputs:
     """--images files/folders, or the first --num-images images of the bundled test set."""
-    from ..data.build import build_dataset
+    from ..data.build import build_dataset, knows_bundled_classes
     from ..data.fashion_mnist import FASHION_MNIST_CLASSES
     from ..data.moving_garments import MOVING_GARMENT_CLASSES
     from ..patch import takes_clips
 
     video = takes_clips(model)
     test_classes = MOVING_GARMENT_CLASSES if video else FASHION_MNIST_CLASSES
-    class_names = test_classes if args.model in REFERENCE_MODELS else family_of(model).class_names(model)
+    class_names = test_classes if knows_bundled_classes(model) else family_of(model).class_names(model)
     if args.images:
         if video:
             raise ValueError("--images takes image files, and this is a video model; leave --images out to see the "
                              "moving-garment test clips")
         paths = collect_image_paths(args.images)
-        return Inputs(ImageFiles(paths, data_config), [path.stem for path in paths], class_names)
+        return Inputs(ImageFiles(paths, data_config), [path.stem for path in paths], class_names, class_names)
     dataset = build_dataset(None, model, limit=args.num_images)
     names = [f"test-{index:05d}" for index in range(len(dataset))]
-    return Inputs(dataset, names, test_classes)
+    return Inputs(dataset, names, test_classes, class_names)
 
 
 def _class_name(index: int, class_names: Optional[Sequence[str]]) -> Optional[str]:
@@ -317,7 +325,7 @@ def _batches(inputs: Inputs, batch_size: int) -> Iterator[Tuple[torch.Tensor, to
 
 def visualize_configs(args: argparse.Namespace, depth: int) -> List[PatchConfig]:
     """The configs the flags ask for; with none, multi-stage rho = 1.0 (not eval's six defaults)."""
-    if not (args.multi_stage or args.single_stage or args.blocks or args.evit or args.merge or args.keep_all):
+    if not config_flags_given(args):
         args = argparse.Namespace(**{**vars(args), "multi_stage": [DEFAULT_RHO]})
     return configs_from_arguments(args, depth)
 
@@ -332,7 +340,7 @@ def render(model: nn.Module, configs: Sequence[PatchConfig], inputs: Inputs, dat
     index = 0
     for images, labels, names in _batches(inputs, batch_size):
         pixels = display_images(images, data_config)
-        label_names = [_class_name(int(label), inputs.class_names) for label in labels]
+        label_names = [_class_name(int(label), inputs.label_names) for label in labels]
         for config in configs:
             patch(model, config)
             predictions = family_of(model).logits(model, images.to(device)).argmax(dim=-1).tolist()
@@ -374,6 +382,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    refuse_torchrun("visualize")
     for flag, value in (("--num-images", args.num_images), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}")

@@ -15,6 +15,8 @@ BUNDLED_FASHION_MNIST = Path(__file__).parent / "fashion-mnist"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
+#: ``pretrained_cfg["test_set"]`` of the models trained here on Fashion-MNIST (the reference models).
+FASHION_MNIST_TEST_SET = "fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot")
 
@@ -61,9 +63,10 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255 - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0]
 
 
-def bundled_test_set() -> TensorImages:
-    """The 10,000 Fashion-MNIST test images shipped with the package."""
-    return TensorImages(*read_fashion_mnist(BUNDLED_FASHION_MNIST, "t10k"))
+def bundled_test_set(transform: Optional[Callable] = None) -> TensorImages:
+    """The 10,000 Fashion-MNIST test images shipped with the package; ``transform`` applies to each normalised
+    image."""
+    return TensorImages(*read_fashion_mnist(BUNDLED_FASHION_MNIST, "t10k"), transform)
 
 
 def fashion_mnist_train(root: Optional[Path] = None, augment: bool = False) -> TensorImages:
@@ -75,3 +78,28 @@ def fashion_mnist_train(root: Optional[Path] = None, augment: bool = False) -> T
                             v2.RandomHorizontalFlip()]) if augment else None
     return TensorImages(*read_fashion_mnist(Path(root) if root else DEBIAN_FASHION_MNIST, "train"), transform)
 
+
+def unnormalise(images: torch.Tensor) -> torch.Tensor:
+    """Normalised Fashion-MNIST images (``normalise``) -> pixels in [0, 1]."""
+    return images * FASHION_MNIST_STD[0] + FASHION_MNIST_MEAN[0]
+
+
+class ForModel:
+    """A transform from a normalised Fashion-MNIST image [1, h, w] (or clip [T, 1, h, w]) to the input a model's
+    data config describes: its channels (gray repeated), size (timm's evaluation transform on the 8-bit image:
+    resize, centre crop; per frame of a clip) and mean and std; for running a model trained on other data on
+    the bundled images."""
+
+    def __init__(self, data_config: dict) -> None:
+        import timm.data
+
+        keys = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+        self.mode = "L" if data_config["input_size"][0] == 1 else "RGB"
+        self.transform = timm.data.create_transform(**{key: data_config[key] for key in keys if key in data_config})
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.functional import to_pil_image
+
+        frames = (unnormalise(images).clamp(0, 1) * 255).round().to(torch.uint8).reshape(-1, *images.shape[-3:])
+        converted = torch.stack([self.transform(to_pil_image(frame).convert(self.mode)) for frame in frames])
+        return converted[0] if images.ndim == 3 else converted

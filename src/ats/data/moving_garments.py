@@ -36,6 +36,8 @@ from .fashion_mnist import FASHION_MNIST_CLASSES, bundled_test_set, fashion_mnis
 GARMENT_SIZE = 28
 #: The seed of the test split, ``moving_garments_test()``.
 TEST_SEED = 7919
+#: ``pretrained_cfg["test_set"]`` of the video models trained here on moving-garment clips.
+MOVING_GARMENTS_TEST_SET = "moving-garments"
 MOVING_GARMENT_CLASSES = tuple(f"{name}, moving {way}" for name in FASHION_MNIST_CLASSES for way in ("left", "right"))
 _SEED_STRIDE = 0x9E3779B1  # odd, so the clip seeds of one data set seed are distinct for 2**32 indices
 
@@ -215,10 +217,11 @@ class MovingGarments(Dataset):
         return (clip if self.transform is None else self.transform(clip)), label
 
 
-def moving_garments_test(spec: ClipSpec = DEFAULT_CLIP_SPEC) -> MovingGarments:
-    """The test split: 10,000 clips of the bundled Fashion-MNIST test images with ``TEST_SEED``."""
+def moving_garments_test(spec: ClipSpec = DEFAULT_CLIP_SPEC, transform: Optional[Callable] = None) -> MovingGarments:
+    """The test split: 10,000 clips of the bundled Fashion-MNIST test images with ``TEST_SEED``; ``transform``
+    applies to each normalised clip."""
     test_set = bundled_test_set()
-    return MovingGarments(test_set.images, test_set.labels, spec, TEST_SEED)
+    return MovingGarments(test_set.images, test_set.labels, spec, TEST_SEED, transform)
 
 
 def moving_garments_train(root: Optional[Path] = None, spec: ClipSpec = DEFAULT_CLIP_SPEC,

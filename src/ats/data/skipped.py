@@ -8,7 +8,7 @@ import sys
 from typing import List, NamedTuple, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset, default_collate
 from tqdm import tqdm
 
 #: The share of a data set's images that may be unusable before a run stops (``--max-bad``).
@@ -61,6 +61,10 @@ class SkippedImages:
         for image in getattr(batch, "skipped", ()):
             self.names.append(image.name)
             tqdm.write(f"ats: warning: skipped {image.name}: {image.reason}", file=sys.stderr)
+        self.check()
+
+    def check(self) -> None:
+        """The ValueError once more than ``max_bad`` of the images are skipped."""
         if len(self.names) > self.max_bad * self.total:
             raise ValueError(f"{len(self.names)} of the {self.total} images could not be used, more than --max-bad "
                              f"{self.max_bad:g} of them (the last: {self.names[-1]}); fix or remove them, or raise "
@@ -68,7 +72,6 @@ class SkippedImages:
 
     def __len__(self) -> int:
         return len(self.names)
-
 
 
 class UsableImages(Dataset):
@@ -91,15 +94,6 @@ class UsableImages(Dataset):
             return SkippedImage(path, "non-finite pixel values after preprocessing")
         return image, label
 
-
-
-def make_loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
-    """Batches in order; unusable images are left out and named (``collate_usable``)."""
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    if workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {workers}")
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_usable)
 
 
 def dataset_size(loader) -> int:

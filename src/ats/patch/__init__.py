@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from ..config import PATCH_CONFIGS, PatchConfig
+from .beit import BEIT
 from .cvt import CVT
+from .eva import EVA
 from .family import Family, last_stats, unpatch, upper_bound_flops
 from .hf import HF
 from .psvit import PSVIT
@@ -15,7 +17,7 @@ from .timesformer import TIMESFORMER
 from .timm import TIMM
 from .xvit import XVIT
 
-FAMILIES = (TIMM, HF, CVT, PSVIT, TIMESFORMER, XVIT)
+FAMILIES = (TIMM, EVA, BEIT, HF, CVT, PSVIT, TIMESFORMER, XVIT)
 __all__ = ["FAMILIES", "Family", "as_logits", "family_of", "gflops", "is_patched", "last_stats", "patch",
            "takes_clips", "unpatch"]
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import PatchConfig
-from ..flops import BlockCost, ViTShape, block_flops
+from ..flops import BlockCost, ViTShape, block_flops, head_cost
 from ..packing import TokenBatch
 from ..stats import ATSStats, ForwardRecord
 from ..step import BlockParts, run_blocks
@@ -119,7 +119,7 @@ class Family:
     def block_costs(self, model: nn.Module, shape: ViTShape, config: Optional[PatchConfig]) -> Dict[int, BlockCost]:
         """The FLOPs (n_in, n_out) -> count of every block that is not a standard one (``flops.block_flops``)
         under ``config`` (None: the unpatched model)."""
-        return {} if config is None else config.block_costs(shape)
+        return {} if config is None else config.block_costs(shape, self.has_class_token(model))
 
     def depth(self, model: nn.Module) -> int:
         return len(self.blocks(model))
@@ -240,11 +240,11 @@ def masked_features(batch: TokenBatch, features: torch.Tensor) -> torch.Tensor:
 def upper_bound_flops(shape: ViTShape, config: Optional[PatchConfig], costs: Mapping[int, BlockCost]) -> float:
     """FLOPs per image when every sample is a distinct token (the most a patched forward can cost);
     costs: ``Family.block_costs`` of the model under ``config``."""
-    total = shape.patch_embed_flops + shape.head_flops
+    total = shape.patch_embed_flops
     n = shape.num_tokens
     for index in range(shape.depth):
         n_out = n if config is None or config.method_at(index) is None else config.most_tokens_out(
             index, n, shape.num_prefix_tokens)
         total += costs[index](n, n_out) if index in costs else block_flops(shape, n, n)
         n = n_out
-    return total
+    return total + head_cost(shape, n)

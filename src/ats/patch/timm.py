@@ -1,7 +1,9 @@
-"""The adapter for timm's VisionTransformer (DeiT, distilled DeiT, ViT, register tokens, no class token).
+"""The adapter for timm's VisionTransformer (DeiT, distilled DeiT, ViT, register tokens, no class token,
+SigLIP's attention-pool head), and what the timm families share.
 
-The patched model's ``forward_features`` runs the blocks through ``ats.step.run_blocks``, and its
-average pooling weighs valid tokens by their size; ``forward_head`` and everything else is timm's.
+The patched model's ``forward_features`` runs the blocks through ``ats.step.run_blocks``; its pooling
+reads each image's valid tokens only, the mean and the attention pool weighing them by their size;
+``forward_head`` and everything else is timm's.
 """
 from __future__ import annotations
 
@@ -9,16 +11,77 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import timm.data
 import torch
-from timm.layers import Attention
+import torch.nn.functional as F
+from timm.layers import Attention, AttentionPoolLatent
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..flops import ViTShape, linear_flops, patch_grid, stem_convolutions, stem_flops
+from ..flops import ViTShape, attention_pool_token_flops, linear_flops, patch_grid, stem_convolutions, stem_flops
 from ..step import BlockParts
 from .family import Family, PatchedModel, fit_channels, masked_features
 
-SUPPORTED_POOLS = ("token", "avg", "")
+SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "", "map")
+
+
+def pool_valid_tokens(x: torch.Tensor, pool_type: str, weights: torch.Tensor, start: int) -> torch.Tensor:
+    """timm's global pooling of features x [B, m, C] over each image's valid tokens from position ``start``
+    on: the mean weighs them by ``weights`` [B, m] (each token's size, 0 on padding), the max skips padding;
+    "token" reads position 0 and "" returns x as it is."""
+    if not pool_type:
+        return x
+    if pool_type == "token":
+        return x[:, 0]
+    x, weights = x[:, start:], weights[:, start:, None]
+    mean = (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-12)
+    if pool_type == "avg":
+        return mean
+    peak = x.masked_fill(weights == 0, float("-inf")).amax(dim=1)
+    return peak if pool_type == "max" else 0.5 * (peak + mean)
+
+
+def attention_pool(pool: AttentionPoolLatent, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """timm's attention-pool head on features x [B, m, C] whose tokens weigh ``weights`` [B, m] (each token's
+    size, 0 on padding): its queries attend over the valid tokens, proportionally to their size."""
+    return pool(x, attn_mask=weights.log()[:, None, None, :])
+
+
+def check_attention_pool(pool: Optional[nn.Module]) -> None:
+    """Raise TypeError unless ``pool`` is None or an attention-pool head ATS can run on packed tokens."""
+    if pool is None:
+        return
+    if type(pool) is not AttentionPoolLatent or pool.pos_embed is not None:
+        raise TypeError(f"the attention pool {type(pool).__name__} is not supported; ATS runs timm's "
+                        "AttentionPoolLatent without a position embedding of its own")
+
+
+def attention_pool_flops(pool: Optional[nn.Module]) -> Tuple[int, int]:
+    """An attention-pool head's FLOPs per image (its latent queries, projection and MLP) and per token it reads
+    (``flops.attention_pool_token_flops``); (0, 0) for None."""
+    if pool is None:
+        return 0, 0
+    kv = linear_flops(pool.kv)
+    return pool.latent_len * (linear_flops(pool) - kv), attention_pool_token_flops(
+        kv, pool.latent_len, pool.num_heads * pool.head_dim)
+
+
+def qkv_with_biases(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The q, k and v rows [T, 3A] of normed rows x [T, C] of a timm attention whose projection keeps its
+    biases apart (``q_bias``, ``k_bias``, ``v_bias``, as BEiT and EVA do) or that has three projections."""
+    if attn.qkv is None:
+        return torch.cat((attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)), dim=-1)
+    if getattr(attn, "q_bias", None) is None:
+        return attn.qkv(x)
+    bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    if attn.qkv_bias_separate:
+        return attn.qkv(x) + bias
+    return F.linear(x, attn.qkv.weight, bias)
+
+
+def layer_scale(block: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """x times the block's layer-scale parameter ``name`` (``gamma_1``, ``gamma_2``), or x where it has none."""
+    gamma = getattr(block, name)
+    return x if gamma is None else gamma * x
 
 
 class ATSVisionTransformer(PatchedModel):
@@ -46,17 +109,16 @@ class ATSVisionTransformer(PatchedModel):
                                   "ats.last_stats(model) for the tokens each block kept")
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
-        """timm's pooling; the mean is taken over valid tokens only, each weighted by its size."""
-        pool_type = self.global_pool if pool_type is None else pool_type
-        if pool_type != "avg":
-            return super().pool(x, pool_type)
+        """timm's pooling over each image's valid tokens (``pool_valid_tokens``, ``attention_pool``)."""
         start = 0 if self.pool_include_prefix else self.num_prefix_tokens
-        weights = self._ats.pool_weights[:, start:, None]
-        return (x[:, start:] * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-12)
+        weights = self._ats.pool_weights
+        if self.attn_pool is not None:
+            return attention_pool(self.attn_pool, x[:, start:], weights[:, start:])
+        return pool_valid_tokens(x, self.global_pool if pool_type is None else pool_type, weights, start)
 
 
 class TimmViT(Family):
-    name = "timm VisionTransformer (DeiT, ViT, ...)"
+    name = "timm VisionTransformer (DeiT, ViT, SigLIP, ...)"
     mixin = ATSVisionTransformer
 
     def owns(self, cls: type) -> bool:
@@ -67,9 +129,10 @@ class TimmViT(Family):
             if type(block) is not Block or type(block.attn) is not Attention:
                 raise TypeError(f"block {index} is a {type(block).__name__} with {type(block.attn).__name__}; "
                                 "ATS supports timm's pre-norm Block with its standard Attention")
-        if model.attn_pool is not None or model.global_pool not in SUPPORTED_POOLS:
+        if model.global_pool not in SUPPORTED_POOLS:
             raise TypeError(f"global_pool={model.global_pool!r} is not supported; ATS works with "
-                            "'token' or 'avg' pooling")
+                            f"{', '.join(map(repr, SUPPORTED_POOLS))} pooling")
+        check_attention_pool(model.attn_pool)
 
     def blocks(self, model: VisionTransformer) -> Sequence[nn.Module]:
         return model.blocks
@@ -94,11 +157,13 @@ class TimmViT(Family):
         block = model.blocks[0]
         heads = [m for m in (getattr(model, "head", None), getattr(model, "head_dist", None))
                  if isinstance(m, nn.Linear)]
+        pool_flops, pool_token_flops = attention_pool_flops(model.attn_pool)
         return ViTShape(embed_dim=model.embed_dim, attn_dim=block.attn.qkv.out_features // 3,
                         head_dim=block.attn.head_dim, mlp_flops=linear_flops(block.mlp), depth=len(model.blocks),
                         num_patches=grid[0] * grid[1], num_prefix_tokens=model.num_prefix_tokens,
                         patch_embed_flops=stem_flops(patch_embed.proj, image_size)[0],
-                        head_flops=sum(linear_flops(head) for head in heads), grid_size=grid)
+                        head_flops=pool_flops + sum(linear_flops(head) for head in heads), grid_size=grid,
+                        head_token_flops=pool_token_flops, head_reads_prefix=model.pool_include_prefix)
 
     def has_class_token(self, model: VisionTransformer) -> bool:
         return model.cls_token is not None

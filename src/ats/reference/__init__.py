@@ -19,8 +19,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..data.cluttered import CLUTTERED_TEST_SET
-from ..data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD
-from ..data.moving_garments import MOVING_GARMENT_CLASSES
+from ..data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, FASHION_MNIST_TEST_SET
+from ..data.moving_garments import MOVING_GARMENT_CLASSES, MOVING_GARMENTS_TEST_SET
 from ..models.conv_stem import ConvStemPatchEmbed
 from ..models.psvit import PSVIT_TINY_FMNIST, PSViT
 from ..models.xvit import XVIT_TINY_GARMENTS, XViT
@@ -59,10 +59,11 @@ REFERENCE_VIDEO_CHECKPOINT = WEIGHTS_DIR / "reference_video_garments.pt"
 REFERENCE_XVIT_CHECKPOINT = WEIGHTS_DIR / "reference_xvit_garments.pt"
 
 
-def fashion_mnist_data_config(size: int, num_classes: int = 10) -> dict:
-    """The timm-style data config every reference model declares (``model.pretrained_cfg``)."""
+def fashion_mnist_data_config(size: int, num_classes: int = 10, test_set: str = FASHION_MNIST_TEST_SET) -> dict:
+    """The timm-style data config every reference model declares (``model.pretrained_cfg``), with the bundled
+    data set it is trained and tested on."""
     return dict(input_size=(1, size, size), mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, interpolation="bilinear",
-                crop_pct=1.0, crop_mode="center", num_classes=num_classes)
+                crop_pct=1.0, crop_mode="center", num_classes=num_classes, test_set=test_set)
 
 
 def create_reference_model(**overrides) -> VisionTransformer:
@@ -117,7 +118,8 @@ def create_reference_video(**overrides) -> nn.Module:
     config = TimesformerConfig(**{**REFERENCE_VIDEO_KWARGS, **overrides},
                                id2label=dict(enumerate(MOVING_GARMENT_CLASSES)))
     model = TimesformerForVideoClassification(config)
-    model.pretrained_cfg = fashion_mnist_data_config(config.image_size, len(MOVING_GARMENT_CLASSES))
+    model.pretrained_cfg = fashion_mnist_data_config(config.image_size, len(MOVING_GARMENT_CLASSES),
+                                                     MOVING_GARMENTS_TEST_SET)
     return model
 
 
@@ -125,7 +127,7 @@ def create_reference_xvit(**overrides) -> nn.Module:
     """The reference XViT (``ats.models.xvit.XVIT_TINY_GARMENTS``), randomly initialised; ``overrides`` change its
     arguments."""
     model = XViT(**{**XVIT_TINY_GARMENTS, **overrides})
-    model.pretrained_cfg = fashion_mnist_data_config(model.img_size, model.num_classes)
+    model.pretrained_cfg = fashion_mnist_data_config(model.img_size, model.num_classes, MOVING_GARMENTS_TEST_SET)
     return model
 
 

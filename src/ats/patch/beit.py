@@ -1,0 +1,148 @@
+"""The adapter for timm's Beit (BEiT, BEiT v2): relative position biases.
+
+Each block adds to every attention logit a learnt bias indexed by the pair of positions (query, key),
+the class token's row and column included, from its own table and the model's shared one. After an ATS
+block the tokens are packed, so each block's bias is gathered at the rows and columns of the positions
+the kept tokens came from (``TokenBatch.source``, ``step.pair_bias``); the class token's attention that
+scores the tokens carries the bias too. The average pooling reads each image's valid tokens only.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import partial
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from timm.models.beit import Attention, Beit, Block
+from torch import nn
+
+from ..flops import ViTShape, linear_flops, patch_grid, stem_flops
+from ..packing import TokenBatch
+from ..stats import ForwardRecord
+from ..step import BlockParts, run_blocks
+from .family import PatchedModel, masked_features
+from .timm import TimmViT, layer_scale, pool_valid_tokens, qkv_with_biases
+
+
+class ATSBeit(PatchedModel):
+    """Mixed in before timm's Beit class by ``TimmBeit.patch``; ``BEIT`` is the adapter."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, C, H, W] -> normalised tokens [B, m, C'], valid tokens first, zeros on padding."""
+        return self.forward_tokens(BEIT.embed(self, x))
+
+    def forward_tokens(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Run the blocks from ``start`` on the tokens x [B, N, C'] the blocks before it made. Returns
+        normalised tokens [B, m, C'], zeros on padding."""
+        batch = BEIT.run_patched(self, x, start, BEIT.input_size(self))
+        return masked_features(batch, self.norm(batch.rows))
+
+    def forward_intermediates(self, *args, **kwargs):
+        """Refused: timm's version runs every block on every token, so it would silently skip ATS."""
+        raise NotImplementedError("forward_intermediates of a patched model would run every block on every token "
+                                  "(no ATS); ats.unpatch(model) first, or use forward_features and "
+                                  "ats.last_stats(model) for the tokens each block kept")
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """timm's head, its pooling over each image's valid tokens (the mean weighs them by their size)."""
+        x = pool_valid_tokens(x, self.global_pool, self._ats.pool_weights, self.num_prefix_tokens)
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+
+
+def relative_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """A relative position bias [h, N, N] from its table [distances, h] and the index [N, N] of each pair's
+    distance (the class token's row and column included)."""
+    return table[index].permute(2, 0, 1)
+
+
+class TimmBeit(TimmViT):
+    name = "timm Beit (BEiT, BEiT v2)"
+    mixin = ATSBeit
+
+    def owns(self, cls: type) -> bool:
+        return issubclass(cls, Beit)
+
+    def check(self, model: Beit) -> None:
+        for index, block in enumerate(model.blocks):
+            if type(block) is not Block or type(block.attn) is not Attention:
+                raise TypeError(f"block {index} is a {type(block).__name__} with {type(block.attn).__name__}; "
+                                "ATS supports timm's BEiT Block with its Attention")
+
+    def block_parts(self, block: Block) -> BlockParts:
+        attn = block.attn
+        return BlockParts(norm1=block.norm1, qkv=partial(qkv_with_biases, attn), num_heads=attn.num_heads,
+                          head_dim=attn.qkv.out_features // 3 // attn.num_heads, scale=attn.scale, proj=attn.proj,
+                          norm2=block.norm2, mlp=block.mlp, dense=block, training=block.training,
+                          attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop,
+                          ls1=partial(layer_scale, block, "gamma_1"), drop_path1=block.drop_path1,
+                          ls2=partial(layer_scale, block, "gamma_2"), drop_path2=block.drop_path2)
+
+    def shape(self, model: Beit, input_size: Optional[Sequence[int]] = None) -> ViTShape:
+        patch_embed = model.patch_embed
+        grid = tuple(patch_embed.grid_size) if input_size is None else patch_grid(
+            patch_embed.img_size, patch_embed.patch_size, input_size)
+        image_size = tuple(patch_embed.img_size) if input_size is None else tuple(input_size[1:])
+        parts = self.block_parts(model.blocks[0])
+        return ViTShape(embed_dim=model.embed_dim, attn_dim=parts.num_heads * parts.head_dim, head_dim=parts.head_dim,
+                        mlp_flops=linear_flops(model.blocks[0].mlp), depth=len(model.blocks),
+                        num_patches=grid[0] * grid[1], num_prefix_tokens=model.num_prefix_tokens,
+                        patch_embed_flops=stem_flops(patch_embed.proj, image_size)[0],
+                        head_flops=linear_flops(model.head) if isinstance(model.head, nn.Linear) else 0, grid_size=grid)
+
+    def embed(self, model: Beit, images: torch.Tensor) -> torch.Tensor:
+        """Patch and absolute position embedding and the class token: the start of timm's forward_features."""
+        expected = self.input_size(model)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"expected images of shape [B, {', '.join(map(str, expected))}] for this model, got "
+                             f"{list(images.shape)}; resize and normalise them with the model's data config "
+                             "(timm.data.resolve_data_config(model=model))")
+        x = model.patch_embed(images)
+        x = torch.cat((model.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        if model.pos_embed is not None:
+            x = x + model.pos_embed
+        return model.pos_drop(x)
+
+    def shared_bias(self, model: Beit) -> Optional[torch.Tensor]:
+        """The bias [h, N, N] every block adds (``use_shared_rel_pos_bias``), or None."""
+        return None if model.rel_pos_bias is None else model.rel_pos_bias()
+
+    def position_biases(self, model: Beit, shared: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+        """Each block's relative position bias [h, N, N] of this forward: its own plus ``shared`` (None where
+        it has neither)."""
+        biases = []
+        for block in model.blocks:
+            attn = block.attn
+            own = None if attn.relative_position_bias_table is None else relative_bias(
+                attn.relative_position_bias_table, attn.relative_position_index)
+            biases.append(shared if own is None else own if shared is None else own + shared)
+        return biases
+
+    def run_blocks(self, model: Beit, x: torch.Tensor, shape: ViTShape, start: int,
+                   input_size: Sequence[int]) -> Tuple[TokenBatch, ForwardRecord]:
+        """``step.run_blocks`` with each block's position bias of this forward (and its own forward given the
+        shared bias)."""
+        parts = self.cached_block_parts(model, input_size)
+        shared = self.shared_bias(model)
+        parts = [part if bias is None else replace(part, position_bias=bias, dense=partial(
+            block, shared_rel_pos_bias=shared)) for part, bias, block in zip(
+            parts, self.position_biases(model, shared), model.blocks)]
+        return run_blocks(parts, x, model._ats.config, shape.num_prefix_tokens, self.has_class_token(model), start)
+
+    def run_first_blocks(self, model: Beit, images: torch.Tensor, count: int) -> torch.Tensor:
+        x = self.embed(model, images)
+        shared = self.shared_bias(model)
+        for block in model.blocks[:count]:
+            x = block(x, shared_rel_pos_bias=shared)
+        return x
+
+    def logits_from_block(self, model: Beit, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        if hasattr(model, "_ats"):
+            return model.forward_head(model.forward_tokens(tokens, start))
+        shared = self.shared_bias(model)
+        for block in model.blocks[start:]:
+            tokens = block(tokens, shared_rel_pos_bias=shared)
+        return model.forward_head(model.norm(tokens))
+
+
+BEIT = TimmBeit()

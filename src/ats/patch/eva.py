@@ -1,0 +1,180 @@
+"""The adapter for timm's Eva: EVA-02, DINOv3, the RoPE ViTs (axial and mixed, with or without absolute
+position embeddings) and Perception Encoder.
+
+These models rotate each patch token's queries and keys by its patch position (rotary position
+embeddings), in every block. After an ATS block the tokens are packed, so each block's rotation is
+gathered at the position each kept token came from (``TokenBatch.source``, ``step.Rotation``); prefix
+tokens are not rotated, as in timm. The rest is a pre-norm block: q/k norms, an optional norm of the
+attention output, SwiGLU MLPs, layer scale; the pooling (mean, max, class token or the attention pool)
+reads each image's valid tokens only.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import partial
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from timm.layers import AttentionRope
+from timm.models.eva import Eva, EvaAttention, EvaBlock
+from torch import nn
+
+from ..flops import ViTShape, linear_flops, patch_grid, stem_flops
+from ..packing import TokenBatch
+from ..stats import ForwardRecord
+from ..step import BlockParts, Rotation, run_blocks
+from .family import PatchedModel, masked_features
+from .timm import (
+    TimmViT,
+    attention_pool,
+    attention_pool_flops,
+    check_attention_pool,
+    layer_scale,
+    pool_valid_tokens,
+    qkv_with_biases,
+)
+
+
+class ATSEva(PatchedModel):
+    """Mixed in before timm's Eva class by ``TimmEva.patch``; ``EVA`` is the adapter."""
+
+    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                         is_causal: bool = False) -> torch.Tensor:
+        """Images [B, C, H, W] -> normalised tokens [B, m, C'], valid tokens first, zeros on padding."""
+        if attn_mask is not None or is_causal:
+            raise ValueError("a patched model takes no attn_mask or is_causal: ATS makes its own masks; "
+                             "ats.unpatch(model) to use them")
+        return self.forward_tokens(EVA.embed(self, x), input_size=tuple(x.shape[1:]))
+
+    def forward_tokens(self, x: torch.Tensor, start: int = 0,
+                       input_size: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
+        """Run the blocks from ``start`` on the tokens x [B, N, C'] the blocks before it made, for images of
+        ``input_size`` (C, H, W; default the model's). Returns normalised tokens [B, m, C'], zeros on padding."""
+        batch = EVA.run_patched(self, x, start, input_size or EVA.input_size(self))
+        return masked_features(batch, self.norm(batch.rows))
+
+    def forward_intermediates(self, *args, **kwargs):
+        """Refused: timm's version runs every block on every token, so it would silently skip ATS."""
+        raise NotImplementedError("forward_intermediates of a patched model would run every block on every token "
+                                  "(no ATS); ats.unpatch(model) first, or use forward_features and "
+                                  "ats.last_stats(model) for the tokens each block kept")
+
+    def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+        """timm's pooling over each image's valid tokens (the attention pool reads the prefix tokens too)."""
+        weights = self._ats.pool_weights
+        if self.attn_pool is not None:
+            return attention_pool(self.attn_pool, x, weights)
+        return pool_valid_tokens(x, self.global_pool if pool_type is None else pool_type, weights,
+                                 self.num_prefix_tokens)
+
+
+class TimmEva(TimmViT):
+    name = "timm Eva (EVA-02, DINOv3, RoPE ViT, Perception Encoder)"
+    mixin = ATSEva
+
+    def owns(self, cls: type) -> bool:
+        return issubclass(cls, Eva)
+
+    def check(self, model: Eva) -> None:
+        for index, block in enumerate(model.blocks):
+            attn = block.attn
+            if type(block) is not EvaBlock or type(attn) not in (EvaAttention, AttentionRope):
+                raise TypeError(f"block {index} is a {type(block).__name__} with {type(attn).__name__}; ATS supports "
+                                "timm's pre-norm EvaBlock with EvaAttention or AttentionRope (not the post-norm "
+                                "blocks of use_post_norm=True)")
+            if getattr(attn, "num_kv_groups", 1) > 1:
+                raise TypeError(f"block {index} uses grouped-query attention (num_kv_heads); ATS supports "
+                                "blocks whose keys and values have as many heads as their queries")
+            if attn.gate is not None:
+                raise TypeError(f"block {index} has gated attention (gated_attn=True), which ATS does not support")
+        check_attention_pool(model.attn_pool)
+
+    def block_parts(self, block: EvaBlock) -> BlockParts:
+        attn = block.attn
+        return BlockParts(norm1=block.norm1, qkv=partial(qkv_with_biases, attn), num_heads=attn.num_heads,
+                          head_dim=attn.head_dim, scale=attn.scale, proj=attn.proj, norm2=block.norm2, mlp=block.mlp,
+                          dense=block, training=block.training, attn_drop=attn.attn_drop.p, q_norm=attn.q_norm,
+                          k_norm=attn.k_norm, out_norm=attn.norm, proj_drop=attn.proj_drop,
+                          ls1=partial(layer_scale, block, "gamma_1"), drop_path1=block.drop_path1,
+                          ls2=partial(layer_scale, block, "gamma_2"), drop_path2=block.drop_path2)
+
+    def grid(self, model: Eva, input_size: Optional[Sequence[int]] = None) -> Tuple[int, int]:
+        """The patch grid (rows, columns) of images of ``input_size`` (C, H, W), default the model's."""
+        patch_embed = model.patch_embed
+        return tuple(patch_embed.grid_size) if input_size is None else patch_grid(
+            patch_embed.img_size, patch_embed.patch_size, input_size)
+
+    def shape(self, model: Eva, input_size: Optional[Sequence[int]] = None) -> ViTShape:
+        grid = self.grid(model, input_size)
+        image_size = tuple(model.patch_embed.img_size) if input_size is None else tuple(input_size[1:])
+        attn = model.blocks[0].attn
+        pool_flops, pool_token_flops = attention_pool_flops(model.attn_pool)
+        head_flops = linear_flops(model.head) if isinstance(model.head, nn.Linear) else 0
+        return ViTShape(embed_dim=model.embed_dim, attn_dim=attn.num_heads * attn.head_dim, head_dim=attn.head_dim,
+                        mlp_flops=linear_flops(model.blocks[0].mlp), depth=len(model.blocks),
+                        num_patches=grid[0] * grid[1], num_prefix_tokens=model.num_prefix_tokens,
+                        patch_embed_flops=stem_flops(model.patch_embed.proj, image_size)[0],
+                        head_flops=pool_flops + head_flops, grid_size=grid, head_token_flops=pool_token_flops)
+
+    def checked_input_size(self, model: Eva, images: torch.Tensor) -> Tuple[int, ...]:
+        """(C, H, W) of ``images`` [B, C, H, W]: the model's own, or with ``dynamic_img_size`` any multiple of
+        the patch size; ValueError otherwise."""
+        expected = self.input_size(model)
+        size = tuple(images.shape[1:])
+        if images.ndim == 4 and model.dynamic_img_size and size[0] == expected[0]:
+            self.grid(model, size)
+            return size
+        if images.ndim != 4 or size != expected:
+            raise ValueError(f"expected images of shape [B, {', '.join(map(str, expected))}] for this model, got "
+                             f"{list(images.shape)}; resize and normalise them with the model's data config "
+                             "(timm.data.resolve_data_config(model=model))")
+        return size
+
+    def embed(self, model: Eva, images: torch.Tensor) -> torch.Tensor:
+        """Patch and absolute position embedding, prefix tokens and pre-norm: the start of timm's
+        forward_features, for a patched or unpatched model (its rotary embeddings: ``rotations``)."""
+        self.checked_input_size(model, images)
+        if model.patch_drop is not None and model.training:
+            raise ValueError("patch dropout (patch_drop_rate > 0) in train mode is not supported with ATS: it "
+                             "drops tokens before the blocks; create the model with patch_drop_rate=0")
+        tokens, _ = model._pos_embed(model.patch_embed(images))
+        return model.norm_pre(tokens)
+
+    def rope_tables(self, model: Eva, input_size: Optional[Sequence[int]] = None) -> List[Optional[torch.Tensor]]:
+        """Each block's rotary table for images of ``input_size`` (default the model's): [P, 2d], or per head
+        [h, P, 2d] for mixed RoPE (sines then cosines of the P patch positions), as timm's forward makes it;
+        None for a model without rotary embeddings."""
+        rope = model.rope
+        if rope is None:
+            return [None] * len(model.blocks)
+        if model.dynamic_img_size or not hasattr(rope, "feat_shape"):
+            table = rope.get_embed(shape=list(self.grid(model, input_size)))
+        else:
+            table = rope.get_embed()
+        return list(table.unbind(0)) if model.rope_mixed else [table] * len(model.blocks)
+
+    def run_blocks(self, model: Eva, x: torch.Tensor, shape: ViTShape, start: int,
+                   input_size: Sequence[int]) -> Tuple[TokenBatch, ForwardRecord]:
+        """``step.run_blocks`` with each block's rotation of this forward (and its own forward given it)."""
+        parts = self.cached_block_parts(model, input_size)
+        tables = self.rope_tables(model, input_size)
+        parts = [part if table is None else replace(
+            part, rotation=Rotation.from_table(table, block.attn.rotate_half, block.attn.num_prefix_tokens),
+            dense=partial(block, rope=table)) for part, table, block in zip(parts, tables, model.blocks)]
+        return run_blocks(parts, x, model._ats.config, shape.num_prefix_tokens, self.has_class_token(model), start)
+
+    def run_first_blocks(self, model: Eva, images: torch.Tensor, count: int) -> torch.Tensor:
+        x = self.embed(model, images)
+        for block, table in zip(model.blocks[:count], self.rope_tables(model)):
+            x = block(x, rope=table)
+        return x
+
+    def logits_from_block(self, model: Eva, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        if hasattr(model, "_ats"):
+            return model.forward_head(model.forward_tokens(tokens, start))
+        for block, table in zip(model.blocks[start:], self.rope_tables(model)[start:]):
+            tokens = block(tokens, rope=table)
+        return model.forward_head(model.norm(tokens))
+
+
+EVA = TimmEva()
