@@ -104,3 +104,29 @@ def worker_pid(rank: int, launcher_pid: int) -> int:
             if f"RANK={rank}".encode() in environ and b"ATS_TEST_RUN=1" in environ and parent == launcher_pid:
                 return int(entry.name)
     raise AssertionError(f"no worker of rank {rank} found")
+
+
+def assert_gradients_reach_every_parameter(model, images: torch.Tensor) -> None:
+    """A backward through ``model`` (patched, in train mode) gives every parameter a finite, non-zero gradient."""
+    model(images).logsumexp(-1).sum().backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().sum() > 0, name
+
+
+def assert_pickles_patched(model, config, images: torch.Tensor) -> None:
+    """``torch.save`` / ``torch.load`` of ``model`` patched with ``config``: same class, config and outputs."""
+    import io
+
+    import ats
+
+    ats.patch(model, config)
+    with torch.no_grad():
+        before = model(images)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is type(model) and loaded._ats.config == config
+    with torch.no_grad():
+        assert torch.equal(loaded(images), before)

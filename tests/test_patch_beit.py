@@ -1,11 +1,10 @@
 """timm Beit: relative position biases gathered at the kept tokens' positions."""
 import copy
-import io
 
 import pytest
 import timm
 import torch
-from conftest import contrasted_images
+from conftest import assert_gradients_reach_every_parameter, assert_pickles_patched, contrasted_images
 from timm.models.beit import Beit
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -165,24 +164,11 @@ def test_flops_match_pytorchs_flop_counter(variant):
 def test_gradients_reach_every_parameter_in_train_mode():
     model = tiny_beit("own and shared bias, SwiGLU", drop_path_rate=0.1).train()
     ats.patch(model, ats.ATSConfig.multi_stage(0.8, first=1, depth=4, fuse=True))
-    model(contrasted_images()).logsumexp(-1).sum().backward()
-    for name, parameter in model.named_parameters():
-        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
-        assert parameter.grad.abs().sum() > 0, name
+    assert_gradients_reach_every_parameter(model, contrasted_images())
 
 
 def test_torch_save_and_load_keep_the_model_patched():
-    model, images = tiny_beit("own and shared bias, SwiGLU"), contrasted_images()
-    ats.patch(model, CONFIG)
-    with torch.no_grad():
-        before = model(images)
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
-    assert type(loaded) is type(model) and loaded._ats.config == CONFIG
-    with torch.no_grad():
-        assert torch.equal(loaded(images), before)
+    assert_pickles_patched(tiny_beit("own and shared bias, SwiGLU"), CONFIG, contrasted_images())
 
 
 def test_logits_from_a_shared_prefix_equal_the_whole_forward():

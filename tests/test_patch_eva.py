@@ -1,11 +1,10 @@
 """timm Eva (EVA-02, DINOv3, RoPE ViTs, Perception Encoder): rotary embeddings that follow the kept tokens."""
 import copy
-import io
 
 import pytest
 import timm
 import torch
-from conftest import contrasted_images
+from conftest import assert_gradients_reach_every_parameter, assert_pickles_patched, contrasted_images
 from timm.models.eva import Eva
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -188,24 +187,11 @@ def test_a_dynamic_size_model_takes_other_image_sizes():
 def test_gradients_reach_every_parameter_in_train_mode(variant):
     model = tiny_eva(variant, drop_path_rate=0.1, init_values=1e-2).train()
     ats.patch(model, ats.ATSConfig.multi_stage(0.8, first=1, depth=4, fuse=True))
-    model(contrasted_images()).logsumexp(-1).sum().backward()
-    for name, parameter in model.named_parameters():
-        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
-        assert parameter.grad.abs().sum() > 0, name
+    assert_gradients_reach_every_parameter(model, contrasted_images())
 
 
 def test_torch_save_and_load_keep_the_model_patched():
-    model, images = tiny_eva("rope mixed + ape"), contrasted_images()
-    ats.patch(model, CONFIG)
-    with torch.no_grad():
-        before = model(images)
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
-    assert type(loaded) is type(model) and loaded._ats.config == CONFIG
-    with torch.no_grad():
-        assert torch.equal(loaded(images), before)
+    assert_pickles_patched(tiny_eva("rope mixed + ape"), CONFIG, contrasted_images())
 
 
 def test_logits_from_a_shared_prefix_equal_the_whole_forward():

@@ -1,11 +1,10 @@
 """timm SigLIP: the attention-pool head over each image's valid tokens, and the "auto" score without a class token."""
 import copy
-import io
 
 import pytest
 import timm
 import torch
-from conftest import contrasted_images
+from conftest import assert_gradients_reach_every_parameter, assert_pickles_patched, contrasted_images
 from timm.layers import AttentionPoolLatent
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
@@ -121,24 +120,11 @@ def test_unpatch_restores_the_original_forward_exactly():
 def test_gradients_reach_every_parameter_in_train_mode():
     model = tiny_siglip(drop_path_rate=0.1, init_values=1e-2).train()
     ats.patch(model, CONFIG)
-    model(contrasted_images()).logsumexp(-1).sum().backward()
-    for name, parameter in model.named_parameters():
-        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
-        assert parameter.grad.abs().sum() > 0, name
+    assert_gradients_reach_every_parameter(model, contrasted_images())
 
 
 def test_torch_save_and_load_keep_the_model_patched():
-    model, images = tiny_siglip(), contrasted_images()
-    ats.patch(model, CONFIG)
-    with torch.no_grad():
-        before = model(images)
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
-    assert type(loaded) is type(model) and loaded._ats.config == CONFIG
-    with torch.no_grad():
-        assert torch.equal(loaded(images), before)
+    assert_pickles_patched(tiny_siglip(), CONFIG, contrasted_images())
 
 
 def test_a_pool_with_its_own_position_embedding_is_refused():
