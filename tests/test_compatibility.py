@@ -9,6 +9,7 @@ from conftest import contrasted_images, tiny_vit
 from test_patch_beit import tiny_beit
 from test_patch_eva import tiny_eva
 from test_patch_hf import tiny_hf
+from test_patch_hf_images import tiny
 from test_patch_siglip import tiny_siglip
 from torch._dynamo.testing import CompileCounter
 
@@ -25,6 +26,10 @@ MODELS = {
     "ViTForImageClassification": lambda: tiny_hf("ViTForImageClassification"),
     "DeiTForImageClassificationWithTeacher": lambda: tiny_hf("DeiTForImageClassificationWithTeacher"),
     "Dinov2WithRegistersForImageClassification": lambda: tiny_hf("Dinov2WithRegistersForImageClassification"),
+    "CLIPForImageClassification": lambda: tiny("CLIPForImageClassification", num_hidden_layers=6),
+    "BeitForImageClassification (relative position bias)": lambda: tiny("BeitForImageClassification",
+                                                                        num_hidden_layers=6),
+    "IJepaForImageClassification (no class token)": lambda: tiny("IJepaForImageClassification", num_hidden_layers=6),
 }
 
 

@@ -329,3 +329,17 @@ def test_images_of_the_wrong_shape(model):
     for shape in [(2, 3, 64, 64), (2, 1, 32, 32), (3, 32, 32)]:
         with pytest.raises(ValueError, match=r"expected images of shape \[B, 3, 32, 32\]"):
             model(torch.zeros(shape))
+
+
+@pytest.mark.parametrize("name, options, why", [
+    ("cait_xxs24_224", dict(patch_size=4, depth=2, embed_dim=64, num_heads=4), "class-attention blocks after"),
+    ("naflexvit_base_patch16_gap", dict(patch_size=4, depth=2, embed_dim=64, num_heads=4), "packs images"),
+    ("vitamin_small_224", {}, r"convolutional stage \(MbConvStages\) before its ViT blocks"),
+])
+def test_families_ats_refuses_say_why(name, options, why):
+    """CaiT, NaFlexViT and ViTamin (a VisionTransformer whose patch embedding is a convolutional network) are
+    refused by ats.patch itself, with the reason, not later in the forward."""
+    model = timm.create_model(name, pretrained=False, img_size=32, **options)
+    with pytest.raises(TypeError, match=why):
+        ats.patch(model, ats.ATSConfig.single_stage(k=10, block=1))
+    assert not hasattr(model, "_ats")

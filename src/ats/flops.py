@@ -25,6 +25,7 @@ FlopCounterMode counts them (it counts 2 per multiply-add).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -79,13 +80,14 @@ def patch_grid(image_size: Sequence[int], patch_size: Sequence[int],
     return height // patch_h, width // patch_w
 
 
-def conv_flops(conv: nn.Module, grid: Tuple[int, int]) -> int:
-    """FLOPs of a convolution (a patch embedding, a stem layer, a depthwise projection) that emits a grid
-    of (rows, columns): ``positions x C_out x C_in / groups x k_h x k_w``."""
-    if not isinstance(conv, nn.Conv2d):
-        raise TypeError(f"cannot count FLOPs of a {type(conv).__name__} patch embedding (expected Conv2d)")
-    kernel = conv.kernel_size[0] * conv.kernel_size[1]
-    return grid[0] * grid[1] * conv.out_channels * conv.in_channels // conv.groups * kernel
+def conv_flops(conv: nn.Module, grid: Tuple[int, ...]) -> int:
+    """FLOPs of a convolution (a patch embedding, a stem layer, a depthwise projection; a video's tubelet
+    embedding in 3-d) that emits a grid of (rows, columns), or (frames, rows, columns):
+    ``positions x C_out x C_in / groups x kernel volume``."""
+    if not isinstance(conv, (nn.Conv2d, nn.Conv3d)) or len(grid) != len(conv.kernel_size):
+        raise TypeError(f"cannot count FLOPs of a {type(conv).__name__} patch embedding on a {len(grid)}-d grid "
+                        "(expected Conv2d, or Conv3d for clips)")
+    return math.prod(grid) * conv.out_channels * conv.in_channels // conv.groups * math.prod(conv.kernel_size)
 
 
 def conv_output_grid(conv: nn.Conv2d, grid: Tuple[int, int]) -> Tuple[int, int]:

@@ -12,14 +12,29 @@ from .cvt import CVT
 from .eva import EVA
 from .family import Family, last_stats, unpatch, upper_bound_flops
 from .hf import HF
+from .hf_beit import HF_BEIT
+from .hf_clip import TOWERS
+from .hf_dinov3 import DINOV3
+from .hf_video import HF_VIDEO
 from .psvit import PSVIT
 from .timesformer import TIMESFORMER
 from .timm import TIMM
 from .xvit import XVIT
 
-FAMILIES = (TIMM, EVA, BEIT, HF, CVT, PSVIT, TIMESFORMER, XVIT)
+FAMILIES = (TIMM, EVA, BEIT, HF, TOWERS, DINOV3, HF_BEIT, HF_VIDEO, CVT, PSVIT, TIMESFORMER, XVIT)
 __all__ = ["FAMILIES", "Family", "as_logits", "family_of", "gflops", "is_patched", "last_stats", "patch",
            "takes_clips", "unpatch"]
+
+
+#: Classes ATS refuses, by module and name, with why.
+REFUSED = {
+    "timm.models.cait.Cait": "its class token joins only in the class-attention blocks after the patch blocks, so "
+                             "no patch block has a class token to score tokens with, and its patch blocks mix heads "
+                             "before the softmax (talking-heads attention)",
+    "timm.models.naflexvit.NaFlexVit": "it packs images of their own patch counts itself (NaFlex: variable "
+                                       "resolution and aspect, its own patch masks and position embeddings from "
+                                       "per-patch coordinates), which ATS's packing does not yet combine with",
+}
 
 
 def family_of(model: nn.Module) -> Family:
@@ -28,6 +43,9 @@ def family_of(model: nn.Module) -> Family:
     for family in FAMILIES:
         if family.owns(cls):
             return family
+    name = f"{cls.__module__}.{cls.__name__}"
+    if name in REFUSED:
+        raise TypeError(f"ATS does not support {name}: {REFUSED[name]}")
     supported = "; ".join(family.name for family in FAMILIES)
     raise TypeError(f"ATS does not support {cls.__module__}.{cls.__name__}; it supports {supported}. For timm, "
                     "create e.g. timm.create_model('deit_small_patch16_224'); for transformers, e.g. "

@@ -237,6 +237,13 @@ def masked_features(batch: TokenBatch, features: torch.Tensor) -> torch.Tensor:
     return x if batch.full else x * batch.position_mask.unsqueeze(-1)  # a multiply: far cheaper than masked_fill
 
 
+def valid_mean(x: torch.Tensor, weights: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """The mean of features x [B, m, C] over each image's tokens from position ``start`` on, weighted by
+    ``weights`` [B, m] (each token's size, 0 on padding) -> [B, C]."""
+    x, weights = x[:, start:], weights[:, start:, None]
+    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-12)
+
+
 def upper_bound_flops(shape: ViTShape, config: Optional[PatchConfig], costs: Mapping[int, BlockCost]) -> float:
     """FLOPs per image when every sample is a distinct token (the most a patched forward can cost);
     costs: ``Family.block_costs`` of the model under ``config``."""

@@ -1,46 +1,47 @@
-"""The adapter for Hugging Face transformers: ViT, DeiT (with or without its distillation head),
-DINOv2 and DINOv2 with registers, as base models or image classifiers.
+"""The Hugging Face transformers adapters: what they share, and the adapter for the ViT-shaped classes.
 
-The patched model's ``forward`` takes the same arguments as the original one and returns the same
-output class: embeddings, ``ats.step.run_blocks``, the final layer norm, then the model's own head.
-``last_hidden_state`` is padded to the longest image (zeros on padding; ``ats.last_stats(model)``
-gives each image's token count), and a mean over patch tokens (DINOv2's classifier) covers valid
-tokens only. Hidden states and attention maps are refused: their sizes differ per image.
-transformers is imported only when a model of it is met.
+Shared by every transformers family (``HuggingFaceFamily``): the patched ``forward``, which takes the
+original's arguments and returns its output class (embeddings, ``ats.step.run_blocks``, the final norm,
+then the model's own head); where an encoder layer keeps its parts in each of the layouts transformers'
+vision models use (``layer_parts``); the checks, the preprocessing and the class names.
+``last_hidden_state`` is padded to the longest image (zeros on padding; ``ats.last_stats(model)`` gives
+each image's token count), and a mean over tokens covers valid tokens only, weighted by their size.
+Hidden states and attention maps are refused: their sizes differ per image.
+
+``HF`` is the adapter for ViT, DeiT (with or without its distillation head), DINOv2 and DINOv2 with
+registers, I-JEPA (no class token) and ViT-MAE (with ``mask_ratio=0``), as base models or image
+classifiers. transformers is imported only when a model of it is met.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..flops import ViTShape, conv_flops, linear_flops, patch_grid
 from ..packing import TokenBatch
-from ..step import BlockParts
-from .family import Family, PatchedModel, fit_channels, masked_features
+from ..stats import ForwardRecord
+from ..step import BlockParts, run_blocks
+from .family import Family, PatchedModel, fit_channels, masked_features, valid_mean
 
 #: PIL resampling filters (as image processor configs store them) by timm's interpolation names.
 PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-HEAD_MODULES = ("classifier", "cls_classifier", "distillation_classifier")
+#: Linear heads after the final norm, on the model or its base model.
+HEAD_MODULES = ("classifier", "cls_classifier", "distillation_classifier", "visual_projection", "pooler")
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 #: The first transformers release whose ViT, DeiT and DINOv2 layers all hold q_proj/k_proj/v_proj/o_proj.
 MIN_TRANSFORMERS = "5.18"
 
 
-def _base_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weights: torch.Tensor, prefix: int,
-                 labels: Optional[torch.Tensor]):
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    if hasattr(base, "pooler"):  # ViT, DeiT: their optional pooler
-        pooled = None if base.pooler is None else base.pooler(features)
-    else:  # DINOv2: the class token
-        pooled = features[:, 0]
-    return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=pooled)
+def pair(size) -> Tuple[int, int]:
+    """A size given as one int or a pair -> (height, width)."""
+    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
 
 def classifier_output(model: nn.Module, logits: torch.Tensor, labels: Optional[torch.Tensor]):
@@ -50,7 +51,18 @@ def classifier_output(model: nn.Module, logits: torch.Tensor, labels: Optional[t
     return ImageClassifierOutput(loss=loss, logits=logits)
 
 
-def _class_token_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weights: torch.Tensor,
+def base_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weights: torch.Tensor, prefix: int,
+                 labels: Optional[torch.Tensor]):
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    if hasattr(base, "pooler"):  # ViT, DeiT, I-JEPA: their optional pooler
+        pooled = None if base.pooler is None else base.pooler(features)
+    else:  # DINOv2: the class token
+        pooled = features[:, 0]
+    return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=pooled)
+
+
+def class_token_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weights: torch.Tensor,
                         prefix: int, labels: Optional[torch.Tensor]):
     return classifier_output(model, model.classifier(features[:, 0]), labels)
 
@@ -58,9 +70,25 @@ def _class_token_output(model: nn.Module, base: nn.Module, features: torch.Tenso
 def _class_and_mean_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weights: torch.Tensor,
                            prefix: int, labels: Optional[torch.Tensor]):
     """DINOv2's classifier: the class token beside the mean of the patch tokens (valid ones, by size)."""
-    patch_weights = weights[:, prefix:, None]
-    mean = (features[:, prefix:] * patch_weights).sum(dim=1) / patch_weights.sum(dim=1).clamp_min(1e-12)
+    mean = valid_mean(features, weights, prefix)
     return classifier_output(model, model.classifier(torch.cat([features[:, 0], mean], dim=1)), labels)
+
+
+def _mean_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weights: torch.Tensor, prefix: int,
+                 labels: Optional[torch.Tensor]):
+    """I-JEPA's classifier: the mean of all tokens (valid ones, by size)."""
+    return classifier_output(model, model.classifier(valid_mean(features, weights)), labels)
+
+
+def _mae_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weights: torch.Tensor, prefix: int,
+                labels: Optional[torch.Tensor]):
+    """ViT-MAE's output with nothing masked: a mask of zeros, the identity as ``ids_restore``."""
+    from transformers.models.vit_mae.modeling_vit_mae import ViTMAEModelOutput
+
+    batch, patches = features.shape[0], base.embeddings.patch_embeddings.num_patches
+    mask = features.new_zeros(batch, patches)
+    ids_restore = torch.arange(patches, device=features.device).expand(batch, patches)
+    return ViTMAEModelOutput(last_hidden_state=features, mask=mask, ids_restore=ids_restore)
 
 
 def _teacher_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weights: torch.Tensor, prefix: int,
@@ -79,9 +107,10 @@ def _teacher_output(model: nn.Module, base: nn.Module, features: torch.Tensor, w
 @dataclass(frozen=True)
 class Layout:
     """Where one transformers class keeps things. base: the attribute holding the base model (None:
-    the model is its own base); output: builds the class's output from the final features;
-    interpolating: its embeddings always resample the position embedding (DINOv2), else only
-    with ``interpolate_pos_encoding=True``."""
+    the model is its own base); output: builds the class's output from the final features
+    (model, base, features [B, m, C], weights [B, m], prefix, labels); interpolating: its embeddings
+    take any multiple of the patch size (DINOv2's resample the position embedding, rotary and relative
+    ones need none), else only with ``interpolate_pos_encoding=True``."""
 
     base: Optional[str]
     output: Callable
@@ -89,16 +118,19 @@ class Layout:
 
 
 LAYOUTS = {
-    "ViTModel": Layout(None, _base_output),
-    "ViTForImageClassification": Layout("vit", _class_token_output),
-    "DeiTModel": Layout(None, _base_output),
-    "DeiTForImageClassification": Layout("deit", _class_token_output),
+    "ViTModel": Layout(None, base_output),
+    "ViTForImageClassification": Layout("vit", class_token_output),
+    "DeiTModel": Layout(None, base_output),
+    "DeiTForImageClassification": Layout("deit", class_token_output),
     "DeiTForImageClassificationWithTeacher": Layout("deit", _teacher_output),
-    "Dinov2Model": Layout(None, _base_output, interpolating=True),
+    "Dinov2Model": Layout(None, base_output, interpolating=True),
     "Dinov2ForImageClassification": Layout("dinov2", _class_and_mean_output, interpolating=True),
-    "Dinov2WithRegistersModel": Layout(None, _base_output, interpolating=True),
+    "Dinov2WithRegistersModel": Layout(None, base_output, interpolating=True),
     "Dinov2WithRegistersForImageClassification": Layout("dinov2_with_registers", _class_and_mean_output,
                                                         interpolating=True),
+    "IJepaModel": Layout(None, base_output),
+    "IJepaForImageClassification": Layout("ijepa", _mean_output),
+    "ViTMAEModel": Layout(None, _mae_output),
 }
 
 
@@ -111,7 +143,7 @@ def _checkpointed(layer: nn.Module) -> bool:
     return getattr(layer, "gradient_checkpointing", False) and layer.training
 
 
-def dense_forward(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+def dense_forward(layer: nn.Module) -> Callable[..., torch.Tensor]:
     """The layer itself; under gradient checkpointing its forward without transformers' checkpointing
     wrapper, since run_blocks checkpoints every block the same way."""
     if not _checkpointed(layer):
@@ -120,20 +152,127 @@ def dense_forward(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return partial(getattr(forward, "__wrapped__", forward), layer)
 
 
+def first_output(forward: Callable[..., object], x: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The hidden states [B, N, C] a layer returns, alone or first in a tuple."""
+    output = forward(x, **kwargs)
+    return output[0] if isinstance(output, tuple) else output
+
+
+@dataclass(frozen=True)
+class Attention:
+    """A transformers self-attention's projections and sizes, whatever its layout names them."""
+
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    proj: nn.Module
+    proj_drop: nn.Module
+    num_heads: int
+    head_dim: int
+    scale: float
+    dropout: float
+
+
+def attention_of(layer: nn.Module) -> Attention:
+    """The self-attention of an encoder layer in each layout transformers' vision models use: ``self_attn``
+    with ``out_proj`` (CLIP, SigLIP); ``attention`` with ``q_proj .. o_proj`` (ViT, DeiT, DINOv2, DINOv3,
+    I-JEPA, ViT-MAE, ViViT, BEiT); ``attention.attention`` with ``query, key, value`` and
+    ``attention.output.dense`` (Data2Vec-Vision, VideoMAE)."""
+    if hasattr(layer, "self_attn"):
+        attn = layer.self_attn
+        return Attention(attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, nn.Identity(), attn.num_heads,
+                         attn.head_dim, attn.scale, attn.dropout)
+    attn = layer.attention
+    if hasattr(attn, "q_proj"):
+        heads = getattr(attn, "num_attention_heads", None) or attn.num_heads
+        dropout = attn.attention_dropout if hasattr(attn, "attention_dropout") else attn.dropout
+        return Attention(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, getattr(layer, "dropout", nn.Identity()),
+                         heads, attn.head_dim, attn.scaling, dropout)
+    inner, output = attn.attention, attn.output
+    dropout = inner.dropout.p if isinstance(getattr(inner, "dropout", None), nn.Dropout) else inner.dropout_prob
+    head_dim = inner.attention_head_size
+    return Attention(inner.query, inner.key, inner.value, output.dense, output.dropout, inner.num_attention_heads,
+                     head_dim, getattr(inner, "scaling", 1 / math.sqrt(head_dim)), dropout)
+
+
+def _bert_mlp(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """The MLP of a layer that keeps it as ``intermediate`` and ``output.dense`` (its residual left out)."""
+    return layer.output.dense(layer.intermediate(y))
+
+
+def _layer_scale(scale, x: torch.Tensor) -> torch.Tensor:
+    return scale * x
+
+
+def _scale_of(layer: nn.Module, module: str, parameter: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A layer's layer scale: its module ``module`` (DINOv2, DINOv3), or its tensor ``parameter`` (BEiT,
+    Data2Vec-Vision; a float 1.0 or None where it has none), or nothing."""
+    if hasattr(layer, module):
+        return getattr(layer, module)
+    scale = getattr(layer, parameter, None)
+    return partial(_layer_scale, scale) if isinstance(scale, torch.Tensor) else nn.Identity()
+
+
+def layer_parts(layer: nn.Module, dense: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> BlockParts:
+    """The parts of a transformers pre-norm encoder layer (``attention_of`` names the layouts); dense: its own
+    forward on [B, N, C] (default: the layer called on the hidden states alone)."""
+    attn = attention_of(layer)
+    if hasattr(layer, "layer_norm1"):  # CLIP, SigLIP
+        norm1, norm2 = layer.layer_norm1, layer.layer_norm2
+    elif hasattr(layer, "norm1"):  # DINOv2, DINOv3
+        norm1, norm2 = layer.norm1, layer.norm2
+    else:
+        norm1, norm2 = layer.layernorm_before, layer.layernorm_after
+    if hasattr(layer, "mlp"):
+        mlp, mlp_drop = layer.mlp, getattr(layer, "dropout", nn.Identity())
+    else:  # Data2Vec-Vision, VideoMAE
+        mlp, mlp_drop = partial(_bert_mlp, layer), layer.output.dropout
+    drop_path = getattr(layer, "drop_path", None)
+    return BlockParts(norm1=norm1, qkv=partial(fused_qkv, attn.q, attn.k, attn.v), num_heads=attn.num_heads,
+                      head_dim=attn.head_dim, scale=attn.scale, proj=attn.proj, norm2=norm2, mlp=mlp,
+                      dense=dense or partial(first_output, dense_forward(layer)), training=layer.training,
+                      attn_drop=attn.dropout, proj_drop=attn.proj_drop, mlp_drop=mlp_drop,
+                      ls1=_scale_of(layer, "layer_scale1", "lambda_1"), drop_path1=drop_path,
+                      ls2=_scale_of(layer, "layer_scale2", "lambda_2"), drop_path2=drop_path)
+
+
+def layer_sizes(layer: nn.Module) -> Tuple[int, int, int]:
+    """(attention width, head width, the MLP's multiply-adds per token) of a transformers encoder layer."""
+    attn = attention_of(layer)
+    mlp_flops = linear_flops(layer.mlp) if hasattr(layer, "mlp") else \
+        linear_flops(layer.intermediate) + linear_flops(layer.output.dense)
+    return attn.q.out_features, attn.head_dim, mlp_flops
+
+
+@dataclass(frozen=True)
+class PatchEmbedding:
+    """Where a model cuts images into patches: its convolution, the image size (H, W) its position
+    embedding is made for, and the patch size (h, w)."""
+
+    projection: nn.Module
+    image_size: Tuple[int, int]
+    patch_size: Tuple[int, int]
+
+
 class ATSHuggingFaceModel(PatchedModel):
-    """Mixed in before a transformers model class by ``HuggingFaceViT.patch``; ``HF`` is the adapter."""
+    """Mixed in before a transformers model class by ``HuggingFaceFamily.patch``; each family's mixin names
+    its adapter (``_ats_family``)."""
+
+    def _ats_family(self) -> "HuggingFaceFamily":
+        return HF
 
     def forward(self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 interpolate_pos_encoding: Optional[bool] = None, attention_mask: Optional[torch.Tensor] = None,
                 bool_masked_pos: Optional[torch.Tensor] = None, output_attentions: Optional[bool] = None,
                 output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None, **kwargs):
         """The original forward's arguments and output class (see the module docstring for what differs)."""
+        family = self._ats_family()
         refuse_unsupported(self, attention_mask, bool_masked_pos, output_attentions, output_hidden_states, kwargs)
         if pixel_values is None:
-            raise ValueError("pass pixel_values, images [B, C, H, W]")
-        tokens = HF.embed(self, pixel_values, bool(interpolate_pos_encoding))
-        batch = HF.run_patched(self, tokens, 0, tuple(pixel_values.shape[1:]))
-        output = HF.output(self, batch, self._ats.pool_weights, labels)
+            raise ValueError(f"pass pixel_values, {family.inputs}")
+        tokens = family.embed(self, pixel_values, bool(interpolate_pos_encoding))
+        batch = family.run_patched(self, tokens, 0, tuple(pixel_values.shape[1:]))
+        output = family.output(self, batch, self._ats.pool_weights, labels)
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
         return output if return_dict else output.to_tuple()
@@ -158,46 +297,34 @@ def refuse_unsupported(model: nn.Module, attention_mask, bool_masked_pos, output
                         "interpolate_pos_encoding and return_dict (ats.unpatch(model) for the rest)")
 
 
-class HuggingFaceViT(Family):
-    name = "Hugging Face " + ", ".join(LAYOUTS)
+class HuggingFaceFamily(Family):
+    """What the transformers adapters share. A subclass names its classes (``layouts``), where the base model
+    keeps its layers (``blocks``), its patch embedding (``patches``), its prefix tokens, how images become
+    tokens (``embed``) and its final norm (``features``)."""
+
+    layouts: Mapping[str, Layout] = {}
     mixin = ATSHuggingFaceModel
+    inputs = "images [B, C, H, W]"
 
     def owns(self, cls: type) -> bool:
-        return cls.__module__.startswith("transformers.") and cls.__name__ in LAYOUTS
+        return cls.__module__.startswith("transformers.") and cls.__name__ in self.layouts
 
     def layout(self, model: nn.Module) -> Layout:
         original = model._ats.original_class if hasattr(model, "_ats") else type(model)
-        return LAYOUTS[original.__name__]
+        return self.layouts[original.__name__]
 
     def base(self, model: nn.Module) -> nn.Module:
         attribute = self.layout(model).base
         return model if attribute is None else getattr(model, attribute)
 
     def check(self, model: nn.Module) -> None:
-        if not hasattr(self.blocks(model)[0].attention, "q_proj"):
-            raise TypeError(f"this transformers version lays out {type(model).__name__}'s attention in an older "
-                            f"form; ATS supports transformers >= {MIN_TRANSFORMERS}: pip install -U "
-                            f"'transformers>={MIN_TRANSFORMERS}'")
         implementation = model.config._attn_implementation
         if implementation not in ATTENTION_IMPLEMENTATIONS:
             raise TypeError(f"attn_implementation={implementation!r} is not supported; load the model with "
                             "attn_implementation='sdpa' (or 'eager')")
 
-    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
-        base = self.base(model)
-        return base.layers if hasattr(base, "layers") else base.encoder.layer  # ViT, DeiT; DINOv2
-
     def block_parts(self, layer: nn.Module) -> BlockParts:
-        attn = layer.attention
-        common = dict(qkv=partial(fused_qkv, attn.q_proj, attn.k_proj, attn.v_proj),
-                      num_heads=attn.num_attention_heads, head_dim=attn.head_dim, scale=attn.scaling,
-                      proj=attn.o_proj, mlp=layer.mlp, dense=dense_forward(layer), training=layer.training,
-                      attn_drop=attn.attention_dropout)
-        if hasattr(layer, "layernorm_before"):  # ViT, DeiT
-            return BlockParts(norm1=layer.layernorm_before, norm2=layer.layernorm_after, proj_drop=layer.dropout,
-                              mlp_drop=layer.dropout, **common)
-        return BlockParts(norm1=layer.norm1, norm2=layer.norm2, ls1=layer.layer_scale1, ls2=layer.layer_scale2,
-                          drop_path1=layer.drop_path, drop_path2=layer.drop_path, **common)
+        return layer_parts(layer)
 
     def checkpoint_function(self, model: nn.Module, layer: nn.Module) -> Optional[Callable]:
         """After ``model.activation_checkpointing_enable(...)``: the function it gave each layer it chose
@@ -205,27 +332,38 @@ class HuggingFaceViT(Family):
         return layer._gradient_checkpointing_func if _checkpointed(layer) else None
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
-        """The class token, DeiT's distillation token and DINOv2's register tokens."""
-        embeddings = self.base(model).embeddings
-        registers = getattr(embeddings, "register_tokens", None)
-        return 1 + hasattr(embeddings, "distillation_token") + (0 if registers is None else registers.shape[1])
+        raise NotImplementedError
+
+    def has_class_token(self, model: nn.Module) -> bool:
+        return self.num_prefix_tokens(model) > 0
+
+    def patches(self, model: nn.Module) -> PatchEmbedding:
+        raise NotImplementedError
+
+    def grid(self, model: nn.Module, input_size: Optional[Sequence[int]] = None) -> Tuple[int, ...]:
+        """The patch grid (rows, columns) of images of ``input_size`` (C, H, W), default the model's own."""
+        patches = self.patches(model)
+        return patch_grid(patches.image_size, patches.patch_size, input_size)
+
+    def head_flops(self, model: nn.Module) -> Tuple[int, int]:
+        """FLOPs of the head per image, and per token it reads (an attention pool's): its linear layers."""
+        owners = (model,) if self.base(model) is model else (model, self.base(model))
+        heads = [getattr(owner, name, None) for owner in owners for name in HEAD_MODULES]
+        return sum(linear_flops(head) for head in heads if isinstance(head, nn.Module)), 0
 
     def shape(self, model: nn.Module, input_size: Optional[Sequence[int]] = None) -> ViTShape:
-        patches = self.base(model).embeddings.patch_embeddings
-        grid = patch_grid(patches.image_size, patches.patch_size, input_size)
-        layer = self.blocks(model)[0]
-        base_pooler = getattr(self.base(model), "pooler", None)
-        heads = [getattr(model, name, None) for name in HEAD_MODULES] + [base_pooler]
-        return ViTShape(embed_dim=model.config.hidden_size, attn_dim=layer.attention.q_proj.out_features,
-                        head_dim=layer.attention.head_dim, mlp_flops=linear_flops(layer.mlp),
-                        depth=len(self.blocks(model)), num_patches=grid[0] * grid[1],
+        grid = self.grid(model, input_size)
+        attn_dim, head_dim, mlp_flops = layer_sizes(self.blocks(model)[0])
+        head_flops, head_token_flops = self.head_flops(model)
+        return ViTShape(embed_dim=self.base(model).config.hidden_size, attn_dim=attn_dim, head_dim=head_dim,
+                        mlp_flops=mlp_flops, depth=len(self.blocks(model)), num_patches=math.prod(grid),
                         num_prefix_tokens=self.num_prefix_tokens(model),
-                        patch_embed_flops=conv_flops(patches.projection, grid),
-                        head_flops=sum(linear_flops(head) for head in heads if head is not None), grid_size=grid)
+                        patch_embed_flops=conv_flops(self.patches(model).projection, grid), head_flops=head_flops,
+                        grid_size=grid[-2:], head_token_flops=head_token_flops)
 
-    def input_size(self, model: nn.Module) -> Tuple[int, int, int]:
-        patches = self.base(model).embeddings.patch_embeddings
-        return (patches.num_channels, *patches.image_size)
+    def input_size(self, model: nn.Module) -> Tuple[int, ...]:
+        patches = self.patches(model)
+        return (patches.projection.in_channels, *patches.image_size)
 
     def data_config(self, model: nn.Module) -> dict:
         return processor_data_config(model, self.input_size(model))
@@ -235,14 +373,12 @@ class HuggingFaceViT(Family):
         names = [labels.get(index, str(index)) for index in range(len(labels))]
         return None if all(name == f"LABEL_{index}" for index, name in enumerate(names)) else names
 
-    def embed(self, model: nn.Module, images: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """Images [B, C, H, W] -> tokens [B, N, C']: H, W the model's own size, or with a resampled position
-        embedding (``interpolate_pos_encoding``, and always for DINOv2) any multiple of the patch size."""
-        embeddings = self.base(model).embeddings
-        patches = embeddings.patch_embeddings
-        always_resampled = self.layout(model).interpolating
+    def check_images(self, model: nn.Module, images: torch.Tensor, interpolate_pos_encoding: bool) -> torch.Tensor:
+        """Images [B, C, H, W] of the model's own size, or (resampled position embeddings, or none to resample)
+        any multiple of the patch size, in the dtype of its patch embedding; ValueError otherwise."""
+        patches = self.patches(model)
         channels, height, width = self.input_size(model)
-        if interpolate_pos_encoding or always_resampled:
+        if interpolate_pos_encoding or self.layout(model).interpolating:
             size, sizes_fit = "H, W] (multiples of the patch size)", images.ndim == 4 and all(
                 side % patch == 0 for side, patch in zip(images.shape[2:], patches.patch_size))
         else:
@@ -250,39 +386,122 @@ class HuggingFaceViT(Family):
         if images.ndim != 4 or images.shape[1] != channels or not sizes_fit:
             raise ValueError(f"expected pixel_values of shape [B, {channels}, {size} for this model, got "
                              f"{list(images.shape)}; preprocess them with the model's image processor")
-        images = images.to(patches.projection.weight.dtype)
-        if always_resampled:
-            return embeddings(images)
-        return embeddings(images, interpolate_pos_encoding=interpolate_pos_encoding)
+        return images.to(patches.projection.weight.dtype)
+
+    def embed(self, model: nn.Module, images: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """Images -> the tokens [B, N, C'] entering block 0."""
+        raise NotImplementedError
+
+    def final_norm(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The norm of the tokens leaving the last block."""
+        return self.base(model).layernorm
+
+    def features(self, model: nn.Module, batch: TokenBatch) -> torch.Tensor:
+        """The packed tokens after the last block -> the final features [B, m, C], zeros on padding."""
+        return masked_features(batch, self.final_norm(model)(batch.rows))
 
     def output(self, model: nn.Module, batch: TokenBatch, weights: torch.Tensor, labels: Optional[torch.Tensor]):
         """The model's own output object from the packed tokens after the last block."""
-        base = self.base(model)
-        features = masked_features(batch, base.layernorm(batch.rows))
-        return self.layout(model).output(model, base, features, weights, self.num_prefix_tokens(model), labels)
+        features = self.features(model, batch)
+        return self.layout(model).output(model, self.base(model), features, weights, self.num_prefix_tokens(model),
+                                         labels)
+
+    def forward_parts(self, model: nn.Module, input_size: Sequence[int]) -> List[BlockParts]:
+        """Every block's parts for one forward on inputs of ``input_size`` (a family whose attention depends on
+        positions adds this forward's rotations or biases)."""
+        if hasattr(model, "_ats"):
+            return self.cached_block_parts(model, input_size)
+        return self.all_block_parts(model, input_size)
+
+    def run_blocks(self, model: nn.Module, x: torch.Tensor, shape: ViTShape, start: int,
+                   input_size: Sequence[int]) -> Tuple[TokenBatch, ForwardRecord]:
+        parts = self.forward_parts(model, input_size)
+        return run_blocks(parts, x, model._ats.config, shape.num_prefix_tokens, self.has_class_token(model), start)
+
+    def run_first_blocks(self, model: nn.Module, images: torch.Tensor, count: int) -> torch.Tensor:
+        x = self.embed(model, images)
+        for parts in self.forward_parts(model, tuple(images.shape[1:]))[:count]:
+            x = parts.dense(x)
+        return x
 
     def logits(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        return _logits_of(model, model(pixel_values=images))
+        return self.logits_of(model, model(pixel_values=images))
 
     def logits_from_block(self, model: nn.Module, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        input_size = self.input_size(model)
         if hasattr(model, "_ats"):
-            batch = self.run_patched(model, tokens, start, self.input_size(model))
+            batch = self.run_patched(model, tokens, start, input_size)
             weights = model._ats.pool_weights
         else:
-            for layer in self.blocks(model)[start:]:
-                tokens = layer(tokens)
+            for parts in self.forward_parts(model, input_size)[start:]:
+                tokens = parts.dense(tokens)
             batch = TokenBatch.from_dense(tokens)
             weights = torch.ones(tokens.shape[:2], dtype=tokens.dtype, device=tokens.device)
-        return _logits_of(model, self.output(model, batch, weights, None))
+        return self.logits_of(model, self.output(model, batch, weights, None))
+
+    def logits_of(self, model: nn.Module, output) -> torch.Tensor:
+        logits = getattr(output, "logits", None)
+        if logits is None:
+            name = self.layout(model).base or type(model).__name__
+            raise TypeError(f"a {name} model has no classification head; load the checkpoint with its "
+                            "...ForImageClassification (or ...ForVideoClassification) class to measure accuracy")
+        return logits
 
 
-def _logits_of(model: nn.Module, output) -> torch.Tensor:
-    logits = getattr(output, "logits", None)
-    if logits is None:
-        name = HF.layout(model).base or type(model).__name__
-        raise TypeError(f"a {name} model has no classification head; load the checkpoint with its "
-                        "...ForImageClassification class to measure accuracy")
-    return logits
+class HuggingFaceViT(HuggingFaceFamily):
+    name = "Hugging Face " + ", ".join(LAYOUTS)
+    layouts = LAYOUTS
+
+    def check(self, model: nn.Module) -> None:
+        if not hasattr(self.blocks(model)[0].attention, "q_proj"):
+            raise TypeError(f"this transformers version lays out {type(model).__name__}'s attention in an older "
+                            f"form; ATS supports transformers >= {MIN_TRANSFORMERS}: pip install -U "
+                            f"'transformers>={MIN_TRANSFORMERS}'")
+        super().check(model)
+        base = self.base(model)
+        if getattr(base.config, "mask_ratio", 0.0) > 0:
+            raise TypeError(f"this ViTMAEModel masks a random {base.config.mask_ratio:.0%} of the patches before its "
+                            "blocks (MAE pre-training); ATS samples the tokens itself: load it with mask_ratio=0.0 "
+                            "(ViTMAEModel.from_pretrained(name, mask_ratio=0.0))")
+        if getattr(base, "pooler", None) is not None and self.num_prefix_tokens(model) == 0:
+            raise TypeError("this model's pooler reads the first token, a patch token ATS may drop (the model has "
+                            "no class token); create it without the pooling layer (add_pooling_layer=False)")
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        base = self.base(model)
+        return base.layers if hasattr(base, "layers") else base.encoder.layer  # ViT, DeiT, ...; DINOv2
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        """The class token, DeiT's distillation token and DINOv2's register tokens (I-JEPA has none)."""
+        embeddings = self.base(model).embeddings
+        registers = getattr(embeddings, "register_tokens", None)
+        return hasattr(embeddings, "cls_token") + hasattr(embeddings, "distillation_token") + (
+            0 if registers is None else registers.shape[1])
+
+    def patches(self, model: nn.Module) -> PatchEmbedding:
+        patches = self.base(model).embeddings.patch_embeddings
+        return PatchEmbedding(patches.projection, pair(patches.image_size), pair(patches.patch_size))
+
+    def embed(self, model: nn.Module, images: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """Images [B, C, H, W] -> tokens [B, N, C']: H, W the model's own size, or with a resampled position
+        embedding (``interpolate_pos_encoding``, and always for DINOv2) any multiple of the patch size."""
+        images = self.check_images(model, images, interpolate_pos_encoding)
+        embeddings = self.base(model).embeddings
+        if self.layout(model).interpolating:
+            return embeddings(images)
+        if hasattr(embeddings, "random_masking"):  # ViT-MAE: its embedding without the shuffle of masking
+            return _mae_embed(embeddings, images, interpolate_pos_encoding)
+        return embeddings(images, interpolate_pos_encoding=interpolate_pos_encoding)
+
+
+def _mae_embed(embeddings: nn.Module, images: torch.Tensor, interpolate_pos_encoding: bool) -> torch.Tensor:
+    """ViT-MAE's embedding of images [B, C, H, W] with nothing masked, the patches in their order (its own
+    forward shuffles them even at mask_ratio 0) -> [B, 1 + N, C]."""
+    tokens = embeddings.patch_embeddings(images)
+    position = embeddings.interpolate_pos_encoding(tokens, *images.shape[2:]) if interpolate_pos_encoding \
+        else embeddings.position_embeddings
+    cls_token = (embeddings.cls_token + position[:, :1]).expand(tokens.shape[0], -1, -1)
+    return torch.cat((cls_token, tokens + position[:, 1:]), dim=1)
 
 
 def processor_data_config(model: nn.Module, input_size: Tuple[int, int, int]) -> dict:

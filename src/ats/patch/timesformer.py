@@ -42,6 +42,16 @@ def _first_output(forward: Callable, x: torch.Tensor) -> torch.Tensor:
     return forward(x)[0]
 
 
+def clip_data_config(model: nn.Module, input_size: Sequence[int]) -> dict:
+    """Per-frame preprocessing of a video model taking clips of ``input_size`` (frames, channels, height,
+    width): the config the model declares (as the reference video model does), else its image processor's,
+    with ``num_frames``."""
+    frames, *image_size = input_size
+    declared = getattr(model, "pretrained_cfg", None)
+    config = dict(declared) if declared else processor_data_config(model, tuple(image_size))
+    return {**config, "input_size": tuple(image_size), "num_frames": frames}
+
+
 class ATSTimesformer(PatchedModel):
     """Mixed in before a TimeSformer class by ``TimesformerFamily.patch``; ``TIMESFORMER`` is the adapter."""
 
@@ -147,12 +157,7 @@ class TimesformerFamily(Family):
         return config.num_frames, config.num_channels, config.image_size, config.image_size
 
     def data_config(self, model: nn.Module) -> dict:
-        """Per-frame preprocessing (the config the model declares, as the reference video model does, else its
-        image processor's), with ``num_frames``."""
-        frames, *image_size = self.input_size(model)
-        declared = getattr(model, "pretrained_cfg", None)
-        config = dict(declared) if declared else processor_data_config(model, tuple(image_size))
-        return {**config, "input_size": tuple(image_size), "num_frames": frames}
+        return clip_data_config(model, self.input_size(model))
 
     def class_names(self, model: nn.Module) -> Optional[Sequence[str]]:
         return HF.class_names(model)

@@ -12,14 +12,14 @@ from typing import Callable, Optional, Sequence, Tuple
 import timm.data
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention, AttentionPoolLatent
+from timm.layers import Attention, AttentionPoolLatent, HybridEmbed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..flops import ViTShape, attention_pool_token_flops, linear_flops, patch_grid, stem_convolutions, stem_flops
 from ..step import BlockParts
-from .family import Family, PatchedModel, fit_channels, masked_features
+from .family import Family, PatchedModel, fit_channels, masked_features, valid_mean
 
 SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "", "map")
 
@@ -32,11 +32,10 @@ def pool_valid_tokens(x: torch.Tensor, pool_type: str, weights: torch.Tensor, st
         return x
     if pool_type == "token":
         return x[:, 0]
-    x, weights = x[:, start:], weights[:, start:, None]
-    mean = (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-12)
+    mean = valid_mean(x, weights, start)
     if pool_type == "avg":
         return mean
-    peak = x.masked_fill(weights == 0, float("-inf")).amax(dim=1)
+    peak = x[:, start:].masked_fill(weights[:, start:, None] == 0, float("-inf")).amax(dim=1)
     return peak if pool_type == "max" else 0.5 * (peak + mean)
 
 
@@ -125,6 +124,10 @@ class TimmViT(Family):
         return issubclass(cls, VisionTransformer)
 
     def check(self, model: VisionTransformer) -> None:
+        if isinstance(model.patch_embed, HybridEmbed):
+            raise TypeError(f"this model has a convolutional stage ({type(model.patch_embed.backbone).__name__}) "
+                            "before its ViT blocks (a HybridEmbed patch embedding: ViTamin, the ResNet hybrids); ATS "
+                            "supports patch embeddings of convolutions alone, whose FLOPs and input size it reads")
         for index, block in enumerate(model.blocks):
             if type(block) is not Block or type(block.attn) is not Attention:
                 raise TypeError(f"block {index} is a {type(block).__name__} with {type(block.attn).__name__}; "

@@ -1,0 +1,173 @@
+"""ATS on Hugging Face VideoMAE and ViViT: tubelet tokens under joint space-time attention."""
+import io
+
+import pytest
+import torch
+import transformers
+from conftest import contrasted_clips
+from torch.utils.flop_counter import FlopCounterMode
+
+import ats
+from ats.patch.hf import attention_of
+from ats.patch.hf_video import HF_VIDEO
+
+FRAMES, SIZE = 4, 32
+#: 4 frames of 32x32, tubelets of 2 frames x 8 x 8: 2 x 16 = 32 space-time tokens; 4 blocks of width 32.
+VIDEO = dict(image_size=SIZE, num_frames=FRAMES, num_channels=1, hidden_size=32, intermediate_size=64,
+             num_hidden_layers=4, num_attention_heads=2)
+CONFIGS = {
+    "VideoMAEModel": lambda **o: transformers.VideoMAEConfig(**VIDEO, patch_size=8, tubelet_size=2,
+                                                             use_mean_pooling=False, **o),
+    "VideoMAEForVideoClassification": lambda **o: transformers.VideoMAEConfig(**VIDEO, patch_size=8, tubelet_size=2,
+                                                                              num_labels=5, **o),
+    "VivitModel": lambda **o: transformers.VivitConfig(**VIDEO, tubelet_size=[2, 8, 8], **o),
+    "VivitForVideoClassification": lambda **o: transformers.VivitConfig(**VIDEO, tubelet_size=[2, 8, 8], num_labels=5,
+                                                                         **o),
+}
+CLASSES = list(CONFIGS)
+TOKENS = (FRAMES // 2) * (SIZE // 8) ** 2
+CONFIG = ats.ATSConfig.multi_stage(0.8, first=1, depth=4, min_tokens=2)
+FUSE_DISTINCT = ats.ATSConfig.multi_stage(0.5, first=1, depth=4, fuse=True, distinct=0.5, min_tokens=2)
+
+
+def tiny(name: str, attention: str = "sdpa", **overrides) -> torch.nn.Module:
+    """A random-init 4-block video model of class ``name``, its query and key weights scaled up so that clips keep
+    different numbers of tokens."""
+    torch.manual_seed(0)
+    model = getattr(transformers, name)(CONFIGS[name](attn_implementation=attention, **overrides)).eval()
+    with torch.no_grad():
+        for layer in HF_VIDEO.blocks(model):
+            attention_of(layer).q.weight.mul_(6)
+            attention_of(layer).k.weight.mul_(6)
+    return model
+
+
+def clips(count: int = 6) -> torch.Tensor:
+    return contrasted_clips(count, FRAMES, SIZE)
+
+
+def per_clip(model: torch.nn.Module, output) -> list:
+    """Each clip's logits, or pooled output, or valid tokens of the last hidden state."""
+    for key in ("logits", "pooler_output"):
+        if getattr(output, key, None) is not None:
+            return list(getattr(output, key))
+    counts = ats.last_stats(model).tokens_out[:, -1].tolist()
+    return [output.last_hidden_state[clip, :count] for clip, count in enumerate(counts)]
+
+
+def first(output) -> torch.Tensor:
+    return output.logits if getattr(output, "logits", None) is not None else output.last_hidden_state
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_keeping_every_token_gives_the_unpatched_output(name):
+    model = tiny(name)
+    with torch.no_grad():
+        before = first(model(clips()))
+        for config in (ats.KeepAllConfig(), ats.ATSConfig({1: 1000, 3: 1000}, sampler="topk")):
+            ats.patch(model, config)
+            assert (first(model(clips())) - before).abs().max() < 1e-5, config.describe()
+
+
+@pytest.mark.parametrize("name", CLASSES)
+@pytest.mark.parametrize("config", [CONFIG, FUSE_DISTINCT], ids=["ats", "fuse-distinct"])
+def test_clips_do_not_depend_on_their_batch_mates(name, config):
+    model = ats.patch(tiny(name), config)
+    batch = clips()
+    with torch.no_grad():
+        together = per_clip(model, model(batch))
+        stats = ats.last_stats(model)
+        alone = [per_clip(model, model(clip[None]))[0] for clip in batch]
+    assert max((a - b).abs().max() for a, b in zip(together, alone)) < 1e-4
+    assert (stats.tokens[:, 0] == TOKENS + HF_VIDEO.num_prefix_tokens(model)).all()
+    assert stats.kept[3].max() < TOKENS, "kept indexes the space-time tokens"
+    if config is FUSE_DISTINCT or HF_VIDEO.has_class_token(model):  # flat self-attention of random weights
+        assert len(set(stats.tokens[:, -1].tolist())) > 1, "kept-token counts should differ between clips"
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_unpatch_restores_the_original_forward_exactly(name):
+    model = tiny(name)
+    original = type(model)
+    with torch.no_grad():
+        before = first(model(clips()))
+        ats.patch(model, FUSE_DISTINCT)
+        patched = per_clip(model, model(clips()))
+        ats.unpatch(model)
+        after = first(model(clips()))
+    assert type(model) is original and torch.equal(before, after)
+    assert any(a.shape != b.shape or not torch.allclose(a, b) for a, b in zip(before, patched))
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_flops_match_pytorchs_flop_counter(name):
+    """Per clip: the tubelet convolution, the blocks on every space-time token, the head; equal to FlopCounterMode
+    (2 per multiply-add) on the unpatched model with eager attention, and less per clip once patched."""
+    model = tiny(name, "eager")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(clips(1))
+    expected = counter.get_total_flops() / 2
+    assert ats.gflops(model) * 1e9 == pytest.approx(expected, rel=1e-12)
+    ats.patch(model, ats.KeepAllConfig())
+    with torch.no_grad():
+        model(clips(2))
+    assert torch.allclose(ats.last_stats(model).gflops.double() * 1e9, torch.tensor(expected, dtype=torch.float64))
+    ats.patch(model, FUSE_DISTINCT)
+    with torch.no_grad():
+        model(clips())
+    gflops = ats.last_stats(model).gflops.double() * 1e9
+    assert (gflops < expected).all() and (gflops <= ats.gflops(model) * 1e9 * (1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_gradients_are_finite_in_train_mode(name):
+    model = tiny(name, hidden_dropout_prob=0.1).train()
+    ats.patch(model, ats.ATSConfig.multi_stage(0.8, first=1, depth=4, fuse=True, min_tokens=2))
+    first(model(clips())).logsumexp(-1).sum().backward()
+    for parameter_name, parameter in model.named_parameters():
+        assert parameter.grad is None or torch.isfinite(parameter.grad).all(), parameter_name
+    for layer in HF_VIDEO.blocks(model):
+        assert all(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in layer.parameters())
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_torch_save_and_load_keep_the_model_patched(name):
+    model = ats.patch(tiny(name), CONFIG)
+    with torch.no_grad():
+        before = first(model(clips()))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is type(model) and loaded._ats.config == CONFIG
+    with torch.no_grad():
+        assert torch.equal(first(loaded(clips())), before)
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_bad_input_gets_a_clear_error(name):
+    model = ats.patch(tiny(name), CONFIG)
+    with pytest.raises(ValueError, match=r"\[B, 4, 1, 32, 32\].*sample 4 frames"):
+        model(torch.randn(2, 3, 1, SIZE, SIZE))
+    for shape in [(2, FRAMES, 1, 16, 16), (2, 1, SIZE, SIZE)]:
+        with pytest.raises(ValueError, match="expected pixel_values"):
+            model(torch.randn(shape))
+    with pytest.raises(ValueError, match="interpolate_pos_encoding is not supported"):
+        model(clips(2), interpolate_pos_encoding=True)
+    with pytest.raises(ValueError, match="output_hidden_states"):
+        model(clips(2), output_hidden_states=True)
+    with pytest.raises(ValueError, match="no attention_mask or bool_masked_pos"):
+        model(clips(2), bool_masked_pos=torch.zeros(2, TOKENS, dtype=torch.bool))
+    assert HF_VIDEO.input_size(model) == (FRAMES, 1, SIZE, SIZE)
+
+
+def test_videomae_scores_by_self_attention_and_its_first_token_classifier_is_refused():
+    model = tiny("VideoMAEForVideoClassification")
+    with pytest.raises(ValueError, match="no class token"):
+        ats.patch(model, ats.ATSConfig.multi_stage(0.8, first=1, depth=4, score="cls"))
+    with pytest.raises(TypeError, match="use_mean_pooling=True"):
+        ats.patch(tiny("VideoMAEForVideoClassification", use_mean_pooling=False), CONFIG)
+    ats.patch(model, CONFIG)
+    with torch.no_grad():
+        logits = model(clips()).logits
+    assert logits.shape == (6, 5) and ats.last_stats(model).gflops.shape == (6,)
