@@ -114,19 +114,67 @@ def assert_gradients_reach_every_parameter(model, images: torch.Tensor) -> None:
         assert parameter.grad.abs().sum() > 0, name
 
 
-def assert_pickles_patched(model, config, images: torch.Tensor) -> None:
-    """``torch.save`` / ``torch.load`` of ``model`` patched with ``config``: same class, config and outputs."""
+def assert_pickles_patched(model, config, inputs: torch.Tensor, output=lambda result: result):
+    """``torch.save`` / ``torch.load`` of ``model`` patched with ``config``: same class, config and ``output`` of
+    the forward (the tensor to compare, e.g. a transformers output's logits). Returns the loaded model."""
     import io
 
     import ats
 
     ats.patch(model, config)
     with torch.no_grad():
-        before = model(images)
+        before = output(model(inputs))
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     assert type(loaded) is type(model) and loaded._ats.config == config
     with torch.no_grad():
-        assert torch.equal(loaded(images), before)
+        assert torch.equal(output(loaded(inputs)), before)
+    return loaded
+
+
+def assert_unpatch_restores(model, config, images: torch.Tensor) -> None:
+    """Patching with ``config`` changes the output and ``ats.unpatch`` restores the original class and output."""
+    import ats
+
+    original = type(model)
+    with torch.no_grad():
+        before = model(images)
+        ats.patch(model, config)
+        patched = model(images)
+        ats.unpatch(model)
+        after = model(images)
+    assert type(model) is original and not hasattr(model, "_ats")
+    assert torch.equal(before, after) and not torch.allclose(before, patched)
+
+
+def assert_logits_from_a_shared_prefix(family, model, config, images: torch.Tensor) -> None:
+    """``family.logits_from_block`` on ``run_first_blocks`` equals the whole forward, unpatched (from block 2) and
+    patched with ``config`` (from block 1)."""
+    import ats
+
+    with torch.no_grad():
+        whole = model(images)
+        assert torch.equal(family.logits_from_block(model, family.run_first_blocks(model, images, 2), 2), whole)
+        ats.patch(model, config)
+        whole = model(images)
+        assert torch.equal(family.logits_from_block(model, family.run_first_blocks(model, images, 1), 1), whole)
+
+
+def assert_gflops_match_the_counter(model, expected: float, one: torch.Tensor, many: torch.Tensor, config) -> None:
+    """``ats.gflops`` of the unpatched ``model`` equals ``expected`` (FlopCounterMode's count of one input, one
+    multiply-add = one FLOP), and so does keep-all's per-input count on ``one``; under ``config`` every input of
+    ``many`` costs less, within the patched upper bound."""
+    import ats
+
+    assert ats.gflops(model) * 1e9 == pytest.approx(expected, rel=1e-12)
+    ats.patch(model, ats.KeepAllConfig())
+    with torch.no_grad():
+        model(one)
+    assert torch.allclose(ats.last_stats(model).gflops.double() * 1e9, torch.tensor(expected, dtype=torch.float64))
+    ats.patch(model, config)
+    with torch.no_grad():
+        model(many)
+    gflops = ats.last_stats(model).gflops.double() * 1e9
+    assert (gflops < expected).all() and (gflops <= ats.gflops(model) * 1e9 * (1 + 1e-6)).all()

@@ -1,11 +1,10 @@
 """A patched model still behaves like the model it came from, in every supported family."""
 import dataclasses
-import io
 import pickle
 
 import pytest
 import torch
-from conftest import contrasted_images, tiny_vit
+from conftest import assert_pickles_patched, contrasted_images, tiny_vit
 from test_patch_beit import tiny_beit
 from test_patch_eva import tiny_eva
 from test_patch_hf import tiny_hf
@@ -40,18 +39,8 @@ def config_for(name: str) -> ats.ATSConfig:
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_torch_save_and_load_keep_the_model_patched(name):
-    model, config = MODELS[name](), config_for(name)
-    ats.patch(model, config)
-    images = contrasted_images()
-    with torch.no_grad():
-        before = as_logits(model(images))
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
-    assert type(loaded) is type(model) and loaded._ats.config == config
-    with torch.no_grad():
-        assert torch.equal(as_logits(loaded(images)), before)
+    model = MODELS[name]()
+    loaded = assert_pickles_patched(model, config_for(name), contrasted_images(), as_logits)
     ats.unpatch(loaded)
     assert type(loaded).__name__ == type(model).__name__.removeprefix("ATS")
 

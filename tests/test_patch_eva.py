@@ -4,7 +4,13 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import assert_gradients_reach_every_parameter, assert_pickles_patched, contrasted_images
+from conftest import (
+    assert_gradients_reach_every_parameter,
+    assert_logits_from_a_shared_prefix,
+    assert_pickles_patched,
+    assert_unpatch_restores,
+    contrasted_images,
+)
 from timm.models.eva import Eva
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -120,15 +126,9 @@ def test_each_kept_token_keeps_its_own_rotation(variant, config):
 
 
 def test_unpatch_restores_the_original_forward_exactly():
-    model, images = tiny_eva(), contrasted_images()
-    with torch.no_grad():
-        before = model(images)
-        ats.patch(model, CONFIG)
-        patched = model(images)
-        ats.unpatch(model)
-        after = model(images)
-    assert type(model) is Eva and not hasattr(model, "_ats")
-    assert torch.equal(before, after) and not torch.allclose(before, patched)
+    model = tiny_eva()
+    assert type(model) is Eva
+    assert_unpatch_restores(model, CONFIG, contrasted_images())
 
 
 def unfused(model: torch.nn.Module) -> torch.nn.Module:
@@ -195,13 +195,7 @@ def test_torch_save_and_load_keep_the_model_patched():
 
 
 def test_logits_from_a_shared_prefix_equal_the_whole_forward():
-    model, images = tiny_eva("rope mixed + ape"), contrasted_images(4)
-    with torch.no_grad():
-        whole = model(images)
-        assert torch.equal(EVA.logits_from_block(model, EVA.run_first_blocks(model, images, 2), 2), whole)
-        ats.patch(model, CONFIG)
-        whole = model(images)
-        assert torch.equal(EVA.logits_from_block(model, EVA.run_first_blocks(model, images, 1), 1), whole)
+    assert_logits_from_a_shared_prefix(EVA, tiny_eva("rope mixed + ape"), CONFIG, contrasted_images(4))
 
 
 def test_what_the_adapter_refuses():

@@ -1,12 +1,11 @@
 """ATS on more Hugging Face image models: CLIP and SigLIP towers, DINOv3 (rotary embeddings), BEiT and
 Data2Vec-Vision (relative position biases), I-JEPA (no class token), ViT-MAE (mask_ratio 0)."""
 import copy
-import io
 
 import pytest
 import torch
 import transformers
-from conftest import contrasted_images
+from conftest import assert_gflops_match_the_counter, assert_pickles_patched, contrasted_images
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -140,17 +139,8 @@ def test_flops_match_pytorchs_flop_counter(name):
     model, image = tiny(name, "eager"), contrasted_images(1)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(image, **unpatched_kwargs(name, 1))
-    expected = counter.get_total_flops() / 2
-    assert ats.gflops(model) * 1e9 == pytest.approx(expected, rel=1e-12)
-    ats.patch(model, ats.KeepAllConfig())
-    with torch.no_grad():
-        model(contrasted_images(2))
-    assert torch.allclose(ats.last_stats(model).gflops.double() * 1e9, torch.tensor(expected, dtype=torch.float64))
-    ats.patch(model, FUSE_DISTINCT)
-    with torch.no_grad():
-        model(contrasted_images())
-    gflops = ats.last_stats(model).gflops.double() * 1e9
-    assert (gflops < expected).all() and (gflops <= ats.gflops(model) * 1e9 * (1 + 1e-6)).all()
+    assert_gflops_match_the_counter(model, counter.get_total_flops() / 2, contrasted_images(2), contrasted_images(),
+                                    FUSE_DISTINCT)
 
 
 @pytest.mark.parametrize("name", CLASSES)
@@ -168,17 +158,7 @@ def test_gradients_are_finite_in_train_mode(name):
 
 @pytest.mark.parametrize("name", CLASSES)
 def test_torch_save_and_load_keep_the_model_patched(name):
-    model, images = tiny(name), contrasted_images()
-    ats.patch(model, CONFIG)
-    with torch.no_grad():
-        before = primary(model(images))
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
-    assert type(loaded) is type(model) and loaded._ats.config == CONFIG
-    with torch.no_grad():
-        assert torch.equal(primary(loaded(images)), before)
+    loaded = assert_pickles_patched(tiny(name), CONFIG, contrasted_images(), primary)
     assert type(ats.unpatch(loaded)).__name__ == name
 
 

@@ -1,10 +1,9 @@
 """ATS on Hugging Face VideoMAE and ViViT: tubelet tokens under joint space-time attention."""
-import io
 
 import pytest
 import torch
 import transformers
-from conftest import contrasted_clips
+from conftest import assert_gflops_match_the_counter, assert_pickles_patched, contrasted_clips
 from torch.utils.flop_counter import FlopCounterMode
 
 import ats
@@ -106,17 +105,7 @@ def test_flops_match_pytorchs_flop_counter(name):
     model = tiny(name, "eager")
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(clips(1))
-    expected = counter.get_total_flops() / 2
-    assert ats.gflops(model) * 1e9 == pytest.approx(expected, rel=1e-12)
-    ats.patch(model, ats.KeepAllConfig())
-    with torch.no_grad():
-        model(clips(2))
-    assert torch.allclose(ats.last_stats(model).gflops.double() * 1e9, torch.tensor(expected, dtype=torch.float64))
-    ats.patch(model, FUSE_DISTINCT)
-    with torch.no_grad():
-        model(clips())
-    gflops = ats.last_stats(model).gflops.double() * 1e9
-    assert (gflops < expected).all() and (gflops <= ats.gflops(model) * 1e9 * (1 + 1e-6)).all()
+    assert_gflops_match_the_counter(model, counter.get_total_flops() / 2, clips(2), clips(), FUSE_DISTINCT)
 
 
 @pytest.mark.parametrize("name", CLASSES)
@@ -132,16 +121,7 @@ def test_gradients_are_finite_in_train_mode(name):
 
 @pytest.mark.parametrize("name", CLASSES)
 def test_torch_save_and_load_keep_the_model_patched(name):
-    model = ats.patch(tiny(name), CONFIG)
-    with torch.no_grad():
-        before = first(model(clips()))
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
-    assert type(loaded) is type(model) and loaded._ats.config == CONFIG
-    with torch.no_grad():
-        assert torch.equal(first(loaded(clips())), before)
+    assert_pickles_patched(tiny(name), CONFIG, clips(), first)
 
 
 @pytest.mark.parametrize("name", CLASSES)
