@@ -42,6 +42,12 @@ def test_eval_runs_on_the_bundled_images_converted_to_the_model_with_top1_na(mod
     assert capsys.readouterr().out.splitlines()[1].split()[4:6] == ["n/a", "n/a"]
 
 
+def test_eval_plots_without_labels_draw_the_kept_tokens_only(capsys, tmp_path):
+    assert main(["eval", "--model", "deit_tiny_patch16_224", "--limit", "2", "--repeats", "1", "--multi-stage", "0.7",
+                 "--plots", str(tmp_path)]) == 0
+    assert sorted(path.name for path in tmp_path.glob("*.png")) == ["kept-tokens-rho0.7-blocks-3..11.png"]
+
+
 def test_the_bundled_images_are_converted_to_the_models_input(hf_vit):
     from ats.commands.options import load_hf_model
 

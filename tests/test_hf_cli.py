@@ -68,3 +68,17 @@ def test_visualize_bench_and_train_take_a_transformers_model(hf_reference, fashi
 def test_bad_hf_paths_get_a_clear_error(make, message, tmp_path, capsys):
     assert main(["eval", "--model", f"hf:{make(tmp_path)}", "--limit", "2"]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config_class, model_class", [("CLIPVisionConfig", "CLIPVisionModel"),
+                                                       ("SiglipVisionConfig", "SiglipVisionModel"),
+                                                       ("VideoMAEConfig", "VideoMAEForVideoClassification")])
+def test_hf_dir_loads_the_class_it_was_saved_as_when_ats_supports_it(config_class, model_class, tmp_path):
+    import transformers
+
+    from ats.commands.options import load_hf_model
+
+    config = getattr(transformers, config_class)(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=2, intermediate_size=64)
+    getattr(transformers, model_class)(config).save_pretrained(tmp_path / "model")
+    assert type(load_hf_model(str(tmp_path / "model"))).__name__ == model_class

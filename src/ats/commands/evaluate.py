@@ -259,10 +259,10 @@ def which_row(recommended: ATSConfig, merge: MergeConfig) -> str:
             "model with peaked class attention can spare (docs/results.md)")
 
 
-def labels_note(data: Optional[str]) -> str:
-    return ("ats eval: top-1 is n/a: the bundled images are Fashion-MNIST garments (resized to this model's input), "
-            "not this model's classes; pass --data DIR (an ImageFolder of its classes, e.g. ImageNet's val "
-            "folder) for accuracy") if data is None else ""
+#: What ``ats eval`` says when the bundled images' labels are not the model's classes.
+LABELS_NOTE = ("ats eval: top-1 is n/a: the bundled images are Fashion-MNIST garments (resized to this model's "
+               "input), not this model's classes; pass --data DIR (an ImageFolder of its classes, e.g. ImageNet's "
+               "val folder) for accuracy")
 
 
 def summary_line(rows: Sequence[EvalRow]) -> str:
@@ -301,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
         where = f" ({processes.world_size} processes)" if processes.distributed else ""
         print(f"ats eval{where}: {summary_line(rows)}", file=sys.stderr)
         if not labels:
-            print(labels_note(args.data), file=sys.stderr)
+            print(LABELS_NOTE, file=sys.stderr)
         if args.json:
             print(json.dumps([row.to_json() for row in rows], indent=1))
         else:

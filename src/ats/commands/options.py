@@ -97,8 +97,7 @@ def load_hf_model(name: str, download: bool = False) -> nn.Module:
         from transformers.image_processing_utils import ImageProcessingMixin
     except ImportError:
         raise ValueError("--model hf:... needs Hugging Face transformers: pip install 'ats-vit[hf]'") from None
-    from ..patch.hf import LAYOUTS
-    from ..patch.timesformer import BASES
+    from ..patch import FAMILIES
 
     local = Path(name).is_dir()
     if local and not (Path(name) / "config.json").is_file():
@@ -108,8 +107,9 @@ def load_hf_model(name: str, download: bool = False) -> nn.Module:
                                 f"--pretrained to download {name} from the Hugging Face hub")
     config = transformers.AutoConfig.from_pretrained(name, local_files_only=local)
     architecture = (config.architectures or [""])[0]
-    model_class = getattr(transformers, architecture) if architecture in {*LAYOUTS, *BASES} else \
-        transformers.AutoModelForImageClassification
+    named = getattr(transformers, architecture, None)
+    supported = isinstance(named, type) and any(family.owns(named) for family in FAMILIES)
+    model_class = named if supported else transformers.AutoModelForImageClassification
     model = model_class.from_pretrained(name, local_files_only=local)
     if not local:
         try:  # fetch the preprocessing config into the cache, where data_config finds it

@@ -139,9 +139,10 @@ def write_eval_plots(results: Sequence[Mapping], out_dir: Path) -> List[Path]:
     """The figures of ``ats eval --plots DIR``; returns the PNGs written.
 
     results: one dict per evaluated config (unpatched first) with ``config`` (str), ``gflops``
-        (float, mean), ``top1`` (float, percent), ``tokens_in`` and ``tokens_out`` (LongTensor
+        (float, mean), ``top1`` (float, percent; None where the labels are not the model's classes),
+        ``tokens_in`` and ``tokens_out`` (LongTensor
         [N_images, depth]) and ``ats_blocks`` (list of ints, [] when unpatched).
-    Writes ``kept-tokens-<config>.png`` for each ATS config and ``top1-gflops.png``.
+    Writes ``kept-tokens-<config>.png`` for each ATS config and, where every top-1 is known, ``top1-gflops.png``.
     """
     for result in results:
         missing = [key for key in RESULT_KEYS if key not in result]
@@ -153,6 +154,8 @@ def write_eval_plots(results: Sequence[Mapping], out_dir: Path) -> List[Path]:
         if result["ats_blocks"]:
             figure = kept_tokens_histograms(result["tokens_out"], result["ats_blocks"], result["config"])
             paths.append(save_figure(figure, out_dir / f"kept-tokens-{slug(result['config'])}.png"))
+    if any(result["top1"] is None for result in results):
+        return paths
     rows = [dict(method=eval_method(result["ats_blocks"]), gflops=float(result["gflops"]),
                  top1=float(result["top1"]), label=result["config"]) for result in results]
     baseline = UNPATCHED if any(not result["ats_blocks"] for result in results) else None

@@ -54,9 +54,9 @@ def takes_bundled_images(model: torch.nn.Module) -> bool:
     """Whether the bundled images, as they are, are ``model``'s input: 1 x 28 x 28 with the Fashion-MNIST mean
     and std (the reference models' data config); a video model, clips of such frames."""
     config = family_of(model).data_config(model)
-    _, height, width = config["input_size"][-3:]
+    channels, height, width = config["input_size"][-3:]
     size_fits = takes_clips(model) or (height, width) == (28, 28)
-    return (config["input_size"][-3] == 1 and size_fits and tuple(config["mean"]) == FASHION_MNIST_MEAN
+    return (channels == 1 and size_fits and tuple(config["mean"]) == FASHION_MNIST_MEAN
             and tuple(config["std"]) == FASHION_MNIST_STD)
 
 
