@@ -10,7 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ats"
 
 #: Bottom to top; a module belongs to the first entry that is its name or a package above it.
 LAYERS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
-    ("algorithm", ("ats.sampling", "ats.packing", "ats.merging", "ats.evit", "ats.flops", "ats.profiling")),
+    ("algorithm", ("ats.sampling", "ats.packing", "ats.merging", "ats.evit", "ats.saint", "ats.flops",
+                   "ats.profiling")),
     ("step", ("ats.config", "ats.stats", "ats.step", "ats.tubes")),
     ("models", ("ats.models",)),
     ("adapters", ("ats.patch",)),
@@ -19,7 +20,7 @@ LAYERS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("api", ("ats", "ats.calibration")),
     ("commands", ("ats.commands", "ats.train", "ats.__main__")),
 )
-TOP_LEVEL_LIMIT = 14
+TOP_LEVEL_LIMIT = 15
 
 
 def module_names(root: Path = PACKAGE) -> Dict[str, Path]:
