@@ -41,7 +41,7 @@ def test_eval_and_compare_skip_and_name_unusable_images(folder, capsys):
         assert sum(name in line and "skipped" in line for line in captured.err.splitlines()) == 1
     assert "9 images evaluated, 3 skipped as unusable" in captured.err
     assert main(["compare", "--data", str(folder), "--rho", "1.0", "--min-kept", "0.9", "--distinct", "0.95",
-                 "--merge-r", "8", "--evit", "0.7", "--repeats", "1", "--max-bad", "0.3", "--plot",
+                 "--merge-r", "8", "--evit", "0.7", "--saint", "0.9", "--repeats", "1", "--max-bad", "0.3", "--plot",
                  str(folder.parent / "frontier.png"), "--json"]) == 0
     assert {row["skipped"] for row in json.loads(capsys.readouterr().out)} == {3}
 

@@ -43,7 +43,7 @@ def test_eval_on_two_processes_gives_one_processs_rows(capsys):
 
 def test_compare_and_calibrate_on_two_processes_give_one_processs_results(capsys, tmp_path):
     compare = ["compare", "--limit", "120", "--batch-size", "50", "--repeats", "1", "--rho", "1.0", "--merge-r", "16",
-               "--min-kept", "0.9", "--distinct", "0.95", "--evit", "0.7", "--json"]
+               "--min-kept", "0.9", "--distinct", "0.95", "--evit", "0.7", "--saint", "0.9", "--json"]
     one = one_process(capsys, [*compare, "--plot", str(tmp_path / "one.png")])
     two, _ = two_processes([*compare, "--plot", str(tmp_path / "two.png")])
     assert without_throughput(two) == without_throughput(one) and (tmp_path / "two.png").is_file()

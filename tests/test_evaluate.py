@@ -107,12 +107,13 @@ def test_eval_errors_name_the_problem(argv, message, checkpoint, capsys):
 def test_compare_runs_every_method(checkpoint, capsys, tmp_path):
     plot = tmp_path / "frontier.png"
     rows = run_json(capsys, "compare", "--checkpoint", str(checkpoint), "--limit", "6", "--rho", "0.8",
-                    "--min-kept", "0.9", "--distinct", "0.8", "--merge-r", "8", "--evit", "0.6", "--repeats", "1",
-                    "--plot", str(plot), "--json")
-    assert [row["method"] for row in rows] == ["unpatched"] + ["ats"] * 7 + ["topk", "evit", "merge"]
-    assert len({row["variant"] for row in rows}) == 11
-    assert rows[-2]["config"] == "EViT keep_rate=0.6 @ blocks 3, 6, 9"
-    assert rows[-2]["tokens_per_block"][4] == 1 + 118 + 1
+                    "--min-kept", "0.9", "--distinct", "0.8", "--merge-r", "8", "--evit", "0.6", "--saint", "0.9",
+                    "--repeats", "1", "--plot", str(plot), "--json")
+    assert [row["method"] for row in rows] == ["unpatched"] + ["ats"] * 7 + ["topk", "evit", "merge", "saint"]
+    assert len({row["variant"] for row in rows}) == 12
+    assert rows[-3]["config"] == "EViT keep_rate=0.6 @ blocks 3, 6, 9"
+    assert rows[-3]["tokens_per_block"][4] == 1 + 118 + 1
+    assert rows[-1]["config"] == "SAINT threshold=0.9 (K=5, gamma=10) @ blocks 0..5"
     assert "rho=1 @ blocks 3..11 (fuse, distinct=0.8)" in [row["config"] for row in rows]
     assert all(row["gflops"] < rows[0]["gflops"] for row in rows[1:])
     assert plot.stat().st_size > 0

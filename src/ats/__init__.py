@@ -8,14 +8,15 @@
 
 The same calls work on Hugging Face ViT, DeiT, DINOv2 and CvT models (``from ats.patch import FAMILIES``
 lists the supported families). ``ats.EViTConfig`` runs EViT instead, ``ats.StackedConfig`` EViT and
-ATS in separate blocks of one model, ``ats.MergeConfig`` the token-merging baseline, and
-``ats.KeepAllConfig`` drops nothing (on CvT: the linear-projection model ATS needs, without sampling).
+ATS in separate blocks of one model, ``ats.MergeConfig`` the token-merging baseline, ``ats.SAINTConfig``
+the similarity-aware pruning baseline (SAINT), and ``ats.KeepAllConfig`` drops nothing (on CvT: the
+linear-projection model ATS needs, without sampling).
 
 Layout, imports running downward only: ``ats.commands`` (the CLI) -> this module and ``ats.calibration``
 (the public API) -> ``ats.reference`` (the reference models) -> ``ats.data`` (data sets) -> ``ats.patch``
 (one adapter per model family) -> ``ats.models`` (architectures written here) -> the ATS step (``config``,
 ``stats``, ``step``, ``tubes``) -> the algorithm on plain tensors (``sampling``, ``packing``, ``merging``,
-``evit``, ``flops``, ``profiling``).
+``evit``, ``saint``, ``flops``, ``profiling``).
 """
 from .calibration import Calibration, calibrate
 from .config import (
@@ -24,6 +25,7 @@ from .config import (
     KeepAllConfig,
     MergeConfig,
     PatchConfig,
+    SAINTConfig,
     StackedConfig,
     TokenBudget,
 )
@@ -32,4 +34,5 @@ from .stats import ATSStats
 
 __version__ = "0.1.0"
 __all__ = ["ATSConfig", "ATSStats", "Calibration", "EViTConfig", "KeepAllConfig", "MergeConfig", "PatchConfig",
-           "StackedConfig", "TokenBudget", "calibrate", "gflops", "is_patched", "last_stats", "patch", "unpatch"]
+           "SAINTConfig", "StackedConfig", "TokenBudget", "calibrate", "gflops", "is_patched", "last_stats", "patch",
+           "unpatch"]

@@ -1,11 +1,11 @@
 """``ats.calibrate``: ask for a budget, get a config (the search; ``ats calibrate`` is its command).
 
-A method (ATS, top-K, ATS with ``fuse`` + ``distinct``, EViT, token merging) has one free parameter
-that sets its cost: rho, the ``distinct`` threshold, the keep rate, or r. What a value costs depends
-on the model and the images, so the search measures it: bisection on that parameter, each step one
-pass over a small calibration set (the images stay in memory), until the mean GFLOPs per image is
-within a tolerance (2%) of the target. A target outside what the method can reach is refused with
-the nearest budget it can reach.
+A method (ATS, top-K, ATS with ``fuse`` + ``distinct``, EViT, token merging, SAINT) has one free
+parameter that sets its cost: rho, the ``distinct`` threshold, the keep rate, r, or SAINT's similarity
+threshold. What a value costs depends on the model and the images, so the search measures it:
+bisection on that parameter, each step one pass over a small calibration set (the images stay in
+memory), until the mean GFLOPs per image is within a tolerance (2%) of the target. A target outside
+what the method can reach is refused with the nearest budget it can reach.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .config import EVIT_BLOCKS, MULTI_STAGE_FIRST_BLOCK, ATSConfig, EViTConfig, MergeConfig, PatchConfig
+from .config import EVIT_BLOCKS, MULTI_STAGE_FIRST_BLOCK, ATSConfig, EViTConfig, MergeConfig, PatchConfig, SAINTConfig
 from .data.distributed import ONE_PROCESS, Processes, interleave
 from .data.skipped import DEFAULT_MAX_BAD, SkippedImages, dataset_size
 from .patch import as_logits, family_of, is_patched, last_stats, patch, unpatch
@@ -66,6 +66,9 @@ def method_knob(method: str, depth: int, num_patches: int, first: int = MULTI_ST
     if method == "merge":
         return Knob("r", 1, max(num_patches // 2, 1), True, False, lambda r: MergeConfig(int(r)),
                     lambda r: f"ats.MergeConfig(r={int(r)})")
+    if method == "saint":
+        return Knob("threshold", 0.01, 1.0, False, True, lambda cos: SAINTConfig.first_half(cos, depth),
+                    lambda cos: f"ats.SAINTConfig.first_half({cos:g}, depth={depth})")
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
@@ -77,6 +80,7 @@ METHODS = {
     "topk": "multi-stage top-K; searches rho",
     "evit": "EViT in its blocks; searches the keep rate",
     "merge": "token merging (ToMe) in every block; searches r",
+    "saint": "SAINT in the first half of the blocks (K = 5, gamma = 10); searches the similarity threshold",
 }
 
 

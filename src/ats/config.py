@@ -26,6 +26,10 @@ EVIT_BLOCKS = (3, 6, 9)
 #: The ``distinct`` threshold of the library's recommended setting (``ATSConfig.recommended``).
 RECOMMENDED_DISTINCT = 0.95
 EVIT_KEEP_RATE = 0.7
+#: SAINT's settings (Jeddi et al. 2025, its code's defaults): K matches, gamma, and the first half of 12 blocks.
+SAINT_K = 5
+SAINT_GAMMA = 10.0
+SAINT_BLOCKS = tuple(range(6))
 
 
 @dataclass(frozen=True)
@@ -405,6 +409,88 @@ class EViTConfig:
         return f"EViT keep_rate={self.keep_rate:g} @ blocks {', '.join(map(str, self.blocks))}"
 
 
+@dataclass(frozen=True)
+class SAINTConfig:
+    """SAINT (Jeddi et al. 2025, "Similarity-Aware Token Pruning"), training-free: in each of ``blocks``,
+    after attention, the patch tokens alternate between sets A and B, and each image drops as many A tokens
+    as it has A tokens with at least ``k`` B tokens whose keys (averaged over heads) are ``threshold``
+    similar (cosine) or more; it drops those most redundant (``ats.saint``; ``gamma`` weighs how close the
+    matches are against how many there are). Nothing is merged; the prefix tokens always stay. The default
+    blocks are the first half of a 12-block model (the authors' setting): ``first_half`` for other depths.
+    Each image drops its own count (the authors' code drops the batch mean from every image, docs/method.md).
+    """
+
+    threshold: float
+    k: int = SAINT_K
+    gamma: float = SAINT_GAMMA
+    blocks: Tuple[int, ...] = SAINT_BLOCKS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not (
+                0.0 < self.threshold <= 1.0):
+            raise ValueError(f"threshold must be a cosine similarity in (0, 1] (the B tokens at least this similar to "
+                             f"an A token count as its matches), got {self.threshold!r}; try 0.9 to 0.97")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be a whole number >= 1 (the matches that make an A token droppable), got "
+                             f"{self.k!r}; SAINT's default is {SAINT_K}")
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not (
+                0.0 <= self.gamma < math.inf):
+            raise ValueError(f"gamma must be a finite number >= 0 (how much closer matches outrank more matches), "
+                             f"got {self.gamma!r}; SAINT's default is {SAINT_GAMMA:g}")
+        blocks = tuple(self.blocks) if isinstance(self.blocks, Sequence) else ()
+        if not blocks or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in blocks):
+            raise ValueError(f"blocks must be a non-empty sequence of 0-based block indices, e.g. {SAINT_BLOCKS}, "
+                             f"got {self.blocks!r}")
+        if len(set(blocks)) != len(blocks):
+            raise ValueError(f"SAINT blocks {blocks} name a block twice")
+        object.__setattr__(self, "threshold", float(self.threshold))
+        object.__setattr__(self, "gamma", float(self.gamma))
+        object.__setattr__(self, "blocks", tuple(sorted(blocks)))
+
+    @classmethod
+    def first_half(cls, threshold: float, depth: int = 12, **options) -> "SAINTConfig":
+        """SAINT in blocks ``0 .. depth // 2 - 1``, the first half of a model of ``depth`` blocks (at least block 0)."""
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be the model's number of blocks (>= 1), got {depth!r}")
+        return cls(threshold, blocks=tuple(range(max(depth // 2, 1))), **options)
+
+    @property
+    def first_block(self) -> int:
+        return self.blocks[0]
+
+    @property
+    def packing(self) -> str:
+        return "rows"
+
+    def patched_blocks(self, depth: int) -> List[int]:
+        return list(self.blocks)
+
+    def method_at(self, index: int) -> Optional["SAINTConfig"]:
+        return self if index in self.blocks else None
+
+    def check_model(self, depth: int, has_cls: bool) -> None:
+        outside = [index for index in self.blocks if index >= depth]
+        if outside:
+            raise ValueError(f"SAINT block indices {outside} lie outside this model's {depth} blocks (0..{depth - 1}); "
+                             f"use SAINTConfig.first_half(threshold, depth={depth})")
+
+    def most_tokens_out(self, index: int, n: int, prefix: int) -> int:
+        return n
+
+    def block_costs(self, shape: ViTShape, has_cls: bool = True) -> dict[int, BlockCost]:
+        """A SAINT block does a merging block's work: attention over all tokens, set A against set B, the MLP
+        on the tokens kept."""
+        return {index: partial(merge_block_flops, shape) for index in self.blocks}
+
+    def describe(self) -> str:
+        blocks = self.blocks
+        if len(blocks) > 1 and blocks == tuple(range(blocks[0], blocks[-1] + 1)):
+            where = f"blocks {blocks[0]}..{blocks[-1]}"
+        else:
+            where = f"block{'s' if len(blocks) > 1 else ''} {', '.join(map(str, blocks))}"
+        return f"SAINT threshold={self.threshold:g} (K={self.k}, gamma={self.gamma:g}) @ {where}"
+
+
 @dataclass(frozen=True, init=False)
 class StackedConfig:
     """Several token-reduction methods on one model, each in its own blocks, e.g. the paper's EViT + ATS
@@ -474,7 +560,7 @@ def with_ats_options(config: "PatchConfig", **changes) -> "PatchConfig":
     return config
 
 
-#: What ``ats.patch`` takes: ATS, EViT, both stacked, the token-merging baseline, or no dropping at all.
-PatchConfig = Union[ATSConfig, EViTConfig, StackedConfig, MergeConfig, KeepAllConfig]
+#: What ``ats.patch`` takes: ATS, EViT, both stacked, the token-merging baseline, SAINT, or no dropping at all.
+PatchConfig = Union[ATSConfig, EViTConfig, StackedConfig, MergeConfig, SAINTConfig, KeepAllConfig]
 #: The config types ``ats.patch`` takes, for isinstance checks.
-PATCH_CONFIGS = (ATSConfig, EViTConfig, StackedConfig, MergeConfig, KeepAllConfig)
+PATCH_CONFIGS = (ATSConfig, EViTConfig, StackedConfig, MergeConfig, SAINTConfig, KeepAllConfig)

@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ATSConfig, EViTConfig, MergeConfig, PatchConfig, TokenBudget
+from .config import ATSConfig, EViTConfig, MergeConfig, PatchConfig, SAINTConfig, TokenBudget
 from .evit import FUSED_SOURCE, attentive_tokens, fuse_inattentive
 from .merging import bipartite_soft_matching, fold, keep_distinct, nearest_kept, unit_vectors
 from .packing import TokenBatch
 from .profiling import region
+from .saint import similar_tokens
 from .sampling import (
     class_attention,
     cls_scores,
@@ -196,6 +197,8 @@ def run_block(parts: BlockParts, batch: TokenBatch, config: PatchConfig, index: 
     method = config.method_at(index)
     if isinstance(method, MergeConfig):
         batch = merge_block(parts, batch, method.r, num_prefix_tokens, record, index)
+    elif isinstance(method, SAINTConfig):
+        batch = saint_block(parts, batch, method, num_prefix_tokens, record, index)
     elif isinstance(method, EViTConfig):
         batch = evit_block(parts, batch, method.keep_rate, num_prefix_tokens, record, index)
     elif isinstance(method, ATSConfig):
@@ -395,6 +398,26 @@ def merge_block(parts: BlockParts, batch: TokenBatch, r: int, prefix: int, recor
     target, side_b = bipartite_soft_matching(k.mean(dim=1), r, patches)
     batch = _fold(batch, target)
     kept, _ = batch.select(batch.position_mask & (target == positions), last=side_b)
+    record.record_sampling(index, batch.source, kept.source, None, None)
+    return _mlp_half(parts, kept)
+
+
+def saint_block(parts: BlockParts, batch: TokenBatch, config: SAINTConfig, prefix: int, record: ForwardRecord,
+                index: int) -> TokenBatch:
+    """SAINT: attention over all tokens, drop each image's redundant tokens of set A (``ats.saint``), MLP on
+    the rest. The tokens leave in the authors' order: prefix, the kept A tokens by descending redundancy,
+    then set B (an image that drops none keeps its order)."""
+    y = parts.norm1(batch.rows)
+    q, k, v = parts.split_heads(batch.pad(parts.qkv(y)), batch.source)
+    out = batch.unpad(_attend(parts, q, k, v, logit_bias(parts, batch, batch.source)))
+    batch = batch.with_rows(batch.rows + _attention_update(parts, out, y, batch))
+    drop, order, last = similar_tokens(k.mean(dim=1), batch.patch_positions(prefix), config.threshold, config.k,
+                                       config.gamma)
+    rows_from = batch.rows_at(order)
+    ordered = replace(batch, rows=batch.rows.index_select(0, rows_from), source=batch.source.gather(1, order),
+                      sizes=None if batch.sizes is None else batch.sizes.index_select(0, rows_from),
+                      in_source_order=False)
+    kept, _ = ordered.select((batch.position_mask & ~drop).gather(1, order), last=last)
     record.record_sampling(index, batch.source, kept.source, None, None)
     return _mlp_half(parts, kept)
 

@@ -1,11 +1,11 @@
 """`ats calibrate`: ask for a budget, get a config (the search is ``ats.calibrate``, ``ats.calibration``).
 
-A method (ATS, top-K, ATS with ``fuse`` + ``distinct``, EViT, token merging) has one free parameter
-that sets its cost: rho, the ``distinct`` threshold, the keep rate, or r. What a value costs depends
-on the model and the images, so the search measures it: bisection on that parameter, each step one
-pass over a small calibration set (the images stay in memory), until the mean GFLOPs per image is
-within a tolerance (2%) of the target. A target outside what the method can reach is refused with
-the nearest budget it can reach.
+A method (ATS, top-K, ATS with ``fuse`` + ``distinct``, EViT, token merging, SAINT) has one free
+parameter that sets its cost: rho, the ``distinct`` threshold, the keep rate, r, or SAINT's similarity
+threshold. What a value costs depends on the model and the images, so the search measures it:
+bisection on that parameter, each step one pass over a small calibration set (the images stay in
+memory), until the mean GFLOPs per image is within a tolerance (2%) of the target. A target outside
+what the method can reach is refused with the nearest budget it can reach.
 """
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
-"""`ats compare`: ATS against token merging, EViT and top-K over a range of budgets, in one run.
+"""`ats compare`: ATS against token merging, SAINT, EViT and top-K over a range of budgets, in one run.
 
 Methods: the unpatched model; ATS multi-stage over a range of rho (plain, with ``fuse``, and with the
 self-attention score and ``fuse`` on the SELF_ATTENTION_SCHEDULES); ATS with ``fuse``
 over a range of ``min_kept`` floors (rho = 1); ATS with ``fuse`` over a range of ``distinct``
 thresholds (rho = 1); top-K at the same rho; EViT over a range of keep rates (its blocks 3, 6, 9);
-and the token-merging baseline (ToMe) at a range of r. One pass over the data runs every config; the table and the
-top-1/GFLOPs frontier (a PNG) come from the same rows.
+the token-merging baseline (ToMe) at a range of r; and SAINT (similarity-aware token pruning, the
+first half of the blocks) at a range of similarity thresholds. One pass over the data runs every
+config; the table and the top-1/GFLOPs frontier (a PNG) come from the same rows.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
-from ..config import EVIT_BLOCKS, ATSConfig, EViTConfig, MergeConfig, PatchConfig
+from ..config import EVIT_BLOCKS, SAINT_GAMMA, SAINT_K, ATSConfig, EViTConfig, MergeConfig, PatchConfig, SAINTConfig
 from ..data.build import build_dataset
 from ..data.distributed import make_loader, torchrun_processes
 from ..patch import family_of
@@ -29,6 +30,8 @@ DEFAULT_MIN_KEPT = (0.9, 0.85, 0.8, 0.75)
 DEFAULT_DISTINCT = (0.9, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
 DEFAULT_MERGE_R = (4, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19)
 DEFAULT_EVIT_KEEP_RATES = (0.5, 0.6, 0.7, 0.8, 0.9)
+#: SAINT's similarity thresholds (first half of the blocks, K = 5, gamma = 10): about 60% to 25% saved here.
+DEFAULT_SAINT_THRESHOLDS = (0.85, 0.9, 0.93, 0.95, 0.97)
 #: (first block, every n-th block) of the self-attention + fuse variants: every block from 3 (the
 #: paper's blocks), and every other block from 3 and from 1 (docs/results.md).
 SELF_ATTENTION_SCHEDULES = ((3, 1), (3, 2), (1, 2))
@@ -37,6 +40,7 @@ SELF_ATTENTION_SCHEDULES = ((3, 1), (3, 2), (1, 2))
 def comparison_configs(depth: int, rhos: Sequence[float], min_kept: Sequence[Union[int, float]],
                        distinct: Sequence[float], merge_r: Sequence[int],
                        evit_keep_rates: Sequence[float] = DEFAULT_EVIT_KEEP_RATES,
+                       saint_thresholds: Sequence[float] = DEFAULT_SAINT_THRESHOLDS,
                        ) -> List[Tuple[str, Optional[PatchConfig]]]:
     """(variant, config) pairs: every method at every budget, the unpatched model first."""
     configs: List[Tuple[str, Optional[PatchConfig]]] = [("unpatched", None)]
@@ -54,6 +58,7 @@ def comparison_configs(depth: int, rhos: Sequence[float], min_kept: Sequence[Uni
     evit_blocks = tuple(index for index in EVIT_BLOCKS if index < depth)
     configs += [("EViT", EViTConfig(keep_rate, evit_blocks)) for keep_rate in evit_keep_rates]
     configs += [("merge (ToMe)", MergeConfig(r=r)) for r in merge_r]
+    configs += [("SAINT", SAINTConfig.first_half(threshold, depth)) for threshold in saint_thresholds]
     return configs
 
 
@@ -88,7 +93,7 @@ def format_comparison(records: Sequence[dict]) -> str:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("compare", help="ATS vs. token merging, EViT and top-K over budgets",
+    parser = subparsers.add_parser("compare", help="ATS vs. token merging, SAINT, EViT and top-K over budgets",
                                    description=__doc__)
     add_model_arguments(parser)
     add_data_arguments(parser)
@@ -105,6 +110,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--evit", type=float, action="append", metavar="KEEP_RATE",
                         help=f"keep rates of EViT (blocks {', '.join(map(str, EVIT_BLOCKS))}); repeatable "
                              f"(default {DEFAULT_EVIT_KEEP_RATES})")
+    parser.add_argument("--saint", type=float, action="append", metavar="THRESHOLD",
+                        help=f"similarity thresholds of SAINT (the first half of the blocks, K = {SAINT_K}, gamma = "
+                             f"{SAINT_GAMMA:g}); repeatable (default {DEFAULT_SAINT_THRESHOLDS})")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats for throughput (median)")
     parser.add_argument("--plot", type=Path, default=Path("ats-compare.png"), help="where to write the frontier PNG")
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows")
@@ -121,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
         pairs = runnable(model, comparison_configs(family_of(model).depth(model), args.rho or DEFAULT_RHOS,
                                                    args.min_kept or DEFAULT_MIN_KEPT, args.distinct or DEFAULT_DISTINCT,
                                                    args.merge_r or DEFAULT_MERGE_R,
-                                                   args.evit or DEFAULT_EVIT_KEEP_RATES))
+                                                   args.evit or DEFAULT_EVIT_KEEP_RATES,
+                                                   args.saint or DEFAULT_SAINT_THRESHOLDS))
         loader = make_loader(build_dataset(args.data, model, args.limit), args.batch_size, args.workers, processes)
         rows = evaluate(model, loader, [config for _, config in pairs], repeats=args.repeats, max_bad=args.max_bad,
                         processes=processes)

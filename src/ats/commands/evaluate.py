@@ -16,7 +16,7 @@ from tqdm import tqdm
 import ats
 
 from ..calibration import nearest_merge
-from ..config import ATSConfig, EViTConfig, KeepAllConfig, MergeConfig, PatchConfig, StackedConfig
+from ..config import ATSConfig, EViTConfig, KeepAllConfig, MergeConfig, PatchConfig, SAINTConfig, StackedConfig
 from ..data.build import build_dataset, knows_bundled_classes
 from ..data.distributed import ONE_PROCESS, Processes, interleave, make_loader, torchrun_processes
 from ..data.skipped import DEFAULT_MAX_BAD, SkippedImages, dataset_size
@@ -70,7 +70,7 @@ def _rounded(value: Optional[float]) -> Optional[float]:
 
 
 def method_of(config: Optional[PatchConfig]) -> str:
-    """'unpatched', 'ats', 'topk', 'evit', 'merge', or for stacked configs their methods joined by '+'
+    """'unpatched', 'ats', 'topk', 'evit', 'merge', 'saint', or for stacked configs their methods joined by '+'
     (e.g. 'evit+ats')."""
     if config is None:
         return "unpatched"
@@ -78,6 +78,8 @@ def method_of(config: Optional[PatchConfig]) -> str:
         return "+".join(method_of(part) for part in config.configs)
     if isinstance(config, MergeConfig):
         return "merge"
+    if isinstance(config, SAINTConfig):
+        return "saint"
     if isinstance(config, EViTConfig):
         return "evit"
     if isinstance(config, KeepAllConfig):

@@ -13,6 +13,8 @@ from ..config import (
     EVIT_BLOCKS,
     PAPER_KS,
     PAPER_RHOS,
+    SAINT_GAMMA,
+    SAINT_K,
     SAMPLERS,
     SCORES,
     ATSConfig,
@@ -20,6 +22,7 @@ from ..config import (
     KeepAllConfig,
     MergeConfig,
     PatchConfig,
+    SAINTConfig,
     StackedConfig,
     TokenBudget,
 )
@@ -162,6 +165,18 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--merge", type=int, action="append", default=[], metavar="R",
                        help="the token-merging baseline (ToMe), R tokens merged in every block; repeatable; runs "
                             "alone (not stacked with --evit)")
+    group.add_argument("--saint", type=float, action="append", default=[], metavar="THRESHOLD",
+                       help="the SAINT baseline (similarity-aware token pruning): in the --saint-blocks, each image "
+                            "drops as many tokens of the alternating set A as have at least --saint-k tokens of set B "
+                            "THRESHOLD similar or more (cosine of keys, in (0, 1], e.g. 0.9), the most redundant; "
+                            "repeatable; runs alone (not stacked)")
+    group.add_argument("--saint-k", type=int, default=SAINT_K, metavar="K",
+                       help=f"the similar set-B tokens that make a set-A token droppable (default {SAINT_K})")
+    group.add_argument("--saint-gamma", type=float, default=SAINT_GAMMA, metavar="GAMMA",
+                       help="how much closer matches outrank more matches when SAINT picks which tokens drop "
+                            f"(default {SAINT_GAMMA:g})")
+    group.add_argument("--saint-blocks", type=block_list, metavar="I,J,..",
+                       help="the blocks of --saint (default: the first half of the model's blocks)")
     group.add_argument("--keep-all", type=int, action="append", default=[], metavar="FIRST",
                        help="patch the model but drop no token from block FIRST on; on CvT the linear-projection "
                             "model ATS runs on, without sampling (the baseline of fine-tuning); repeatable")
@@ -183,12 +198,13 @@ def count_or_fraction(text: str) -> Union[int, float]:
 
 def config_flags_given(args: argparse.Namespace) -> bool:
     """Whether the flags name any config (else a command runs its defaults)."""
-    return bool(args.multi_stage or args.single_stage or args.blocks or args.evit or args.merge or args.keep_all)
+    return bool(args.multi_stage or args.single_stage or args.blocks or args.evit or args.merge or args.saint
+                or args.keep_all)
 
 
 def configs_from_arguments(args: argparse.Namespace, depth: int) -> List[PatchConfig]:
     """The configs the flags ask for, for a model of ``depth`` blocks: the keep-all configs; ATS configs,
-    EViT configs, or each EViT config stacked with each ATS config; then the merging configs."""
+    EViT configs, or each EViT config stacked with each ATS config; then the merging and SAINT configs."""
     options = dict(sampler="topk" if args.topk else args.sampler, score=args.score,
                    keep_cls=not args.no_keep_cls, min_kept=args.min_kept, fuse=args.fuse, distinct=args.distinct,
                    packing=args.packing)
@@ -203,7 +219,16 @@ def configs_from_arguments(args: argparse.Namespace, depth: int) -> List[PatchCo
     evits = [EViTConfig(keep_rate, args.evit_blocks) for keep_rate in args.evit]
     if evits and configs:
         configs = [StackedConfig(evit, config) for evit in evits for config in configs]
-    return keep_all + (configs or evits) + merging
+    return keep_all + (configs or evits) + merging + saint_configs(args, depth)
+
+
+def saint_configs(args: argparse.Namespace, depth: int) -> List[SAINTConfig]:
+    """The SAINT configs of ``--saint``, in the ``--saint-blocks`` or the first half of ``depth`` blocks."""
+    options = dict(k=args.saint_k, gamma=args.saint_gamma)
+    if args.saint_blocks is not None:
+        return [SAINTConfig(threshold, blocks=args.saint_blocks, **options) for threshold in args.saint]
+    return [SAINTConfig.first_half(threshold, depth, **options) for threshold in args.saint]
+
 
 
 def parse_blocks(spec: str) -> dict:
