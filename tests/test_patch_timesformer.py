@@ -170,7 +170,7 @@ def test_bad_input_gets_a_clear_error():
         model(torch.randn(2, 1, SIZE, SIZE))
     with pytest.raises(ValueError, match="only ATS runs"):
         ats.patch(model, ats.MergeConfig(r=2))
-    with pytest.raises(ValueError, match="without fuse"):
-        ats.patch(model, ats.ATSConfig.multi_stage(0.6, first=1, depth=4, fuse=True))
+    with pytest.raises(ValueError, match="class token score with the class token kept"):
+        ats.patch(model, ats.ATSConfig.multi_stage(0.6, first=1, depth=4, score="self_attention", fuse=True))
     with pytest.raises(ValueError, match="output_attentions"):
         model(clips(), output_attentions=True)

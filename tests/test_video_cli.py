@@ -143,6 +143,8 @@ def test_compare_leaves_out_what_divided_attention_cannot_run(capsys):
     model = create_reference_video()
     pairs = comparison_configs(8, rhos=[0.7], min_kept=[0.5], distinct=[0.95], merge_r=[4], evit_keep_rates=[0.7])
     kept = runnable(model, pairs)
-    assert [variant for variant, _ in kept] == ["unpatched", "ATS", "top-K"]
+    assert [variant for variant, _ in kept] == ["unpatched", "ATS", "ATS + fuse", "ATS + fuse + min_kept",
+                                                "ATS + fuse + distinct", "top-K"]
     notes = capsys.readouterr().err
-    assert "left out merge (ToMe)" in notes and "left out EViT" in notes and "left out ATS + fuse:" in notes
+    assert "left out merge (ToMe)" in notes and "left out EViT" in notes
+    assert "left out ATS + self-attention + fuse:" in notes

@@ -15,7 +15,8 @@ on a clip of T frames, n_in positions (tubes, the class token included) of which
 a temporal attention over each patch tube's T frames (qkv, attention, proj and a C x C dense layer per
 patch token), a spatial attention in each frame (the class token takes part in every frame) and its
 MLP on the class token and the kept patch tokens. A space-time mixing block (XViT) is a standard block
-in each frame: mixing its keys and values over frames moves channels and multiplies nothing. An
+in each frame: mixing its keys and values over frames moves channels and multiplies nothing. Fusing
+tubes compares them frame by frame, so its similarities cost those of a token in each of the T frames. An
 attention-pool head (a few latent queries attending over the tokens that leave the last block, as
 SigLIP's) costs, per token it reads, its key and value projection and ``2 L A`` for the attention of
 its L queries; the rest of the head is fixed. Norms, softmax, activations and other elementwise work
@@ -147,32 +148,43 @@ def block_flops(shape: ViTShape, n_in: Count, n_out: Count, score: Optional[str]
     fuse: the dropped tokens are folded into their most similar kept ones;
     distinct: every pair of tokens is compared (dropped tokens unlike any kept one are kept too).
     """
-    flops = _attention_flops(shape, n_in, n_out) + n_out * shape.mlp_flops
+    flops = _attention_flops(shape, n_in, n_out) + n_out * shape.mlp_flops + similarity_flops(shape, n_in, n_out,
+                                                                                             fuse, distinct)
     if score is not None:
         flops = flops + score_flops(shape, n_in, score)
-    if distinct:
-        flops = flops + n_in * n_in * shape.head_dim
-    elif fuse:
-        flops = flops + (n_in - n_out) * n_out * shape.head_dim
     return flops
 
 
-def divided_block_flops(shape: ViTShape, frames: int, n_in: Count, n_out: Count, score: Optional[str] = None) -> Count:
+def similarity_flops(shape: ViTShape, n_in: Count, n_out: Count, fuse: bool, distinct: bool) -> Count:
+    """Cost of the key similarities of an ATS block that fuses (dropped against kept, ``(n_in - n_out) n_out d``)
+    or keeps distinct tokens (every pair, ``n_in^2 d``, which also serves fusing); 0 with neither."""
+    if distinct:
+        return n_in * n_in * shape.head_dim
+    if fuse:
+        return (n_in - n_out) * n_out * shape.head_dim
+    return 0
+
+
+def divided_block_flops(shape: ViTShape, frames: int, n_in: Count, n_out: Count, score: Optional[str] = None,
+                        fuse: bool = False, distinct: bool = False) -> Count:
     """FLOPs of one divided space-time block on a clip of ``frames`` frames with n_in positions (prefix
-    included) that keeps n_out; score: None for a standard block, "cls" for an ATS block (per frame)."""
+    included) that keeps n_out; score: None for a standard block, "cls" for an ATS block (per frame);
+    fuse, distinct: as in ``block_flops``, the similarities of tubes costing those of a token in every frame."""
     c, a = shape.embed_dim, shape.attn_dim
     prefix = shape.num_prefix_tokens
     temporal = (n_in - prefix) * frames * (3 * c * a + 2 * frames * a + a * c + c * c)
     spatial = frames * _attention_flops(shape, n_in, n_out)
     if score is not None:
         spatial = spatial + frames * score_flops(shape, n_in, score)
-    return temporal + spatial + (prefix + (n_out - prefix) * frames) * shape.mlp_flops
+    similarities = frames * similarity_flops(shape, n_in, n_out, fuse, distinct)
+    return temporal + spatial + similarities + (prefix + (n_out - prefix) * frames) * shape.mlp_flops
 
 
-def frames_block_flops(shape: ViTShape, frames: int, n_in: Count, n_out: Count, score: Optional[str] = None) -> Count:
+def frames_block_flops(shape: ViTShape, frames: int, n_in: Count, n_out: Count, score: Optional[str] = None,
+                       fuse: bool = False, distinct: bool = False) -> Count:
     """FLOPs of one space-time mixing block on a clip of ``frames`` frames with n_in positions (tubes, prefix
-    included) that keeps n_out: a standard (or ATS, with ``score``) block in every frame."""
-    return frames * block_flops(shape, n_in, n_out, score)
+    included) that keeps n_out: a standard (or ATS, with ``score``, ``fuse``, ``distinct``) block in every frame."""
+    return frames * block_flops(shape, n_in, n_out, score, fuse, distinct)
 
 
 def merge_block_flops(shape: ViTShape, n_in: Count, n_out: Count) -> Count:

@@ -8,7 +8,8 @@ destination; a position that stays is its own target):
   the paper and matching its published code's choices: split the tokens into two alternating sets
   A and B, match each A token with its most similar B token, and merge the r best-matched A tokens.
 ``fold`` then averages every group, weighted by token sizes (how many patches a token holds).
-Similarity is the cosine of keys averaged over heads: metric [B, n, d], or its ``unit_vectors``.
+Similarity is the cosine of keys averaged over heads: metric [B, n, d], or its ``unit_vectors``; of tubes,
+the mean over frames of that cosine (``tube_unit_vectors``).
 """
 from __future__ import annotations
 
@@ -21,6 +22,14 @@ from .sampling import additive_mask, topk_sample
 def unit_vectors(metric: torch.Tensor) -> torch.Tensor:
     """metric [B, n, d] -> its rows scaled to length 1 (float), whose dot products are cosine similarities."""
     return F.normalize(metric.float(), dim=-1)
+
+
+def tube_unit_vectors(metric: torch.Tensor) -> torch.Tensor:
+    """Per-frame metric [B, T, n, d] of tubes (a position in each of T frames) -> unit vectors [B, n, T * d] whose
+    dot products are the mean over frames of the per-frame cosine similarities (each frame's unit vector,
+    concatenated over frames, over sqrt(T))."""
+    frames = metric.shape[1]
+    return (unit_vectors(metric) / frames ** 0.5).transpose(1, 2).flatten(2)
 
 
 def cosine_similarity(metric: torch.Tensor) -> torch.Tensor:

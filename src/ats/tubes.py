@@ -10,7 +10,11 @@ A tube is one patch position in every frame. Two kinds of block need them:
 So an ATS block here keeps *tubes*: one set of spatial positions per clip, shared by all its frames.
 The score of a position is the class token's spatial attention times the position's value norm,
 summed over heads and frames (``sampling.tube_scores``); the budget, the sampler and the statistics
-are those of images, counted in positions.
+are those of images, counted in positions. ``fuse`` folds each dropped tube into its most similar kept
+tube in every frame (the same target in all frames), and ``distinct`` keeps dropped tubes unlike every
+kept one; the similarity of two tubes is the mean over frames of the cosine of their keys averaged over
+heads (``merging.tube_unit_vectors``). Sizes are per tube, and later attention adds log(size) to a tube's
+key logit in every frame.
 
 Layout: a ``TokenBatch`` whose rows are tubes, [R, T * C] (frame by frame within a row), the class
 token first in each clip. TimeSformer keeps one class token per clip, takes part in every frame's
@@ -22,13 +26,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ATSConfig, PatchConfig
+from .merging import fold, keep_distinct, nearest_kept, tube_unit_vectors
 from .packing import TokenBatch
 from .sampling import class_attention, tube_scores
 from .stats import ForwardRecord
@@ -110,17 +115,25 @@ def from_tubes(tubes: torch.Tensor, frames: int) -> torch.Tensor:
 
 def check_tube_config(config: PatchConfig, depth: int, blocks: str, alternative: str = "") -> None:
     """Raise ValueError unless every patched block of ``config`` runs ATS as tubes can: the class token score with
-    the class token kept, no fusing or distinct tokens, rows packing. blocks, alternative: for the message (the
-    kind of block; another model to use)."""
+    the class token kept, rows packing. blocks, alternative: for the message (the kind of block; another model
+    to use)."""
     methods = [config.method_at(index) for index in config.patched_blocks(depth)]
     if not all(isinstance(method, ATSConfig) for method in methods):
         raise ValueError(f"{config.describe()}: under {blocks} only ATS runs (on tubes); use an ATSConfig"
                          f"{', ' + alternative if alternative else ''}")
     for method in methods:
-        if (method.fuse or method.distinct or not method.keep_cls or method.score_for(True) != "cls"
-                or method.packing != "rows"):
+        if not method.keep_cls or method.score_for(True) != "cls" or method.packing != "rows":
             raise ValueError(f"{method.describe()}: tube sampling ({blocks}) supports the class token score with the "
-                             "class token kept, without fuse or distinct and with rows packing")
+                             "class token kept and rows packing")
+
+
+def tube_block_options(config: Optional[PatchConfig], index: int) -> Dict[str, Any]:
+    """The FLOP options (``score``, ``fuse``, ``distinct``, as ``flops.divided_block_flops`` and
+    ``flops.frames_block_flops`` take them) of block ``index`` under ``config`` (None: unpatched)."""
+    method = None if config is None else config.method_at(index)
+    if not isinstance(method, ATSConfig):
+        return dict(score=None)
+    return dict(score="cls", fuse=method.fuse, distinct=bool(method.distinct))
 
 
 def run_tube_blocks(blocks: Sequence[TubeBlockParts], tubes: torch.Tensor, frames: int, config: PatchConfig,
@@ -143,7 +156,7 @@ def run_tube_blocks(blocks: Sequence[TubeBlockParts], tubes: torch.Tensor, frame
 def tube_block(parts: TubeBlockParts, batch: TokenBatch, frames: int, config: Optional[ATSConfig], index: int,
                record: ForwardRecord) -> TokenBatch:
     """One tube block (divided or mixing) on packed tubes; with ``config``, an ATS block that keeps the sampled
-    tubes only."""
+    tubes only (and the distinct ones, with the dropped ones folded in, as ``config`` asks)."""
     x = batch.rows.unflatten(-1, (frames, -1))
     if parts.temporal_qkv is not None:
         x = x + _temporal_update(parts, x, batch)
@@ -157,6 +170,8 @@ def tube_block(parts: TubeBlockParts, batch: TokenBatch, frames: int, config: Op
     kept, rows_from = batch, None
     if config is not None:
         keep, scores, cls_attention = _choose_tubes(parts, batch, frames, q, k, v, mask, config, index)
+        if config.fuse or config.distinct:
+            x, keep, batch = _keep_and_fold(x, keep, scores, k, batch, config)
         kept, rows_from = batch.select(keep | (batch.source == 0))
         record.record_sampling(index, batch.source, kept.source, scores, cls_attention)
         x, qkv = x.index_select(0, rows_from), qkv.index_select(0, rows_from)
@@ -188,14 +203,32 @@ def _choose_tubes(parts: TubeBlockParts, batch: TokenBatch, frames: int, q: torc
 
     Returns keep [B, m] bool (patch tubes), the scores [B, m] and the class token's attention [B, m]
     (mean over heads and frames)."""
-    key_mask = None if mask is None else mask[:, 0, 0]
-    cls_attention = class_attention(q[:, :, 0], k, parts.scale, key_mask)
+    keys = None if mask is None else mask[:, 0, 0]  # bool, or log sizes (-inf on padding) once tubes are fused
+    key_mask, key_bias = (keys, None) if keys is None or keys.dtype == torch.bool else (None, keys)
+    cls_attention = class_attention(q[:, :, 0], k, parts.scale, key_mask, key_bias)
     value_norm = torch.linalg.vector_norm(v.transpose(1, 2).flatten(2), dim=-1)
     patches = batch.patch_positions(1)
     by_frame = (batch.batch_size, frames) + cls_attention.shape[1:]
     scores = tube_scores(cls_attention.view(by_frame), value_norm.view(by_frame[:2] + (-1,)), patches)
     keep = sample_positions(batch, scores, patches, patches, config.budgets[index], config, 1, parts.training)
     return keep, scores, cls_attention.view(by_frame).mean(dim=(1, 2))
+
+
+def _keep_and_fold(x: torch.Tensor, keep: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, batch: TokenBatch,
+                   config: ATSConfig) -> Tuple[torch.Tensor, torch.Tensor, TokenBatch]:
+    """``distinct`` and ``fuse`` on tubes x [R, T, C] with the sampled keep [B, m] and the scores [B, m]; k: the
+    per-frame keys [B * T, h, m, d]. Returns x (dropped tubes folded into their most similar kept ones, the
+    same target in every frame), keep (with the distinct tubes) and the batch with the tubes' summed sizes."""
+    frames = x.shape[1]
+    unit = tube_unit_vectors(k.mean(dim=1).unflatten(0, (batch.batch_size, frames)))
+    patches = batch.patch_positions(1)
+    if config.distinct:
+        keep = keep_distinct(unit, keep, patches, scores, config.distinct)
+    if config.fuse:
+        sizes = batch.sizes if batch.sizes is not None else x.new_ones(x.shape[0])
+        folded, sizes = fold(x.flatten(1), sizes, batch.rows_at(nearest_kept(unit, keep, patches)))
+        x, batch = folded.view_as(x), batch.with_rows(batch.rows, sizes)
+    return x, keep, batch
 
 
 def _frames_first(padded: torch.Tensor, frames: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ from ..flops import BlockCost, ViTShape, conv_flops, divided_block_flops, linear
 from ..packing import TokenBatch
 from ..stats import ForwardRecord
 from ..step import BlockParts
-from ..tubes import TubeBlockParts, check_tube_config, from_tubes, run_tube_blocks, to_tubes
+from ..tubes import TubeBlockParts, check_tube_config, from_tubes, run_tube_blocks, to_tubes, tube_block_options
 from .family import Family, PatchedModel, masked_features
 from .hf import HF, classifier_output, dense_forward, processor_data_config, refuse_unsupported
 
@@ -146,10 +146,12 @@ class TimesformerFamily(Family):
     def block_costs(self, model: nn.Module, shape: ViTShape, config: Optional[PatchConfig]) -> Dict[int, BlockCost]:
         if self.attention_type(model) != DIVIDED:
             return super().block_costs(model, shape, config)
-        patched = set() if config is None else set(config.patched_blocks(shape.depth))
         frames = self.frames(model)
-        return {index: partial(divided_block_flops, shape, frames, score="cls" if index in patched else None)
+        return {index: partial(divided_block_flops, shape, frames, **tube_block_options(config, index))
                 for index in range(shape.depth)}
+
+    def runs_static(self, model: nn.Module) -> bool:
+        return self.attention_type(model) != DIVIDED  # divided attention runs on tubes
 
     def input_size(self, model: nn.Module) -> Tuple[int, int, int, int]:
         """(frames, channels, height, width) the model takes."""

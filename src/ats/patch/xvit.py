@@ -20,7 +20,14 @@ from ..flops import BlockCost, ViTShape, block_flops, conv_flops, frames_block_f
 from ..models.xvit import XViT, XViTBlock
 from ..packing import TokenBatch
 from ..stats import ForwardRecord
-from ..tubes import TubeBlockParts, check_tube_config, frames_to_tubes, run_tube_blocks, tubes_to_frames
+from ..tubes import (
+    TubeBlockParts,
+    check_tube_config,
+    frames_to_tubes,
+    run_tube_blocks,
+    tube_block_options,
+    tubes_to_frames,
+)
 from .family import Family, PatchedModel, masked_features
 from .psvit import IMAGENET_DEFAULTS
 
@@ -77,9 +84,11 @@ class XViTFamily(Family):
         return ViTShape(**{**shape.__dict__, "head_flops": aggregation})
 
     def block_costs(self, model: XViT, shape: ViTShape, config: Optional[PatchConfig]) -> Dict[int, BlockCost]:
-        patched = set() if config is None else set(config.patched_blocks(shape.depth))
-        return {index: partial(frames_block_flops, shape, model.num_frames, score="cls" if index in patched else None)
+        return {index: partial(frames_block_flops, shape, model.num_frames, **tube_block_options(config, index))
                 for index in range(shape.depth)}
+
+    def runs_static(self, model: XViT) -> bool:
+        return False  # its blocks run on tubes
 
     def input_size(self, model: XViT) -> Tuple[int, int, int, int]:
         """(frames, channels, height, width) the model takes."""
