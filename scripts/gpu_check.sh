@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The CUDA check of docs/performance.md, in one go: `ats bench` for DeiT-S (random init) and the bundled
-# reference model, unpatched against multi-stage ATS (rho 1.0 and 0.7), ATS with fuse + distinct and token
-# merging, at batch 1, 64 and 256, in float32 and under bfloat16 autocast. A few minutes on one NVIDIA GPU.
+# reference model at batch 1, 8 and 64, in float32 and under bfloat16 autocast:
+#   eager     unpatched against multi-stage ATS rho 0.7, token merging r = 13, and ATS rho 1 with fuse + distinct;
+#   compiled  torch.compile of the unpatched model and of ATS rho 0.7 (adaptive: graph breaks at each selection);
+#   static    both in static mode, compiled whole (fullgraph) with mode="reduce-overhead" (CUDA graphs).
+# About 5 minutes on one NVIDIA GPU, most of it compiling.
 #
 #   scripts/gpu_check.sh [OUT]                      # JSON rows under OUT (default gpu-check/), one file per run
-#   DEVICE=cpu QUICK=1 scripts/gpu_check.sh OUT     # the same runs, small (DeiT-Ti, batch 1 and 2), on the CPU
+#   DEVICE=cpu QUICK=1 scripts/gpu_check.sh OUT     # the same runs, small (DeiT-Ti, batch 2, the compiled
+#                                                   # runs traced by the eager backend), on the CPU
 #
 # Needs the package installed (`make setup`, or pip install -e .) with a CUDA build of PyTorch; nothing is
 # downloaded (DeiT-S is randomly initialised, the reference model is bundled). ATS=... overrides the command.
@@ -15,10 +19,12 @@ DEVICE=${DEVICE:-cuda}
 ATS=${ATS:-ats}
 if [ "${QUICK:-0}" = 1 ]; then
     MODEL=deit_tiny_patch16_224
-    RUN="--batch-size 1 --batch-size 2 --repeats 1 --warmup 1"
+    RUN="--batch-size 2 --repeats 1 --warmup 1"
+    COMPILE="--compile --compile-backend eager"
 else
     MODEL=deit_small_patch16_224
-    RUN="--batch-size 1 --batch-size 64 --batch-size 256 --repeats 5 --warmup 3"
+    RUN="--batch-size 1 --batch-size 8 --batch-size 64 --repeats 5 --warmup 3"
+    COMPILE="--compile"
 fi
 mkdir -p "$OUT"
 {
@@ -29,13 +35,15 @@ mkdir -p "$OUT"
 
 for AUTOCAST in none bf16; do
     COMMON="--device $DEVICE $RUN --autocast $AUTOCAST --json"
-    echo "autocast $AUTOCAST: $MODEL" >&2
-    $ATS bench --model "$MODEL" --multi-stage 1.0 --multi-stage 0.7 $COMMON > "$OUT/deit-rho-$AUTOCAST.json"
-    $ATS bench --model "$MODEL" --multi-stage 1.0 --fuse --distinct 0.95 $COMMON > "$OUT/deit-fuse-distinct-$AUTOCAST.json"
-    echo "autocast $AUTOCAST: reference" >&2
-    $ATS bench --model reference --multi-stage 1.0 --multi-stage 0.7 --merge 15 $COMMON \
-        > "$OUT/reference-rho-merge-$AUTOCAST.json"
-    $ATS bench --model reference --multi-stage 1.0 --fuse --distinct 0.95 $COMMON \
-        > "$OUT/reference-fuse-distinct-$AUTOCAST.json"
+    for NAME in deit reference; do
+        if [ "$NAME" = deit ]; then TARGET=$MODEL; else TARGET=reference; fi
+        echo "autocast $AUTOCAST: $TARGET" >&2
+        $ATS bench --model "$TARGET" --multi-stage 0.7 --merge 13 $COMMON > "$OUT/$NAME-eager-$AUTOCAST.json"
+        $ATS bench --model "$TARGET" --multi-stage 1.0 --fuse --distinct 0.95 $COMMON \
+            > "$OUT/$NAME-fuse-distinct-$AUTOCAST.json"
+        $ATS bench --model "$TARGET" --multi-stage 0.7 $COMPILE $COMMON > "$OUT/$NAME-compiled-$AUTOCAST.json"
+        $ATS bench --model "$TARGET" --multi-stage 0.7 --static $COMPILE --compile-mode reduce-overhead $COMMON \
+            > "$OUT/$NAME-static-$AUTOCAST.json"
+    done
 done
 echo "wrote $OUT/*.json and $OUT/device.txt" >&2

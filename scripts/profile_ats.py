@@ -2,6 +2,7 @@
 
     python scripts/profile_ats.py --model deit_small_patch16_224 --rho 0.7 --batch-size 64
     python scripts/profile_ats.py --model reference --rho 1.0 --fuse --distinct 0.95 --batch-size 64
+    python scripts/profile_ats.py --count-ops --model deit_small_patch16_224   # ops and host reads only
 
 1. A torch.profiler trace of the patched forward. Every op's self CPU time goes to the ATS region
    it runs in (``ats.profiling.REGIONS``: scoring and sampling, fusing, packing and unpacking), else
@@ -14,7 +15,9 @@
    the machine's drift hits all three alike.
 3. The ATen ops each forward dispatches: at small batches every op's fixed cost (Python, dispatch,
    thread launch), not its arithmetic, is what the forward pays.
-Prints Markdown tables.
+Prints Markdown tables. ``--count-ops`` prints only a table of ATen ops and host reads per forward (reads of a
+device value on the host: ``item``, ``tolist``, and ops whose output size depends on the data), at batch 1 and
+64, for the unpatched model and for each config the ATS flags, ``--merge`` and ``--evit`` name, adaptive and static.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ import copy
 import statistics
 import time
 from collections import defaultdict
-from typing import Callable, Dict, List, Optional
+from functools import partial
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -73,23 +77,73 @@ def profile_groups(model: torch.nn.Module, images: torch.Tensor, repeats: int) -
     return {group: totals[group] / total for group in [*OP_GROUPS, *REGION_NAMES.values(), OTHER]}
 
 
+#: ATen ops that read a device value on the host: a scalar, or an output whose size depends on the data.
+HOST_READ_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive")
+
+
 class OpCounter(TorchDispatchMode):
-    """Counts the ATen ops dispatched while it is active."""
+    """Counts the ATen ops dispatched while it is active, and the host reads among them (``HOST_READ_OPS``, a
+    ``repeat_interleave`` not told its output size, and ``Tensor.tolist``, which reads without dispatching)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
+        self.host_reads = 0
+        self._tolist = torch.Tensor.tolist
+
+    def __enter__(self):
+        counter, tolist = self, self._tolist
+
+        def counted_tolist(tensor: torch.Tensor):
+            counter.host_reads += 1
+            return tolist(tensor)
+
+        torch.Tensor.tolist = counted_tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
+        name = func.overloadpacket.__name__
+        if name in HOST_READ_OPS or (name == "repeat_interleave" and (kwargs or {}).get("output_size") is None
+                                     and len(args) > 1 and isinstance(args[1], torch.Tensor)):
+            self.host_reads += 1
         return func(*args, **(kwargs or {}))
 
 
 def dispatched_ops(run: Callable[[], None]) -> int:
     """How many ATen ops one call of ``run()`` dispatches."""
+    return counted(run)[0]
+
+
+def counted(run: Callable[[], None]) -> Tuple[int, int]:
+    """(ATen ops, host reads) of one call of ``run()``."""
     with OpCounter() as counter:
         run()
-    return counter.count
+    return counter.count, counter.host_reads
+
+
+def count_ops(model: torch.nn.Module, images: torch.Tensor, configs: List, batch_sizes: Sequence[int]) -> None:
+    """Print a Markdown table of ATen ops and host reads per forward of ``model`` (under ``torch.no_grad``),
+    unpatched and under each config adaptive and static, at each batch size (the first images of ``images``,
+    repeated as needed)."""
+    print("| config | mode | batch | ATen ops | host reads |\n|---|---|---|---|---|")
+    for batch_size in batch_sizes:
+        batch = images.repeat((batch_size + len(images) - 1) // len(images), 1, 1, 1)[:batch_size]
+        with torch.no_grad():
+            model(batch)
+            ops, reads = counted(partial(model, batch))
+            print(f"| unpatched | - | {batch_size} | {ops} | {reads} |")
+            for config in configs:
+                for static in (False, True):
+                    patched = ats.patch(copy.deepcopy(model), config, static=static)
+                    patched(batch)
+                    ops, reads = counted(partial(patched, batch))
+                    mode = "static" if static else "adaptive"
+                    print(f"| {config.describe()} | {mode} | {batch_size} | {ops} | {reads} |")
 
 
 def interleaved_ms(runs: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, float]:
@@ -116,6 +170,15 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--count-ops", action="store_true",
+                        help="only count ATen ops and host reads per forward at batch 1 and 64 (--batch-size "
+                             "repeatable there), adaptive and static")
+    parser.add_argument("--merge", type=int, action="append", default=[], metavar="R",
+                        help="with --count-ops: also token merging with R per block; repeatable")
+    parser.add_argument("--evit", type=float, action="append", default=[], metavar="KEEP_RATE",
+                        help="with --count-ops: also EViT (blocks 3, 6, 9); repeatable")
+    parser.add_argument("--count-batch-size", type=int, action="append", metavar="N",
+                        help="with --count-ops: the batch sizes (default 1 and 64)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_model(argparse.Namespace(model=args.model, pretrained=False, checkpoint=None, device="cpu"))
@@ -128,6 +191,12 @@ def main(argv: Optional[list] = None) -> int:
         images = torch.randn(args.batch_size, model.patch_embed.proj.in_channels, *model.patch_embed.img_size,
                              generator=torch.Generator().manual_seed(0))
     config = ats.ATSConfig.multi_stage(args.rho, depth=len(model.blocks), fuse=args.fuse, distinct=args.distinct)
+    if args.count_ops:
+        configs = [config, *(ats.EViTConfig(keep_rate) for keep_rate in args.evit),
+                   *(ats.MergeConfig(r) for r in args.merge)]
+        print(f"{args.model}, {torch.get_num_threads()} threads\n")
+        count_ops(model, images, configs, args.count_batch_size or [1, 64])
+        return 0
     print(f"{args.model}, {config.describe()}, batch {args.batch_size}, {torch.get_num_threads()} threads\n")
 
     patched = ats.patch(copy.deepcopy(model), config)

@@ -24,7 +24,8 @@ def test_bench_rows_are_consistent(checkpoint, capsys):
     assert patched[0]["gflops"] == pytest.approx(patched[1]["gflops"])  # packing changes time, not FLOPs
 
 
-@pytest.mark.parametrize("argv, message", [(["--batch-size", "0"], "--batch-size"), (["--threads", "0"], "--threads")])
+@pytest.mark.parametrize("argv, message", [(["--batch-size", "0"], "--batch-size"), (["--threads", "0"], "--threads"),
+                                           (["--compile-mode", "reduce-overhead"], "need --compile")])
 def test_bench_refuses_bad_sizes(argv, message, checkpoint, capsys):
     assert main(["bench", "--checkpoint", str(checkpoint), *argv]) == 2
     assert message in capsys.readouterr().err
@@ -59,3 +60,15 @@ def test_bench_times_forwards_under_autocast(checkpoint, capsys):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="unknown autocast"):
         autocast_context(torch.device("cpu"), "int8")
+
+
+def test_bench_static_rows_cost_the_capacity_and_compile_whole(checkpoint, capsys):
+    argv = ["bench", "--checkpoint", str(checkpoint), "--multi-stage", "0.7", "--batch-size", "2", "--repeats", "1",
+            "--warmup", "1", "--json"]
+    assert main(argv) == 0
+    adaptive = json.loads(capsys.readouterr().out)[1]
+    compiled = ["--static", "--compile", "--compile-backend", "eager", "--compile-mode", "reduce-overhead"]
+    assert main([*argv, *compiled]) == 0
+    static = json.loads(capsys.readouterr().out)[1]
+    assert static["config"] == "rho=0.7 @ blocks 3..11 [static]" and static["throughput"] > 0
+    assert static["gflops"] >= adaptive["gflops"]  # the capacity, at least what each image kept

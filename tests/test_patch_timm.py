@@ -239,7 +239,7 @@ def test_released_sampler_places_points_for_the_models_patch_count(model, images
     entering = torch.ones(len(images), 64, dtype=torch.bool)
     for block in range(1, 6):
         scores = stats.scores[block]
-        keep = released_sample(scores, entering, torch.full((len(images),), 32))
+        keep = released_sample(scores, entering, 32)
         padding = stats.kept[block] < 0
         kept = torch.zeros(len(images), 65, dtype=torch.bool).scatter_(1, stats.kept[block].masked_fill(padding, 64),
                                                                        True)[:, :64]

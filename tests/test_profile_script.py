@@ -25,3 +25,18 @@ def test_profile_prints_the_groups_and_the_bound(capsys):
     assert ops["patched"] > ops["unpatched"]  # ATS dispatches its own ops on top of the model's
     assert "mean tokens entering each block: [197, 197, 197, 197, 138, 97" in out
     assert re.search(r"reaches \d\.\d{3} of the bound's speed", out)
+
+
+def test_count_ops_prints_ops_and_host_reads_per_forward(capsys):
+    argv = ["--count-ops", "--model", "deit_tiny_patch16_224", "--batch-size", "2", "--count-batch-size", "1",
+            "--merge", "13"]
+    assert load_script("profile_ats").main(argv) == 0
+    rows = re.findall(r"^\| ([^|]+) \| (adaptive|static|-) \| 1 \| (\d+) \| (\d+) \|$", capsys.readouterr().out,
+                      re.MULTILINE)
+    table = {(config, mode): (int(ops), int(reads)) for config, mode, ops, reads in rows}
+    rho = "rho=0.7 @ blocks 3..11"
+    assert set(table) == {("unpatched", "-"), (rho, "adaptive"), (rho, "static"), ("merge r=13", "adaptive"),
+                          ("merge r=13", "static")}
+    assert table["unpatched", "-"][1] == 0 and table[rho, "static"][1] == 0 and table["merge r=13", "static"][1] == 0
+    assert table[rho, "adaptive"][1] == 9  # one read of the kept counts per ATS block
+    assert table[rho, "adaptive"][0] > table["unpatched", "-"][0]

@@ -196,18 +196,18 @@ def test_released_sampler_on_a_hand_worked_example():
     scores = torch.tensor([[0.1, 0.4, 0.2, 0.3, 0.0]])
     candidates = torch.tensor([[True, True, True, True, False]])
     # M = 3: points 2/9, 11/18, 1 -> nearest 2/9 (position 2), 5/9 (3), 1 (1); the lowest (0) never.
-    assert released_sample(scores, candidates, torch.tensor([3])).tolist() == [[False, True, True, True, False]]
+    assert released_sample(scores, candidates, 3).tolist() == [[False, True, True, True, False]]
     # M = 2: points 2/9 and 1.
-    assert released_sample(scores, candidates, torch.tensor([2])).tolist() == [[False, True, True, False, False]]
+    assert released_sample(scores, candidates, 2).tolist() == [[False, True, True, False, False]]
     # M = 9 points on 3 pickable tokens: each picked, duplicates merged.
-    assert released_sample(scores, candidates, torch.tensor([9])).sum() == 3
+    assert released_sample(scores, candidates, 9).sum() == 3
 
 
 def test_released_sampler_takes_the_earlier_token_on_a_tie():
     # Sorted CDF 0.25, 0.5, 1.0 -> min-max 0, 1/3, 1; M = 3 points 1/3, 2/3, 1: 2/3 lies halfway between
     # 1/3 (position 1) and 1 (position 2) and takes the earlier in sorted order, position 1.
     scores = torch.tensor([[0.25, 0.25, 0.5]])
-    keep = released_sample(scores, torch.ones_like(scores, dtype=torch.bool), torch.tensor([3]))
+    keep = released_sample(scores, torch.ones_like(scores, dtype=torch.bool), 3)
     assert keep.tolist() == [[False, True, True]]
 
 
@@ -218,20 +218,20 @@ def test_released_sampler_never_picks_zero_scores_padding_or_non_candidates():
     candidates = torch.ones_like(scores, dtype=torch.bool)
     candidates[:, :1] = False                # the class token
     candidates[2:, 9:] = False               # padding
-    keep = released_sample(scores * candidates, candidates, torch.tensor([50, 50, 50, 3]))
+    keep = released_sample(scores * candidates, candidates, 50)
     assert not keep[:, 0].any() and not keep[:, 5].any() and not keep[2:, 9:].any()
-    assert keep[3].sum() <= 3
+    assert released_sample(scores * candidates, candidates, 3).sum(dim=1).max() <= 3
 
 
 def test_released_sampler_matches_its_definition_image_by_image():
     generator = torch.Generator().manual_seed(1)
     scores = torch.rand(6, 40, generator=generator) ** 4
     candidates = torch.rand(6, 40, generator=generator) > 0.2
-    points = torch.tensor([1, 5, 12, 39, 60, 25])
-    together = released_sample(scores * candidates, candidates, points)
-    for image in range(6):
-        expected = released_by_definition(scores[image], candidates[image], int(points[image]))
-        assert torch.equal(together[image], expected)
-        one = slice(image, image + 1)
-        alone = released_sample((scores * candidates)[one], candidates[one], points[one])
-        assert torch.equal(alone[0], together[image])
+    for points in (1, 5, 12, 39, 60):
+        together = released_sample(scores * candidates, candidates, points)
+        for image in range(6):
+            expected = released_by_definition(scores[image], candidates[image], points)
+            assert torch.equal(together[image], expected)
+            one = slice(image, image + 1)
+            alone = released_sample((scores * candidates)[one], candidates[one], points)
+            assert torch.equal(alone[0], together[image])

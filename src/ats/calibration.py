@@ -87,7 +87,7 @@ METHODS = {
 def nearest_merge(model: nn.Module, gflops: float, input_size: Optional[Tuple[int, ...]] = None) -> MergeConfig:
     """The token-merging config whose GFLOPs per image come nearest ``gflops``: merging removes the same count
     from every image, so its cost is the analytic one and no image is needed. The model is left as it was."""
-    previous = model._ats.config if is_patched(model) else None
+    previous = (model._ats.config, model._ats.static) if is_patched(model) else None
     shape = family_of(model).shape(model, input_size)
     costs = {}
     try:
@@ -97,7 +97,7 @@ def nearest_merge(model: nn.Module, gflops: float, input_size: Optional[Tuple[in
                 break
     finally:
         if previous is not None:
-            patch(model, previous)
+            patch(model, *previous)
         elif is_patched(model):
             unpatch(model)
     return MergeConfig(min(costs, key=lambda r: abs(costs[r] - gflops)))
@@ -145,7 +145,7 @@ def calibrate(model: nn.Module, loader: Iterable, gflops: Optional[float] = None
               method: str = "fuse-distinct", first: int = MULTI_STAGE_FIRST_BLOCK, every: int = 1,
               evit_blocks: Tuple[int, ...] = EVIT_BLOCKS, tolerance: float = DEFAULT_TOLERANCE,
               progress: bool = True, max_bad: float = DEFAULT_MAX_BAD,
-              processes: Processes = ONE_PROCESS) -> Calibration:
+              processes: Processes = ONE_PROCESS, static: bool = False) -> Calibration:
     """Find the config of ``method`` whose mean GFLOPs on ``loader`` is within ``tolerance`` of a target:
     ``gflops`` per image, or ``fraction`` of the unpatched model's.
 
@@ -154,8 +154,9 @@ def calibrate(model: nn.Module, loader: Iterable, gflops: Optional[float] = None
     BudgetUnreachable naming the nearest reachable budget when no value of the parameter gets within
     the tolerance. Images the loader skipped as unusable are counted (up to ``max_bad`` of them). Under
     torchrun (``processes``, each with its share of the batches: ``ats.data.distributed.make_loader``) every
-    pass sums the GFLOPs and hits of all processes, so each finds what one process finds. The model is left
-    as it was (patched with its own config, or unpatched).
+    pass sums the GFLOPs and hits of all processes, so each finds what one process finds. ``static``: the
+    configs run in static mode, whose GFLOPs are their capacity's. The model is left as it was (patched with its
+    own config, or unpatched).
     """
     if (gflops is None) == (fraction is None):
         raise ValueError("give exactly one target: gflops (per image) or fraction (of the unpatched model's)")
@@ -165,7 +166,7 @@ def calibrate(model: nn.Module, loader: Iterable, gflops: Optional[float] = None
         raise ValueError(f"the fraction must lie in (0, 1] (of the unpatched model's GFLOPs), got {fraction}")
     if not 0.0 < tolerance < 1.0:
         raise ValueError(f"the tolerance is a relative error in (0, 1), e.g. 0.02, got {tolerance}")
-    previous = model._ats.config if is_patched(model) else None
+    previous = (model._ats.config, model._ats.static) if is_patched(model) else None
     if previous is not None:
         unpatch(model)
     device = next(model.parameters()).device
@@ -188,7 +189,7 @@ def calibrate(model: nn.Module, loader: Iterable, gflops: Optional[float] = None
     target = gflops if gflops is not None else fraction * unpatched_gflops
     knob = method_knob(method, family.depth(model), family.shape(model, input_size).num_patches, first, every,
                        evit_blocks)
-    measure = partial(_measure, model, batches, processes=processes, input_size=input_size)
+    measure = partial(_measure, model, batches, processes=processes, input_size=input_size, static=static)
     try:
         unpatched_top1 = measure(None)[1]
         search = _Search(measure, knob, target, tolerance, progress and processes.main)
@@ -196,7 +197,7 @@ def calibrate(model: nn.Module, loader: Iterable, gflops: Optional[float] = None
         gflops_found, top1 = search.measured[value]
     finally:
         if previous is not None:
-            patch(model, previous)
+            patch(model, *previous)
         elif is_patched(model):
             unpatch(model)
     images = sum(processes.gather(sum(len(labels) for _, labels in batches)))
@@ -269,14 +270,14 @@ class _Search:
 
 
 def _measure(model: nn.Module, batches: List[tuple], config: Optional[PatchConfig], processes: Processes,
-             input_size: Tuple[int, ...]) -> Tuple[float, float]:
+             input_size: Tuple[int, ...], static: bool = False) -> Tuple[float, float]:
     """(mean GFLOPs per image, top-1 %) of ``model`` under ``config`` (None: unpatched) on the batches of every
     process, summed batch by batch in the order one process would sum them."""
     if config is None:
         if is_patched(model):
             unpatch(model)
     else:
-        patch(model, config)
+        patch(model, config, static)
     sums = []
     for images, labels in batches:
         logits = as_logits(model(images))

@@ -399,7 +399,7 @@ class EViTConfig:
             raise ValueError("EViT ranks tokens by the class token's attention and this model has no class token")
 
     def most_tokens_out(self, index: int, n: int, prefix: int) -> int:
-        kept = int(attentive_count(torch.tensor([n - prefix]), self.keep_rate))
+        kept = attentive_count(n - prefix, self.keep_rate)
         return prefix + kept + (kept < n - prefix)
 
     def block_costs(self, shape: ViTShape, has_cls: bool = True) -> dict[int, BlockCost]:
@@ -558,6 +558,18 @@ def with_ats_options(config: "PatchConfig", **changes) -> "PatchConfig":
     if isinstance(config, StackedConfig):
         return StackedConfig(*(with_ats_options(part, **changes) for part in config.configs))
     return config
+
+
+def token_capacities(config: Optional["PatchConfig"], num_tokens: int, prefix: int, depth: int) -> List[int]:
+    """The most tokens (prefix included) each of ``depth`` blocks can emit under ``config`` (None: unpatched) from
+    ``num_tokens`` entering block 0: every sample a distinct token. The bound of ``ats.gflops`` and the fixed
+    widths of static mode."""
+    capacities, n = [], num_tokens
+    for index in range(depth):
+        if config is not None and config.method_at(index) is not None:
+            n = config.most_tokens_out(index, n, prefix)
+        capacities.append(n)
+    return capacities
 
 
 #: What ``ats.patch`` takes: ATS, EViT, both stacked, the token-merging baseline, SAINT, or no dropping at all.

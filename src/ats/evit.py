@@ -7,6 +7,9 @@ n token positions (some may be padding), C channels.
 """
 from __future__ import annotations
 
+import math
+from typing import Union
+
 import torch
 
 from .sampling import topk_sample
@@ -15,8 +18,11 @@ from .sampling import topk_sample
 FUSED_SOURCE = -2
 
 
-def attentive_count(patches_in: torch.Tensor, keep_rate: float) -> torch.Tensor:
-    """[B] long, the attentive tokens kept of ``patches_in`` [B] valid patch tokens: ceil(keep_rate * n)."""
+def attentive_count(patches_in: Union[int, torch.Tensor], keep_rate: float) -> Union[int, torch.Tensor]:
+    """The attentive tokens kept of ``patches_in`` valid patch tokens, ceil(keep_rate * n) in float64: [B] long
+    for [B], an int for an int."""
+    if isinstance(patches_in, int):
+        return math.ceil(patches_in * keep_rate)
     return torch.ceil(patches_in.to(torch.float64) * keep_rate).long()
 
 

@@ -13,6 +13,8 @@ the mean over frames of that cosine (``tube_unit_vectors``).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -48,11 +50,13 @@ def _self_target(keep: torch.Tensor) -> torch.Tensor:
     return torch.arange(keep.shape[1], device=keep.device).expand_as(keep).clone()
 
 
-def positions_of(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The positions where mask [B, n], in order, padded to the largest count c -> (index [B, c], valid [B, c]).
-    Padding entries are other positions, all distinct, so scattering ``index`` back touches each position once."""
+def positions_of(mask: torch.Tensor, width: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions where mask [B, n], in order, padded to ``width`` (at least the largest count; None: that
+    count, read on the host) -> (index [B, width], valid [B, width]). Padding entries are other positions, all
+    distinct, so scattering ``index`` back touches each position once."""
     count = mask.sum(dim=1)
-    width = int(count.max()) if mask.numel() else 0
+    if width is None:
+        width = int(count.max()) if mask.numel() else 0
     # the stable order that puts the marked positions first, built by scattering each position to its rank
     rank = mask.cumsum(dim=1)
     positions = torch.arange(mask.shape[1], device=mask.device)
@@ -68,25 +72,31 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.reshape(batch * n, d).index_select(0, (index + offsets).flatten()).view(*index.shape, d)
 
 
-def dropped_to_kept(unit: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def dropped_to_kept(unit: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor,
+                    static: bool = False) -> tuple[torch.Tensor, ...]:
     """Cosine similarity of the dropped movable tokens (rows) to the kept movable ones (columns, -inf on
     padding) of unit [B, n, d] (``unit_vectors``) -> (similarity [B, r, c], dropped_index [B, r], dropped_valid
     [B, r], kept_index [B, c]); only [B, dropped, kept] work, not [B, n, n]."""
-    kept_index, kept_valid = positions_of(keep & movable)
-    dropped_index, dropped_valid = positions_of(movable & ~keep)
+    kept, dropped = keep & movable, movable & ~keep
+    if static:
+        widths = [keep.shape[1]] * 2
+    else:  # both widths in one read
+        widths = torch.stack((kept.sum(dim=1).amax(), dropped.sum(dim=1).amax())).tolist() if keep.numel() else [0, 0]
+    kept_index, kept_valid = positions_of(kept, widths[0])
+    dropped_index, dropped_valid = positions_of(dropped, widths[1])
     similarity = torch.baddbmm(column_bias(kept_valid), gather_tokens(unit, dropped_index),
                                gather_tokens(unit, kept_index).transpose(1, 2))
     return similarity, dropped_index, dropped_valid, kept_index
 
 
-def nearest_kept(unit: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor) -> torch.Tensor:
+def nearest_kept(unit: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor, static: bool = False) -> torch.Tensor:
     """Send each movable, unkept position to its most similar kept movable position -> target [B, n].
 
     unit: [B, n, d] unit vectors (``unit_vectors``); keep, movable: [B, n] bool. Images with no kept
     movable token move nothing.
     """
     target = _self_target(keep)
-    similarity, dropped_index, dropped_valid, kept_index = dropped_to_kept(unit, keep, movable)
+    similarity, dropped_index, dropped_valid, kept_index = dropped_to_kept(unit, keep, movable, static)
     if similarity.numel() == 0:
         return target
     nearest = kept_index.gather(1, similarity.argmax(dim=-1))
@@ -95,7 +105,7 @@ def nearest_kept(unit: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor) 
 
 
 def keep_distinct(unit: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor, scores: torch.Tensor,
-                  threshold: float) -> torch.Tensor:
+                  threshold: float, static: bool = False) -> torch.Tensor:
     """Also keep the dropped movable tokens that no kept token resembles -> keep [B, n] bool.
 
     A dropped token is *distinct* when its cosine similarity to every kept movable token is below
@@ -104,13 +114,13 @@ def keep_distinct(unit: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor,
     distinct tokens the best stays and the others can fold into it.
     unit: [B, n, d] unit vectors (``unit_vectors``); keep, movable: [B, n] bool; scores: [B, n].
     """
-    similarity, dropped_index, distinct, kept_index = dropped_to_kept(unit, keep, movable)
+    similarity, dropped_index, distinct, kept_index = dropped_to_kept(unit, keep, movable, static)
     if kept_index.shape[1]:
         distinct = distinct & (similarity.amax(dim=-1) < threshold)
     distinct = torch.zeros_like(keep).scatter(1, dropped_index, distinct)
     # the distinct tokens by rank, best first (ties: the later position first), padded to the largest count
     order = scores.float().masked_fill(~distinct, float("-inf")).argsort(dim=1, stable=True).flip(1)
-    count = int(distinct.sum(dim=1).max())
+    count = distinct.shape[1] if static else int(distinct.sum(dim=1).max())
     if count == 0:
         return keep
     order = order.narrow(1, 0, count)

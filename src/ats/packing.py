@@ -6,10 +6,14 @@ and norms therefore run on valid rows alone, and an image's result does not depe
 batch-mates. While padding is a small share of the positions (PADDED_LAYOUT_SLACK), the rows stay
 in the padded layout instead: running the linear layers on a few padded positions costs less than
 gathering and scattering rows in every block.
+
+Static mode (``static=True``) fixes each block's width in advance (its capacity, from the config and the
+input size): the rows always hold the padded layout, the kept tokens first and padding after them, and
+nothing in the forward reads a device value on the host, so it compiles to one graph.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -40,8 +44,11 @@ class TokenBatch:
     keep_padding: the padded-and-masked alternative: rows always hold all B * m positions, so
         every layer also runs on padding (for comparison; slower).
     num_source_tokens: N0, the length of the original token sequence that ``source`` indexes.
+    static: the width of every selection is given (a capacity) instead of read off the kept counts: rows
+        hold the padded layout and no host sync happens (``select``'s ``capacity``).
     in_source_order: True while every image holds the whole original sequence in its order (no token
         dropped or moved), so that a block whose attention depends on positions may run its own forward.
+    valid: [B, m] bool, ``position_mask`` once computed (a cache that ``with_rows`` passes on), else None.
     """
 
     rows: torch.Tensor
@@ -55,15 +62,17 @@ class TokenBatch:
     keep_padding: bool = False
     num_source_tokens: int = 0
     in_source_order: bool = True
+    static: bool = False
+    valid: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def from_dense(cls, x: torch.Tensor, keep_padding: bool = False) -> "TokenBatch":
+    def from_dense(cls, x: torch.Tensor, keep_padding: bool = False, static: bool = False) -> "TokenBatch":
         """Pack a batch with no padding. x: [B, N, C]."""
         batch, n, _ = x.shape
         lengths = torch.full((batch,), n, dtype=torch.long, device=x.device)
         source = torch.arange(n, device=x.device).expand(batch, n)
-        return cls(x.reshape(batch * n, -1), lengths, n, None, source, keep_padding=keep_padding,
-                   num_source_tokens=n)
+        return cls(x.reshape(batch * n, -1), lengths, n, None, source, keep_padding=keep_padding or static,
+                   num_source_tokens=n, static=static)
 
     @property
     def batch_size(self) -> int:
@@ -77,7 +86,9 @@ class TokenBatch:
     @property
     def position_mask(self) -> torch.Tensor:
         """[B, m] bool, True where a position holds a token (frozen class token included)."""
-        return torch.arange(self.width, device=self.lengths.device) < self.lengths[:, None]
+        if self.valid is None:
+            self.valid = torch.arange(self.width, device=self.lengths.device) < self.lengths[:, None]
+        return self.valid
 
     @property
     def key_mask(self) -> Optional[torch.Tensor]:
@@ -199,25 +210,48 @@ class TokenBatch:
             return torch.arange(self.batch_size, device=self.lengths.device) * self.width + self.lengths - 1
         return torch.cumsum(self.lengths, 0) - 1
 
-    @torch.compiler.disable
-    def select(self, keep: torch.Tensor, last: Optional[torch.Tensor] = None) -> tuple["TokenBatch", torch.Tensor]:
+    def select(self, keep: torch.Tensor, last: Optional[torch.Tensor] = None,
+               capacity: Optional[int] = None) -> tuple["TokenBatch", torch.Tensor]:
         """Keep the positions marked in keep [B, m], packed to the lowest indices in their order; the
         kept positions also marked in ``last`` [B, m] (if given) go after the others.
 
         Returns the new batch (rows gathered) and ``rows_from`` [T'], the old row of each new row (to
-        gather any other per-row tensor). The one host sync sizes the new batch; torch.compile leaves
-        this method to eager mode, as it would otherwise compile it anew for every batch size it sees.
+        gather any other per-row tensor). A static batch takes its new width from ``capacity`` (the most
+        tokens the block can keep; an image marking more keeps its first ``capacity`` in that order);
+        otherwise the width is the largest kept count, read on the host.
         """
+        if self.static:
+            if capacity is None:
+                raise ValueError("a static TokenBatch needs the capacity of each selection (select(..., capacity=))")
+            with region("ats.pack"):
+                return self._select_static(keep, last, capacity)
         with region("ats.pack"):
             return self._select(keep, last)
 
+    def _select_static(self, keep: torch.Tensor, last: Optional[torch.Tensor],
+                       capacity: int) -> tuple["TokenBatch", torch.Tensor]:
+        width = min(capacity, self.width)
+        lengths = keep.sum(dim=1).clamp(max=width)
+        positions = _kept_first(keep, last).narrow(1, 0, width)
+        rows_from = (positions + torch.arange(0, self.batch_size * self.width, self.width,
+                                              device=keep.device).unsqueeze(1)).reshape(-1)
+        valid = torch.arange(width, device=keep.device) < lengths.unsqueeze(1)
+        sizes = None if self.sizes is None else self.sizes.index_select(0, rows_from)
+        source = self.source.gather(1, positions).masked_fill(~valid, -1)
+        packed = TokenBatch(self.rows.index_select(0, rows_from), lengths, width, None, source, self.cls_live, sizes,
+                            full=False, keep_padding=True, num_source_tokens=self.num_source_tokens,
+                            in_source_order=False, static=True, valid=valid)
+        return packed, rows_from
+
+    @torch.compiler.disable
     def _select(self, keep: torch.Tensor, last: Optional[torch.Tensor]) -> tuple["TokenBatch", torch.Tensor]:
+        """The adaptive selection. Its one host sync sizes the new batch; torch.compile leaves it to eager mode,
+        as it would otherwise compile it anew for every batch size it sees."""
         batch = self.batch_size
         lengths = keep.sum(dim=1)
         counts = lengths.tolist()
         total, width = sum(counts), max(counts)
-        order = keep if last is None else keep.to(torch.uint8) * 2 - (keep & last).to(torch.uint8)
-        positions = order.sort(dim=1, descending=True, stable=True).indices.narrow(1, 0, width)
+        positions = _kept_first(keep, last).narrow(1, 0, width)
         full = total == batch * width
         padded_layout = self.keep_padding or total >= (1 - PADDED_LAYOUT_SLACK) * batch * width
         row_index = None if padded_layout else _row_index(lengths, width, total)
@@ -229,18 +263,28 @@ class TokenBatch:
             valid_flat = valid_flat.index_select(0, row_index)
         rows_from = valid_flat if self.row_index is None else self._row_at_position().index_select(0, valid_flat)
         source = self.source.gather(1, positions)
+        valid = None
         if not full:
-            source = source.masked_fill(torch.arange(width, device=keep.device) >= lengths.unsqueeze(1), -1)
+            valid = torch.arange(width, device=keep.device) < lengths.unsqueeze(1)
+            source = source.masked_fill(~valid, -1)
         sizes = None if self.sizes is None else self.sizes.index_select(0, rows_from)
         in_order = self.in_source_order and last is None and full and width == self.width
         packed = TokenBatch(self.rows.index_select(0, rows_from), lengths, width, row_index, source,
-                            self.cls_live, sizes, full, self.keep_padding, self.num_source_tokens, in_order)
+                            self.cls_live, sizes, full, self.keep_padding, self.num_source_tokens, in_order,
+                            valid=valid)
         return packed, rows_from
 
     def _row_at_position(self) -> torch.Tensor:
         """[B * m] long, the row index of each padded position (0 on padding); for packed rows only."""
         at = torch.zeros(self.batch_size * self.width, dtype=torch.long, device=self.rows.device)
         return at.index_copy_(0, self.row_index, torch.arange(self.rows.shape[0], device=self.rows.device))
+
+
+def _kept_first(keep: torch.Tensor, last: Optional[torch.Tensor]) -> torch.Tensor:
+    """[B, m] long, every position in the order ``select`` packs them: the kept ones first in their order (those
+    also in ``last`` after the others), then the rest."""
+    order = keep if last is None else keep.to(torch.uint8) * 2 - (keep & last).to(torch.uint8)
+    return order.sort(dim=1, descending=True, stable=True).indices
 
 
 def _row_index(lengths: torch.Tensor, width: int, total: int) -> torch.Tensor:

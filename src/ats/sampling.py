@@ -91,7 +91,7 @@ def self_attention_scores(attention: torch.Tensor, query_mask: Optional[torch.Te
 
 
 def _normalise(raw: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    raw = torch.where(candidates, raw if raw.dtype == torch.float32 else raw.float(), 0.0)
+    raw = (raw if raw.dtype == torch.float32 else raw.float()) * candidates
     return raw / raw.sum(dim=1, keepdim=True).clamp_min(torch.finfo(raw.dtype).tiny)
 
 
@@ -162,11 +162,11 @@ def released_attention(attention: torch.Tensor, key_mask: Optional[torch.Tensor]
     return (attention + bias * key_mask[:, None, :]) / (1 + shift)
 
 
-def released_sample(scores: torch.Tensor, candidates: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+def released_sample(scores: torch.Tensor, candidates: torch.Tensor, points: int) -> torch.Tensor:
     """The sampling rule of the authors' released code -> keep mask [B, n].
 
-    scores: [B, n] non-negative; candidates: [B, n] bool, the positions that may be kept; points:
-    [B] long, M. The candidates are sorted by score, ascending, and their cumulative sum normalised
+    scores: [B, n] non-negative; candidates: [B, n] bool, the positions that may be kept; points: M, the
+    same for every image. The candidates are sorted by score, ascending, and their cumulative sum normalised
     by min-max, so the lowest-scoring candidate sits at 0 and the last at 1; M points placed evenly
     from the smallest non-zero normalised value to 1 each pick the candidate whose normalised CDF is
     nearest (the earlier one in sorted order on a tie), and the unique picks are kept. A candidate at
@@ -181,14 +181,14 @@ def released_sample(scores: torch.Tensor, candidates: torch.Tensor, points: torc
     normalised = ((cdf - low) / span).masked_fill(~valid, float("-inf"))
     start = normalised.masked_fill(normalised <= 0, float("inf")).amin(dim=1, keepdim=True)
     start = start.masked_fill(start.isinf(), 1.0)
-    steps = torch.arange(int(points.max()) if batch else 0, device=scores.device, dtype=torch.float64)
-    ys = (start + steps * (1 - start) / (points[:, None] - 1).clamp_min(1)).contiguous()
+    steps = torch.arange(points, device=scores.device, dtype=torch.float64)
+    ys = (start + steps * (1 - start) / max(points - 1, 1)).contiguous()
     above = torch.searchsorted(normalised.contiguous(), ys)
     upper, lower = above.clamp(max=n - 1), (above - 1).clamp(min=0)
     nearer_below = (ys - normalised.gather(1, lower)) <= (normalised.gather(1, upper) - ys)
     picked = torch.where((above == n) | nearer_below, lower, upper)
-    in_use = (steps < points[:, None].to(torch.float64)).long()
-    chosen = torch.zeros_like(picked[:, :1]).expand(batch, n).clone().scatter_add_(1, picked, in_use) > 0
+    picks = torch.zeros_like(picked[:, :1]).expand(batch, n).clone().scatter_add_(1, picked, torch.ones_like(picked))
+    chosen = picks > 0
     return torch.zeros_like(chosen).scatter_(1, order, chosen) & candidates
 
 

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 
 from .flops import BlockCost, ViTShape, vit_flops
+
+if TYPE_CHECKING:
+    from .packing import TokenBatch
 
 
 class BlockSampling(NamedTuple):
@@ -30,7 +33,8 @@ class ATSStats:
 
     tokens: [B, depth] long, valid tokens (prefix included) each block took in, per image.
     tokens_out: [B, depth] long, valid tokens each block emitted.
-    gflops: [B] float, GFLOPs each image cost (the paper's convention).
+    gflops: [B] float, GFLOPs each image cost (the paper's convention); in static mode what the forward
+        computed, every block at its capacity (``widths``), whatever the tokens kept.
     kept: ATS (or merging) block index -> [B, m] long, the patch-grid indices (row-major, prefix
         tokens apart) of the patch tokens the block kept, ascending, -1 on padding.
     scores: ATS block index -> [B, num_patches] float, the significance scores over the patch grid
@@ -42,6 +46,7 @@ class ATSStats:
         ones (CvT); empty for other families.
     points: [B, num_patches, 2] float, (x, y) in input pixels where each patch token was sampled, for
         models that choose their token positions (PS-ViT); None for models on a patch grid.
+    widths: in static mode, the tokens each block computed on (in, out) per block: its capacities; else None.
     """
 
     shape: ViTShape
@@ -51,6 +56,7 @@ class ATSStats:
     sampling: Dict[int, BlockSampling]
     linear_blocks: Tuple[int, ...] = ()
     points: Optional[torch.Tensor] = None
+    widths: Optional[Tuple[List[int], List[int]]] = None
 
     @property
     def grid_size(self) -> tuple:
@@ -66,7 +72,11 @@ class ATSStats:
 
     @cached_property
     def gflops(self) -> torch.Tensor:
-        return (vit_flops(self.shape, self.tokens, self.tokens_out, self.block_costs) / 1e9).float()
+        tokens, tokens_out = self.tokens, self.tokens_out
+        if self.widths is not None:
+            tokens, tokens_out = (torch.tensor(widths, device=tokens.device).expand_as(tokens)
+                                  for widths in self.widths)
+        return (vit_flops(self.shape, tokens, tokens_out, self.block_costs) / 1e9).float()
 
     @cached_property
     def kept(self) -> Dict[int, torch.Tensor]:
@@ -101,23 +111,47 @@ class ATSStats:
 
 @dataclass
 class ForwardRecord:
-    """Collects what an ATSStats needs during one forward."""
+    """Collects what an ATSStats needs during one forward; static: the forward runs in static mode (its
+    blocks' widths are recorded for the FLOP count, and the whole record compiles with the forward)."""
 
+    static: bool = False
     tokens_in: List[torch.Tensor] = field(default_factory=list)
     tokens_out: List[torch.Tensor] = field(default_factory=list)
+    widths_in: List[int] = field(default_factory=list)
+    widths_out: List[int] = field(default_factory=list)
     sampling: Dict[int, BlockSampling] = field(default_factory=dict)
 
-    @torch.compiler.disable
+    def enter(self, batch: "TokenBatch") -> None:
+        """Note the tokens entering the next block."""
+        self.tokens_in.append(batch.live_tokens)
+        self.widths_in.append(batch.width)
+
+    def leave(self, batch: "TokenBatch") -> None:
+        """Note the tokens the block emitted."""
+        self.tokens_out.append(batch.live_tokens)
+        self.widths_out.append(batch.width)
+
     def record_sampling(self, index: int, source_before: torch.Tensor, source_after: torch.Tensor,
                         scores: Optional[torch.Tensor], cls_attention: Optional[torch.Tensor]) -> None:
         """Keep what block ``index`` chose. scores: [B, m_before] or None; cls_attention: [B, m_before],
-        per head [B, h, m_before] (averaged when read), or None.
-
-        Not compiled: torch.compile would make one graph per block index for a dictionary write."""
-        self.sampling[index] = BlockSampling(source_before, source_after, _detached(scores), _detached(cls_attention))
+        per head [B, h, m_before] (averaged when read), or None."""
+        record = _record_sampling if self.static else _record_sampling_eagerly
+        record(self.sampling, index, source_before, source_after, scores, cls_attention)
 
     def finish(self, shape: ViTShape, block_costs: Mapping[int, BlockCost]) -> ATSStats:
-        return ATSStats(shape, block_costs, self.tokens_in, self.tokens_out, self.sampling)
+        widths = (self.widths_in, self.widths_out) if self.static else None
+        return ATSStats(shape, block_costs, self.tokens_in, self.tokens_out, self.sampling, widths=widths)
+
+
+def _record_sampling(sampling: Dict[int, BlockSampling], index: int, source_before: torch.Tensor,
+                     source_after: torch.Tensor, scores: Optional[torch.Tensor],
+                     cls_attention: Optional[torch.Tensor]) -> None:
+    sampling[index] = BlockSampling(source_before, source_after, _detached(scores), _detached(cls_attention))
+
+
+#: ``_record_sampling`` left to eager mode in the adaptive forward, which torch.compile splits into graphs anyway:
+#: inlined there, a dictionary write would make one graph per block index.
+_record_sampling_eagerly = torch.compiler.disable(_record_sampling)
 
 
 def _head_mean(attention: torch.Tensor) -> torch.Tensor:

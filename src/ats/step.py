@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ATSConfig, EViTConfig, MergeConfig, PatchConfig, SAINTConfig, TokenBudget
+from .config import ATSConfig, EViTConfig, MergeConfig, PatchConfig, SAINTConfig, TokenBudget, token_capacities
 from .evit import FUSED_SOURCE, attentive_tokens, fuse_inattentive
 from .merging import bipartite_soft_matching, fold, keep_distinct, nearest_kept, unit_vectors
 from .packing import TokenBatch
@@ -165,44 +165,51 @@ class BlockParts:
 
 
 def run_blocks(blocks: Sequence[BlockParts], x: torch.Tensor, config: PatchConfig, num_prefix_tokens: int,
-               has_cls: bool, start: int = 0) -> Tuple[TokenBatch, ForwardRecord]:
+               has_cls: bool, start: int = 0, static: bool = False) -> Tuple[TokenBatch, ForwardRecord]:
     """Run ``blocks[start:]`` under ``config`` on the tokens x [B, N, C] that the first ``start`` blocks
     made (all N of them: no block before the first patched one drops any).
 
+    static: give every block's output the width of its capacity (``config.token_capacities``: the most it can
+    keep) instead of its largest kept count, so that the forward reads nothing on the host and compiles to one
+    graph.
     Returns the packed tokens after the last block and what each block did.
     """
     if not 0 <= start <= config.first_block:
         raise ValueError(f"the blocks can start at 0..{config.first_block} (up to the first patched block) for "
                          f"{config.describe()}, got {start}")
-    batch = TokenBatch.from_dense(x, keep_padding=config.packing == "padded")
-    record = ForwardRecord()
+    batch = TokenBatch.from_dense(x, keep_padding=config.packing == "padded", static=static)
+    capacities = token_capacities(config, x.shape[1], num_prefix_tokens, len(blocks)) if static else None
+    record = ForwardRecord(static=static)
     for index, parts in enumerate(blocks):
-        record.tokens_in.append(batch.live_tokens)
+        record.enter(batch)
         if index >= start:
             step = run_block
             if parts.checkpoint is not None and torch.is_grad_enabled():
                 step = partial(parts.checkpoint, run_block, use_reentrant=False)
-            batch, sampling = step(parts, batch, config, index, num_prefix_tokens, has_cls)
+            capacity = None if capacities is None else capacities[index]
+            batch, sampling = step(parts, batch, config, index, num_prefix_tokens, has_cls, capacity)
             record.sampling.update(sampling)
-        record.tokens_out.append(batch.live_tokens)
+        record.leave(batch)
     return batch, record
 
 
 def run_block(parts: BlockParts, batch: TokenBatch, config: PatchConfig, index: int, num_prefix_tokens: int,
-              has_cls: bool) -> Tuple[TokenBatch, Dict[int, BlockSampling]]:
+              has_cls: bool, capacity: Optional[int] = None) -> Tuple[TokenBatch, Dict[int, BlockSampling]]:
     """Run block ``index`` of a model under ``config``; returns its output and what it chose (if it
-    samples or merges). Side-effect free, so gradient checkpointing may run it again in the backward
-    pass (with the same random numbers, so it samples the same tokens)."""
-    record = ForwardRecord()
+    samples or merges). capacity: the width of its output in static mode (None: adaptive). Side-effect
+    free, so gradient checkpointing may run it again in the backward pass (with the same random numbers,
+    so it samples the same tokens)."""
+    record = ForwardRecord(static=batch.static)
     method = config.method_at(index)
     if isinstance(method, MergeConfig):
-        batch = merge_block(parts, batch, method.r, num_prefix_tokens, record, index)
+        batch = merge_block(parts, batch, method.r, num_prefix_tokens, record, index, capacity)
     elif isinstance(method, SAINTConfig):
-        batch = saint_block(parts, batch, method, num_prefix_tokens, record, index)
+        batch = saint_block(parts, batch, method, num_prefix_tokens, record, index, capacity)
     elif isinstance(method, EViTConfig):
-        batch = evit_block(parts, batch, method.keep_rate, num_prefix_tokens, record, index)
+        batch = evit_block(parts, batch, method.keep_rate, num_prefix_tokens, record, index, capacity)
     elif isinstance(method, ATSConfig):
-        batch = ats_block(parts, batch, method.budgets[index], method, num_prefix_tokens, has_cls, record, index)
+        batch = ats_block(parts, batch, method.budgets[index], method, num_prefix_tokens, has_cls, record, index,
+                          capacity)
     elif batch.is_dense and parts.dense is not None and (batch.in_source_order or not parts.positional):
         batch = batch.with_rows(parts.dense(batch.dense()).reshape(batch.rows.shape))
     else:
@@ -344,8 +351,7 @@ def sample_positions(batch: TokenBatch, scores: torch.Tensor, candidates: torch.
     if config.sampler == "topk":
         keep = topk_sample(scores, samples)
     elif config.sampler == "released":
-        points = torch.full_like(batch.lengths, budget.released_points(batch.num_source_tokens - prefix))
-        keep = released_sample(scores, candidates, points)
+        keep = released_sample(scores, candidates, budget.released_points(batch.num_source_tokens - prefix))
     else:
         keep = inverse_transform_sample(scores, samples, budget.max_samples(batch.width, config.min_tokens),
                                         config.stochastic and training)
@@ -355,7 +361,7 @@ def sample_positions(batch: TokenBatch, scores: torch.Tensor, candidates: torch.
 
 
 def ats_block(parts: BlockParts, batch: TokenBatch, budget: TokenBudget, config: ATSConfig, prefix: int,
-              has_cls: bool, record: ForwardRecord, index: int) -> TokenBatch:
+              has_cls: bool, record: ForwardRecord, index: int, capacity: Optional[int] = None) -> TokenBatch:
     """Score, sample and keep tokens, then run the block on the kept ones (selected queries only)."""
     y = parts.norm1(batch.rows)
     qkv = parts.qkv(y)
@@ -367,12 +373,13 @@ def ats_block(parts: BlockParts, batch: TokenBatch, budget: TokenBudget, config:
         with region("ats.fuse"):
             unit = unit_vectors(k.mean(dim=1))
             if config.distinct:
-                choice.keep = keep_distinct(unit, choice.keep, choice.patches, choice.scores, config.distinct)
+                choice.keep = keep_distinct(unit, choice.keep, choice.patches, choice.scores, config.distinct,
+                                            batch.static)
             if config.fuse:
-                batch = _fold(batch, nearest_kept(unit, choice.keep, choice.patches))
+                batch = _fold(batch, nearest_kept(unit, choice.keep, choice.patches, batch.static))
     keep = choice.keep
     keep.narrow(1, 0, prefix).fill_(True)  # every image's prefix tokens hold its first positions
-    kept, rows_from = batch.select(keep)
+    kept, rows_from = batch.select(keep, capacity=capacity)
     if choice.cls_live is not None:
         kept.cls_live = choice.cls_live
     record.record_sampling(index, batch.source, kept.source, choice.scores, choice.cls_attention)
@@ -386,7 +393,7 @@ def ats_block(parts: BlockParts, batch: TokenBatch, budget: TokenBudget, config:
 
 
 def merge_block(parts: BlockParts, batch: TokenBatch, r: int, prefix: int, record: ForwardRecord,
-                index: int) -> TokenBatch:
+                index: int, capacity: Optional[int] = None) -> TokenBatch:
     """The token-merging baseline: attention over all tokens, merge r of them, MLP on the rest. The
     tokens leave in ToMe's order: prefix, the unmerged tokens of set A, then set B."""
     y = parts.norm1(batch.rows)
@@ -397,13 +404,13 @@ def merge_block(parts: BlockParts, batch: TokenBatch, r: int, prefix: int, recor
     patches = batch.patch_positions(prefix)
     target, side_b = bipartite_soft_matching(k.mean(dim=1), r, patches)
     batch = _fold(batch, target)
-    kept, _ = batch.select(batch.position_mask & (target == positions), last=side_b)
+    kept, _ = batch.select(batch.position_mask & (target == positions), last=side_b, capacity=capacity)
     record.record_sampling(index, batch.source, kept.source, None, None)
     return _mlp_half(parts, kept)
 
 
 def saint_block(parts: BlockParts, batch: TokenBatch, config: SAINTConfig, prefix: int, record: ForwardRecord,
-                index: int) -> TokenBatch:
+                index: int, capacity: Optional[int] = None) -> TokenBatch:
     """SAINT: attention over all tokens, drop each image's redundant tokens of set A (``ats.saint``), MLP on
     the rest. The tokens leave in the authors' order: prefix, the kept A tokens by descending redundancy,
     then set B (an image that drops none keeps its order)."""
@@ -417,13 +424,13 @@ def saint_block(parts: BlockParts, batch: TokenBatch, config: SAINTConfig, prefi
     ordered = replace(batch, rows=batch.rows.index_select(0, rows_from), source=batch.source.gather(1, order),
                       sizes=None if batch.sizes is None else batch.sizes.index_select(0, rows_from),
                       in_source_order=False)
-    kept, _ = ordered.select((batch.position_mask & ~drop).gather(1, order), last=last)
+    kept, _ = ordered.select((batch.position_mask & ~drop).gather(1, order), last=last, capacity=capacity)
     record.record_sampling(index, batch.source, kept.source, None, None)
     return _mlp_half(parts, kept)
 
 
 def evit_block(parts: BlockParts, batch: TokenBatch, keep_rate: float, prefix: int, record: ForwardRecord,
-               index: int) -> TokenBatch:
+               index: int, capacity: Optional[int] = None) -> TokenBatch:
     """EViT: attention over all tokens, then keep the attentive patch tokens, fuse the rest into one
     token after them, and run the MLP on what is left."""
     y = parts.norm1(batch.rows)
@@ -436,7 +443,7 @@ def evit_block(parts: BlockParts, batch: TokenBatch, keep_rate: float, prefix: i
     inattentive = patches & ~keep
     fused, fused_size = fuse_inattentive(batch.pad(batch.rows), batch.padded_sizes(), cls_attention, inattentive)
     slot = inattentive & (inattentive.long().cumsum(dim=1) == 1)  # the first inattentive position holds it
-    kept, _ = batch.select(keep | slot | (batch.position_mask & ~patches), last=slot)
+    kept, _ = batch.select(keep | slot | (batch.position_mask & ~patches), last=slot, capacity=capacity)
     if keep_rate < 1.0:
         kept = _with_fused_token(kept, inattentive.any(dim=1), fused, fused_size)
     record.record_sampling(index, batch.source, kept.source, cls_attention, cls_attention)

@@ -3,7 +3,9 @@ FLOP saving turns into time saved (efficiency = speedup / FLOP ratio).
 
 Unpatched and patched forwards alternate in every repeat, so drift in this machine's speed hits both;
 each number is the median of the repeats. ``--autocast bf16`` (or fp16) times every forward under
-``torch.autocast`` on the model's device, as mixed-precision inference runs.
+``torch.autocast`` on the model's device, as mixed-precision inference runs. ``--static`` times the configs in
+static mode; with ``--compile`` they compile whole (``fullgraph=True``), and ``--compile-mode reduce-overhead``
+replays them as CUDA graphs on a GPU (the unpatched model is compiled the same way).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from ..config import PatchConfig, with_ats_options
 from ..data.build import build_dataset
 from ..data.distributed import refuse_torchrun
 from ..patch import family_of
-from .evaluate import set_config, text_table
+from .evaluate import config_label, set_config, text_table
 from .options import REFERENCE_MODELS, add_config_arguments, add_model_arguments, configs_from_arguments, load_model
 from .timing import time_forward
 
@@ -74,14 +76,25 @@ def autocast_context(device: torch.device, autocast: str):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
+#: --compile-mode choices: torch.compile's modes ("default": its default).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @torch.inference_mode()
 def bench(model: nn.Module, configs: Sequence[PatchConfig], batch_sizes: Sequence[int], repeats: int = 5,
-          warmup: int = 2, reference: bool = False, compile: bool = False, autocast: str = "none") -> List[BenchRow]:
+          warmup: int = 2, reference: bool = False, compile: bool = False, autocast: str = "none",
+          static: bool = False, compile_mode: str = "default", compile_backend: str = "inductor") -> List[BenchRow]:
     """Rows for the unpatched model and each config at each batch size; the model is left unpatched.
 
     compile: time ``torch.compile`` of the unpatched model and of a patched copy per config instead
-    (the warm-up repeats then include compiling); autocast: "none", "bf16" or "fp16" (``autocast_context``).
+    (the warm-up repeats then include compiling), in ``compile_mode`` with ``compile_backend``; autocast: "none",
+    "bf16" or "fp16"
+    (``autocast_context``); static: the configs in static mode (compiled with ``fullgraph=True``).
     """
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+    if (compile_mode != "default" or compile_backend != "inductor") and not compile:
+        raise ValueError("--compile-mode and --compile-backend need --compile")
     if repeats < 1 or any(size < 1 for size in batch_sizes):
         raise ValueError(f"--repeats and --batch-size must be >= 1, got {repeats} and {list(batch_sizes)}")
     model.eval()
@@ -90,7 +103,7 @@ def bench(model: nn.Module, configs: Sequence[PatchConfig], batch_sizes: Sequenc
     family = family_of(model)
     depth = family.depth(model)
     full = float(family.shape(model).num_tokens)
-    contenders = compiled_contenders(model, configs) if compile else [
+    contenders = compiled_contenders(model, configs, static, compile_mode, compile_backend) if compile else [
         (model, model, config) for config in [None, *configs]]
     rows = []
     try:
@@ -100,7 +113,7 @@ def bench(model: nn.Module, configs: Sequence[PatchConfig], batch_sizes: Sequenc
             for repeat in range(warmup + repeats):
                 for index, (forward, _, config) in enumerate(contenders):
                     if not compile:
-                        set_config(model, config)
+                        set_config(model, config, static)
                     with autocast_context(images.device, autocast):
                         seconds = time_forward(forward, images)
                     if repeat >= warmup:
@@ -110,24 +123,28 @@ def bench(model: nn.Module, configs: Sequence[PatchConfig], batch_sizes: Sequenc
                                  [full] * depth, autocast))
             for (forward, module, config), seconds in zip(contenders[1:], timings[1:]):
                 if not compile:
-                    set_config(model, config)
+                    set_config(model, config, static)
                 with autocast_context(images.device, autocast):
                     forward(images)
                 stats = ats.last_stats(module)
                 throughput = batch_size / statistics.median(seconds)
                 gflops = float(stats.gflops.mean())
                 speedup, flop_ratio = throughput / base_throughput, base_gflops / gflops
-                rows.append(BenchRow(config.describe(), batch_size, throughput, gflops, speedup, flop_ratio,
+                rows.append(BenchRow(config_label(config, static), batch_size, throughput, gflops, speedup, flop_ratio,
                                      speedup / flop_ratio, threads, stats.tokens.float().mean(0).tolist(), autocast))
     finally:
         set_config(model, None)
     return rows
 
 
-def compiled_contenders(model: nn.Module, configs: Sequence[PatchConfig]) -> List[Contender]:
-    """torch.compile of the model, then of a patched copy per config."""
-    copies = [ats.patch(copy.deepcopy(model), config) for config in configs]
-    return [(torch.compile(module), module, config) for module, config in zip([model, *copies], [None, *configs])]
+def compiled_contenders(model: nn.Module, configs: Sequence[PatchConfig], static: bool = False,
+                        mode: str = "default", backend: str = "inductor") -> List[Contender]:
+    """torch.compile of the model, then of a patched copy per config (static: in static mode, each compiled whole);
+    mode: torch.compile's mode ("default", "reduce-overhead", ...), for its backend (inductor unless named)."""
+    copies = [ats.patch(copy.deepcopy(model), config, static=static) for config in configs]
+    options = dict(fullgraph=static, mode=None if mode == "default" else mode, backend=backend)
+    return [(torch.compile(module, **options), module, config)
+            for module, config in zip([model, *copies], [None, *configs])]
 
 
 def format_rows(rows: Sequence[BenchRow]) -> str:
@@ -152,6 +169,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="time torch.compile of the unpatched model and of each patched one (first call "
                              "compiles: keep --warmup >= 2)")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                        help="torch.compile's mode with --compile; reduce-overhead replays CUDA graphs on a GPU "
+                             "(with --static: one graph per model)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile's backend with --compile (default inductor; e.g. eager to check that a "
+                             "model traces, without compiling kernels)")
     parser.add_argument("--autocast", choices=tuple(AUTOCAST_DTYPES), default="none",
                         help="time every forward under torch.autocast to bfloat16 or float16 (default none: the "
                              "model's own dtype)")
@@ -169,7 +192,8 @@ def run(args: argparse.Namespace) -> int:
     if args.compare_padded:
         configs += [padded for config in configs if (padded := with_ats_options(config, packing="padded")) != config]
     rows = bench(model, configs, args.batch_size or [1, 64], args.repeats, args.warmup,
-                 reference=args.model in REFERENCE_MODELS, compile=args.compile, autocast=args.autocast)
+                 reference=args.model in REFERENCE_MODELS, compile=args.compile, autocast=args.autocast,
+                 static=args.static, compile_mode=args.compile_mode, compile_backend=args.compile_backend)
     print(f"threads: {torch.get_num_threads()}", file=sys.stderr)
     print(json.dumps([row.to_json() for row in rows], indent=1) if args.json else format_rows(rows))
     return 0

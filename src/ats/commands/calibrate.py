@@ -16,7 +16,14 @@ from ..calibration import DEFAULT_LIMIT, DEFAULT_TOLERANCE, METHODS, Calibration
 from ..config import EVIT_BLOCKS, MULTI_STAGE_FIRST_BLOCK
 from ..data.build import build_dataset
 from ..data.distributed import make_loader, torchrun_processes
-from .options import add_max_bad_argument, add_model_arguments, block_list, load_model, require_data
+from .options import (
+    add_max_bad_argument,
+    add_model_arguments,
+    add_static_argument,
+    block_list,
+    load_model,
+    require_data,
+)
 
 
 def format_calibration(found: Calibration) -> str:
@@ -58,6 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help=f"the blocks of --method evit (default {','.join(map(str, EVIT_BLOCKS))})")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help=f"how close to the target the mean GFLOPs must come (default {DEFAULT_TOLERANCE})")
+    add_static_argument(parser)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(func=run)
 
@@ -70,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         loader = make_loader(build_dataset(args.data, model, args.limit), args.batch_size, 0, processes)
         found = calibrate(model, loader, gflops=args.gflops, fraction=args.fraction, method=args.method,
                           first=args.first, every=args.every, evit_blocks=args.evit_blocks, tolerance=args.tolerance,
-                          max_bad=args.max_bad, processes=processes)
+                          max_bad=args.max_bad, processes=processes, static=args.static)
         if processes.main:
             print(json.dumps(found.to_json(), indent=1) if args.json else format_calibration(found))
     return 0

@@ -23,7 +23,14 @@ from ..data.build import build_dataset
 from ..data.distributed import make_loader, torchrun_processes
 from ..patch import family_of
 from .evaluate import EvalRow, evaluate, kept_summary, summary_line, text_table
-from .options import add_data_arguments, add_model_arguments, count_or_fraction, load_model, require_data
+from .options import (
+    add_data_arguments,
+    add_model_arguments,
+    add_static_argument,
+    count_or_fraction,
+    load_model,
+    require_data,
+)
 
 DEFAULT_RHOS = (1.0, 0.9, 0.8, 0.7)
 DEFAULT_MIN_KEPT = (0.9, 0.85, 0.8, 0.75)
@@ -113,6 +120,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--saint", type=float, action="append", metavar="THRESHOLD",
                         help=f"similarity thresholds of SAINT (the first half of the blocks, K = {SAINT_K}, gamma = "
                              f"{SAINT_GAMMA:g}); repeatable (default {DEFAULT_SAINT_THRESHOLDS})")
+    add_static_argument(parser)
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats for throughput (median)")
     parser.add_argument("--plot", type=Path, default=Path("ats-compare.png"), help="where to write the frontier PNG")
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows")
@@ -133,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
                                                    args.saint or DEFAULT_SAINT_THRESHOLDS))
         loader = make_loader(build_dataset(args.data, model, args.limit), args.batch_size, args.workers, processes)
         rows = evaluate(model, loader, [config for _, config in pairs], repeats=args.repeats, max_bad=args.max_bad,
-                        processes=processes)
+                        processes=processes, static=args.static)
         if not processes.main:
             return 0
     print(f"ats compare: {summary_line(rows)}", file=sys.stderr)

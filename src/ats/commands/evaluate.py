@@ -116,7 +116,7 @@ class EvalShare:
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[PatchConfig]], repeats: int = 5,
              progress: bool = True, max_bad: float = DEFAULT_MAX_BAD, labels: bool = True,
-             processes: Processes = ONE_PROCESS) -> List[EvalRow]:
+             processes: Processes = ONE_PROCESS, static: bool = False) -> List[EvalRow]:
     """Evaluate ``model`` as it is (config None) and patched with each config, on one pass over ``loader``.
 
     Each batch is read once and run through every config; the blocks before the first block a config
@@ -126,11 +126,12 @@ def evaluate(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[Pa
     an image whose logits are not finite counts as an error and is reported. ``labels`` False: the labels
     are not the model's classes, and top-1 is None. Under torchrun each process evaluates its share of the
     batches (``make_loader(..., processes)``) and every process returns the rows of the whole data set, equal
-    to one process's but for throughput, the sum over processes. The model is left unpatched.
+    to one process's but for throughput, the sum over processes. ``static``: every config in static mode
+    (``ats.patch(..., static=True)``; its GFLOPs are its capacity's). The model is left unpatched.
     """
     model.eval()
     share = _evaluate_share(model, loader, configs, repeats, progress and processes.main,
-                            SkippedImages(dataset_size(loader), max_bad))
+                            SkippedImages(dataset_size(loader), max_bad), static)
     shares = processes.gather(share)
     batches = interleave([part.batches for part in shares])
     skipped = SkippedImages(dataset_size(loader), max_bad, names=[name for part in shares for name in part.skipped])
@@ -149,7 +150,7 @@ def evaluate(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[Pa
         top1 = 100.0 * sum(result.correct for result in results) / seen if labels else None
         gflops = ats.gflops(model) if config is None else float(torch.cat([result.gflops for result in results]).mean())
         blocks = [] if config is None else config.patched_blocks(depth)
-        rows.append(EvalRow(method_of(config), "unpatched" if config is None else config.describe(), params,
+        rows.append(EvalRow(method_of(config), config_label(config, static), params,
                             gflops, throughputs[index], top1, None, torch.cat([result.tokens_in for result in results]),
                             torch.cat([result.tokens_out for result in results]), blocks, len(skipped), nonfinite))
         if nonfinite and processes.main:
@@ -161,7 +162,7 @@ def evaluate(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[Pa
 
 
 def _evaluate_share(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[PatchConfig]], repeats: int,
-                    progress: bool, skipped: SkippedImages) -> EvalShare:
+                    progress: bool, skipped: SkippedImages, static: bool) -> EvalShare:
     """This process's batches through every config, and the throughput of each on its first batch."""
     device = next(model.parameters()).device
     family = family_of(model)
@@ -181,7 +182,7 @@ def _evaluate_share(model: nn.Module, loader: DataLoader, configs: Sequence[Opti
             tokens = {start: family.run_first_blocks(model, images, start) for start in starts}
             results = []
             for config, start in zip(configs, start_of):
-                set_config(model, config)
+                set_config(model, config, static)
                 logits = family.logits_from_block(model, tokens[start], start)
                 finite = torch.isfinite(logits).all(dim=-1)
                 results.append(BatchResult(
@@ -194,20 +195,28 @@ def _evaluate_share(model: nn.Module, loader: DataLoader, configs: Sequence[Opti
         if timing_batch is not None:
             throughputs = []
             for config in configs:
-                set_config(model, config)
+                set_config(model, config, static)
                 throughputs.append(measure_throughput(model, timing_batch, repeats=repeats, warmup=1))
     finally:
         set_config(model, None)
     return EvalShare(batches, list(skipped.names), throughputs)
 
 
-def set_config(model: nn.Module, config: Optional[PatchConfig]) -> None:
-    """Patch ``model`` with ``config``, or unpatch it for None (the unpatched model)."""
+def set_config(model: nn.Module, config: Optional[PatchConfig], static: bool = False) -> None:
+    """Patch ``model`` with ``config`` (in static mode with ``static``), or unpatch it for None (the unpatched
+    model)."""
     if config is None:
         if ats.is_patched(model):
             ats.unpatch(model)
     else:
-        ats.patch(model, config)
+        ats.patch(model, config, static=static)
+
+
+def config_label(config: Optional[PatchConfig], static: bool = False) -> str:
+    """How tables and JSON name a config: 'unpatched', its ``describe()``, with ' [static]' in static mode."""
+    if config is None:
+        return "unpatched"
+    return config.describe() + (" [static]" if static else "")
 
 
 def _tokens(model: nn.Module, config: Optional[PatchConfig], batch: int, depth: int, num_tokens: int,
@@ -297,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
             configs += [recommended, merge]
         loader = make_loader(dataset, args.batch_size, args.workers, processes)
         rows = evaluate(model, loader, configs, repeats=args.repeats, max_bad=args.max_bad, labels=labels,
-                        processes=processes)
+                        processes=processes, static=args.static)
         if not processes.main:
             return 0
         where = f" ({processes.world_size} processes)" if processes.distributed else ""

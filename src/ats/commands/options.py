@@ -155,6 +155,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                        help="also keep each dropped patch token less similar than COS (cosine of keys, e.g. 0.95) "
                             "to every kept one; use with --fuse (default 0: off)")
     group.add_argument("--packing", choices=("rows", "padded"), default="rows")
+    add_static_argument(group)
     group.add_argument("--evit", type=float, action="append", default=[], metavar="KEEP_RATE",
                        help="EViT in the --evit-blocks, keeping ceil(KEEP_RATE * patch tokens) and fusing the rest "
                             "into one token; repeatable. With ATS flags too, each EViT config is stacked with each "
@@ -180,6 +181,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--keep-all", type=int, action="append", default=[], metavar="FIRST",
                        help="patch the model but drop no token from block FIRST on; on CvT the linear-projection "
                             "model ATS runs on, without sampling (the baseline of fine-tuning); repeatable")
+
+
+def add_static_argument(group) -> None:
+    group.add_argument("--static", action="store_true",
+                       help="run every config in static mode: each block at a width fixed in advance (the most "
+                            "tokens it can keep), no host sync, one graph under torch.compile; GFLOPs are the "
+                            "capacity's (docs/method.md, 'Static mode')")
 
 
 def block_list(text: str) -> Tuple[int, ...]:
@@ -228,7 +236,6 @@ def saint_configs(args: argparse.Namespace, depth: int) -> List[SAINTConfig]:
     if args.saint_blocks is not None:
         return [SAINTConfig(threshold, blocks=args.saint_blocks, **options) for threshold in args.saint]
     return [SAINTConfig.first_half(threshold, depth, **options) for threshold in args.saint]
-
 
 
 def parse_blocks(spec: str) -> dict:

@@ -129,7 +129,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> int:
     require_data(args, model, "train")
     device = next(model.parameters()).device
     config = training_config(args, family_of(model).depth(model))
-    ats.patch(model, config)
+    ats.patch(model, config, static=args.static)
 
     dataset = training_set(args.data, model)
     if args.limit is not None:
@@ -195,7 +195,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> int:
                       lr=optimizer.param_groups[0]["lr"], seconds=round(time.time() - started, 1),
                       skipped=len(skipped))
         if rank == 0:
-            record.update(validate(model, val_loader, config, args.max_bad))
+            record.update(validate(model, val_loader, config, args.max_bad, args.static))
         trainer.save(progress, record)
         clock.saved()
         if rank == 0:
@@ -207,10 +207,10 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> int:
     return 0
 
 
-def validate(model: nn.Module, loader: DataLoader, config: PatchConfig, max_bad: float) -> dict:
+def validate(model: nn.Module, loader: DataLoader, config: PatchConfig, max_bad: float, static: bool = False) -> dict:
     """Top-1 and mean GFLOPs of the patched model on ``loader``; the model stays patched."""
-    row = evaluate(model, loader, [config], repeats=1, progress=False, max_bad=max_bad)[0]
-    ats.patch(model, config)
+    row = evaluate(model, loader, [config], repeats=1, progress=False, max_bad=max_bad, static=static)[0]
+    ats.patch(model, config, static=static)
     return dict(top1=row.top1, gflops=row.gflops, val_skipped=row.skipped)
 
 

@@ -28,6 +28,7 @@ from ..config import PatchConfig
 from ..data.distributed import refuse_torchrun
 from ..patch import family_of
 from ..stats import ATSStats
+from .evaluate import config_label
 from .options import (
     add_config_arguments,
     add_model_arguments,
@@ -332,8 +333,9 @@ def visualize_configs(args: argparse.Namespace, depth: int) -> List[PatchConfig]
 
 @torch.no_grad()
 def render(model: nn.Module, configs: Sequence[PatchConfig], inputs: Inputs, data_config: dict, out_dir: Path,
-           batch_size: int) -> List[dict]:
-    """Write one PNG per image and config to ``out_dir``; returns what each shows (JSON-ready)."""
+           batch_size: int, static: bool = False) -> List[dict]:
+    """Write one PNG per image and config (in static mode with ``static``) to ``out_dir``; returns what each shows
+    (JSON-ready)."""
     device = next(model.parameters()).device
     entries = []
     progress = tqdm(total=len(inputs.names) * len(configs), desc="visualize", unit="figure", file=sys.stderr)
@@ -342,10 +344,10 @@ def render(model: nn.Module, configs: Sequence[PatchConfig], inputs: Inputs, dat
         pixels = display_images(images, data_config)
         label_names = [_class_name(int(label), inputs.label_names) for label in labels]
         for config in configs:
-            patch(model, config)
+            patch(model, config, static)
             predictions = family_of(model).logits(model, images.to(device)).argmax(dim=-1).tolist()
             predicted = [_class_name(prediction, inputs.class_names) for prediction in predictions]
-            described = config.describe()
+            described = config_label(config, static)
             batch_tokens = image_tokens(last_stats(model), pixels, names, described, label_names, predicted)
             for offset, tokens in enumerate(batch_tokens):
                 path = out_dir / f"{index + offset:03d}-{slug(tokens.name)}-{slug(described)}.png"
@@ -390,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
     configs = visualize_configs(args, family_of(model).depth(model))
     data_config = family_of(model).data_config(model)
     inputs = load_inputs(args, model, data_config)
-    entries = render(model, configs, inputs, data_config, args.out, args.batch_size)
+    entries = render(model, configs, inputs, data_config, args.out, args.batch_size, args.static)
     if args.json:
         print(json.dumps(entries, indent=2))
     else:

@@ -52,13 +52,21 @@ def family_of(model: nn.Module) -> Family:
                     "ViTForImageClassification.from_pretrained(...)")
 
 
-def patch(model: nn.Module, config: PatchConfig) -> nn.Module:
+def patch(model: nn.Module, config: PatchConfig, static: bool = False) -> nn.Module:
     """Apply ATS (or EViT, both stacked, or the token-merging baseline) to ``model`` in place and
-    return it; patching again replaces the config."""
+    return it; patching again replaces the config.
+
+    static: run every block at a width fixed in advance (its capacity: the most tokens it can keep, from the
+    config and the input size), kept tokens first and the rest masked, so that the forward reads nothing from
+    the device on the host and ``torch.compile(model, fullgraph=True)`` makes one graph (one image at a time on
+    a GPU, CUDA graphs). It keeps the same tokens as the adaptive mode and costs the capacity's GFLOPs.
+    """
     if not isinstance(config, PATCH_CONFIGS):
         raise TypeError(f"config must be an ats.ATSConfig (or EViTConfig, StackedConfig, MergeConfig, "
                         f"KeepAllConfig), got {type(config).__name__}; e.g. ats.ATSConfig.multi_stage(rho=1.0)")
-    return family_of(model).patch(model, config)
+    if not isinstance(static, bool):
+        raise TypeError(f"static must be True or False, got {static!r}")
+    return family_of(model).patch(model, config, static)
 
 
 def is_patched(model: nn.Module) -> bool:

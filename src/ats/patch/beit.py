@@ -19,7 +19,7 @@ from torch import nn
 from ..flops import ViTShape, linear_flops, patch_grid, stem_flops
 from ..packing import TokenBatch
 from ..stats import ForwardRecord
-from ..step import BlockParts, run_blocks
+from ..step import BlockParts
 from .family import PatchedModel, masked_features
 from .timm import TimmViT, layer_scale, pool_valid_tokens, qkv_with_biases
 
@@ -127,7 +127,7 @@ class TimmBeit(TimmViT):
         parts = [part if bias is None else replace(part, position_bias=bias, dense=partial(
             block, shared_rel_pos_bias=shared)) for part, bias, block in zip(
             parts, self.position_biases(model, shared), model.blocks)]
-        return run_blocks(parts, x, model._ats.config, shape.num_prefix_tokens, self.has_class_token(model), start)
+        return self.run_parts(model, parts, x, shape, start)
 
     def run_first_blocks(self, model: Beit, images: torch.Tensor, count: int) -> torch.Tensor:
         x = self.embed(model, images)

@@ -104,8 +104,8 @@ class HuggingFaceCvT(Family):
         """The blocks that run without their convolutional projections under ``config``."""
         return range(self.depth(model) if config is None else config.first_block, self.depth(model))
 
-    def patch(self, model: nn.Module, config: PatchConfig) -> nn.Module:
-        model = super().patch(model, config)
+    def patch(self, model: nn.Module, config: PatchConfig, static: bool = False) -> nn.Module:
+        model = super().patch(model, config, static)
         linear = self.linear_blocks(model, config)
         if len(linear):
             warnings.warn(f"CvT: blocks {linear.start}..{linear.stop - 1} of the last stage now run their linear q/k/v "

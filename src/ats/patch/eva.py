@@ -22,7 +22,7 @@ from torch import nn
 from ..flops import ViTShape, linear_flops, patch_grid, stem_flops
 from ..packing import TokenBatch
 from ..stats import ForwardRecord
-from ..step import BlockParts, Rotation, run_blocks
+from ..step import BlockParts, Rotation
 from .family import PatchedModel, masked_features
 from .timm import (
     TimmViT,
@@ -161,7 +161,7 @@ class TimmEva(TimmViT):
         parts = [part if table is None else replace(
             part, rotation=Rotation.from_table(table, block.attn.rotate_half, block.attn.num_prefix_tokens),
             dense=partial(block, rope=table)) for part, table, block in zip(parts, tables, model.blocks)]
-        return run_blocks(parts, x, model._ats.config, shape.num_prefix_tokens, self.has_class_token(model), start)
+        return self.run_parts(model, parts, x, shape, start)
 
     def run_first_blocks(self, model: Eva, images: torch.Tensor, count: int) -> torch.Tensor:
         x = self.embed(model, images)

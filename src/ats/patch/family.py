@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..config import PatchConfig
+from ..config import PatchConfig, token_capacities
 from ..flops import BlockCost, ViTShape, block_flops, head_cost
 from ..packing import TokenBatch
 from ..stats import ATSStats, ForwardRecord
@@ -33,12 +33,13 @@ torch.nn.modules.module.register_module_module_registration_hook(_count_submodul
 
 @dataclass
 class ATSState:
-    """What a patched model carries: its config, its original class, the last forward's stats, its
-    shapes by input size (C, H, W), and the block parts of its last forward with what they depend on
-    (not pickled: they are rebuilt on the first forward)."""
+    """What a patched model carries: its config, its original class, whether it runs in static mode, the last
+    forward's stats, its shapes by input size (C, H, W), and the block parts of its last forward with what they
+    depend on (not pickled: they are rebuilt on the first forward)."""
 
     config: PatchConfig
     original_class: Type[nn.Module]
+    static: bool = False
     last_stats: Optional[ATSStats] = None
     pool_weights: Optional[torch.Tensor] = None
     shapes: Dict[Tuple[int, ...], ViTShape] = field(default_factory=dict)
@@ -136,13 +137,20 @@ class Family:
         """Raise ValueError naming why ``config`` does not fit ``model``."""
         config.check_model(self.depth(model), self.has_class_token(model))
 
-    def patch(self, model: nn.Module, config: PatchConfig) -> nn.Module:
-        """Apply ``config`` to ``model`` in place; re-patching replaces the config."""
+    def runs_static(self, model: nn.Module) -> bool:
+        """Whether ``model``'s blocks run through ``step.run_blocks``, which has a static mode."""
+        return True
+
+    def patch(self, model: nn.Module, config: PatchConfig, static: bool = False) -> nn.Module:
+        """Apply ``config`` to ``model`` in place (in static mode with ``static``); re-patching replaces both."""
         self.check(model)
         self.check_config(model, config)
+        if static and not self.runs_static(model):
+            raise ValueError(f"static mode is not available for {type(model).__name__} yet: its blocks run on tubes "
+                             "(ats.tubes), which only the adaptive mode packs; patch it without static=True")
         state: Optional[ATSState] = getattr(model, "_ats", None)
         original = state.original_class if state is not None else type(model)
-        model._ats = ATSState(config=config, original_class=original)
+        model._ats = ATSState(config=config, original_class=original, static=static)
         model.__class__ = _patched_class(self.mixin, original)
         return model
 
@@ -150,13 +158,21 @@ class Family:
                    input_size: Sequence[int]) -> Tuple[TokenBatch, ForwardRecord]:
         """``step.run_blocks`` on a patched model's blocks from ``start`` (a family whose blocks are not
         pre-norm blocks runs them its own way here)."""
-        parts = self.cached_block_parts(model, input_size)
-        return run_blocks(parts, x, model._ats.config, shape.num_prefix_tokens, self.has_class_token(model), start)
+        return self.run_parts(model, self.cached_block_parts(model, input_size), x, shape, start)
+
+    def run_parts(self, model: nn.Module, parts: Sequence[BlockParts], x: torch.Tensor, shape: ViTShape,
+                  start: int) -> Tuple[TokenBatch, ForwardRecord]:
+        """``step.run_blocks`` on the blocks ``parts`` of a patched model from ``start``, as it is patched."""
+        state: ATSState = model._ats
+        return run_blocks(parts, x, state.config, shape.num_prefix_tokens, self.has_class_token(model), start,
+                          state.static)
 
     def cached_block_parts(self, model: nn.Module, input_size: Sequence[int]) -> List[BlockParts]:
         """``all_block_parts``, rebuilt only when the input size, a block's training mode or gradient
         checkpointing changed, or some module was given a new submodule since (building them costs
         about 40 us a block, which is noticeable at batch 1)."""
+        if torch.compiler.is_compiling():  # built once while tracing, as ``cached_shape``
+            return self.all_block_parts(model, input_size)
         state: ATSState = model._ats
         blocks = self.blocks(model)
         key = (tuple(input_size), _submodule_changes[0], tuple(block.training for block in blocks),
@@ -165,15 +181,23 @@ class Family:
             state.parts, state.parts_key = self.all_block_parts(model, input_size), key
         return state.parts
 
+    def cached_shape(self, model: nn.Module, input_size: Sequence[int]) -> ViTShape:
+        """``shape`` of a patched model, computed once per input size (under torch.compile, once while tracing:
+        a graph that read the cache would be compiled again whenever it grew)."""
+        if torch.compiler.is_compiling():
+            return self.shape(model, input_size)
+        shapes = model._ats.shapes
+        key = tuple(input_size)
+        if key not in shapes:
+            shapes[key] = self.shape(model, input_size)
+        return shapes[key]
+
     def run_patched(self, model: nn.Module, x: torch.Tensor, start: int,
                     input_size: Sequence[int]) -> TokenBatch:
         """Run a patched model's blocks from ``start`` on the tokens x [B, N, C'] (see ``run_blocks``),
         keep the forward's statistics on the model and return the packed tokens."""
         state: ATSState = model._ats
-        key = tuple(input_size)
-        if key not in state.shapes:
-            state.shapes[key] = self.shape(model, input_size)
-        shape = state.shapes[key]
+        shape = self.cached_shape(model, input_size)
         batch, record = self.run_blocks(model, x, shape, start, input_size)
         state.last_stats = record.finish(shape, self.block_costs(model, shape, state.config))
         state.pool_weights = batch.padded_sizes() * batch.position_mask
@@ -249,9 +273,7 @@ def upper_bound_flops(shape: ViTShape, config: Optional[PatchConfig], costs: Map
     costs: ``Family.block_costs`` of the model under ``config``."""
     total = shape.patch_embed_flops
     n = shape.num_tokens
-    for index in range(shape.depth):
-        n_out = n if config is None or config.method_at(index) is None else config.most_tokens_out(
-            index, n, shape.num_prefix_tokens)
+    for index, n_out in enumerate(token_capacities(config, n, shape.num_prefix_tokens, shape.depth)):
         total += costs[index](n, n_out) if index in costs else block_flops(shape, n, n)
         n = n_out
     return total + head_cost(shape, n)
