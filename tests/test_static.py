@@ -26,6 +26,7 @@ def configs(depth: int = DEPTH):
         "evit": ats.EViTConfig(0.5, blocks=(1, depth - 1)),
         "evit_ats": ats.StackedConfig(ats.EViTConfig(0.5, blocks=(1,)), ats.ATSConfig({2: 0.7, depth - 1: 0.7})),
         "merge": ats.MergeConfig(6),
+        "saint": ats.SAINTConfig(0.3, blocks=(1, 2)),
     }
 
 
@@ -113,7 +114,8 @@ def ten_batches():
     return [torch.randn(4, 3, 32, 32, generator=generator) * (1 + index) for index in range(10)]
 
 
-@pytest.mark.parametrize("name", ["inverse_transform", "topk", "released", "fuse_distinct", "evit", "merge"])
+@pytest.mark.parametrize("name", ["inverse_transform", "topk", "released", "fuse_distinct", "evit", "merge",
+                                  "saint"])
 def test_a_static_timm_vit_compiles_whole_once(name):
     model = ats.patch(tiny_vit(depth=COMPILE_DEPTH), configs(COMPILE_DEPTH)[name], static=True)
     assert_one_graph_over_ten_batches(model, lambda m, x: m(x), ten_batches())

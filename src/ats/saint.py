@@ -49,8 +49,8 @@ def redundancy(similarity: torch.Tensor, b_valid: torch.Tensor, threshold: float
     return close, torch.where(close > 0, weighted, overall)
 
 
-def similar_tokens(metric: torch.Tensor, patches: torch.Tensor, threshold: float, k: int,
-                   gamma: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def similar_tokens(metric: torch.Tensor, patches: torch.Tensor, threshold: float, k: int, gamma: float,
+                   static: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SAINT's rule in one block -> (drop [B, n] bool, order [B, n] long, last [B, n] bool).
 
     metric: [B, n, d] the tokens' keys averaged over heads; patches: [B, n] bool, the valid patch
@@ -59,10 +59,12 @@ def similar_tokens(metric: torch.Tensor, patches: torch.Tensor, threshold: float
     position). The authors' code then emits the prefix, the kept A tokens by descending redundancy and
     set B, which decides the next block's sets; order (``redundancy_order``) puts the A tokens in that
     order and last marks set B, to go after them. An image that drops nothing keeps its order, as there.
+    static: size the sets by the most they can hold (half the positions), not by their counts read on the host.
     """
     side_a, side_b = alternating_sets(patches)
-    a_index, a_valid = positions_of(side_a)
-    b_index, b_valid = positions_of(side_b)
+    n = patches.shape[1]
+    a_index, a_valid = positions_of(side_a, (n + 1) // 2 if static else None)
+    b_index, b_valid = positions_of(side_b, n // 2 if static else None)
     unit = unit_vectors(metric)
     similarity = gather_tokens(unit, a_index) @ gather_tokens(unit, b_index).transpose(1, 2)
     close, score = redundancy(similarity, b_valid, threshold, gamma)

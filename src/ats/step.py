@@ -419,7 +419,7 @@ def saint_block(parts: BlockParts, batch: TokenBatch, config: SAINTConfig, prefi
     out = batch.unpad(_attend(parts, q, k, v, logit_bias(parts, batch, batch.source)))
     batch = batch.with_rows(batch.rows + _attention_update(parts, out, y, batch))
     drop, order, last = similar_tokens(k.mean(dim=1), batch.patch_positions(prefix), config.threshold, config.k,
-                                       config.gamma)
+                                       config.gamma, batch.static)
     rows_from = batch.rows_at(order)
     ordered = replace(batch, rows=batch.rows.index_select(0, rows_from), source=batch.source.gather(1, order),
                       sizes=None if batch.sizes is None else batch.sizes.index_select(0, rows_from),
