@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup eval test lint wheel-check
+.PHONY: setup eval test lint wheel-check test-transformers4
 
 setup: $(STAMP)
 
@@ -33,3 +33,21 @@ wheel-check: $(STAMP)
 	$(WHEEL_VENV)/bin/pip install --quiet -c requirements-ci.txt "$$(ls dist/ats_vit-*.whl)[hf]"
 	cd build && wheel-venv/bin/ats eval --limit 8 --repeats 1
 	cd build && wheel-venv/bin/ats bench --model deit_tiny_patch16_224 --batch-size 2 --repeats 1
+
+# The Hugging Face adapters under transformers 4.x (CI runs it after make test): a second virtual environment with
+# requirements-ci.txt's pins but requirements-transformers4.txt's transformers; the adapters' test files, and the
+# compatibility tests of their families but torch.compile's (6 minutes here; make test runs them under 5.x).
+VENV4 := .venv-transformers4
+STAMP4 := $(VENV4)/.installed
+HF_TESTS := tests/test_patch_hf.py tests/test_patch_hf_images.py tests/test_patch_hf_video.py
+
+$(STAMP4): pyproject.toml requirements-ci.txt requirements-transformers4.txt
+	$(PYTHON) -m venv $(VENV4)
+	sed '/^transformers==/d' requirements-ci.txt | $(VENV4)/bin/pip install --quiet -r /dev/stdin \
+		-r requirements-transformers4.txt
+	$(VENV4)/bin/pip install --quiet --no-deps -e .
+	touch $(STAMP4)
+
+test-transformers4: $(STAMP4)
+	$(VENV4)/bin/python -m pytest -q $(HF_TESTS)
+	$(VENV4)/bin/python -m pytest -q tests/test_compatibility.py -k "not timm and not compile"

@@ -178,3 +178,23 @@ def assert_gflops_match_the_counter(model, expected: float, one: torch.Tensor, m
         model(many)
     gflops = ats.last_stats(model).gflops.double() * 1e9
     assert (gflops < expected).all() and (gflops <= ats.gflops(model) * 1e9 * (1 + 1e-6)).all()
+
+
+def assert_bad_input_is_refused(model, depth: int, config, inputs: torch.Tensor, bad_shapes, tokens: int) -> None:
+    """A transformers model of ``depth`` blocks: an ATS block past them is refused at ``ats.patch``; patched with
+    ``config``, pixel_values of each of ``bad_shapes``, hidden states, attention maps and a mask over its
+    ``tokens`` patch tokens are refused with errors that name them (``inputs``: a batch it takes)."""
+    import ats
+
+    with pytest.raises(ValueError, match=f"outside this model's {depth} blocks"):
+        ats.patch(model, ats.ATSConfig.single_stage(k=10, block=depth))
+    ats.patch(model, config)
+    for shape in bad_shapes:
+        with pytest.raises(ValueError, match="expected pixel_values of shape"):
+            model(torch.zeros(shape))
+    with pytest.raises(ValueError, match="output_hidden_states: a patched model cannot return hidden states"):
+        model(inputs, output_hidden_states=True)
+    with pytest.raises(ValueError, match="output_attentions: a patched model cannot return attention maps"):
+        model(inputs, output_attentions=True)
+    with pytest.raises(ValueError, match="no attention_mask or bool_masked_pos"):
+        model(inputs, bool_masked_pos=torch.zeros(len(inputs), tokens, dtype=torch.bool))

@@ -1,21 +1,27 @@
 """A patched model still behaves like the model it came from, in every supported family."""
 import dataclasses
 import pickle
+from typing import Optional
 
 import pytest
 import torch
-from conftest import assert_pickles_patched, contrasted_images, tiny_vit
+import transformers
+from conftest import assert_pickles_patched, contrasted_clips, contrasted_images, tiny_vit
 from test_patch_beit import tiny_beit
 from test_patch_eva import tiny_eva
 from test_patch_hf import tiny_hf
 from test_patch_hf_images import tiny
+from test_patch_hf_video import FRAMES, SIZE
+from test_patch_hf_video import tiny as tiny_video
 from test_patch_siglip import tiny_siglip
 from torch._dynamo.testing import CompileCounter
 
 import ats
-from ats.patch import as_logits
+from ats.patch import takes_clips
 
 CONFIG = ats.ATSConfig.multi_stage(0.87, first=1, depth=6, fuse=True)
+#: The video models' blocks as wide as the image models' (their clips are larger than their tokens).
+VIDEO_BLOCKS = dict(num_hidden_layers=6, hidden_size=64, intermediate_size=128, num_attention_heads=4)
 MODELS = {
     "timm ViT": tiny_vit,
     "timm ViT, average pooling": lambda: tiny_vit(class_token=False, global_pool="avg"),
@@ -25,22 +31,50 @@ MODELS = {
     "ViTForImageClassification": lambda: tiny_hf("ViTForImageClassification"),
     "DeiTForImageClassificationWithTeacher": lambda: tiny_hf("DeiTForImageClassificationWithTeacher"),
     "Dinov2WithRegistersForImageClassification": lambda: tiny_hf("Dinov2WithRegistersForImageClassification"),
-    "CLIPForImageClassification": lambda: tiny("CLIPForImageClassification", num_hidden_layers=6),
+    "CLIPForImageClassification": lambda: tiny("CLIPForImageClassification", num_hidden_layers=6, peak=3.0),
     "BeitForImageClassification (relative position bias)": lambda: tiny("BeitForImageClassification",
                                                                         num_hidden_layers=6),
     "IJepaForImageClassification (no class token)": lambda: tiny("IJepaForImageClassification", num_hidden_layers=6),
+    "DINOv3ViTModel (rotary embeddings)": lambda: tiny("DINOv3ViTModel", num_hidden_layers=6),
+    "VideoMAEForVideoClassification (no class token)": lambda: tiny_video("VideoMAEForVideoClassification",
+                                                                          peak=3.0, **VIDEO_BLOCKS),
+    "VivitForVideoClassification": lambda: tiny_video("VivitForVideoClassification", **VIDEO_BLOCKS),
 }
+#: The families the installed transformers has (DINOv3 came in 4.56).
+MODELS = {name: create for name, create in MODELS.items() if hasattr(transformers, name.split(" ")[0])
+          or name.startswith("timm")}
 
 
 def config_for(name: str) -> ats.ATSConfig:
-    return ats.ATSConfig.multi_stage(0.87, first=1, depth=6, fuse=True, score="self_attention") \
-        if "average" in name else CONFIG
+    """CONFIG, scored by self-attention for timm's average pooling; keeping more of VideoMAE's 32 tokens, whose
+    counts vary too little from batch to batch at rho 0.87 for the compile test."""
+    if "average" in name:
+        return ats.ATSConfig.multi_stage(0.87, first=1, depth=6, fuse=True, score="self_attention")
+    return ats.ATSConfig.multi_stage(1.0, first=1, depth=6, fuse=True) if name.startswith("VideoMAE") else CONFIG
+
+
+def inputs_for(model: torch.nn.Module, count: int = 8, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Images, or clips for a video model, whose contrast grows with the index (random contrasts with
+    ``generator``)."""
+    if generator is not None:
+        shape = (count, FRAMES, 1, SIZE, SIZE) if takes_clips(model) else (count, 3, 32, 32)
+        inputs = torch.randn(shape, generator=generator)
+        return inputs * torch.rand(count, *[1] * (len(shape) - 1), generator=generator) * 3
+    return contrasted_clips(count, FRAMES, SIZE) if takes_clips(model) else contrasted_images(count)
+
+
+def main_output(output) -> torch.Tensor:
+    """What a forward is compared by: a timm model's logits, a transformers output's logits or, for a base model,
+    its pooled output."""
+    if isinstance(output, torch.Tensor):
+        return output
+    return output.logits if getattr(output, "logits", None) is not None else output.pooler_output
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_torch_save_and_load_keep_the_model_patched(name):
     model = MODELS[name]()
-    loaded = assert_pickles_patched(model, config_for(name), contrasted_images(), as_logits)
+    loaded = assert_pickles_patched(model, config_for(name), inputs_for(model), main_output)
     ats.unpatch(loaded)
     assert type(loaded).__name__ == type(model).__name__.removeprefix("ATS")
 
@@ -58,7 +92,7 @@ def test_entry_points_that_would_skip_ats_are_refused_with_the_way_out(name):
     model = ats.patch(MODELS[name](), config_for(name))
     for entry_point, call in refused_entry_points(name).items():
         with pytest.raises((NotImplementedError, ValueError), match="ats.unpatch") as error:
-            call(model, contrasted_images())
+            call(model, inputs_for(model))
         assert entry_point in str(error.value)
 
 
@@ -81,8 +115,10 @@ def turn_on_checkpointing(model: torch.nn.Module) -> None:
     """Gradient checkpointing the family's own way."""
     if hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
-    else:
+    elif hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable()
+    else:  # transformers 4.x
+        model.gradient_checkpointing_enable()
 
 
 def training_step(model: torch.nn.Module, images: torch.Tensor):
@@ -96,7 +132,7 @@ def training_step(model: torch.nn.Module, images: torch.Tensor):
 
     torch.manual_seed(0)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        logits = as_logits(model(images))
+        logits = main_output(model(images))
     logits.logsumexp(dim=-1).sum().backward()
     gradients = {name: parameter.grad.clone() for name, parameter in model.named_parameters()
                  if parameter.grad is not None}
@@ -109,7 +145,7 @@ def test_gradient_checkpointing_is_honoured_in_ats_blocks(name):
     model = MODELS[name]().train()
     config = dataclasses.replace(config_for(name), stochastic=True)
     ats.patch(model, config)
-    images = contrasted_images()
+    images = inputs_for(model)
     logits, gradients, saved = training_step(model, images)
     turn_on_checkpointing(model)
     checkpointed_logits, checkpointed_gradients, checkpointed_saved = training_step(model, images)
@@ -133,10 +169,10 @@ def test_torch_compile_does_not_recompile_for_new_token_counts(name):
     compiled_frames, widths = [], set()
     with torch.no_grad(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         for _ in range(10):
-            images = torch.randn(8, 3, 32, 32, generator=generator) * torch.rand(8, 1, 1, 1, generator=generator) * 3
-            logits = as_logits(compiled(images))
+            images = inputs_for(model, generator=generator)
+            logits = main_output(compiled(images))
             compiled_frames.append(counter.frame_count)
             widths.add(int(ats.last_stats(model).tokens_out[:, -1].max()))
-            assert torch.allclose(logits, as_logits(model(images)), atol=1e-5)
+            assert torch.allclose(logits, main_output(model(images)), atol=1e-5)
     recompiling_batches = sum(after > before for before, after in zip(compiled_frames[1:], compiled_frames[2:]))
     assert len(widths) >= 3 and recompiling_batches <= 4

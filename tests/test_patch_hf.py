@@ -1,16 +1,21 @@
-"""ATS on Hugging Face transformers models: ViT, DeiT (and its teacher head), DINOv2 (with registers)."""
+"""ATS on Hugging Face transformers models: ViT, DeiT (and its teacher head), DINOv2 (with registers), in the
+layout of the installed transformers (5.18 on: ``attention.q_proj`` and ``mlp``; before: ``attention.attention.query``
+and ``intermediate``; CI runs this file under both)."""
+import sys
+
 import pytest
 import timm
 import torch
 import transformers
-from conftest import contrasted_images
+from conftest import assert_bad_input_is_refused, contrasted_images
 from timm.models.vision_transformer import VisionTransformer
 
 import ats
-from ats.patch.hf import HF, LAYOUTS
+from ats.patch.hf import HF, LAYOUTS, MIN_TRANSFORMERS, attention_of
 
 TINY = dict(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_labels=10)
-CLASSES = [name for name in LAYOUTS if not name.startswith(("IJepa", "ViTMAE"))]  # those: test_patch_hf_images.py
+#: The classes the installed transformers has (I-JEPA and ViT-MAE: test_patch_hf_images.py).
+CLASSES = [name for name in LAYOUTS if hasattr(transformers, name) and not name.startswith(("IJepa", "ViTMAE"))]
 CONFIG = ats.ATSConfig.multi_stage(0.87, first=1, depth=6)
 
 
@@ -30,8 +35,8 @@ def tiny_hf(name: str, attention: str = "sdpa", **overrides) -> torch.nn.Module:
     model = getattr(transformers, name)(config).eval()
     with torch.no_grad():
         for layer in HF.blocks(model):
-            layer.attention.q_proj.weight.mul_(4)
-            layer.attention.k_proj.weight.mul_(4)
+            attention_of(layer).q.weight.mul_(4)
+            attention_of(layer).k.weight.mul_(4)
     return model
 
 
@@ -91,28 +96,30 @@ def test_gradients_are_finite_in_train_mode(name):
     grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
     assert all(grad is not None and torch.isfinite(grad).all() for name, grad in grads.items()
                if "mask_token" not in name and "pooler" not in name and "distillation_classifier" not in name)
-    blocks = HF.blocks(model)
-    assert blocks[-1].mlp.fc1.weight.grad.abs().sum() > 0
+    assert all(parameter.grad.abs().sum() > 0 for parameter in HF.blocks(model)[-1].parameters())
 
 
 @pytest.mark.parametrize("name", CLASSES)
 def test_bad_input_gets_a_clear_error(name):
-    model = tiny_hf(name)
-    with pytest.raises(ValueError, match="outside this model's 6 blocks"):
-        ats.patch(model, ats.ATSConfig.single_stage(k=10, block=6))
-    ats.patch(model, CONFIG)
-    for shape in [(2, 3, 30, 32), (2, 1, 32, 32), (3, 32, 32)]:
-        with pytest.raises(ValueError, match="expected pixel_values of shape"):
-            model(torch.zeros(shape))
-    with pytest.raises(ValueError, match="cannot return hidden states"):
-        model(contrasted_images(2), output_hidden_states=True)
-    with pytest.raises(ValueError, match="cannot return attention maps"):
-        model(contrasted_images(2), output_attentions=True)
+    assert_bad_input_is_refused(tiny_hf(name), 6, CONFIG, contrasted_images(2),
+                                [(2, 3, 30, 32), (2, 1, 32, 32), (3, 32, 32)], 64)
+
+
+def test_transformers_older_than_the_adapters_support_is_refused(monkeypatch):
+    model = tiny_hf("ViTForImageClassification")
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.45.2")  # the module ats imports
+    with pytest.raises(TypeError, match=f"transformers 4.45.2 is older.*'transformers>={MIN_TRANSFORMERS}'"):
+        ats.patch(model, CONFIG)
+
+
+def hf_mlp(layer: torch.nn.Module) -> tuple:
+    """A transformers ViT layer's two MLP linears, in either layout."""
+    return (layer.mlp.fc1, layer.mlp.fc2) if hasattr(layer, "mlp") else (layer.intermediate.dense, layer.output.dense)
 
 
 def timm_twin(img_size: int = 56) -> tuple:
     """A timm ViT and a transformers ViTForImageClassification with one random state dict (14x14 = 196
-    patches + 1 class token at 56x56: the DeiT-S token geometry)."""
+    patches + 1 class token at 56x56: the DeiT-S token geometry), copied module by module."""
     torch.manual_seed(0)
     timm_model = VisionTransformer(img_size=img_size, patch_size=4, embed_dim=64, depth=6, num_heads=4,
                                    num_classes=10).eval()
@@ -122,24 +129,23 @@ def timm_twin(img_size: int = 56) -> tuple:
     config = transformers.ViTConfig(image_size=img_size, patch_size=4, hidden_size=64, num_hidden_layers=6,
                                     num_attention_heads=4, intermediate_size=256, layer_norm_eps=1e-6, num_labels=10)
     hf_model = transformers.ViTForImageClassification(config).eval()
-    renamed = {"cls_token": "vit.embeddings.cls_token", "pos_embed": "vit.embeddings.position_embeddings",
-               "patch_embed.proj": "vit.embeddings.patch_embeddings.projection", "norm": "vit.layernorm",
-               "head": "classifier", "norm1": "layernorm_before", "norm2": "layernorm_after",
-               "attn.proj": "attention.o_proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
-    state = {}
-    for key, value in timm_model.state_dict().items():
-        parts = key.split(".")
-        if parts[0] == "blocks":
-            layer, module, kind = parts[1], ".".join(parts[2:-1]), parts[-1]
-            if module == "attn.qkv":
-                for letter, chunk in zip("qkv", value.chunk(3)):
-                    state[f"vit.layers.{layer}.attention.{letter}_proj.{kind}"] = chunk
-            else:
-                state[f"vit.layers.{layer}.{renamed[module]}.{kind}"] = value
-        else:
-            module = key if key in renamed else ".".join(parts[:-1])
-            state[renamed[module] + key[len(module):]] = value
-    hf_model.load_state_dict(state)
+    embeddings = hf_model.vit.embeddings
+    same = [(timm_model.patch_embed.proj, embeddings.patch_embeddings.projection),
+            (timm_model.norm, hf_model.vit.layernorm), (timm_model.head, hf_model.classifier)]
+    with torch.no_grad():
+        embeddings.cls_token.copy_(timm_model.cls_token)
+        embeddings.position_embeddings.copy_(timm_model.pos_embed)
+        for block, layer in zip(timm_model.blocks, HF.blocks(hf_model)):
+            attn = attention_of(layer)
+            same += [(block.norm1, layer.layernorm_before), (block.norm2, layer.layernorm_after),
+                     (block.attn.proj, attn.proj), *zip((block.mlp.fc1, block.mlp.fc2), hf_mlp(layer))]
+            for linear, weight, bias in zip((attn.q, attn.k, attn.v), block.attn.qkv.weight.chunk(3),
+                                            block.attn.qkv.bias.chunk(3)):
+                linear.weight.copy_(weight)
+                linear.bias.copy_(bias)
+        for source, target in same:
+            target.load_state_dict(source.state_dict())
+    assert sum(map(torch.numel, hf_model.parameters())) == sum(map(torch.numel, timm_model.parameters()))
     return timm_model, hf_model
 
 
@@ -174,8 +180,9 @@ def test_deit_with_teacher_keeps_both_prefix_tokens_and_averages_its_heads():
     assert (stats.kept[1] < 64).all()
 
 
-def test_dinov2_registers_are_prefix_tokens_and_the_mean_skips_padding():
-    model = tiny_hf("Dinov2WithRegistersForImageClassification")
+@pytest.mark.parametrize("name", [name for name in CLASSES if name == "Dinov2WithRegistersForImageClassification"])
+def test_dinov2_registers_are_prefix_tokens_and_the_mean_skips_padding(name):  # not in transformers 4.46
+    model = tiny_hf(name)
     ats.patch(model, CONFIG)
     ats.patch(model.dinov2_with_registers, CONFIG)  # its base model, patched on its own for the features
     images = contrasted_images()

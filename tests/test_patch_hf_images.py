@@ -1,11 +1,17 @@
-"""ATS on more Hugging Face image models: CLIP and SigLIP towers, DINOv3 (rotary embeddings), BEiT and
-Data2Vec-Vision (relative position biases), I-JEPA (no class token), ViT-MAE (mask_ratio 0)."""
+"""ATS on more Hugging Face image models: CLIP and SigLIP towers and classifiers, DINOv3 (rotary embeddings), BEiT
+and Data2Vec-Vision (relative position biases), I-JEPA (no class token), ViT-MAE (mask_ratio 0); each class the
+installed transformers has (CI runs this file under transformers 4.x and 5.x)."""
 import copy
 
 import pytest
 import torch
 import transformers
-from conftest import assert_gflops_match_the_counter, assert_pickles_patched, contrasted_images
+from conftest import (
+    assert_bad_input_is_refused,
+    assert_gflops_match_the_counter,
+    assert_pickles_patched,
+    contrasted_images,
+)
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -24,17 +30,21 @@ def config(name: str, **fixed):
     return lambda **overrides: getattr(transformers, name)(**{**VISION, **fixed, **overrides})
 
 
-def clip_config(attn_implementation: str, **overrides):
-    return transformers.CLIPConfig(vision_config={**VISION, **overrides}, num_labels=10,
-                                   attn_implementation=attn_implementation)
+def joint_config(name: str, **fixed):
+    """A tiny config of the joint (image and text) config class ``name``: its vision config as ``config``'s, 10
+    labels."""
+    return lambda attn_implementation, **overrides: getattr(transformers, name)(
+        vision_config={**VISION, **fixed, **overrides, "attn_implementation": attn_implementation}, num_labels=10,
+        attn_implementation=attn_implementation)
 
 
 #: Each class's tiny random-init config, from its config class.
 CONFIGS = {
     "CLIPVisionModel": config("CLIPVisionConfig"),
     "CLIPVisionModelWithProjection": config("CLIPVisionConfig", projection_dim=16),
-    "CLIPForImageClassification": clip_config,
+    "CLIPForImageClassification": joint_config("CLIPConfig"),
     "SiglipVisionModel": config("SiglipVisionConfig"),
+    "SiglipForImageClassification": joint_config("SiglipConfig", vision_use_head=False),
     "DINOv3ViTModel": config("DINOv3ViTConfig", num_register_tokens=2, layerscale_value=0.5),
     "BeitModel": config("BeitConfig", **BIASES, use_mean_pooling=False),
     "BeitForImageClassification": config("BeitConfig", **BIASES, num_labels=10),
@@ -45,7 +55,12 @@ CONFIGS = {
     "IJepaForImageClassification": config("IJepaConfig", num_labels=10),
     "ViTMAEModel": config("ViTMAEConfig", mask_ratio=0.0),
 }
-CLASSES = list(CONFIGS)
+CLASSES = [name for name in CONFIGS if hasattr(transformers, name)]
+
+
+def available(*names: str) -> list:
+    """Those of ``names`` the installed transformers has (4.46 has no DINOv3 or I-JEPA)."""
+    return [name for name in names if name in CLASSES]
 CONFIG = ats.ATSConfig.multi_stage(0.8, first=1, depth=4)
 FUSE_DISTINCT = ats.ATSConfig.multi_stage(0.5, first=1, depth=4, fuse=True, distinct=0.5)
 
@@ -53,6 +68,8 @@ FUSE_DISTINCT = ats.ATSConfig.multi_stage(0.5, first=1, depth=4, fuse=True, dist
 def tiny(name: str, attention: str = "sdpa", peak: float = 4.0, **overrides) -> nn.Module:
     """A random-init 4-block model of class ``name``, its query and key weights scaled by ``peak`` so that images
     keep different numbers of tokens, its relative position bias tables drawn at random (they start at zero)."""
+    if not getattr(transformers, name)._supports_sdpa:  # BEiT and Data2Vec-Vision before transformers 4.47
+        attention = "eager"
     torch.manual_seed(0)
     model = getattr(transformers, name)(CONFIGS[name](attn_implementation=attention, **overrides)).eval()
     with torch.no_grad():
@@ -164,22 +181,12 @@ def test_torch_save_and_load_keep_the_model_patched(name):
 
 @pytest.mark.parametrize("name", CLASSES)
 def test_bad_input_gets_a_clear_error(name):
-    model = tiny(name)
-    with pytest.raises(ValueError, match="outside this model's 4 blocks"):
-        ats.patch(model, ats.ATSConfig.single_stage(k=10, block=4))
-    ats.patch(model, CONFIG)
-    for shape in [(2, 3, 30, 32), (2, 1, 32, 32), (3, 32, 32)]:
-        with pytest.raises(ValueError, match="expected pixel_values of shape"):
-            model(torch.zeros(shape))
-    with pytest.raises(ValueError, match="cannot return hidden states"):
-        model(contrasted_images(2), output_hidden_states=True)
-    with pytest.raises(ValueError, match="cannot return attention maps"):
-        model(contrasted_images(2), output_attentions=True)
-    with pytest.raises(ValueError, match="no attention_mask or bool_masked_pos"):
-        model(contrasted_images(2), bool_masked_pos=torch.zeros(2, 64, dtype=torch.bool))
+    assert_bad_input_is_refused(tiny(name), 4, CONFIG, contrasted_images(2),
+                                [(2, 3, 30, 32), (2, 1, 32, 32), (3, 32, 32)], 64)
 
 
-@pytest.mark.parametrize("name", ["SiglipVisionModel", "IJepaForImageClassification"])
+@pytest.mark.parametrize("name", available("SiglipVisionModel", "SiglipForImageClassification",
+                                            "IJepaForImageClassification"))
 def test_without_a_class_token_tokens_are_scored_by_self_attention(name):
     model, images = tiny(name), contrasted_images()
     results = []
@@ -206,18 +213,70 @@ def test_the_siglip_pool_attends_over_valid_tokens_in_proportion_to_their_size()
             valid = output.last_hidden_state[image, :lengths[image]]
             repeated = valid.repeat_interleave(sizes[image, :lengths[image]].long(), dim=0)
             assert len(repeated) == 64
-            assert (model.head(repeated[None])[0] - output.pooler_output[image]).abs().max() < 1e-5
+            head = family_of(model).base(model).head
+            assert (head(repeated[None])[0] - output.pooler_output[image]).abs().max() < 1e-5
+
+
+def tower_of(model: nn.Module, name: str) -> nn.Module:
+    """A vision tower of class ``name`` with ``model``'s tower weights (its own tower is no model class of its own
+    before transformers 5.x), to read the tokens the model's head gets."""
+    tower = getattr(transformers, name)(getattr(model.config, "vision_config", model.config)).eval()
+    family_of(tower).base(tower).load_state_dict(family_of(model).base(model).state_dict())
+    return tower
+
+
+def test_the_siglip_classifier_averages_valid_tokens_in_proportion_to_their_size():
+    """With fused tokens, the logits are the classifier on the mean of each image's valid tokens, each repeated
+    as many times as the patches it holds: the tokens of a SiglipVisionModel with the classifier's tower weights,
+    patched alike."""
+    model, images = tiny("SiglipForImageClassification"), contrasted_images()
+    tower = tower_of(model, "SiglipVisionModel")
+    ats.patch(model, FUSE_DISTINCT)
+    ats.patch(tower, FUSE_DISTINCT)
+    with torch.no_grad():
+        logits = model(images).logits
+        tokens = tower(images).last_hidden_state
+    sizes, lengths = tower._ats.pool_weights, ats.last_stats(tower).tokens_out[:, -1]
+    assert (lengths < tokens.shape[1]).any() and (sizes > 1).any()
+    assert torch.equal(lengths, ats.last_stats(model).tokens_out[:, -1])
+    for image in range(len(images)):
+        repeated = tokens[image, :lengths[image]].repeat_interleave(sizes[image, :lengths[image]].long(), dim=0)
+        assert len(repeated) == 64
+        assert (model.classifier(repeated.mean(0)) - logits[image]).abs().max() < 1e-5
+
+
+def test_a_siglip_classifier_with_an_attention_pool_does_not_run_it():
+    """Checkpoints of SiglipForImageClassification keep the tower's attention pool, whose output the unpatched
+    forward computes and discards: a patched one does not run it, and counts the FLOPs of the rest (the counter's
+    total less the pool's)."""
+    model, image = tiny("SiglipForImageClassification", "eager", vision_use_head=True), contrasted_images(1)
+    head = family_of(model).base(model).head
+    with torch.no_grad():
+        before = model(contrasted_images()).logits
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(image)
+    with FlopCounterMode(display=False) as head_counter, torch.no_grad():
+        head(torch.randn(1, 64, 64))
+    calls = []
+    head.register_forward_hook(lambda *args: calls.append(1))
+    ats.patch(model, ats.KeepAllConfig())
+    with torch.no_grad():
+        assert (model(contrasted_images()).logits - before).abs().max() < 1e-5
+    assert not calls
+    expected = (counter.get_total_flops() - head_counter.get_total_flops()) / 2
+    assert ats.gflops(model) * 1e9 == pytest.approx(expected, rel=1e-12)
 
 
 def test_clip_pools_its_class_token_through_the_post_layernorm_and_returns_unnormed_tokens():
     model, images = tiny("CLIPVisionModelWithProjection"), contrasted_images()
+    tower = tower_of(model, "CLIPVisionModel")
     ats.patch(model, CONFIG)
-    ats.patch(model.vision_model, CONFIG)
+    ats.patch(tower, CONFIG)
     with torch.no_grad():
         embeds = model(images).image_embeds
-        tokens = model.vision_model(images).last_hidden_state
-    vision = model.vision_model
-    assert torch.allclose(embeds, model.visual_projection(vision.post_layernorm(tokens[:, 0])), atol=1e-6)
+        tokens = tower(images).last_hidden_state
+    post_layernorm = family_of(model).base(model).post_layernorm
+    assert torch.allclose(embeds, model.visual_projection(post_layernorm(tokens[:, 0])), atol=1e-6)
     assert (tokens[:, 0].std(-1) - 1).abs().max() > 0.1, "CLIP's last hidden state is not layer-normed"
 
 
@@ -240,7 +299,7 @@ def dinov3_reference(model: nn.Module, image: torch.Tensor, kept: dict, follow: 
     prefix, positions = 3, torch.arange(64)
     x = model.embeddings(image[None])
     cos, sin = model.rope_embeddings(image[None])
-    for index, layer in enumerate(model.model.layer):
+    for index, layer in enumerate(family_of(model).blocks(model)):
         at = positions if follow else torch.arange(len(positions))
         x = layer(x, position_embeddings=(cos[at], sin[at]))
         if index in kept:
@@ -249,12 +308,13 @@ def dinov3_reference(model: nn.Module, image: torch.Tensor, kept: dict, follow: 
     return model.norm(x)[0]
 
 
+@pytest.mark.parametrize("name", available("DINOv3ViTModel"))
 @pytest.mark.parametrize("config", [ats.ATSConfig.single_stage(k=24, block=1, sampler="topk"), CONFIG])
-def test_each_kept_dinov3_token_keeps_its_own_rotation(config):
+def test_each_kept_dinov3_token_keeps_its_own_rotation(name, config):
     """Every image keeps other positions; each kept token's output is that of the model's own layers run on the
     image's kept tokens alone, each rotated by the model's rope at the position it came from (layer scales of 1
     and sharper attention than the other tests, so that rotations at the wrong positions would show)."""
-    model, images = tiny("DINOv3ViTModel", "eager", peak=10.0, layerscale_value=1.0), contrasted_images(4)
+    model, images = tiny(name, "eager", peak=10.0, layerscale_value=1.0), contrasted_images(4)
     ats.patch(model, config)
     with torch.no_grad():
         tokens = valid_tokens(model, model(images))
@@ -268,8 +328,8 @@ def test_each_kept_dinov3_token_keeps_its_own_rotation(config):
     assert (unfollowed - tokens[0]).abs().max() > 1e-2, "the test must notice rotations at the wrong positions"
 
 
-@pytest.mark.parametrize("name, options", [("DINOv3ViTModel", {}), ("BeitForImageClassification", {}),
-                                           ("CLIPVisionModel", dict(interpolate_pos_encoding=True))])
+@pytest.mark.parametrize("name, options", [(name, {}) for name in available("DINOv3ViTModel")] + [
+    ("BeitForImageClassification", {}), ("CLIPVisionModel", dict(interpolate_pos_encoding=True))])
 def test_other_image_sizes(name, options):
     """Rotary embeddings and relative position biases are made for the input's grid; CLIP's position embedding
     is resampled with interpolate_pos_encoding."""
@@ -350,13 +410,16 @@ def test_each_kept_token_keeps_its_own_relative_position_bias(name, config):
         assert torch.allclose(model(images).logits, model.classifier(output.pooler_output), atol=1e-5)
 
 
-def test_vit_mae_random_masking_and_an_ijepa_pooler_are_refused():
-    with pytest.raises(TypeError, match="mask_ratio=0.0"):
-        ats.patch(tiny("ViTMAEModel", mask_ratio=0.75), CONFIG)
+@pytest.mark.parametrize("name", available("IJepaModel"))
+def test_an_ijepa_pooler_is_refused(name):
     torch.manual_seed(0)
     with pytest.raises(TypeError, match="add_pooling_layer=False"):
-        ats.patch(transformers.IJepaModel(CONFIGS["IJepaModel"](attn_implementation="sdpa"), add_pooling_layer=True),
-                  CONFIG)
+        ats.patch(transformers.IJepaModel(CONFIGS[name](attn_implementation="sdpa"), add_pooling_layer=True), CONFIG)
+
+
+def test_vit_mae_random_masking_is_refused_and_mask_ratio_0_returns_an_empty_mask():
+    with pytest.raises(TypeError, match="mask_ratio=0.0"):
+        ats.patch(tiny("ViTMAEModel", mask_ratio=0.75), CONFIG)
     model = ats.patch(tiny("ViTMAEModel"), CONFIG)
     with torch.no_grad():
         output = model(contrasted_images(2))

@@ -3,7 +3,8 @@
 Shared by every transformers family (``HuggingFaceFamily``): the patched ``forward``, which takes the
 original's arguments and returns its output class (embeddings, ``ats.step.run_blocks``, the final norm,
 then the model's own head); where an encoder layer keeps its parts in each of the layouts transformers'
-vision models use (``layer_parts``); the checks, the preprocessing and the class names.
+vision models use, in 4.x (from ``MIN_TRANSFORMERS`` on) and 5.x releases (``layer_parts``); the checks, the
+preprocessing and the class names.
 ``last_hidden_state`` is padded to the longest image (zeros on padding; ``ats.last_stats(model)`` gives
 each image's token count), and a mean over tokens covers valid tokens only, weighted by their size.
 Hidden states and attention maps are refused: their sizes differ per image.
@@ -25,7 +26,7 @@ from torch import nn
 from ..flops import ViTShape, conv_flops, linear_flops, patch_grid
 from ..packing import TokenBatch
 from ..stats import ForwardRecord
-from ..step import BlockParts, run_blocks
+from ..step import BlockParts
 from .family import Family, PatchedModel, fit_channels, masked_features, valid_mean
 
 #: PIL resampling filters (as image processor configs store them) by timm's interpolation names.
@@ -35,8 +36,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Linear heads after the final norm, on the model or its base model.
 HEAD_MODULES = ("classifier", "cls_classifier", "distillation_classifier", "visual_projection", "pooler")
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
-#: The first transformers release whose ViT, DeiT and DINOv2 layers all hold q_proj/k_proj/v_proj/o_proj.
-MIN_TRANSFORMERS = "5.18"
+#: The oldest transformers release the adapters support (CI tests requirements-transformers4.txt's and
+#: requirements-ci.txt's). Up to 5.17, ViT, DeiT, DINOv2, BEiT, ... keep q/k/v as ``attention.attention.query``
+#: and their MLP as ``intermediate`` and ``output.dense``; from 5.18 on as ``attention.q_proj`` and ``mlp``.
+MIN_TRANSFORMERS = "4.46"
 
 
 def pair(size) -> Tuple[int, int]:
@@ -134,9 +137,14 @@ LAYOUTS = {
 }
 
 
-def fused_qkv(q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """Queries, keys and values of normed rows [T, C] from three separate projections -> [T, 3A]."""
-    return torch.cat([q_proj(y), k_proj(y), v_proj(y)], dim=-1)
+def fused_qkv(q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, y: torch.Tensor,
+              q_bias: Optional[torch.Tensor] = None, v_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Queries, keys and values of normed rows [T, C] from three separate projections (plus separate query and
+    value biases [A], where a layer keeps them apart from its projections) -> [T, 3A]."""
+    q, v = q_proj(y), v_proj(y)
+    if q_bias is not None:
+        q, v = q + q_bias, v + v_bias
+    return torch.cat([q, k_proj(y), v], dim=-1)
 
 
 def _checkpointed(layer: nn.Module) -> bool:
@@ -171,13 +179,16 @@ class Attention:
     head_dim: int
     scale: float
     dropout: float
+    q_bias: Optional[torch.Tensor] = None
+    v_bias: Optional[torch.Tensor] = None
 
 
 def attention_of(layer: nn.Module) -> Attention:
     """The self-attention of an encoder layer in each layout transformers' vision models use: ``self_attn``
     with ``out_proj`` (CLIP, SigLIP); ``attention`` with ``q_proj .. o_proj`` (ViT, DeiT, DINOv2, DINOv3,
-    I-JEPA, ViT-MAE, ViViT, BEiT); ``attention.attention`` with ``query, key, value`` and
-    ``attention.output.dense`` (Data2Vec-Vision, VideoMAE)."""
+    I-JEPA, ViT-MAE, ViViT, BEiT from transformers 5.18 on); ``attention.attention`` with ``query, key, value``
+    and ``attention.output.dense`` (Data2Vec-Vision, VideoMAE; ViT, DeiT, DINOv2, ... before 5.18; VideoMAE
+    before 5.x keeps its query and value biases apart, as ``q_bias`` and ``v_bias``)."""
     if hasattr(layer, "self_attn"):
         attn = layer.self_attn
         return Attention(attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, nn.Identity(), attn.num_heads,
@@ -192,7 +203,8 @@ def attention_of(layer: nn.Module) -> Attention:
     dropout = inner.dropout.p if isinstance(getattr(inner, "dropout", None), nn.Dropout) else inner.dropout_prob
     head_dim = inner.attention_head_size
     return Attention(inner.query, inner.key, inner.value, output.dense, output.dropout, inner.num_attention_heads,
-                     head_dim, getattr(inner, "scaling", 1 / math.sqrt(head_dim)), dropout)
+                     head_dim, getattr(inner, "scaling", 1 / math.sqrt(head_dim)), dropout,
+                     getattr(inner, "q_bias", None), getattr(inner, "v_bias", None))
 
 
 def _bert_mlp(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
@@ -228,7 +240,8 @@ def layer_parts(layer: nn.Module, dense: Optional[Callable[[torch.Tensor], torch
     else:  # Data2Vec-Vision, VideoMAE
         mlp, mlp_drop = partial(_bert_mlp, layer), layer.output.dropout
     drop_path = getattr(layer, "drop_path", None)
-    return BlockParts(norm1=norm1, qkv=partial(fused_qkv, attn.q, attn.k, attn.v), num_heads=attn.num_heads,
+    qkv = partial(fused_qkv, attn.q, attn.k, attn.v, q_bias=attn.q_bias, v_bias=attn.v_bias)
+    return BlockParts(norm1=norm1, qkv=qkv, num_heads=attn.num_heads,
                       head_dim=attn.head_dim, scale=attn.scale, proj=attn.proj, norm2=norm2, mlp=mlp,
                       dense=dense or partial(first_output, dense_forward(layer)), training=layer.training,
                       attn_drop=attn.dropout, proj_drop=attn.proj_drop, mlp_drop=mlp_drop,
@@ -318,6 +331,12 @@ class HuggingFaceFamily(Family):
         return model if attribute is None else getattr(model, attribute)
 
     def check(self, model: nn.Module) -> None:
+        from packaging.version import Version
+        from transformers import __version__
+
+        if Version(__version__) < Version(MIN_TRANSFORMERS):
+            raise TypeError(f"transformers {__version__} is older than ATS supports; pip install -U "
+                            f"'transformers>={MIN_TRANSFORMERS}'")
         implementation = model.config._attn_implementation
         if implementation not in ATTENTION_IMPLEMENTATIONS:
             raise TypeError(f"attn_implementation={implementation!r} is not supported; load the model with "
@@ -328,7 +347,11 @@ class HuggingFaceFamily(Family):
 
     def checkpoint_function(self, model: nn.Module, layer: nn.Module) -> Optional[Callable]:
         """After ``model.activation_checkpointing_enable(...)``: the function it gave each layer it chose
-        (``every_n_layers``, ``offload``), in training only, as in transformers."""
+        (``every_n_layers``, ``offload``), in training only, as in transformers. Older releases (4.46), whose
+        layers do not checkpoint themselves, set it on the encoder that loops over them: the encoder's."""
+        if not hasattr(layer, "gradient_checkpointing"):
+            layer = next((module for module in model.modules() if hasattr(module, "gradient_checkpointing")
+                          and any(child is layer for child in module.modules())), layer)
         return layer._gradient_checkpointing_func if _checkpointed(layer) else None
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
@@ -416,7 +439,7 @@ class HuggingFaceFamily(Family):
     def run_blocks(self, model: nn.Module, x: torch.Tensor, shape: ViTShape, start: int,
                    input_size: Sequence[int]) -> Tuple[TokenBatch, ForwardRecord]:
         parts = self.forward_parts(model, input_size)
-        return run_blocks(parts, x, model._ats.config, shape.num_prefix_tokens, self.has_class_token(model), start)
+        return self.run_parts(model, parts, x, shape, start)
 
     def run_first_blocks(self, model: nn.Module, images: torch.Tensor, count: int) -> torch.Tensor:
         x = self.embed(model, images)
@@ -453,10 +476,6 @@ class HuggingFaceViT(HuggingFaceFamily):
     layouts = LAYOUTS
 
     def check(self, model: nn.Module) -> None:
-        if not hasattr(self.blocks(model)[0].attention, "q_proj"):
-            raise TypeError(f"this transformers version lays out {type(model).__name__}'s attention in an older "
-                            f"form; ATS supports transformers >= {MIN_TRANSFORMERS}: pip install -U "
-                            f"'transformers>={MIN_TRANSFORMERS}'")
         super().check(model)
         base = self.base(model)
         if getattr(base.config, "mask_ratio", 0.0) > 0:

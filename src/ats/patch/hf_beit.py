@@ -107,17 +107,17 @@ class HuggingFaceBeit(HuggingFaceFamily):
         return first_output(self.base(model).embeddings, self.check_images(model, images, interpolate_pos_encoding))
 
     def own_bias_module(self, layer: nn.Module) -> Optional[nn.Module]:
-        """A layer's own relative position bias module (BEiT: on the layer; Data2Vec-Vision: on its attention)."""
+        """A layer's own relative position bias module (BEiT from transformers 5.18 on: on the layer; Data2Vec-Vision,
+        and BEiT before: on its attention), or None."""
         if hasattr(layer, "relative_position_bias"):
             return layer.relative_position_bias
-        attention = layer.attention.attention
-        return attention.relative_position_bias if attention.has_relative_position_bias else None
+        return getattr(layer.attention.attention, "relative_position_bias", None)
 
     def shared_bias_module(self, model: nn.Module) -> Optional[nn.Module]:
         base = self.base(model)
         if hasattr(base, "shared_position_bias"):
             return base.shared_position_bias
-        return base.encoder.relative_position_bias if base.encoder.has_relative_position_bias else None
+        return getattr(base.encoder, "relative_position_bias", None)
 
     def layer_forward(self, model: nn.Module, layer: nn.Module, shared: Optional[torch.Tensor],
                       resolution: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:

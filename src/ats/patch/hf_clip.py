@@ -2,14 +2,18 @@
 
 CLIP (``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``CLIPForImageClassification``) puts a
 layer norm before its blocks and returns their output unnormed; its pooled output is the class token
-through the post-layernorm (and the projection). SigLIP (``SiglipVisionModel``) has no class token, so its
-ATS blocks score tokens by ``self_attention`` (``score="auto"``); its attention-pool head
-(``SiglipMultiheadAttentionPoolingHead``) attends over each image's valid tokens only, padding masked,
-adding ``log(size)`` to each token's logit where tokens were fused, as timm's attention pool does
-(``ats.patch.timm``). Both blocks are pre-norm (``layer_norm1``, ``self_attn``, ``layer_norm2``, ``mlp``).
+through the post-layernorm (and the projection). SigLIP (``SiglipVisionModel``,
+``SiglipForImageClassification``) has no class token, so its ATS blocks score tokens by ``self_attention``
+(``score="auto"``); its attention-pool head (``SiglipMultiheadAttentionPoolingHead``) attends over each
+image's valid tokens only, padding masked, adding ``log(size)`` to each token's logit where tokens were
+fused, as timm's attention pool does (``ats.patch.timm``). ``SiglipForImageClassification`` classifies the
+mean of the valid tokens by size instead; its tower's attention pool, whose output it discards, is not run.
+Both blocks are pre-norm (``layer_norm1``, ``self_attn``, ``layer_norm2``, ``mlp``). Before transformers
+5.x, ``CLIPVisionModel`` and ``SiglipVisionModel`` keep the tower in ``vision_model``.
 """
 from __future__ import annotations
 
+import inspect
 from functools import partial
 from typing import Optional, Sequence, Tuple
 
@@ -69,11 +73,18 @@ def _siglip_output(model: nn.Module, base: nn.Module, features: torch.Tensor, we
     return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=pooled)
 
 
+def _siglip_classifier_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weights: torch.Tensor,
+                              prefix: int, labels: Optional[torch.Tensor]):
+    """SigLIP's classifier: the mean of all tokens (valid ones, by size)."""
+    return classifier_output(model, model.classifier(valid_mean(features, weights)), labels)
+
+
 LAYOUTS = {
     "CLIPVisionModel": Layout(None, _clip_output),
     "CLIPVisionModelWithProjection": Layout("vision_model", _clip_projection_output),
     "CLIPForImageClassification": Layout("vision_model", _clip_classifier_output),
     "SiglipVisionModel": Layout(None, _siglip_output),
+    "SiglipForImageClassification": Layout("vision_model", _siglip_classifier_output),
 }
 
 
@@ -89,11 +100,20 @@ class VisionTowers(HuggingFaceFamily):
     layouts = LAYOUTS
     mixin = ATSVisionTower
 
+    def base(self, model: nn.Module) -> nn.Module:
+        """The tower: the model, its ``vision_model`` (CLIPVisionModel and SiglipVisionModel before transformers
+        5.x) or the ``vision_model`` of that."""
+        base = super().base(model)
+        return getattr(base, "vision_model", base)
+
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         return self.base(model).encoder.layers
 
     def block_parts(self, layer: nn.Module) -> BlockParts:
-        return layer_parts(layer, dense=partial(first_output, dense_forward(layer), attention_mask=None))
+        """Its parts, its own forward given no masks (CLIP's layer takes a causal mask before transformers 5.x)."""
+        masks = dict.fromkeys(name for name in ("attention_mask", "causal_attention_mask")
+                              if name in inspect.signature(type(layer).forward).parameters)
+        return layer_parts(layer, dense=partial(first_output, dense_forward(layer), **masks))
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         """CLIP's class token; SigLIP has none."""
@@ -104,10 +124,11 @@ class VisionTowers(HuggingFaceFamily):
         return PatchEmbedding(embeddings.patch_embedding, pair(embeddings.image_size), pair(embeddings.patch_size))
 
     def head_flops(self, model: nn.Module) -> Tuple[int, int]:
-        """CLIP's projection or classifier; SigLIP's attention pool: the probe's query, the output projection
-        and the MLP per image, each token's key, value and attention (``flops.attention_pool_token_flops``)."""
+        """CLIP's projection or classifier, SigLIP's classifier; SigLIP's attention pool: the probe's query, the
+        output projection and the MLP per image, each token's key, value and attention
+        (``flops.attention_pool_token_flops``)."""
         head = getattr(self.base(model), "head", None)
-        if head is None:
+        if head is None or self.layout(model).output is not _siglip_output:
             return super().head_flops(model)
         width = head.attention.embed_dim
         return width * width + linear_flops(head), attention_pool_token_flops(2 * width * width, 1, width)

@@ -45,7 +45,8 @@ class HuggingFaceDINOv3(HuggingFaceFamily):
     mixin = ATSDINOv3
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
-        return self.base(model).model.layer
+        base = self.base(model)
+        return base.model.layer if hasattr(base, "model") else base.layer  # transformers 5.x; 4.x
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         """The class token and the register tokens."""
