@@ -225,17 +225,25 @@ def tower_of(model: nn.Module, name: str) -> nn.Module:
     return tower
 
 
+def run_with_its_tower(name: str, tower_name: str, config, images: torch.Tensor) -> tuple:
+    """A tiny ``name`` and its tower as a ``tower_name`` (``tower_of``), both patched with ``config``, and their
+    outputs on ``images``."""
+    model = tiny(name)
+    tower = tower_of(model, tower_name)
+    ats.patch(model, config)
+    ats.patch(tower, config)
+    with torch.no_grad():
+        return model, tower, model(images), tower(images)
+
+
 def test_the_siglip_classifier_averages_valid_tokens_in_proportion_to_their_size():
     """With fused tokens, the logits are the classifier on the mean of each image's valid tokens, each repeated
     as many times as the patches it holds: the tokens of a SiglipVisionModel with the classifier's tower weights,
     patched alike."""
-    model, images = tiny("SiglipForImageClassification"), contrasted_images()
-    tower = tower_of(model, "SiglipVisionModel")
-    ats.patch(model, FUSE_DISTINCT)
-    ats.patch(tower, FUSE_DISTINCT)
-    with torch.no_grad():
-        logits = model(images).logits
-        tokens = tower(images).last_hidden_state
+    images = contrasted_images()
+    model, tower, output, tower_output = run_with_its_tower("SiglipForImageClassification", "SiglipVisionModel",
+                                                            FUSE_DISTINCT, images)
+    logits, tokens = output.logits, tower_output.last_hidden_state
     sizes, lengths = tower._ats.pool_weights, ats.last_stats(tower).tokens_out[:, -1]
     assert (lengths < tokens.shape[1]).any() and (sizes > 1).any()
     assert torch.equal(lengths, ats.last_stats(model).tokens_out[:, -1])
@@ -268,13 +276,9 @@ def test_a_siglip_classifier_with_an_attention_pool_does_not_run_it():
 
 
 def test_clip_pools_its_class_token_through_the_post_layernorm_and_returns_unnormed_tokens():
-    model, images = tiny("CLIPVisionModelWithProjection"), contrasted_images()
-    tower = tower_of(model, "CLIPVisionModel")
-    ats.patch(model, CONFIG)
-    ats.patch(tower, CONFIG)
-    with torch.no_grad():
-        embeds = model(images).image_embeds
-        tokens = tower(images).last_hidden_state
+    model, _, output, tower_output = run_with_its_tower("CLIPVisionModelWithProjection", "CLIPVisionModel", CONFIG,
+                                                        contrasted_images())
+    embeds, tokens = output.image_embeds, tower_output.last_hidden_state
     post_layernorm = family_of(model).base(model).post_layernorm
     assert torch.allclose(embeds, model.visual_projection(post_layernorm(tokens[:, 0])), atol=1e-6)
     assert (tokens[:, 0].std(-1) - 1).abs().max() > 0.1, "CLIP's last hidden state is not layer-normed"
