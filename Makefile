@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml requirements-ci.txt
 	touch $(STAMP)
 
 eval: $(STAMP)
-	$(VENV)/bin/ats eval
-	$(VENV)/bin/ats eval --model reference-cluttered --limit 2000
+	$(VENV)/bin/ats eval --repeats 3
+	$(VENV)/bin/ats eval --model reference-cluttered --limit 1000 --repeats 3
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts

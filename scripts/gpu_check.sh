@@ -7,8 +7,9 @@
 # About 5 minutes on one NVIDIA GPU, most of it compiling.
 #
 #   scripts/gpu_check.sh [OUT]                      # JSON rows under OUT (default gpu-check/), one file per run
-#   DEVICE=cpu QUICK=1 scripts/gpu_check.sh OUT     # the same runs, small (DeiT-Ti, batch 2, the compiled
-#                                                   # runs traced by the eager backend), on the CPU
+#   DEVICE=cpu QUICK=1 scripts/gpu_check.sh OUT     # the same runs, small (the reference model in DeiT-S's
+#                                                   # place, batch 2, bf16 autocast only, the compiled runs
+#                                                   # traced by the eager backend), on the CPU
 #
 # Needs the package installed (`make setup`, or pip install -e .) with a CUDA build of PyTorch; nothing is
 # downloaded (DeiT-S is randomly initialised, the reference model is bundled). ATS=... overrides the command.
@@ -18,13 +19,15 @@ OUT=${1:-gpu-check}
 DEVICE=${DEVICE:-cuda}
 ATS=${ATS:-ats}
 if [ "${QUICK:-0}" = 1 ]; then
-    MODEL=deit_tiny_patch16_224
+    MODEL=reference
     RUN="--batch-size 2 --repeats 1 --warmup 1"
     COMPILE="--compile --compile-backend eager"
+    AUTOCASTS="bf16"
 else
     MODEL=deit_small_patch16_224
     RUN="--batch-size 1 --batch-size 8 --batch-size 64 --repeats 5 --warmup 3"
     COMPILE="--compile"
+    AUTOCASTS="none bf16"
 fi
 mkdir -p "$OUT"
 {
@@ -33,7 +36,7 @@ mkdir -p "$OUT"
 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
 } > "$OUT/device.txt"
 
-for AUTOCAST in none bf16; do
+for AUTOCAST in $AUTOCASTS; do
     COMMON="--device $DEVICE $RUN --autocast $AUTOCAST --json"
     for NAME in deit reference; do
         if [ "$NAME" = deit ]; then TARGET=$MODEL; else TARGET=reference; fi

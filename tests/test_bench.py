@@ -36,7 +36,7 @@ def test_bench_compile_times_compiled_models_with_the_same_flops(checkpoint, cap
             "--warmup", "1", "--json"]
     assert main(argv) == 0
     eager = json.loads(capsys.readouterr().out)
-    assert main([*argv, "--compile"]) == 0
+    assert main([*argv, "--compile", "--compile-backend", "eager"]) == 0  # traced by dynamo, no kernels built
     compiled = json.loads(capsys.readouterr().out)
     assert [row["config"] for row in compiled] == ["unpatched", "rho=0.7 @ blocks 3..11"]
     assert compiled[1]["gflops"] == pytest.approx(eager[1]["gflops"])

@@ -178,3 +178,12 @@ def test_a_static_selection_is_as_wide_as_its_capacity():
     assert kept.width == 4 and kept.lengths.tolist() == [2, 4] and not kept.full
     assert kept.source.tolist() == [[0, 2, -1, -1], [0, 1, 2, 3]]
     assert kept.rows[:, 0].tolist()[:2] == [0.0, 2.0] and rows_from.shape == (8,)
+
+
+def test_calibrate_finds_a_budget_for_static_mode():
+    """In static mode a config costs its capacity, the same for every image: the search counts that."""
+    model, images = tiny_vit(), contrasted_images()
+    loader = [(images, torch.zeros(len(images), dtype=torch.long))]
+    found = ats.calibrate(model, loader, fraction=0.6, method="ats", first=1, static=True, progress=False)
+    assert found.gflops == pytest.approx(ats.gflops(ats.patch(model, found.config, static=True)), rel=1e-5)
+    assert abs(found.gflops - 0.6 * found.unpatched_gflops) <= 0.02 * 0.6 * found.unpatched_gflops
