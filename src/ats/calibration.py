@@ -1,11 +1,6 @@
-"""``ats.calibrate``: ask for a budget, get a config (the search; ``ats calibrate`` is its command).
-
-A method (ATS, top-K, ATS with ``fuse`` + ``distinct``, EViT, token merging, SAINT) has one free
-parameter that sets its cost: rho, the ``distinct`` threshold, the keep rate, r, or SAINT's similarity
-threshold. What a value costs depends on the model and the images, so the search measures it:
-bisection on that parameter, each step one pass over a small calibration set (the images stay in
-memory), until the mean GFLOPs per image is within a tolerance (2%) of the target. A target outside
-what the method can reach is refused with the nearest budget it can reach.
+"""``ats.calibrate``, the search behind ``ats calibrate`` (whose module says what it does): bisection on a
+method's one free parameter (``METHODS``, ``method_knob``), each step a pass over calibration images held in
+memory, until the mean GFLOPs per image meets the target; ``nearest_merge``, merging's analytic counterpart.
 """
 from __future__ import annotations
 

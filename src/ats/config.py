@@ -352,8 +352,46 @@ class KeepAllConfig:
         return "keep all" + (f" from block {self.first}" if self.first else "")
 
 
+def checked_blocks(blocks: Sequence[int], method: str, example: Tuple[int, ...]) -> Tuple[int, ...]:
+    """``blocks`` as a sorted tuple of distinct 0-based block indices; ValueError naming ``method`` otherwise."""
+    indices = tuple(blocks) if isinstance(blocks, Sequence) else ()
+    if not indices or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices):
+        raise ValueError(f"blocks must be a non-empty sequence of 0-based block indices, e.g. {example}, "
+                         f"got {blocks!r}")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"{method} blocks {indices} name a block twice")
+    return tuple(sorted(indices))
+
+
+class ListedBlocks:
+    """What a config that runs in the blocks it lists (``blocks``, sorted) answers alike: EViT, SAINT."""
+
+    blocks: Tuple[int, ...]
+
+    @property
+    def first_block(self) -> int:
+        return self.blocks[0]
+
+    @property
+    def packing(self) -> str:
+        return "rows"
+
+    def patched_blocks(self, depth: int) -> List[int]:
+        return list(self.blocks)
+
+    def method_at(self, index: int):
+        return self if index in self.blocks else None
+
+    def check_inside(self, depth: int, method: str, hint: str = "") -> None:
+        """Raise ValueError when a listed block lies outside a model of ``depth`` blocks."""
+        outside = [index for index in self.blocks if index >= depth]
+        if outside:
+            raise ValueError(f"{method} block indices {outside} lie outside this model's {depth} blocks "
+                             f"(0..{depth - 1}){hint}")
+
+
 @dataclass(frozen=True)
-class EViTConfig:
+class EViTConfig(ListedBlocks):
     """EViT (Liang et al., ICLR 2022): in each of ``blocks``, after attention, keep the
     ``ceil(keep_rate * patch tokens)`` patch tokens with the highest class-token attention (averaged
     over heads) and fuse the rest into one token, their attention-weighted average, placed after the
@@ -368,33 +406,11 @@ class EViTConfig:
                 0.0 < self.keep_rate <= 1.0):
             raise ValueError(f"keep_rate must lie in (0, 1] (the share of patch tokens an EViT block keeps), got "
                              f"{self.keep_rate!r}; EViT's default is {EVIT_KEEP_RATE}")
-        blocks = tuple(self.blocks) if isinstance(self.blocks, Sequence) else ()
-        if not blocks or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in blocks):
-            raise ValueError(f"blocks must be a non-empty sequence of 0-based block indices, e.g. {EVIT_BLOCKS}, "
-                             f"got {self.blocks!r}")
-        if len(set(blocks)) != len(blocks):
-            raise ValueError(f"EViT blocks {blocks} name a block twice")
         object.__setattr__(self, "keep_rate", float(self.keep_rate))
-        object.__setattr__(self, "blocks", tuple(sorted(blocks)))
-
-    @property
-    def first_block(self) -> int:
-        return self.blocks[0]
-
-    @property
-    def packing(self) -> str:
-        return "rows"
-
-    def patched_blocks(self, depth: int) -> List[int]:
-        return list(self.blocks)
-
-    def method_at(self, index: int) -> Optional["EViTConfig"]:
-        return self if index in self.blocks else None
+        object.__setattr__(self, "blocks", checked_blocks(self.blocks, "EViT", EVIT_BLOCKS))
 
     def check_model(self, depth: int, has_cls: bool) -> None:
-        outside = [index for index in self.blocks if index >= depth]
-        if outside:
-            raise ValueError(f"EViT block indices {outside} lie outside this model's {depth} blocks (0..{depth - 1})")
+        self.check_inside(depth, "EViT")
         if not has_cls:
             raise ValueError("EViT ranks tokens by the class token's attention and this model has no class token")
 
@@ -410,7 +426,7 @@ class EViTConfig:
 
 
 @dataclass(frozen=True)
-class SAINTConfig:
+class SAINTConfig(ListedBlocks):
     """SAINT (Jeddi et al. 2025, "Similarity-Aware Token Pruning"), training-free: in each of ``blocks``,
     after attention, the patch tokens alternate between sets A and B, and each image drops as many A tokens
     as it has A tokens with at least ``k`` B tokens whose keys (averaged over heads) are ``threshold``
@@ -437,15 +453,9 @@ class SAINTConfig:
                 0.0 <= self.gamma < math.inf):
             raise ValueError(f"gamma must be a finite number >= 0 (how much closer matches outrank more matches), "
                              f"got {self.gamma!r}; SAINT's default is {SAINT_GAMMA:g}")
-        blocks = tuple(self.blocks) if isinstance(self.blocks, Sequence) else ()
-        if not blocks or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in blocks):
-            raise ValueError(f"blocks must be a non-empty sequence of 0-based block indices, e.g. {SAINT_BLOCKS}, "
-                             f"got {self.blocks!r}")
-        if len(set(blocks)) != len(blocks):
-            raise ValueError(f"SAINT blocks {blocks} name a block twice")
         object.__setattr__(self, "threshold", float(self.threshold))
         object.__setattr__(self, "gamma", float(self.gamma))
-        object.__setattr__(self, "blocks", tuple(sorted(blocks)))
+        object.__setattr__(self, "blocks", checked_blocks(self.blocks, "SAINT", SAINT_BLOCKS))
 
     @classmethod
     def first_half(cls, threshold: float, depth: int = 12, **options) -> "SAINTConfig":
@@ -454,25 +464,8 @@ class SAINTConfig:
             raise ValueError(f"depth must be the model's number of blocks (>= 1), got {depth!r}")
         return cls(threshold, blocks=tuple(range(max(depth // 2, 1))), **options)
 
-    @property
-    def first_block(self) -> int:
-        return self.blocks[0]
-
-    @property
-    def packing(self) -> str:
-        return "rows"
-
-    def patched_blocks(self, depth: int) -> List[int]:
-        return list(self.blocks)
-
-    def method_at(self, index: int) -> Optional["SAINTConfig"]:
-        return self if index in self.blocks else None
-
     def check_model(self, depth: int, has_cls: bool) -> None:
-        outside = [index for index in self.blocks if index >= depth]
-        if outside:
-            raise ValueError(f"SAINT block indices {outside} lie outside this model's {depth} blocks (0..{depth - 1}); "
-                             f"use SAINTConfig.first_half(threshold, depth={depth})")
+        self.check_inside(depth, "SAINT", f"; use SAINTConfig.first_half(threshold, depth={depth})")
 
     def most_tokens_out(self, index: int, n: int, prefix: int) -> int:
         return n
