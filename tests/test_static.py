@@ -121,7 +121,7 @@ def test_a_static_timm_vit_compiles_whole_once(name):
     assert_one_graph_over_ten_batches(model, lambda m, x: m(x), ten_batches())
 
 
-@pytest.mark.parametrize("name", ["inverse_transform", "fuse_distinct", "evit", "merge"])
+@pytest.mark.parametrize("name", ["inverse_transform", "topk", "released", "fuse_distinct", "evit", "merge"])
 def test_a_static_hugging_face_vit_compiles_whole_once(name):
     transformers = pytest.importorskip("transformers")
     config = transformers.ViTConfig(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=COMPILE_DEPTH,
