@@ -1,5 +1,6 @@
 """Static mode: every block at a width fixed in advance, no host read, one graph under torch.compile."""
 import copy
+import json
 
 import pytest
 import torch
@@ -187,3 +188,19 @@ def test_calibrate_finds_a_budget_for_static_mode():
     found = ats.calibrate(model, loader, fraction=0.6, method="ats", first=1, static=True, progress=False)
     assert found.gflops == pytest.approx(ats.gflops(ats.patch(model, found.config, static=True)), rel=1e-5)
     assert abs(found.gflops - 0.6 * found.unpatched_gflops) <= 0.02 * 0.6 * found.unpatched_gflops
+
+
+def test_eval_static_labels_its_rows_and_reports_the_capacity(capsys):
+    """``--static`` reaches the evaluation: the same top-1 and kept tokens as the adaptive rows, the capacity's
+    GFLOPs, and a label that says so."""
+    from ats.commands.cli import main
+
+    argv = ["eval", "--limit", "40", "--batch-size", "20", "--repeats", "1", "--multi-stage", "0.72", "--json"]
+    assert main(argv) == 0
+    adaptive = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--static"]) == 0
+    static = json.loads(capsys.readouterr().out)
+    assert [row["config"] for row in static] == ["unpatched", "rho=0.72 @ blocks 3..11 [static]"]
+    assert static[1]["top1"] == adaptive[1]["top1"] and static[1]["kept_tokens_mean"] == adaptive[1]["kept_tokens_mean"]
+    bound = ats.gflops(ats.patch(ats.reference.load_reference_model(), ats.ATSConfig.multi_stage(0.72)))
+    assert static[1]["gflops"] == pytest.approx(bound, rel=1e-4) and static[1]["gflops"] > adaptive[1]["gflops"]

@@ -187,11 +187,7 @@ class TokenBatch:
     def rows_at(self, positions: torch.Tensor) -> torch.Tensor:
         """A map between positions as a map between rows: positions [B, m] long gives a position of the same
         image for each position -> [T] long, for each row the row at the position its own maps to."""
-        flat = positions
-        if self.batch_size > 1:
-            flat = positions + torch.arange(0, self.batch_size * self.width, self.width,
-                                            device=positions.device).unsqueeze(1)
-        flat = flat.reshape(-1)
+        flat = self._flat(positions)
         if self.row_index is None:
             return flat
         return self._row_at_position().index_select(0, flat.index_select(0, self.row_index))
@@ -233,8 +229,7 @@ class TokenBatch:
         width = min(capacity, self.width)
         lengths = keep.sum(dim=1).clamp(max=width)
         positions = _kept_first(keep, last).narrow(1, 0, width)
-        rows_from = (positions + torch.arange(0, self.batch_size * self.width, self.width,
-                                              device=keep.device).unsqueeze(1)).reshape(-1)
+        rows_from = self._flat(positions)
         valid = torch.arange(width, device=keep.device) < lengths.unsqueeze(1)
         sizes = None if self.sizes is None else self.sizes.index_select(0, rows_from)
         source = self.source.gather(1, positions).masked_fill(~valid, -1)
@@ -255,10 +250,7 @@ class TokenBatch:
         full = total == batch * width
         padded_layout = self.keep_padding or total >= (1 - PADDED_LAYOUT_SLACK) * batch * width
         row_index = None if padded_layout else _row_index(lengths, width, total)
-        valid_flat = positions.reshape(-1)
-        if batch > 1:
-            image_starts = torch.arange(0, batch * self.width, self.width, device=keep.device)
-            valid_flat = (positions + image_starts.unsqueeze(1)).reshape(-1)
+        valid_flat = self._flat(positions)
         if row_index is not None:
             valid_flat = valid_flat.index_select(0, row_index)
         rows_from = valid_flat if self.row_index is None else self._row_at_position().index_select(0, valid_flat)
@@ -273,6 +265,13 @@ class TokenBatch:
                             self.cls_live, sizes, full, self.keep_padding, self.num_source_tokens, in_order,
                             valid=valid)
         return packed, rows_from
+
+    def _flat(self, positions: torch.Tensor) -> torch.Tensor:
+        """Positions [B, k] of each image -> [B * k] long, their indices in the flattened padded layout [B * m]."""
+        if self.batch_size > 1:
+            positions = positions + torch.arange(0, self.batch_size * self.width, self.width,
+                                                 device=positions.device).unsqueeze(1)
+        return positions.reshape(-1)
 
     def _row_at_position(self) -> torch.Tensor:
         """[B * m] long, the row index of each padded position (0 on padding); for packed rows only."""

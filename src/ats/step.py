@@ -169,7 +169,7 @@ def run_blocks(blocks: Sequence[BlockParts], x: torch.Tensor, config: PatchConfi
     """Run ``blocks[start:]`` under ``config`` on the tokens x [B, N, C] that the first ``start`` blocks
     made (all N of them: no block before the first patched one drops any).
 
-    static: give every block's output the width of its capacity (``config.token_capacities``: the most it can
+    static: give every block's output the width of its capacity (``token_capacities``: the most it can
     keep) instead of its largest kept count, so that the forward reads nothing on the host and compiles to one
     graph.
     Returns the packed tokens after the last block and what each block did.

@@ -87,9 +87,9 @@ def bench(model: nn.Module, configs: Sequence[PatchConfig], batch_sizes: Sequenc
     """Rows for the unpatched model and each config at each batch size; the model is left unpatched.
 
     compile: time ``torch.compile`` of the unpatched model and of a patched copy per config instead
-    (the warm-up repeats then include compiling), in ``compile_mode`` with ``compile_backend``; autocast: "none",
-    "bf16" or "fp16"
-    (``autocast_context``); static: the configs in static mode (compiled with ``fullgraph=True``).
+    (the warm-up repeats then include compiling), in ``compile_mode`` with ``compile_backend``; autocast:
+    "none", "bf16" or "fp16" (``autocast_context``); static: the configs in static mode (compiled with
+    ``fullgraph=True``).
     """
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
