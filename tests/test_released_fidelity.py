@@ -3,13 +3,13 @@
 The record (``shared/fidelity/official_ats_rho1_first500_bs1.json`` beside the repository) is the released
 code run one image at a time on the reference model's first 500 test images: per image its predicted class
 (``pred``), the tokens each of the 12 blocks kept, class token included (``kept``, our
-``ATSStats.tokens_out``) and its GFLOPs. It was not made on this machine's arithmetic: its counts differ
-from ours the way a run with ~3e-4 relative noise in the embeddings does (a fp32 CPU transcription of the
-released forward agrees with sampler="released" on 500 of 500 images at every block; docs/method.md). So
-the first ATS block, whose input both runs compute alike, must agree on 99% of the images, and later
-blocks, where a token dropped differently changes everything after it, must agree in distribution: the
-same mean count at every block, the same top-1, and no fewer images agreeing at every block than measured
-(61.2%, floor 55%).
+``ATSStats.tokens_out``) and its GFLOPs. The released code builds its blocks' LayerNorms as ``nn.LayerNorm``
+with PyTorch's eps of 1e-5 (the default ``norm_layer`` of its ``Block`` and ``ATSBlock``); timm, which the
+reference model was trained in, uses 1e-6. That eps in the first three blocks moves the block-3 scores of
+low-variance tokens (the black background) by ~1e-4, which swaps a kept token for its near-tied neighbour in
+about a third of the images without changing block 3's count; from block 4 on the counts part (61.2% of the
+images agreed at every block). With the record's eps, sampler="released" keeps the same count at every
+block for all 500 images and predicts the same class (docs/method.md).
 """
 import json
 from pathlib import Path
@@ -24,7 +24,8 @@ from ats.sampling import RELEASED_EPS, released_attention
 
 RECORD = Path(__file__).resolve().parents[2] / "shared" / "fidelity" / "official_ats_rho1_first500_bs1.json"
 IMAGES = 500
-FIRST_ATS_BLOCK = 3
+#: PyTorch's ``nn.LayerNorm`` default, which the released code's blocks normalise with.
+RELEASED_LAYER_NORM_EPS = 1e-5
 
 
 def released_record() -> dict:
@@ -35,13 +36,16 @@ def released_record() -> dict:
     return record
 
 
-@pytest.fixture(scope="module")
-def library_run():
-    """sampler="released" on the first 500 test images one at a time: (predictions [500], kept [500, 12], labels).
+def released_run(layer_norm_eps: float):
+    """sampler="released" on the first 500 test images one at a time, the reference model's LayerNorms at
+    ``layer_norm_eps``: (predictions [500], kept [500, 12], labels [500]).
 
     One thread: these forwards are a few small ops each, and two threads on a busy 2-core machine take
     270 s instead of 8 s."""
     model = load_reference_model().eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.eps = layer_norm_eps
     ats.patch(model, ats.ATSConfig.multi_stage(1.0, sampler="released"))
     test_set = bundled_test_set()
     predictions, kept, labels = [], [], []
@@ -76,20 +80,26 @@ def test_released_attention_is_the_released_softmax():
     assert not torch.allclose(ordinary, expected, **close)  # the epsilon terms are there
 
 
-def test_released_sampler_agrees_with_the_released_code_block_by_block(library_run):
+def test_released_sampler_agrees_with_the_released_code_block_by_block():
     record = released_record()
-    predictions, kept, labels = library_run
+    predictions, kept, labels = released_run(RELEASED_LAYER_NORM_EPS)
     official_kept, official_pred = torch.tensor(record["kept"]), torch.tensor(record["pred"])
     assert kept.shape == official_kept.shape == (IMAGES, 12)
+    agree = (kept == official_kept).double().mean(dim=0)
+    table = " ".join(f"{block}:{rate:.3f}" for block, rate in enumerate(agree.tolist()))
+    assert agree.min() >= 0.99, f"per-block agreement {table}"
+    assert (kept == official_kept).all(dim=1).double().mean() >= 0.99, f"per-block agreement {table}"
+    assert (predictions == official_pred).double().mean() >= 0.99
+    assert int((predictions == labels).sum()) == int((official_pred == labels).sum())  # 75.60% both
+
+
+def test_the_layer_norm_eps_is_what_parts_the_reference_model_from_the_record():
+    """With the reference model's own eps (timm's 1e-6) the first ATS block's counts still agree and the
+    mean count of every block stays the record's, but far fewer images agree at every block."""
+    record = released_record()
+    _, kept, _ = released_run(1e-6)
+    official_kept = torch.tensor(record["kept"])
     agree = kept == official_kept
-    table = " ".join(f"{block}:{rate:.3f}" for block, rate in enumerate(agree.double().mean(dim=0).tolist()))
-
-    assert agree[:, :FIRST_ATS_BLOCK].all(), "the blocks before the first ATS block keep every token"
-    assert agree[:, FIRST_ATS_BLOCK].double().mean() >= 0.99, f"per-block agreement {table}"
-    assert agree.all(dim=1).double().mean() >= 0.55, f"per-block agreement {table}"
-    mean_gap = (kept.double() - official_kept.double()).mean(dim=0).abs()
-    assert mean_gap.max() <= 0.5, f"mean kept tokens differ by {mean_gap.tolist()}"
-
-    correct, official_correct = int((predictions == labels).sum()), int((official_pred == labels).sum())
-    assert abs(correct - official_correct) <= 2, f"top-1 {correct / IMAGES:.2%} vs {official_correct / IMAGES:.2%}"
-    assert (predictions == official_pred).double().mean() >= 0.96
+    assert agree[:, 3].double().mean() >= 0.99
+    assert agree.all(dim=1).double().mean() < 0.8
+    assert (kept.double() - official_kept.double()).mean(dim=0).abs().max() <= 0.5
