@@ -75,6 +75,15 @@ def test_frontier_draws_a_line_per_method_and_highlights_the_baseline():
         frontier_figure([dict(method="ATS", gflops=1.0)])
 
 
+def test_frontier_gives_every_method_its_own_colour():
+    """ats compare draws eleven methods: no two lines may look alike (matplotlib's default cycle has ten)."""
+    rows = [dict(method=f"method {index}", gflops=1.0 + index, top1=50.0 + index) for index in range(25)]
+    lines = frontier_figure(rows).axes[0].get_lines()
+    assert len(lines) == 25
+    assert len({line.get_color() for line in lines[:20]}) == 20
+    assert len({(line.get_color(), line.get_marker()) for line in lines}) == 25
+
+
 def test_plot_frontier_writes_the_png(tmp_path):
     path = plot_frontier([dict(method="ATS", gflops=1.0, top1=50.0)], tmp_path / "sub" / "f.png")
     assert path.read_bytes().startswith(b"\x89PNG")

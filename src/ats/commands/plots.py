@@ -11,12 +11,17 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 UNPATCHED = "unpatched"
 RESULT_KEYS = ("config", "gflops", "top1", "tokens_in", "tokens_out", "ats_blocks")
 FRONTIER_KEYS = ("method", "gflops", "top1")
+#: Line styles of the frontier: tab20's dark shades, then its light ones, with a new marker for each round,
+#: so ``ats compare``'s eleven methods get eleven looks (matplotlib's cycle repeats after ten colours).
+FRONTIER_COLOURS = [colormaps["tab20"](index) for index in (*range(0, 20, 2), *range(1, 20, 2))]
+FRONTIER_MARKERS = "osD^v"
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -84,6 +89,7 @@ def frontier_figure(rows: Sequence[Mapping], title: str = "Top-1 against GFLOPs"
         raise ValueError(f"baseline {baseline!r} is not among the methods {sorted(groups)}")
     figure = new_figure(6.4, 4.6)
     ax = figure.subplots()
+    lines = 0
     for method, points in groups.items():
         points = sorted(points, key=lambda row: row["gflops"])
         gflops = [row["gflops"] for row in points]
@@ -92,7 +98,10 @@ def frontier_figure(rows: Sequence[Mapping], title: str = "Top-1 against GFLOPs"
             ax.scatter(gflops, top1, marker="*", s=220, color="black", zorder=3, label=method)
             ax.axhline(max(top1), color="black", linestyle=":", linewidth=1)
         else:
-            ax.plot(gflops, top1, marker="o", label=method)
+            colour = FRONTIER_COLOURS[lines % len(FRONTIER_COLOURS)]
+            marker = FRONTIER_MARKERS[lines // len(FRONTIER_COLOURS) % len(FRONTIER_MARKERS)]
+            ax.plot(gflops, top1, marker=marker, color=colour, label=method)
+            lines += 1
         for row in points:
             if row.get("label"):
                 ax.annotate(row["label"], (row["gflops"], row["top1"]), textcoords="offset points",
