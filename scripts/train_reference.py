@@ -5,7 +5,8 @@ of the tokens, cheap; PS-ViT samples a 7x7 grid of points from its 7x7 feature m
 then a few at the full 28x28, the ViT's position embedding resampled in between (CvT has none; PS-ViT's position
 encoding is a linear map of the sampled points, so its weights fit both grids). The video models (TimeSformer,
 XViT) train on moving-garment clips at its own size, rendered batch by batch with fresh motion and clutter every epoch
-(1000 * --seed + the epoch is the clips' seed); it is tested on the first --test-limit test clips. A checkpoint is
+(1000 * --seed + the epoch is the clips' seed); it is tested on the first --test-limit test clips.
+--reverse-twins and --time-sincos are the TimeSformer's recipe for reading the frames' order. A checkpoint is
 written every --checkpoint-minutes and at the end of every epoch; rerunning the same command resumes from it,
 mid-epoch included. See docs/reference-model.md for the exact commands and the measured accuracy.
 
@@ -80,6 +81,15 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-minutes", type=float, default=15.0,
                         help="also write a checkpoint inside an epoch this often")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reverse-twins", action="store_true",
+                        help="video models: train on every clip and on its frames played backwards (the direction "
+                             "label flipped), so twins that differ only in the frames' order share each step (the "
+                             "batch doubles)")
+    parser.add_argument("--time-sincos", type=float, metavar="AMPLITUDE",
+                        help="--arch video: after --init, set the TimeSformer's time embeddings to a sinusoid table of "
+                             "this amplitude (zeros at transformers' initialisation, and still ~0.3 in norm after "
+                             "training, against ~2.5 for a patch embedding: too faint for attention to tell frames "
+                             "apart by position, so the model stays blind to their order)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds shuffling and augmentation; canvases and clips are rendered with seed "
                              "1000 * SEED + epoch, so another seed (a further phase) draws fresh ones")
@@ -156,11 +166,13 @@ class CanvasData:
 
 class ClipData:
     """Moving-garment clips of Fashion-MNIST's training images, rendered per batch with ``render_seed`` (1000 *
-    --seed + the epoch); the test clips of the bundled test images."""
+    --seed + the epoch), each with its reversal when ``reverse_twins``; the test clips of the bundled test images."""
 
-    def __init__(self, spec: ClipSpec, limit: Optional[int], test_limit: Optional[int]) -> None:
+    def __init__(self, spec: ClipSpec, limit: Optional[int], test_limit: Optional[int],
+                 reverse_twins: bool = False) -> None:
         train, test = fashion_mnist_train(), bundled_test_set()
         self.spec, self.images, self.labels = spec, train.images[:limit], train.labels[:limit]
+        self.reverse_twins = reverse_twins
         self.test_images, self.test_labels = test.images, test.labels
         self.test_count = min(test_limit or 2000, len(test.labels))
 
@@ -176,7 +188,12 @@ class ClipData:
 
     def batch(self, index: torch.Tensor, render_seed: int,
               generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.clips(self.images, self.labels, index, render_seed)
+        """Clips [B, T, 1, H, W] and labels [B]; with ``reverse_twins`` [2B, ...]: the clips, then each played
+        backwards (a clip of the same garment moving the other way: label ^ 1 flips the direction bit)."""
+        clips, labels = self.clips(self.images, self.labels, index, render_seed)
+        if not self.reverse_twins:
+            return clips, labels
+        return torch.cat([clips, clips.flip(1)]), torch.cat([labels, labels ^ 1])
 
     def test_batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, self.test_count, 100):
@@ -238,6 +255,12 @@ def load_init(model: torch.nn.Module, path: Path) -> None:
     model.load_state_dict(state)
 
 
+def sincos_table(positions: int, width: int) -> torch.Tensor:
+    """The Transformer's sinusoid position table [positions, width]: sin and cos of position / 10000^(2i/width)."""
+    angles = torch.arange(positions)[:, None] / 10000 ** (torch.arange(0, width, 2) / width)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)[:, :width]
+
+
 def main(argv: Optional[list] = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -246,15 +269,23 @@ def main(argv: Optional[list] = None) -> None:
     numpy.random.seed(args.seed)
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
+    if args.reverse_twins and args.arch not in VIDEO_ARCHITECTURES:
+        raise SystemExit(f"--reverse-twins is an option of the video models ({', '.join(VIDEO_ARCHITECTURES)}) only")
+    if args.time_sincos is not None and args.arch != "video":
+        raise SystemExit("--time-sincos is an option of --arch video (the TimeSformer) only")
     model = create(args.arch, args.img_size, args.heads, args.drop_path, args.conv_stem)
     if args.arch in VIDEO_ARCHITECTURES:
-        data = ClipData(clip_spec(model), args.limit, args.test_limit)
+        data = ClipData(clip_spec(model), args.limit, args.test_limit, args.reverse_twins)
     elif args.arch == "cluttered":
         data = CanvasData(args.img_size, args.limit, args.test_limit)
     else:
         data = ImageData(args.img_size, args.limit, args.test_limit)
     if args.init:
         load_init(model, args.init)
+    if args.time_sincos is not None:
+        time_embeddings = model.timesformer.embeddings.time_embeddings
+        with torch.no_grad():
+            time_embeddings.copy_(args.time_sincos * sincos_table(*time_embeddings.shape[1:])[None])
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(data) / args.batch_size)
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
