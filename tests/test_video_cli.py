@@ -22,11 +22,11 @@ def video_checkpoint(tmp_path):
 
 
 def test_the_bundled_video_model_classifies_the_test_clips(capsys):
-    """Chance is 5% (20 classes); the bundled checkpoint is a trained model (34.4% on these 64 clips)."""
+    """Chance is 5% (20 classes); the bundled checkpoint is a trained model (62.5% on these 64 clips)."""
     assert main(["eval", "--model", "reference-video", "--limit", "64", "--batch-size", "32", "--blocks", "3-5:1.0",
                  "--json"]) == 0
     unpatched, sampled = json.loads(capsys.readouterr().out)
-    assert unpatched["top1"] > 20.0 and sampled["top1"] > 20.0
+    assert unpatched["top1"] > 40.0 and sampled["top1"] > 40.0
     assert sampled["gflops"] < unpatched["gflops"] and sampled["kept_tokens_max"] < 65
 
 
