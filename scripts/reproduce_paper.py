@@ -21,9 +21,9 @@ import ats
 from ats.commands.evaluate import evaluate
 from ats.commands.options import add_model_arguments, load_model
 from ats.commands.plots import plot_frontier
-from ats.config import ATSConfig
 from ats.data.build import build_dataset
 from ats.data.distributed import make_loader
+from ats.methods import ATSConfig
 
 K_SWEEP = (8, 16, 32, 48, 64, 78, 96, 108, 128, 160, 196)
 RHOS = (1.0, 0.9, 0.8, 0.7)

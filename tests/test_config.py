@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import ats
-from ats.config import TokenBudget
+from ats.methods import TokenBudget
 
 
 def test_multi_stage_schedule():

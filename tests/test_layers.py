@@ -12,7 +12,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ats"
 LAYERS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("algorithm", ("ats.sampling", "ats.packing", "ats.merging", "ats.evit", "ats.saint", "ats.flops",
                    "ats.profiling")),
-    ("step", ("ats.config", "ats.stats", "ats.step", "ats.tubes")),
+    ("step", ("ats.method", "ats.stats", "ats.step")),
+    ("methods", ("ats.methods", "ats.tubes")),
     ("models", ("ats.models",)),
     ("adapters", ("ats.patch",)),
     ("data", ("ats.data",)),

@@ -19,20 +19,10 @@ Layout, imports running downward only: ``ats.commands`` (the CLI) -> this module
 ``evit``, ``saint``, ``flops``, ``profiling``).
 """
 from .calibration import Calibration, calibrate
-from .config import (
-    ATSConfig,
-    EViTConfig,
-    KeepAllConfig,
-    MergeConfig,
-    PatchConfig,
-    SAINTConfig,
-    StackedConfig,
-    TokenBudget,
-)
+from .methods import *  # noqa: F403  the registered methods (ats.methods.METHODS), TokenBudget, PatchConfig
+from .methods import __all__ as _methods
 from .patch import gflops, is_patched, last_stats, patch, unpatch
 from .stats import ATSStats
 
 __version__ = "0.1.0"
-__all__ = ["ATSConfig", "ATSStats", "Calibration", "EViTConfig", "KeepAllConfig", "MergeConfig", "PatchConfig",
-           "SAINTConfig", "StackedConfig", "TokenBudget", "calibrate", "gflops", "is_patched", "last_stats", "patch",
-           "unpatch"]
+__all__ = ["ATSStats", "Calibration", *_methods, "calibrate", "gflops", "is_patched", "last_stats", "patch", "unpatch"]

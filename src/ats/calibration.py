@@ -13,9 +13,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .config import EVIT_BLOCKS, MULTI_STAGE_FIRST_BLOCK, ATSConfig, EViTConfig, MergeConfig, PatchConfig, SAINTConfig
 from .data.distributed import ONE_PROCESS, Processes, interleave
 from .data.skipped import DEFAULT_MAX_BAD, SkippedImages, dataset_size
+from .methods import ATSConfig, EViTConfig, MergeConfig, PatchConfig, SAINTConfig
+from .methods.adaptive_sampling import MULTI_STAGE_FIRST_BLOCK
+from .methods.evit import EVIT_BLOCKS
 from .patch import as_logits, family_of, is_patched, last_stats, patch, unpatch
 from .patch import gflops as analytic_gflops
 

@@ -1,17 +1,17 @@
-"""One ATS block step for every backbone: a pre-norm block run on a packed TokenBatch.
+"""The block step every backbone and every method shares: a pre-norm block run on a packed TokenBatch.
 
-A family adapter (``ats.patch.timm``, ``ats.patch.hf``, ...) describes each of its blocks as
-``BlockParts``; ``run_blocks`` then runs a model's blocks under a PatchConfig (ATS, EViT, both, or
-token merging): blocks before the first patched one and any block while no image has padding run
-the block's own forward; an ATS block scores, samples (and optionally fuses) tokens and runs
-attention for the kept queries only; an EViT or merging block attends with every token and reduces
-them before its MLP; later blocks mask padded keys. Where attention depends on positions (rotary
-embeddings, relative position biases), each token's share is gathered at the position it came from.
-Nothing here knows a family's module names.
+A family adapter (``ats.adapters``) describes each of its blocks as ``BlockParts``; ``run_blocks`` then runs a
+model's blocks under a config (an ``ats.method.Method``): a block the config changes runs the method's own
+``run_block`` (``ats.methods``: ATS samples and attends with the kept queries only, EViT, merging and SAINT
+attend with every token and reduce them before the MLP); the others run the block's own forward while no image
+has padding, else ``masked_block``, which masks padded keys. The pieces methods build their blocks from are here:
+``attention_half``, ``attend``, ``attention_update``, ``mlp_half``, ``fold_tokens``, the class token's attention.
+Where attention depends on positions (rotary embeddings, relative position biases), each token's share is
+gathered at the position it came from. Nothing here knows a family's module names or a method's rule.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -19,23 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ATSConfig, EViTConfig, MergeConfig, PatchConfig, SAINTConfig, TokenBudget, token_capacities
-from .evit import FUSED_SOURCE, attentive_tokens, fuse_inattentive
-from .merging import bipartite_soft_matching, fold, keep_distinct, nearest_kept, unit_vectors
+from .merging import fold
+from .method import BlockContext, Method, token_capacities
 from .packing import TokenBatch
-from .profiling import region
-from .saint import similar_tokens
-from .sampling import (
-    class_attention,
-    cls_scores,
-    inverse_transform_sample,
-    masked_softmax_logits,
-    released_attention,
-    released_sample,
-    self_attention_scores,
-    top_up,
-    topk_sample,
-)
+from .sampling import class_attention, masked_softmax_logits
 from .stats import BlockSampling, ForwardRecord
 
 Layer = Callable[[torch.Tensor], torch.Tensor]
@@ -164,7 +151,7 @@ class BlockParts:
         return x if self.rotation is None else self.rotation(x, source)
 
 
-def run_blocks(blocks: Sequence[BlockParts], x: torch.Tensor, config: PatchConfig, num_prefix_tokens: int,
+def run_blocks(blocks: Sequence[BlockParts], x: torch.Tensor, config: Method, num_prefix_tokens: int,
                has_cls: bool, start: int = 0, static: bool = False) -> Tuple[TokenBatch, ForwardRecord]:
     """Run ``blocks[start:]`` under ``config`` on the tokens x [B, N, C] that the first ``start`` blocks
     made (all N of them: no block before the first patched one drops any).
@@ -193,23 +180,16 @@ def run_blocks(blocks: Sequence[BlockParts], x: torch.Tensor, config: PatchConfi
     return batch, record
 
 
-def run_block(parts: BlockParts, batch: TokenBatch, config: PatchConfig, index: int, num_prefix_tokens: int,
+def run_block(parts: BlockParts, batch: TokenBatch, config: Method, index: int, num_prefix_tokens: int,
               has_cls: bool, capacity: Optional[int] = None) -> Tuple[TokenBatch, Dict[int, BlockSampling]]:
-    """Run block ``index`` of a model under ``config``; returns its output and what it chose (if it
-    samples or merges). capacity: the width of its output in static mode (None: adaptive). Side-effect
-    free, so gradient checkpointing may run it again in the backward pass (with the same random numbers,
-    so it samples the same tokens)."""
+    """Run block ``index`` of a model under ``config``: the method's ``run_block`` where it changes the block,
+    else the block as it is; returns its output and what it chose (if it samples or merges). capacity: the
+    width of its output in static mode (None: adaptive). Side-effect free, so gradient checkpointing may run it
+    again in the backward pass (with the same random numbers, so it samples the same tokens)."""
     record = ForwardRecord(static=batch.static)
     method = config.method_at(index)
-    if isinstance(method, MergeConfig):
-        batch = merge_block(parts, batch, method.r, num_prefix_tokens, record, index, capacity)
-    elif isinstance(method, SAINTConfig):
-        batch = saint_block(parts, batch, method, num_prefix_tokens, record, index, capacity)
-    elif isinstance(method, EViTConfig):
-        batch = evit_block(parts, batch, method.keep_rate, num_prefix_tokens, record, index, capacity)
-    elif isinstance(method, ATSConfig):
-        batch = ats_block(parts, batch, method.budgets[index], method, num_prefix_tokens, has_cls, record, index,
-                          capacity)
+    if method is not None:
+        batch = method.run_block(parts, batch, BlockContext(index, num_prefix_tokens, has_cls, record, capacity))
     elif batch.is_dense and parts.dense is not None and (batch.in_source_order or not parts.positional):
         batch = batch.with_rows(parts.dense(batch.dense()).reshape(batch.rows.shape))
     else:
@@ -217,7 +197,7 @@ def run_block(parts: BlockParts, batch: TokenBatch, config: PatchConfig, index: 
     return batch, record.sampling
 
 
-def _attend(parts: BlockParts, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def attend(parts: BlockParts, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             bias: Optional[torch.Tensor]) -> torch.Tensor:
     """Attention of queries q [B, h, nq, d] over keys [B, h, n, d] -> [B, nq, A].
 
@@ -275,7 +255,7 @@ def per_image_drop_path(module: Optional[nn.Module], update: torch.Tensor, batch
     return update if live is None else update * live
 
 
-def _attention_update(parts: BlockParts, out: torch.Tensor, gate_input: Optional[torch.Tensor],
+def attention_update(parts: BlockParts, out: torch.Tensor, gate_input: Optional[torch.Tensor],
                       batch: TokenBatch) -> torch.Tensor:
     """The attention half's residual update from attention outputs [T, A]; gate_input: the normed
     inputs [T, C] of the same rows, used only by gated attention (None otherwise)."""
@@ -285,185 +265,26 @@ def _attention_update(parts: BlockParts, out: torch.Tensor, gate_input: Optional
     return per_image_drop_path(parts.drop_path1, parts.ls1(parts.proj_drop(parts.proj(out))), batch)
 
 
-def _mlp_half(parts: BlockParts, batch: TokenBatch) -> TokenBatch:
+def mlp_half(parts: BlockParts, batch: TokenBatch) -> TokenBatch:
     update = parts.ls2(parts.mlp_drop(parts.mlp(parts.norm2(batch.rows))))
     return batch.with_rows(batch.rows + per_image_drop_path(parts.drop_path2, update, batch))
 
 
+def attention_half(parts: BlockParts, batch: TokenBatch) -> Tuple[TokenBatch, torch.Tensor, torch.Tensor]:
+    """The attention half of a block with every token as a query: ``batch`` after its residual update, and the
+    queries and keys [B, h, m, d] it attended with (the methods that reduce tokens after attention read them)."""
+    y = parts.norm1(batch.rows)
+    q, k, v = parts.split_heads(batch.pad(parts.qkv(y)), batch.source)
+    out = batch.unpad(attend(parts, q, k, v, logit_bias(parts, batch, batch.source)))
+    return batch.with_rows(batch.rows + attention_update(parts, out, y, batch)), q, k
+
+
 def masked_block(parts: BlockParts, batch: TokenBatch) -> TokenBatch:
     """A standard block on a padded batch: valid rows through the linear layers, padded keys masked."""
-    y = parts.norm1(batch.rows)
-    q, k, v = parts.split_heads(batch.pad(parts.qkv(y)), batch.source)
-    out = batch.unpad(_attend(parts, q, k, v, logit_bias(parts, batch, batch.source)))
-    return _mlp_half(parts, batch.with_rows(batch.rows + _attention_update(parts, out, y, batch)))
+    return mlp_half(parts, attention_half(parts, batch)[0])
 
 
-@dataclass
-class TokenChoice:
-    """What an ATS block chose, over its input positions [B, m].
-
-    keep: bool, the sampled tokens (patch tokens, and the class token when it is not enforced);
-    patches: bool, the valid patch positions; scores: float, the significance scores;
-    cls_attention: [B, h, m] the class token's attention (None without a class token);
-    cls_live: [B] bool, whether the class token survives (None when it is enforced).
-    """
-
-    keep: torch.Tensor
-    patches: torch.Tensor
-    scores: torch.Tensor
-    cls_attention: Optional[torch.Tensor]
-    cls_live: Optional[torch.Tensor]
-
-
-def choose_tokens(parts: BlockParts, batch: TokenBatch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  budget: TokenBudget, config: ATSConfig, prefix: int, has_cls: bool) -> TokenChoice:
-    """Score the valid tokens and sample the ones to keep (steps 2-4 of ATS) in the block of ``parts``.
-
-    q, k, v: [B, h, m, d] in the padded layout (padding is no key and no candidate).
-    """
-    patches = batch.patch_positions(prefix)
-    candidates, cls_live = patches, None
-    if not config.keep_cls:
-        cls_live = batch.cls_live if batch.cls_live is not None else torch.ones_like(patches[:, 0])
-        candidates = patches.clone()
-        candidates[:, 0] = cls_live
-    if config.score_for(has_cls) == "cls":
-        cls_attention = class_attention_of(parts, batch, q, k)
-        scored = released_attention(cls_attention, batch.key_mask) if config.sampler == "released" else cls_attention
-        scores = cls_scores(scored, torch.linalg.vector_norm(v, dim=(1, 3)), candidates)
-    else:
-        attention = attention_probabilities(parts, batch, q, k)
-        scores = self_attention_scores(attention, batch.key_mask, candidates)
-        cls_attention = attention[:, :, 0] if has_cls else None
-
-    keep = sample_positions(batch, scores, candidates, patches, budget, config, prefix, parts.training)
-    if cls_live is not None:
-        cls_live = keep[:, 0] & cls_live
-    return TokenChoice(keep, patches, scores, cls_attention, cls_live)
-
-
-def sample_positions(batch: TokenBatch, scores: torch.Tensor, candidates: torch.Tensor, patches: torch.Tensor,
-                     budget: TokenBudget, config: ATSConfig, prefix: int, training: bool) -> torch.Tensor:
-    """Step 4 of ATS with ``config``'s sampler: the positions to keep [B, m] bool, from the scores [B, m] of the
-    candidates [B, m] (patches [B, m]: the valid patch positions, for ``min_kept``)."""
-    common = batch.common_live_tokens
-    samples = budget.samples(batch.live_tokens if common is None else common, config.min_tokens)
-    if config.sampler == "topk":
-        keep = topk_sample(scores, samples)
-    elif config.sampler == "released":
-        keep = released_sample(scores, candidates, budget.released_points(batch.num_source_tokens - prefix))
-    else:
-        keep = inverse_transform_sample(scores, samples, budget.max_samples(batch.width, config.min_tokens),
-                                        config.stochastic and training)
-    if config.min_kept:
-        keep = top_up(keep, scores, config.kept_floor(patches.sum(dim=1)))
-    return keep
-
-
-def ats_block(parts: BlockParts, batch: TokenBatch, budget: TokenBudget, config: ATSConfig, prefix: int,
-              has_cls: bool, record: ForwardRecord, index: int, capacity: Optional[int] = None) -> TokenBatch:
-    """Score, sample and keep tokens, then run the block on the kept ones (selected queries only)."""
-    y = parts.norm1(batch.rows)
-    qkv = parts.qkv(y)
-    q, k, v = parts.split_heads(batch.pad(qkv), batch.source)
-    keys = batch  # the keys' tokens and sizes, as they are before fusing folds dropped tokens into kept ones
-    with region("ats.score_and_sample"):
-        choice = choose_tokens(parts, batch, q, k, v, budget, config, prefix, has_cls)
-    if config.fuse or config.distinct:
-        with region("ats.fuse"):
-            unit = unit_vectors(k.mean(dim=1))
-            if config.distinct:
-                choice.keep = keep_distinct(unit, choice.keep, choice.patches, choice.scores, config.distinct,
-                                            batch.static)
-            if config.fuse:
-                batch = _fold(batch, nearest_kept(unit, choice.keep, choice.patches, batch.static))
-    keep = choice.keep
-    keep.narrow(1, 0, prefix).fill_(True)  # every image's prefix tokens hold its first positions
-    kept, rows_from = batch.select(keep, capacity=capacity)
-    if choice.cls_live is not None:
-        kept.cls_live = choice.cls_live
-    record.record_sampling(index, batch.source, kept.source, choice.scores, choice.cls_attention)
-    with region("ats.pack"):
-        query_rows = qkv.narrow(-1, 0, qkv.shape[-1] // 3).index_select(0, rows_from)
-        queries = parts.rotated(parts.q_norm(parts.heads(kept.pad(query_rows))), kept.source)
-        gate_input = None if parts.gate is None else y.index_select(0, rows_from)
-    out = kept.unpad(_attend(parts, queries, k, v, logit_bias(parts, keys, kept.source)))
-    update = _attention_update(parts, out, gate_input, kept)
-    return _mlp_half(parts, kept.with_rows(kept.rows + update))
-
-
-def merge_block(parts: BlockParts, batch: TokenBatch, r: int, prefix: int, record: ForwardRecord,
-                index: int, capacity: Optional[int] = None) -> TokenBatch:
-    """The token-merging baseline: attention over all tokens, merge r of them, MLP on the rest. The
-    tokens leave in ToMe's order: prefix, the unmerged tokens of set A, then set B."""
-    y = parts.norm1(batch.rows)
-    q, k, v = parts.split_heads(batch.pad(parts.qkv(y)), batch.source)
-    out = batch.unpad(_attend(parts, q, k, v, logit_bias(parts, batch, batch.source)))
-    batch = batch.with_rows(batch.rows + _attention_update(parts, out, y, batch))
-    positions = torch.arange(batch.width, device=y.device)
-    patches = batch.patch_positions(prefix)
-    target, side_b = bipartite_soft_matching(k.mean(dim=1), r, patches)
-    batch = _fold(batch, target)
-    kept, _ = batch.select(batch.position_mask & (target == positions), last=side_b, capacity=capacity)
-    record.record_sampling(index, batch.source, kept.source, None, None)
-    return _mlp_half(parts, kept)
-
-
-def saint_block(parts: BlockParts, batch: TokenBatch, config: SAINTConfig, prefix: int, record: ForwardRecord,
-                index: int, capacity: Optional[int] = None) -> TokenBatch:
-    """SAINT: attention over all tokens, drop each image's redundant tokens of set A (``ats.saint``), MLP on
-    the rest. The tokens leave in the authors' order: prefix, the kept A tokens by descending redundancy,
-    then set B (an image that drops none keeps its order)."""
-    y = parts.norm1(batch.rows)
-    q, k, v = parts.split_heads(batch.pad(parts.qkv(y)), batch.source)
-    out = batch.unpad(_attend(parts, q, k, v, logit_bias(parts, batch, batch.source)))
-    batch = batch.with_rows(batch.rows + _attention_update(parts, out, y, batch))
-    drop, order, last = similar_tokens(k.mean(dim=1), batch.patch_positions(prefix), config.threshold, config.k,
-                                       config.gamma, batch.static)
-    rows_from = batch.rows_at(order)
-    ordered = replace(batch, rows=batch.rows.index_select(0, rows_from), source=batch.source.gather(1, order),
-                      sizes=None if batch.sizes is None else batch.sizes.index_select(0, rows_from),
-                      in_source_order=False)
-    kept, _ = ordered.select((batch.position_mask & ~drop).gather(1, order), last=last, capacity=capacity)
-    record.record_sampling(index, batch.source, kept.source, None, None)
-    return _mlp_half(parts, kept)
-
-
-def evit_block(parts: BlockParts, batch: TokenBatch, keep_rate: float, prefix: int, record: ForwardRecord,
-               index: int, capacity: Optional[int] = None) -> TokenBatch:
-    """EViT: attention over all tokens, then keep the attentive patch tokens, fuse the rest into one
-    token after them, and run the MLP on what is left."""
-    y = parts.norm1(batch.rows)
-    q, k, v = parts.split_heads(batch.pad(parts.qkv(y)), batch.source)
-    out = batch.unpad(_attend(parts, q, k, v, logit_bias(parts, batch, batch.source)))
-    batch = batch.with_rows(batch.rows + _attention_update(parts, out, y, batch))
-    cls_attention = class_attention_of(parts, batch, q, k).mean(1)
-    patches = batch.patch_positions(prefix)
-    keep = attentive_tokens(cls_attention, patches, keep_rate)
-    inattentive = patches & ~keep
-    fused, fused_size = fuse_inattentive(batch.pad(batch.rows), batch.padded_sizes(), cls_attention, inattentive)
-    slot = inattentive & (inattentive.long().cumsum(dim=1) == 1)  # the first inattentive position holds it
-    kept, _ = batch.select(keep | slot | (batch.position_mask & ~patches), last=slot, capacity=capacity)
-    if keep_rate < 1.0:
-        kept = _with_fused_token(kept, inattentive.any(dim=1), fused, fused_size)
-    record.record_sampling(index, batch.source, kept.source, cls_attention, cls_attention)
-    return _mlp_half(parts, kept)
-
-
-def _with_fused_token(batch: TokenBatch, has_fused: torch.Tensor, fused: torch.Tensor,
-                      fused_size: torch.Tensor) -> TokenBatch:
-    """Write the fused token x [B, C] of size [B] over the last token of each image where has_fused [B];
-    it stands for several patches, no one position (source FUSED_SOURCE)."""
-    last = batch.last_rows
-    rows = batch.rows.index_copy(0, last, torch.where(has_fused[:, None], fused, batch.rows.index_select(0, last)))
-    sizes = batch.sizes if batch.sizes is not None else rows.new_ones(rows.shape[0])
-    sizes = sizes.index_copy(0, last, torch.where(has_fused, fused_size.to(sizes.dtype), sizes.index_select(0, last)))
-    end = (batch.lengths - 1)[:, None]
-    source = batch.source.scatter(1, end, torch.where(has_fused[:, None], FUSED_SOURCE, batch.source.gather(1, end)))
-    return replace(batch, rows=rows, sizes=sizes, source=source)
-
-
-def _fold(batch: TokenBatch, target: torch.Tensor) -> TokenBatch:
+def fold_tokens(batch: TokenBatch, target: torch.Tensor) -> TokenBatch:
     """Size-weighted average of the tokens sharing a target position [B, m]; sizes follow."""
     sizes = batch.sizes if batch.sizes is not None else batch.rows.new_ones(batch.rows.shape[0])
     rows, sizes = fold(batch.rows, sizes, batch.rows_at(target))

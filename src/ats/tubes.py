@@ -32,12 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ATSConfig, PatchConfig
 from .merging import fold, keep_distinct, nearest_kept, tube_unit_vectors
+from .method import Method
+from .methods.adaptive_sampling import ATSConfig, sample_positions
 from .packing import TokenBatch
 from .sampling import class_attention, tube_scores
 from .stats import ForwardRecord
-from .step import Layer, per_image_drop_path, sample_positions
+from .step import Layer, per_image_drop_path
 
 
 @dataclass
@@ -113,7 +114,7 @@ def from_tubes(tubes: torch.Tensor, frames: int) -> torch.Tensor:
     return torch.cat([tubes[:, :1, :channels], tubes[:, 1:].reshape(batch, -1, channels)], dim=1)
 
 
-def check_tube_config(config: PatchConfig, depth: int, blocks: str, alternative: str = "") -> None:
+def check_tube_config(config: Method, depth: int, blocks: str, alternative: str = "") -> None:
     """Raise ValueError unless every patched block of ``config`` runs ATS as tubes can: the class token score with
     the class token kept, rows packing. blocks, alternative: for the message (the kind of block; another model
     to use)."""
@@ -127,7 +128,7 @@ def check_tube_config(config: PatchConfig, depth: int, blocks: str, alternative:
                              "class token kept and rows packing")
 
 
-def tube_block_options(config: Optional[PatchConfig], index: int) -> Dict[str, Any]:
+def tube_block_options(config: Optional[Method], index: int) -> Dict[str, Any]:
     """The FLOP options (``score``, ``fuse``, ``distinct``, as ``flops.divided_block_flops`` and
     ``flops.frames_block_flops`` take them) of block ``index`` under ``config`` (None: unpatched)."""
     method = None if config is None else config.method_at(index)
@@ -136,7 +137,7 @@ def tube_block_options(config: Optional[PatchConfig], index: int) -> Dict[str, A
     return dict(score="cls", fuse=method.fuse, distinct=bool(method.distinct))
 
 
-def run_tube_blocks(blocks: Sequence[TubeBlockParts], tubes: torch.Tensor, frames: int, config: PatchConfig,
+def run_tube_blocks(blocks: Sequence[TubeBlockParts], tubes: torch.Tensor, frames: int, config: Method,
                     start: int = 0) -> Tuple[TokenBatch, ForwardRecord]:
     """Run ``blocks[start:]`` under ``config`` (ATS blocks or none) on tubes [B, 1 + P, T * C] that the first
     ``start`` blocks made. Returns the packed tubes after the last block and what each block did."""

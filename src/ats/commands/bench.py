@@ -23,9 +23,10 @@ from torch import nn
 
 import ats
 
-from ..config import PatchConfig, with_ats_options
 from ..data.build import build_dataset
 from ..data.distributed import refuse_torchrun
+from ..methods import PatchConfig
+from ..methods.stacked import with_ats_options
 from ..patch import family_of
 from .evaluate import config_label, set_config, text_table
 from .options import REFERENCE_MODELS, add_config_arguments, add_model_arguments, configs_from_arguments, load_model

@@ -13,9 +13,10 @@ import argparse
 import json
 
 from ..calibration import DEFAULT_LIMIT, DEFAULT_TOLERANCE, METHODS, Calibration, calibrate
-from ..config import EVIT_BLOCKS, MULTI_STAGE_FIRST_BLOCK
 from ..data.build import build_dataset
 from ..data.distributed import make_loader, torchrun_processes
+from ..methods.adaptive_sampling import MULTI_STAGE_FIRST_BLOCK
+from ..methods.evit import EVIT_BLOCKS
 from .options import (
     add_max_bad_argument,
     add_model_arguments,

@@ -18,9 +18,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
-from ..config import EVIT_BLOCKS, SAINT_GAMMA, SAINT_K, ATSConfig, EViTConfig, MergeConfig, PatchConfig, SAINTConfig
 from ..data.build import build_dataset
 from ..data.distributed import make_loader, torchrun_processes
+from ..methods import ATSConfig, EViTConfig, MergeConfig, PatchConfig, SAINTConfig
+from ..methods.evit import EVIT_BLOCKS
+from ..methods.saint import SAINT_GAMMA, SAINT_K
 from ..patch import family_of
 from .evaluate import EvalRow, evaluate, kept_summary, summary_line, text_table
 from .options import (

@@ -16,10 +16,10 @@ from tqdm import tqdm
 import ats
 
 from ..calibration import nearest_merge
-from ..config import ATSConfig, EViTConfig, KeepAllConfig, MergeConfig, PatchConfig, SAINTConfig, StackedConfig
 from ..data.build import build_dataset, knows_bundled_classes
 from ..data.distributed import ONE_PROCESS, Processes, interleave, make_loader, torchrun_processes
 from ..data.skipped import DEFAULT_MAX_BAD, SkippedImages, dataset_size
+from ..methods import ATSConfig, EViTConfig, KeepAllConfig, MergeConfig, PatchConfig, SAINTConfig, StackedConfig
 from ..patch import family_of
 from .options import (
     add_config_arguments,

@@ -9,14 +9,9 @@ import timm
 import torch
 from torch import nn
 
-from ..config import (
-    EVIT_BLOCKS,
-    PAPER_KS,
-    PAPER_RHOS,
-    SAINT_GAMMA,
-    SAINT_K,
-    SAMPLERS,
-    SCORES,
+from ..data.build import knows_bundled_classes
+from ..data.skipped import DEFAULT_MAX_BAD
+from ..methods import (
     ATSConfig,
     EViTConfig,
     KeepAllConfig,
@@ -25,9 +20,11 @@ from ..config import (
     SAINTConfig,
     StackedConfig,
     TokenBudget,
+    method_list,
 )
-from ..data.build import knows_bundled_classes
-from ..data.skipped import DEFAULT_MAX_BAD
+from ..methods.adaptive_sampling import PAPER_KS, PAPER_RHOS, SAMPLERS, SCORES
+from ..methods.evit import EVIT_BLOCKS
+from ..methods.saint import SAINT_GAMMA, SAINT_K
 
 REFERENCE = "reference"
 #: The models trained here on Fashion-MNIST, by --model name; they load their bundled weights and run on the
@@ -123,9 +120,10 @@ def load_hf_model(name: str, download: bool = False) -> nn.Module:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("ATS configs (with none given: the paper's three multi-stage rho "
-                                      f"{', '.join(map(str, PAPER_RHOS))} and single-stage K "
-                                      f"{', '.join(map(str, PAPER_KS))} at block 3)")
+    group = parser.add_argument_group(
+        "ATS configs (with none given: the paper's three multi-stage rho "
+        f"{', '.join(map(str, PAPER_RHOS))} and single-stage K {', '.join(map(str, PAPER_KS))} at block 3)",
+        description=f"The methods: {method_list()}.")
     group.add_argument("--multi-stage", type=float, action="append", default=[], metavar="RHO",
                        help="multi-stage ATS from block 3 to the last, K = max(floor(RHO * tokens_in), 8); "
                             "repeatable")

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..config import ATSConfig
 from ..data.build import build_dataset
 from ..data.distributed import make_loader, refuse_torchrun
+from ..methods import ATSConfig
 from ..patch.family import last_stats, unpatch
 from .options import add_model_arguments, load_model, require_data
 

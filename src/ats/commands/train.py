@@ -27,10 +27,11 @@ from tqdm import tqdm
 
 import ats
 
-from ..config import ATSConfig, EViTConfig, PatchConfig, with_ats_options
 from ..data.build import build_dataset, training_set
 from ..data.distributed import make_loader, torchrun_processes
 from ..data.skipped import SkippedImages, collate_usable
+from ..methods import ATSConfig, EViTConfig, PatchConfig
+from ..methods.stacked import with_ats_options
 from ..patch import as_logits, family_of
 from ..reference.checkpoints import save_atomic
 from .evaluate import evaluate

@@ -24,8 +24,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
 from .. import last_stats, patch, unpatch
-from ..config import PatchConfig
 from ..data.distributed import refuse_torchrun
+from ..methods import PatchConfig
 from ..patch import family_of
 from ..stats import ATSStats
 from .evaluate import config_label

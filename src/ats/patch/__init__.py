@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..config import PATCH_CONFIGS, PatchConfig
+from ..methods import METHODS, PatchConfig, method_list
 from .beit import BEIT
 from .cvt import CVT
 from .eva import EVA
@@ -61,9 +61,9 @@ def patch(model: nn.Module, config: PatchConfig, static: bool = False) -> nn.Mod
     the device on the host and ``torch.compile(model, fullgraph=True)`` makes one graph (one image at a time on
     a GPU, CUDA graphs). It keeps the same tokens as the adaptive mode and costs the capacity's GFLOPs.
     """
-    if not isinstance(config, PATCH_CONFIGS):
-        raise TypeError(f"config must be an ats.ATSConfig (or EViTConfig, StackedConfig, MergeConfig, "
-                        f"KeepAllConfig), got {type(config).__name__}; e.g. ats.ATSConfig.multi_stage(rho=1.0)")
+    if not isinstance(config, METHODS):
+        raise TypeError(f"config must be one of {method_list('ats.')}; got {type(config).__name__}, e.g. use "
+                        "ats.ATSConfig.multi_stage(rho=1.0)")
     if not isinstance(static, bool):
         raise TypeError(f"static must be True or False, got {static!r}")
     return family_of(model).patch(model, config, static)

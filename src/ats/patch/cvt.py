@@ -24,8 +24,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..config import PatchConfig
 from ..flops import BlockCost, ViTShape, conv_flops, conv_output_grid, conv_projection_block_flops, linear_flops
+from ..methods import PatchConfig
 from ..packing import TokenBatch
 from ..step import BlockParts
 from .family import Family, PatchedModel, masked_features

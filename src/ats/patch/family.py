@@ -13,8 +13,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..config import PatchConfig, token_capacities
 from ..flops import BlockCost, ViTShape, block_flops, head_cost
+from ..method import token_capacities
+from ..methods import PatchConfig
 from ..packing import TokenBatch
 from ..stats import ATSStats, ForwardRecord
 from ..step import BlockParts, run_blocks

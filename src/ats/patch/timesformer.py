@@ -21,8 +21,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..config import PatchConfig
 from ..flops import BlockCost, ViTShape, conv_flops, divided_block_flops, linear_flops, patch_grid
+from ..methods import PatchConfig
 from ..packing import TokenBatch
 from ..stats import ForwardRecord
 from ..step import BlockParts

@@ -15,8 +15,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..config import PatchConfig
 from ..flops import BlockCost, ViTShape, block_flops, conv_flops, frames_block_flops, linear_flops
+from ..methods import PatchConfig
 from ..models.xvit import XViT, XViTBlock
 from ..packing import TokenBatch
 from ..stats import ForwardRecord
