@@ -34,8 +34,8 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ats
+from ats.adapters.timm import TIMM
 from ats.commands.options import REFERENCE, load_model
-from ats.patch.timm import TIMM
 from ats.profiling import REGIONS
 
 OP_GROUPS = {

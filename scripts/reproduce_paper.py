@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import ats
+from ats.adapters import data_config
 from ats.commands.evaluate import evaluate
 from ats.commands.options import add_model_arguments, load_model
 from ats.commands.plots import plot_frontier
@@ -84,7 +85,7 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="directory for <experiment>.json and .png")
     args = parser.parse_args(argv)
     model = load_model(args)
-    loader = make_loader(build_dataset(args.data, model, args.limit), args.batch_size, 0)
+    loader = make_loader(build_dataset(args.data, data_config(model), args.limit), args.batch_size, 0)
     args.out.mkdir(parents=True, exist_ok=True)
     runs = experiments(model, args.experiments)
     unique = {config.describe(): config for configs in runs.values() for config in configs}

@@ -32,6 +32,7 @@ from timm.data.random_erasing import RandomErasing
 from timm.layers import resample_abs_pos_embed
 from tqdm import tqdm
 
+from ats.adapters import data_config
 from ats.data.build import clip_spec
 from ats.data.cluttered import cluttered_test, render_canvas
 from ats.data.fashion_mnist import bundled_test_set, fashion_mnist_train, normalise
@@ -275,7 +276,7 @@ def main(argv: Optional[list] = None) -> None:
         raise SystemExit("--time-sincos is an option of --arch video (the TimeSformer) only")
     model = create(args.arch, args.img_size, args.heads, args.drop_path, args.conv_stem)
     if args.arch in VIDEO_ARCHITECTURES:
-        data = ClipData(clip_spec(model), args.limit, args.test_limit, args.reverse_twins)
+        data = ClipData(clip_spec(data_config(model)), args.limit, args.test_limit, args.reverse_twins)
     elif args.arch == "cluttered":
         data = CanvasData(args.img_size, args.limit, args.test_limit)
     else:

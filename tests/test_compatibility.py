@@ -17,7 +17,7 @@ from test_patch_siglip import tiny_siglip
 from torch._dynamo.testing import CompileCounter
 
 import ats
-from ats.patch import takes_clips
+from ats.adapters import takes_clips
 
 CONFIG = ats.ATSConfig.multi_stage(0.87, first=1, depth=6, fuse=True)
 #: The video models' blocks as wide as the image models' (their clips are larger than their tokens).

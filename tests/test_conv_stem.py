@@ -3,8 +3,8 @@ import torch
 from timm.layers import PatchEmbed
 
 import ats
+from ats.adapters import family_of
 from ats.models.conv_stem import ConvStemPatchEmbed, stem_widths
-from ats.patch import family_of
 from ats.reference import create_reference_cluttered, load_reference_cluttered
 
 

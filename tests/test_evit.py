@@ -6,9 +6,9 @@ import torch
 from conftest import tiny_vit
 
 import ats
+from ats.adapters.timm import TIMM
 from ats.evit import FUSED_SOURCE, attentive_tokens, fuse_inattentive
 from ats.flops import block_flops, evit_block_flops, vit_flops
-from ats.patch.timm import TIMM
 
 
 def test_attentive_tokens_and_the_fused_token_by_hand():

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ats.adapters import family_of
 from ats.commands.cli import main
 from ats.data.build import build_dataset, knows_bundled_classes
-from ats.patch import family_of
 
 
 def run_json(capsys, *argv):

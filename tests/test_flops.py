@@ -3,8 +3,8 @@ import timm
 import torch
 
 import ats
+from ats.adapters.timm import TIMM
 from ats.flops import block_flops, merge_block_flops
-from ats.patch.timm import TIMM
 
 
 @pytest.mark.parametrize("name, expected, tolerance", [

@@ -6,8 +6,8 @@ import pytest
 from conftest import load_script
 from test_datasets import write_image_folder
 
+from ats.adapters.hf import HF
 from ats.commands.cli import main
-from ats.patch.hf import HF
 
 
 @pytest.fixture

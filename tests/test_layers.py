@@ -15,7 +15,7 @@ LAYERS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("step", ("ats.method", "ats.stats", "ats.step")),
     ("methods", ("ats.methods", "ats.tubes")),
     ("models", ("ats.models",)),
-    ("adapters", ("ats.patch",)),
+    ("adapters", ("ats.adapters",)),
     ("data", ("ats.data",)),
     ("reference", ("ats.reference",)),
     ("api", ("ats", "ats.calibration")),
@@ -133,11 +133,11 @@ def write_package(root: Path, files: Dict[str, str]) -> Path:
 @pytest.mark.parametrize("statement", ["from ..commands.cli import main\n", "import ats.commands.cli\n",
                                        "def f():\n    from ..data import build\n"])
 def test_an_upward_import_is_caught(tmp_path, statement):
-    root = write_package(tmp_path, {"__init__.py": "", "patch/__init__.py": "", "patch/timm.py": statement,
+    root = write_package(tmp_path, {"__init__.py": "", "adapters/__init__.py": "", "adapters/timm.py": statement,
                                     "data/__init__.py": "", "data/build.py": "", "commands/__init__.py": "",
                                     "commands/cli.py": "main = None\n"})
     found = [line.split(" imports ")[0] for line in upward_imports(import_graph(root))]
-    assert found == ["ats.patch.timm (layer adapters)"]
+    assert found == ["ats.adapters.timm (layer adapters)"]
 
 
 def test_a_cycle_is_caught(tmp_path):

@@ -15,7 +15,7 @@ from timm.models.beit import Beit
 from torch.utils.flop_counter import FlopCounterMode
 
 import ats
-from ats.patch.beit import BEIT
+from ats.adapters.beit import BEIT
 
 #: Small random-init variants: a bias table in every block, one shared by all blocks, both, and none (an
 #: absolute position embedding only); average and class-token pooling.

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import ats
-from ats.patch.cvt import CVT
+from ats.adapters.cvt import CVT
 
 #: A 3-stage CvT on 12x12 images: stages of 12x12 (1 block, width 8), 6x6 (2 blocks, 16) and 6x6
 #: (4 blocks, 24, with the class token): 36 patch tokens + 1 in the blocks ATS counts.

@@ -15,7 +15,7 @@ from timm.models.eva import Eva
 from torch.utils.flop_counter import FlopCounterMode
 
 import ats
-from ats.patch.eva import EVA
+from ats.adapters.eva import EVA
 
 #: Small random-init variants: each rope kind (axial "cat", per-head "mixed", DINOv3's), the two attention
 #: classes, fused and separate q/k/v, SwiGLU with and without its norm, q/k norms and the attention output

@@ -11,7 +11,7 @@ from conftest import assert_bad_input_is_refused, contrasted_images
 from timm.models.vision_transformer import VisionTransformer
 
 import ats
-from ats.patch.hf import HF, LAYOUTS, MIN_TRANSFORMERS, attention_of
+from ats.adapters.hf import HF, LAYOUTS, MIN_TRANSFORMERS, attention_of
 
 TINY = dict(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_labels=10)
 #: The classes the installed transformers has (I-JEPA and ViT-MAE: test_patch_hf_images.py).

@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import ats
-from ats.patch import family_of
-from ats.patch.hf import attention_of
+from ats.adapters import family_of
+from ats.adapters.hf import attention_of
 
 VISION = dict(image_size=32, patch_size=4, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
               num_attention_heads=4)

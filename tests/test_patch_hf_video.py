@@ -13,8 +13,8 @@ from conftest import (
 from torch.utils.flop_counter import FlopCounterMode
 
 import ats
-from ats.patch.hf import attention_of
-from ats.patch.hf_video import HF_VIDEO
+from ats.adapters.hf import attention_of
+from ats.adapters.hf_video import HF_VIDEO
 
 FRAMES, SIZE = 4, 32
 #: 4 frames of 32x32, tubelets of 2 frames x 8 x 8: 2 x 16 = 32 space-time tokens; 4 blocks of width 32.

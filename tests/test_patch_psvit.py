@@ -4,9 +4,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import ats
+from ats.adapters.psvit import PSVIT
 from ats.commands.visualize import image_tokens, token_figure
 from ats.models.psvit import PSViT
-from ats.patch.psvit import PSVIT
 
 #: A small PS-ViT on 16x16 images: an 8x8 feature map, 8 x 8 = 64 sampled tokens + 1, 2 iterations, 4 blocks.
 TINY = dict(img_size=16, in_chans=3, num_classes=5, stem_channels=(8,), stem_strides=(2,), embed_dim=32,

@@ -7,10 +7,10 @@ from transformers import TimesformerConfig, TimesformerForVideoClassification, T
 from transformers.models.timesformer.modeling_timesformer import TimesformerDropPath
 
 import ats
+from ats.adapters import family_of
+from ats.adapters.family import upper_bound_flops
+from ats.adapters.timesformer import TIMESFORMER
 from ats.flops import divided_block_flops
-from ats.patch import family_of
-from ats.patch.family import upper_bound_flops
-from ats.patch.timesformer import TIMESFORMER
 from ats.sampling import tube_scores
 from ats.tubes import from_tubes, to_tubes
 

@@ -9,7 +9,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import ats
 from ats import packing
-from ats.patch.timm import TIMM
+from ats.adapters.timm import TIMM
 from ats.sampling import released_sample
 
 CONFIGS = {

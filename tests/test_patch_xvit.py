@@ -7,11 +7,11 @@ from conftest import contrasted_clips
 from torch.utils.flop_counter import FlopCounterMode
 
 import ats
+from ats.adapters import family_of, takes_clips
+from ats.adapters.family import upper_bound_flops
+from ats.adapters.xvit import XVIT
 from ats.flops import frames_block_flops
 from ats.models.xvit import MixingAttention, XViT, mix_frames
-from ats.patch import family_of, takes_clips
-from ats.patch.family import upper_bound_flops
-from ats.patch.xvit import XVIT
 from ats.tubes import frames_to_tubes, tubes_to_frames
 
 FRAMES, SIZE, PATCH, WIDTH, HEADS = 4, 32, 8, 32, 2

@@ -6,10 +6,10 @@ import torch.nn.functional as F
 from conftest import contrasted_clips
 
 import ats
+from ats.adapters.timesformer import TIMESFORMER
+from ats.adapters.xvit import XVIT
 from ats.merging import tube_unit_vectors
 from ats.packing import TokenBatch
-from ats.patch.timesformer import TIMESFORMER
-from ats.patch.xvit import XVIT
 from ats.reference import create_reference_video, create_reference_xvit
 from ats.stats import ForwardRecord
 from ats.tubes import frames_to_tubes, run_tube_blocks, to_tubes, tube_block

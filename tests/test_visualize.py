@@ -9,6 +9,7 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 import ats
+from ats.adapters.timm import TIMM
 from ats.commands.cli import main
 from ats.commands.options import add_config_arguments
 from ats.commands.visualize import (
@@ -19,7 +20,6 @@ from ats.commands.visualize import (
     token_figure,
     visualize_configs,
 )
-from ats.patch.timm import TIMM
 
 ROWS, COLS = 4, 6
 

@@ -6,7 +6,7 @@
     logits = model(images)
     ats.last_stats(model).gflops
 
-The same calls work on Hugging Face ViT, DeiT, DINOv2 and CvT models (``from ats.patch import FAMILIES``
+The same calls work on Hugging Face ViT, DeiT, DINOv2 and CvT models (``from ats.adapters import FAMILIES``
 lists the supported families). ``ats.EViTConfig`` runs EViT instead, ``ats.StackedConfig`` EViT and
 ATS in separate blocks of one model, ``ats.MergeConfig`` the token-merging baseline, ``ats.SAINTConfig``
 the similarity-aware pruning baseline (SAINT), and ``ats.KeepAllConfig`` drops nothing (on CvT: the
@@ -18,10 +18,10 @@ Layout, imports running downward only: ``ats.commands`` (the CLI) -> this module
 ``stats``, ``step``, ``tubes``) -> the algorithm on plain tensors (``sampling``, ``packing``, ``merging``,
 ``evit``, ``saint``, ``flops``, ``profiling``).
 """
+from .adapters import gflops, is_patched, last_stats, patch, unpatch
 from .calibration import Calibration, calibrate
 from .methods import *  # noqa: F403  the registered methods (ats.methods.METHODS), TokenBudget, PatchConfig
 from .methods import __all__ as _methods
-from .patch import gflops, is_patched, last_stats, patch, unpatch
 from .stats import ATSStats
 
 __version__ = "0.1.0"

@@ -13,13 +13,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .adapters import as_logits, depth_of, family_of, is_patched, last_stats, patch, unpatch
+from .adapters import gflops as analytic_gflops
 from .data.distributed import ONE_PROCESS, Processes, interleave
 from .data.skipped import DEFAULT_MAX_BAD, SkippedImages, dataset_size
 from .methods import ATSConfig, EViTConfig, MergeConfig, PatchConfig, SAINTConfig
 from .methods.adaptive_sampling import MULTI_STAGE_FIRST_BLOCK
 from .methods.evit import EVIT_BLOCKS
-from .patch import as_logits, family_of, is_patched, last_stats, patch, unpatch
-from .patch import gflops as analytic_gflops
 
 #: The calibration set's default size: enough for a stable mean of GFLOPs, quick to run many times.
 DEFAULT_LIMIT = 500
@@ -184,7 +184,7 @@ def calibrate(model: nn.Module, loader: Iterable, gflops: Optional[float] = None
     input_size = sizes[0]
     unpatched_gflops = analytic_gflops(model, input_size)
     target = gflops if gflops is not None else fraction * unpatched_gflops
-    knob = method_knob(method, family.depth(model), family.shape(model, input_size).num_patches, first, every,
+    knob = method_knob(method, depth_of(model), family.shape(model, input_size).num_patches, first, every,
                        evit_blocks)
     measure = partial(_measure, model, batches, processes=processes, input_size=input_size, static=static)
     try:

@@ -55,6 +55,8 @@ class ViTShape:
     head_token_flops: int = 0
     #: Whether that head reads the prefix tokens too (else the patch tokens only).
     head_reads_prefix: bool = True
+    #: Whether the first prefix token is a class token (ATS's default score reads its attention).
+    has_class_token: bool = True
 
     @property
     def num_tokens(self) -> int:

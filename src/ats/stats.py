@@ -120,6 +120,7 @@ class ForwardRecord:
     widths_in: List[int] = field(default_factory=list)
     widths_out: List[int] = field(default_factory=list)
     sampling: Dict[int, BlockSampling] = field(default_factory=dict)
+    linear_blocks: Tuple[int, ...] = ()
 
     def enter(self, batch: "TokenBatch") -> None:
         """Note the tokens entering the next block."""
@@ -140,7 +141,8 @@ class ForwardRecord:
 
     def finish(self, shape: ViTShape, block_costs: Mapping[int, BlockCost]) -> ATSStats:
         widths = (self.widths_in, self.widths_out) if self.static else None
-        return ATSStats(shape, block_costs, self.tokens_in, self.tokens_out, self.sampling, widths=widths)
+        return ATSStats(shape, block_costs, self.tokens_in, self.tokens_out, self.sampling, self.linear_blocks,
+                        widths=widths)
 
 
 def _record_sampling(sampling: Dict[int, BlockSampling], index: int, source_before: torch.Tensor,

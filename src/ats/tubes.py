@@ -114,10 +114,13 @@ def from_tubes(tubes: torch.Tensor, frames: int) -> torch.Tensor:
     return torch.cat([tubes[:, :1, :channels], tubes[:, 1:].reshape(batch, -1, channels)], dim=1)
 
 
-def check_tube_config(config: Method, depth: int, blocks: str, alternative: str = "") -> None:
+def check_tube_config(config: Method, depth: int, blocks: str, alternative: str = "", static: bool = False) -> None:
     """Raise ValueError unless every patched block of ``config`` runs ATS as tubes can: the class token score with
-    the class token kept, rows packing. blocks, alternative: for the message (the kind of block; another model
-    to use)."""
+    the class token kept, rows packing, in the adaptive mode (not ``static``). blocks, alternative: for the message
+    (the kind of block; another model to use)."""
+    if static:
+        raise ValueError(f"static mode is not available under {blocks} yet: its blocks run on tubes (ats.tubes), "
+                         "which only the adaptive mode packs; patch it without static=True")
     methods = [config.method_at(index) for index in config.patched_blocks(depth)]
     if not all(isinstance(method, ATSConfig) for method in methods):
         raise ValueError(f"{config.describe()}: under {blocks} only ATS runs (on tubes); use an ATSConfig"

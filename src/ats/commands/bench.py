@@ -23,11 +23,11 @@ from torch import nn
 
 import ats
 
+from ..adapters import data_config, depth_of, family_of
 from ..data.build import build_dataset
 from ..data.distributed import refuse_torchrun
 from ..methods import PatchConfig
 from ..methods.stacked import with_ats_options
-from ..patch import family_of
 from .evaluate import config_label, set_config, text_table
 from .options import REFERENCE_MODELS, add_config_arguments, add_model_arguments, configs_from_arguments, load_model
 from .timing import time_forward
@@ -55,7 +55,7 @@ def bench_images(model: nn.Module, batch_size: int, reference: bool) -> torch.Te
     test clips) for a reference model, else seeded random ones."""
     device = next(model.parameters()).device
     if reference:
-        test_set = build_dataset(None, model, limit=batch_size)
+        test_set = build_dataset(None, data_config(model), limit=batch_size)
         return torch.stack([test_set[index][0] for index in range(batch_size)]).to(device)
     generator = torch.Generator().manual_seed(0)
     return torch.randn(batch_size, *family_of(model).input_size(model), generator=generator).to(device)
@@ -102,7 +102,7 @@ def bench(model: nn.Module, configs: Sequence[PatchConfig], batch_sizes: Sequenc
     threads = torch.get_num_threads()
     base_gflops = ats.gflops(model)
     family = family_of(model)
-    depth = family.depth(model)
+    depth = depth_of(model)
     full = float(family.shape(model).num_tokens)
     contenders = compiled_contenders(model, configs, static, compile_mode, compile_backend) if compile else [
         (model, model, config) for config in [None, *configs]]
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     model = load_model(args)
-    configs = configs_from_arguments(args, depth=family_of(model).depth(model))
+    configs = configs_from_arguments(args, depth=depth_of(model))
     if args.compare_padded:
         configs += [padded for config in configs if (padded := with_ats_options(config, packing="padded")) != config]
     rows = bench(model, configs, args.batch_size or [1, 64], args.repeats, args.warmup,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..adapters import data_config
 from ..calibration import DEFAULT_LIMIT, DEFAULT_TOLERANCE, METHODS, Calibration, calibrate
 from ..data.build import build_dataset
 from ..data.distributed import make_loader, torchrun_processes
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         args.device = processes.device
         model = load_model(args)
         require_data(args, model, "calibrate")
-        loader = make_loader(build_dataset(args.data, model, args.limit), args.batch_size, 0, processes)
+        loader = make_loader(build_dataset(args.data, data_config(model), args.limit), args.batch_size, 0, processes)
         found = calibrate(model, loader, gflops=args.gflops, fraction=args.fraction, method=args.method,
                           first=args.first, every=args.every, evit_blocks=args.evit_blocks, tolerance=args.tolerance,
                           max_bad=args.max_bad, processes=processes, static=args.static)

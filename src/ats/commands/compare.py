@@ -18,12 +18,12 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
+from ..adapters import data_config, depth_of, family_of
 from ..data.build import build_dataset
 from ..data.distributed import make_loader, torchrun_processes
 from ..methods import ATSConfig, EViTConfig, MergeConfig, PatchConfig, SAINTConfig
 from ..methods.evit import EVIT_BLOCKS
 from ..methods.saint import SAINT_GAMMA, SAINT_K
-from ..patch import family_of
 from .evaluate import EvalRow, evaluate, kept_summary, summary_line, text_table
 from .options import (
     add_data_arguments,
@@ -79,7 +79,7 @@ def runnable(model: nn.Module, pairs: Sequence[Tuple[str, Optional[PatchConfig]]
     for variant, config in pairs:
         try:
             if config is not None:
-                family.check_config(model, config)
+                family.check(model, config)
         except ValueError as error:
             if variant not in left_out:
                 print(f"ats compare: left out {variant}: {error}", file=sys.stderr)
@@ -136,12 +136,13 @@ def run(args: argparse.Namespace) -> int:
         args.device = processes.device
         model = load_model(args)
         require_data(args, model, "compare")
-        pairs = runnable(model, comparison_configs(family_of(model).depth(model), args.rho or DEFAULT_RHOS,
+        pairs = runnable(model, comparison_configs(depth_of(model), args.rho or DEFAULT_RHOS,
                                                    args.min_kept or DEFAULT_MIN_KEPT, args.distinct or DEFAULT_DISTINCT,
                                                    args.merge_r or DEFAULT_MERGE_R,
                                                    args.evit or DEFAULT_EVIT_KEEP_RATES,
                                                    args.saint or DEFAULT_SAINT_THRESHOLDS))
-        loader = make_loader(build_dataset(args.data, model, args.limit), args.batch_size, args.workers, processes)
+        dataset = build_dataset(args.data, data_config(model), args.limit)
+        loader = make_loader(dataset, args.batch_size, args.workers, processes)
         rows = evaluate(model, loader, [config for _, config in pairs], repeats=args.repeats, max_bad=args.max_bad,
                         processes=processes, static=args.static)
         if not processes.main:

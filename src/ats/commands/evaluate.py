@@ -15,12 +15,12 @@ from tqdm import tqdm
 
 import ats
 
+from ..adapters import as_logits, data_config, depth_of, family_of, logits_from, tokens_before
 from ..calibration import nearest_merge
 from ..data.build import build_dataset, knows_bundled_classes
 from ..data.distributed import ONE_PROCESS, Processes, interleave, make_loader, torchrun_processes
 from ..data.skipped import DEFAULT_MAX_BAD, SkippedImages, dataset_size
 from ..methods import ATSConfig, EViTConfig, KeepAllConfig, MergeConfig, PatchConfig, SAINTConfig, StackedConfig
-from ..patch import family_of
 from .options import (
     add_config_arguments,
     add_data_arguments,
@@ -120,10 +120,10 @@ def evaluate(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[Pa
     """Evaluate ``model`` as it is (config None) and patched with each config, on one pass over ``loader``.
 
     Each batch is read once and run through every config; the blocks before the first block a config
-    changes run once per batch for all the configs that start there. Throughput (img/s, median of ``repeats``) is
-    measured on the first TIMING_BATCH_SIZE images, every config in this same run, with whole forwards.
-    Images the loader skipped (``collate_usable``) are counted, up to ``max_bad`` of the data set;
-    an image whose logits are not finite counts as an error and is reported. ``labels`` False: the labels
+    changes run once per batch for all the configs that start there (``ats.adapters.tokens_before``). Throughput
+    (img/s, median of ``repeats``) is measured on the first TIMING_BATCH_SIZE images, every config in this same
+    run, with whole forwards. Images the loader skipped (``collate_usable``) are counted, up to ``max_bad`` of the
+    data set; an image whose logits are not finite counts as an error and is reported. ``labels`` False: the labels
     are not the model's classes, and top-1 is None. Under torchrun each process evaluates its share of the
     batches (``make_loader(..., processes)``) and every process returns the rows of the whole data set, equal
     to one process's but for throughput, the sum over processes. ``static``: every config in static mode
@@ -140,7 +140,7 @@ def evaluate(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[Pa
         raise ValueError("the dataset is empty" + (f" (all {len(skipped)} images were skipped)" if skipped else "")
                          + "; nothing to evaluate")
     throughputs = [sum(values) for values in zip(*[part.throughputs for part in shares if part.throughputs])]
-    depth = family_of(model).depth(model)
+    depth = depth_of(model)
     params = sum(p.numel() for p in model.parameters())
     rows = []
     for index, config in enumerate(configs):
@@ -165,11 +165,9 @@ def _evaluate_share(model: nn.Module, loader: DataLoader, configs: Sequence[Opti
                     progress: bool, skipped: SkippedImages, static: bool) -> EvalShare:
     """This process's batches through every config, and the throughput of each on its first batch."""
     device = next(model.parameters()).device
-    family = family_of(model)
-    depth = family.depth(model)
-    num_tokens = family.shape(model).num_tokens
-    starts = {config.first_block for config in configs if config is not None} or {0}
-    start_of = [max(starts) if config is None else config.first_block for config in configs]
+    depth = depth_of(model)
+    num_tokens = family_of(model).shape(model).num_tokens
+    first_of_start = {config.first_block: config for config in reversed(configs) if config is not None}
     batches: List[List[BatchResult]] = []
     timing_batch = None
     try:
@@ -179,11 +177,17 @@ def _evaluate_share(model: nn.Module, loader: DataLoader, configs: Sequence[Opti
             if len(labels) == 0:
                 continue
             timing_batch = images[:TIMING_BATCH_SIZE] if timing_batch is None else timing_batch
-            tokens = {start: family.run_first_blocks(model, images, start) for start in starts}
-            results = []
-            for config, start in zip(configs, start_of):
+            tokens = {}
+            for start, config in first_of_start.items():
                 set_config(model, config, static)
-                logits = family.logits_from_block(model, tokens[start], start)
+                tokens[start] = tokens_before(model, images, start)
+            results = []
+            for config in configs:
+                set_config(model, config, static)
+                if config is None:
+                    logits = as_logits(model(images))
+                else:
+                    logits = logits_from(model, tokens[config.first_block], config.first_block)
                 finite = torch.isfinite(logits).all(dim=-1)
                 results.append(BatchResult(
                     int(((logits.argmax(-1) == labels) & finite).sum()), int((~finite).sum()),
@@ -250,13 +254,12 @@ def format_table(rows: Sequence[EvalRow]) -> str:
 def recommended_and_merge(model: nn.Module, dataset: Dataset, batch_size: int) -> Tuple[ATSConfig, MergeConfig]:
     """The recommended config (``ATSConfig.recommended``), and token merging at about its mean GFLOPs on the
     first batch of ``dataset`` (the same batch on every process of a torchrun)."""
-    family = family_of(model)
-    recommended = ATSConfig.recommended(family.depth(model))
+    recommended = ATSConfig.recommended(depth_of(model))
     device = next(model.parameters()).device
     images = next(batch[0] for batch in make_loader(dataset, batch_size, 0) if len(batch[1]))
     try:
         with torch.inference_mode():
-            family.logits(ats.patch(model, recommended), images.to(device))
+            ats.patch(model, recommended)(images.to(device))
         gflops = float(ats.last_stats(model).gflops.mean())
     finally:
         set_config(model, None)
@@ -297,9 +300,10 @@ def run(args: argparse.Namespace) -> int:
     with torchrun_processes(args.device) as processes:
         args.device = processes.device
         model = load_model(args)
-        dataset = build_dataset(args.data, model, args.limit)
-        labels = args.data is not None or knows_bundled_classes(model)
-        configs = [None, *configs_from_arguments(args, depth=family_of(model).depth(model))]
+        inputs = data_config(model)
+        dataset = build_dataset(args.data, inputs, args.limit)
+        labels = args.data is not None or knows_bundled_classes(inputs)
+        configs = [None, *configs_from_arguments(args, depth=depth_of(model))]
         defaults = not config_flags_given(args)
         if defaults:
             recommended, merge = recommended_and_merge(model, dataset, args.batch_size)

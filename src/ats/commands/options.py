@@ -9,6 +9,7 @@ import timm
 import torch
 from torch import nn
 
+from ..adapters import data_config
 from ..data.build import knows_bundled_classes
 from ..data.skipped import DEFAULT_MAX_BAD
 from ..methods import (
@@ -97,7 +98,7 @@ def load_hf_model(name: str, download: bool = False) -> nn.Module:
         from transformers.image_processing_utils import ImageProcessingMixin
     except ImportError:
         raise ValueError("--model hf:... needs Hugging Face transformers: pip install 'ats-vit[hf]'") from None
-    from ..patch import FAMILIES
+    from ..adapters import FAMILIES
 
     local = Path(name).is_dir()
     if local and not (Path(name) / "config.json").is_file():
@@ -257,7 +258,7 @@ def parse_blocks(spec: str) -> dict:
 def require_data(args: argparse.Namespace, model: nn.Module, command: str) -> None:
     """A ValueError, before any work, when ``command`` would run ``model`` without ``--data`` on bundled images
     whose labels are not its classes."""
-    if args.data is None and not knows_bundled_classes(model):
+    if args.data is None and not knows_bundled_classes(data_config(model)):
         raise ValueError(f"ats {command} --model {args.model} needs --data DIR: the bundled images are Fashion-MNIST "
                          "garments, not this model's classes (pass an ImageFolder of its classes, e.g. ImageNet's "
                          "val folder; `ats eval` and `ats bench` run without one)")

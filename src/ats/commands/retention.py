@@ -18,10 +18,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..adapters import data_config
+from ..adapters.family import last_stats, unpatch
 from ..data.build import build_dataset
 from ..data.distributed import make_loader, refuse_torchrun
 from ..methods import ATSConfig
-from ..patch.family import last_stats, unpatch
 from .options import add_model_arguments, load_model, require_data
 
 #: The paper's single-stage budget at block 3 on DeiT-S (196 patch tokens), where retention is read.
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     refuse_torchrun("retention")
     model = load_model(args)
     require_data(args, model, "retention")
-    loader = make_loader(build_dataset(args.data, model, args.limit), args.batch_size, 0)
+    loader = make_loader(build_dataset(args.data, data_config(model), args.limit), args.batch_size, 0)
     result = measure_retention(model, tqdm(loader, desc="retention", leave=False), args.k, args.block)
     if args.json:
         print(json.dumps(result.as_dict(), indent=1))

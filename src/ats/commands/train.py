@@ -27,12 +27,12 @@ from tqdm import tqdm
 
 import ats
 
+from ..adapters import as_logits, data_config, depth_of
 from ..data.build import build_dataset, training_set
 from ..data.distributed import make_loader, torchrun_processes
 from ..data.skipped import SkippedImages, collate_usable
 from ..methods import ATSConfig, EViTConfig, PatchConfig
 from ..methods.stacked import with_ats_options
-from ..patch import as_logits, family_of
 from ..reference.checkpoints import save_atomic
 from .evaluate import evaluate
 from .options import (
@@ -129,10 +129,10 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> int:
     model = load_model(args)
     require_data(args, model, "train")
     device = next(model.parameters()).device
-    config = training_config(args, family_of(model).depth(model))
+    config = training_config(args, depth_of(model))
     ats.patch(model, config, static=args.static)
 
-    dataset = training_set(args.data, model)
+    dataset = training_set(args.data, data_config(model))
     if args.limit is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(args.limit, len(dataset))))
     sampler = ResumableSampler(DistributedSampler(dataset, world_size, rank, shuffle=True, seed=args.seed))
@@ -140,7 +140,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> int:
                         drop_last=len(dataset) >= args.batch_size * world_size, collate_fn=collate_usable,
                         generator=torch.Generator().manual_seed(args.seed))
     steps_per_epoch = len(loader)
-    val_loader = make_loader(build_dataset(args.val_data, model, args.val_limit), 250, args.workers) \
+    val_loader = make_loader(build_dataset(args.val_data, data_config(model), args.val_limit), 250, args.workers) \
         if rank == 0 else None
 
     network: nn.Module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \

@@ -15,7 +15,6 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import matplotlib
 import numpy as np
-import timm.data
 import torch
 from matplotlib.figure import Figure
 from PIL import Image
@@ -24,9 +23,10 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
 from .. import last_stats, patch, unpatch
+from ..adapters import as_logits, data_config, depth_of
 from ..data.distributed import refuse_torchrun
+from ..data.transforms import timm_transform
 from ..methods import PatchConfig
-from ..patch import family_of
 from ..stats import ATSStats
 from .evaluate import config_label
 from .options import (
@@ -266,7 +266,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __init__(self, paths: Sequence[Path], data_config: dict) -> None:
         self.paths = list(paths)
         self.mode = "L" if data_config["input_size"][0] == 1 else "RGB"
-        self.transform = timm.data.create_transform(**data_config, is_training=False)
+        self.transform = timm_transform(data_config)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -289,21 +289,20 @@ class Inputs:
 
 def load_inputs(args: argparse.Namespace, model: nn.Module, data_config: dict) -> Inputs:
     """--images files/folders, or the first --num-images images of the bundled test set."""
-    from ..data.build import build_dataset, knows_bundled_classes
+    from ..data.build import build_dataset, knows_bundled_classes, takes_clips
     from ..data.fashion_mnist import FASHION_MNIST_CLASSES
     from ..data.moving_garments import MOVING_GARMENT_CLASSES
-    from ..patch import takes_clips
 
-    video = takes_clips(model)
+    video = takes_clips(data_config)
     test_classes = MOVING_GARMENT_CLASSES if video else FASHION_MNIST_CLASSES
-    class_names = test_classes if knows_bundled_classes(model) else family_of(model).class_names(model)
+    class_names = test_classes if knows_bundled_classes(data_config) else data_config["class_names"]
     if args.images:
         if video:
             raise ValueError("--images takes image files, and this is a video model; leave --images out to see the "
                              "moving-garment test clips")
         paths = collect_image_paths(args.images)
         return Inputs(ImageFiles(paths, data_config), [path.stem for path in paths], class_names, class_names)
-    dataset = build_dataset(None, model, limit=args.num_images)
+    dataset = build_dataset(None, data_config, limit=args.num_images)
     names = [f"test-{index:05d}" for index in range(len(dataset))]
     return Inputs(dataset, names, test_classes, class_names)
 
@@ -345,7 +344,7 @@ def render(model: nn.Module, configs: Sequence[PatchConfig], inputs: Inputs, dat
         label_names = [_class_name(int(label), inputs.label_names) for label in labels]
         for config in configs:
             patch(model, config, static)
-            predictions = family_of(model).logits(model, images.to(device)).argmax(dim=-1).tolist()
+            predictions = as_logits(model(images.to(device))).argmax(dim=-1).tolist()
             predicted = [_class_name(prediction, inputs.class_names) for prediction in predictions]
             described = config_label(config, static)
             batch_tokens = image_tokens(last_stats(model), pixels, names, described, label_names, predicted)
@@ -389,10 +388,10 @@ def run(args: argparse.Namespace) -> int:
         if value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}")
     model = load_model(args)
-    configs = visualize_configs(args, family_of(model).depth(model))
-    data_config = family_of(model).data_config(model)
-    inputs = load_inputs(args, model, data_config)
-    entries = render(model, configs, inputs, data_config, args.out, args.batch_size, args.static)
+    configs = visualize_configs(args, depth_of(model))
+    model_data = data_config(model)
+    inputs = load_inputs(args, model, model_data)
+    entries = render(model, configs, inputs, model_data, args.out, args.batch_size, args.static)
     if args.json:
         print(json.dumps(entries, indent=2))
     else:

@@ -11,6 +11,8 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch.utils.data import Dataset
 
+from .transforms import timm_transform
+
 BUNDLED_FASHION_MNIST = Path(__file__).parent / "fashion-mnist"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_MEAN = (0.2860,)
@@ -91,11 +93,8 @@ class ForModel:
     the bundled images."""
 
     def __init__(self, data_config: dict) -> None:
-        import timm.data
-
-        keys = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
         self.mode = "L" if data_config["input_size"][0] == 1 else "RGB"
-        self.transform = timm.data.create_transform(**{key: data_config[key] for key in keys if key in data_config})
+        self.transform = timm_transform(data_config)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         from torchvision.transforms.functional import to_pil_image

@@ -3,19 +3,18 @@ data config says."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Dict
 
-import torch
 from torch.utils.data import Dataset
 
-from ..patch import family_of
 from .skipped import UsableImages
+from .transforms import timm_transform
 
 
-def image_folder(root: Path, model: torch.nn.Module, is_training: bool = False) -> Dataset:
-    """An ImageFolder tree ``root/<class>/<image>`` (the ImageNet val layout), transformed with the
-    model's own data config (resize, crop, interpolation, mean, std; a transformers model's from its image
-    processor config) by timm's transforms; unusable images come back as SkippedImages."""
-    import timm.data
+def image_folder(root: Path, config: Dict[str, Any], is_training: bool = False) -> Dataset:
+    """An ImageFolder tree ``root/<class>/<image>`` (the ImageNet val layout), transformed with the model's own
+    data config ``config`` (resize, crop, interpolation, mean, std; a transformers model's from its image processor
+    config) by timm's transforms; unusable images come back as SkippedImages."""
     from torchvision.datasets import ImageFolder
 
     root = Path(root)
@@ -24,8 +23,7 @@ def image_folder(root: Path, model: torch.nn.Module, is_training: bool = False) 
                                 "root/<class>/<image>.jpg (the ImageNet val layout)")
     if not any(child.is_dir() for child in root.iterdir()):
         raise ValueError(f"{root} has no class sub-folders; lay it out as root/<class>/<image>.jpg")
-    config = family_of(model).data_config(model)
-    transform = timm.data.create_transform(**config, is_training=is_training)
+    transform = timm_transform(config, is_training)
     grayscale = config["input_size"][0] == 1
     try:
         folder = ImageFolder(str(root), transform=transform, loader=_grayscale_loader if grayscale else _rgb_loader)

@@ -9,13 +9,13 @@ naming it, as an unreadable image does.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 from torch.utils.data import Dataset
 
-from ..patch import family_of
 from .skipped import SkippedImage
+from .transforms import timm_transform
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 
@@ -73,13 +73,10 @@ class VideoFolder(Dataset):
         return clip, label
 
 
-def video_folder(root: Path, model: torch.nn.Module) -> VideoFolder:
-    """A folder of video files for ``model``: its frames, and timm's evaluation transform for its per-frame data
-    config (also in training: random crops and flips drawn per frame would tear a clip apart)."""
-    import timm.data
-
-    config = dict(family_of(model).data_config(model))
-    frames = config.pop("num_frames")
-    keys = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
-    transform = timm.data.create_transform(**{key: config[key] for key in keys})
+def video_folder(root: Path, config: Dict[str, Any]) -> VideoFolder:
+    """A folder of video files for the video model of data config ``config``: its frames, and timm's evaluation
+    transform for its per-frame data config (also in training: random crops and flips drawn per frame would tear a
+    clip apart)."""
+    frames = config["num_frames"]
+    transform = timm_transform(config)
     return VideoFolder(root, frames, config["input_size"][0], transform)

@@ -16,18 +16,29 @@ classifiers. transformers is imported only when a model of it is met.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
-from typing import Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..flops import ViTShape, conv_flops, linear_flops, patch_grid
+from ..method import Method
 from ..packing import TokenBatch
 from ..stats import ForwardRecord
 from ..step import BlockParts
-from .family import Family, PatchedModel, fit_channels, masked_features, valid_mean
+from .family import (
+    Family,
+    PatchedModel,
+    as_logits,
+    cached_block_parts,
+    fit_channels,
+    masked_features,
+    run_parts,
+    run_patched,
+    valid_mean,
+)
 
 #: PIL resampling filters (as image processor configs store them) by timm's interpolation names.
 PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
@@ -268,27 +279,26 @@ class PatchEmbedding:
 
 
 class ATSHuggingFaceModel(PatchedModel):
-    """Mixed in before a transformers model class by ``HuggingFaceFamily.patch``; each family's mixin names
-    its adapter (``_ats_family``)."""
-
-    def _ats_family(self) -> "HuggingFaceFamily":
-        return HF
+    """Mixed in before the transformers model classes of every ``HuggingFaceFamily``."""
 
     def forward(self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 interpolate_pos_encoding: Optional[bool] = None, attention_mask: Optional[torch.Tensor] = None,
                 bool_masked_pos: Optional[torch.Tensor] = None, output_attentions: Optional[bool] = None,
                 output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None, **kwargs):
         """The original forward's arguments and output class (see the module docstring for what differs)."""
-        family = self._ats_family()
+        family: HuggingFaceFamily = self._ats.family
         refuse_unsupported(self, attention_mask, bool_masked_pos, output_attentions, output_hidden_states, kwargs)
         if pixel_values is None:
             raise ValueError(f"pass pixel_values, {family.inputs}")
         tokens = family.embed(self, pixel_values, bool(interpolate_pos_encoding))
-        batch = family.run_patched(self, tokens, 0, tuple(pixel_values.shape[1:]))
+        batch = run_patched(self, tokens, 0, tuple(pixel_values.shape[1:]))
         output = family.output(self, batch, self._ats.pool_weights, labels)
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
         return output if return_dict else output.to_tuple()
+
+    def ats_logits(self, batch: TokenBatch) -> torch.Tensor:
+        return as_logits(self._ats.family.output(self, batch, self._ats.pool_weights, None))
 
 
 def refuse_unsupported(model: nn.Module, attention_mask, bool_masked_pos, output_attentions, output_hidden_states,
@@ -330,7 +340,7 @@ class HuggingFaceFamily(Family):
         attribute = self.layout(model).base
         return model if attribute is None else getattr(model, attribute)
 
-    def check(self, model: nn.Module) -> None:
+    def check(self, model: nn.Module, config: Optional[Method] = None, static: bool = False) -> None:
         from packaging.version import Version
         from transformers import __version__
 
@@ -341,8 +351,15 @@ class HuggingFaceFamily(Family):
         if implementation not in ATTENTION_IMPLEMENTATIONS:
             raise TypeError(f"attn_implementation={implementation!r} is not supported; load the model with "
                             "attn_implementation='sdpa' (or 'eager')")
+        super().check(model, config, static)
 
-    def block_parts(self, layer: nn.Module) -> BlockParts:
+    def block_parts(self, model: nn.Module, input_size: Sequence[int]) -> List[BlockParts]:
+        """Each layer's parts (``parts_of``), with its gradient checkpointing (``checkpoint_function``)."""
+        return [replace(self.parts_of(layer), checkpoint=self.checkpoint_function(model, layer))
+                for layer in self.blocks(model)]
+
+    def parts_of(self, layer: nn.Module) -> BlockParts:
+        """The parts of one encoder layer."""
         return layer_parts(layer)
 
     def checkpoint_function(self, model: nn.Module, layer: nn.Module) -> Optional[Callable]:
@@ -356,9 +373,6 @@ class HuggingFaceFamily(Family):
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         raise NotImplementedError
-
-    def has_class_token(self, model: nn.Module) -> bool:
-        return self.num_prefix_tokens(model) > 0
 
     def patches(self, model: nn.Module) -> PatchEmbedding:
         raise NotImplementedError
@@ -382,19 +396,15 @@ class HuggingFaceFamily(Family):
                         mlp_flops=mlp_flops, depth=len(self.blocks(model)), num_patches=math.prod(grid),
                         num_prefix_tokens=self.num_prefix_tokens(model),
                         patch_embed_flops=conv_flops(self.patches(model).projection, grid), head_flops=head_flops,
-                        grid_size=grid[-2:], head_token_flops=head_token_flops)
+                        grid_size=grid[-2:], head_token_flops=head_token_flops,
+                        has_class_token=self.num_prefix_tokens(model) > 0)
 
     def input_size(self, model: nn.Module) -> Tuple[int, ...]:
         patches = self.patches(model)
         return (patches.projection.in_channels, *patches.image_size)
 
-    def data_config(self, model: nn.Module) -> dict:
-        return processor_data_config(model, self.input_size(model))
-
-    def class_names(self, model: nn.Module) -> Optional[Sequence[str]]:
-        labels = getattr(model.config, "id2label", None) or {}
-        names = [labels.get(index, str(index)) for index in range(len(labels))]
-        return None if all(name == f"LABEL_{index}" for index, name in enumerate(names)) else names
+    def data_config(self, model: nn.Module) -> Dict[str, Any]:
+        return {**processor_data_config(model, self.input_size(model)), "class_names": class_names(model)}
 
     def check_images(self, model: nn.Module, images: torch.Tensor, interpolate_pos_encoding: bool) -> torch.Tensor:
         """Images [B, C, H, W] of the model's own size, or (resampled position embeddings, or none to resample)
@@ -432,51 +442,18 @@ class HuggingFaceFamily(Family):
     def forward_parts(self, model: nn.Module, input_size: Sequence[int]) -> List[BlockParts]:
         """Every block's parts for one forward on inputs of ``input_size`` (a family whose attention depends on
         positions adds this forward's rotations or biases)."""
-        if hasattr(model, "_ats"):
-            return self.cached_block_parts(model, input_size)
-        return self.all_block_parts(model, input_size)
+        return cached_block_parts(self, model, input_size)
 
-    def run_blocks(self, model: nn.Module, x: torch.Tensor, shape: ViTShape, start: int,
-                   input_size: Sequence[int]) -> Tuple[TokenBatch, ForwardRecord]:
-        parts = self.forward_parts(model, input_size)
-        return self.run_parts(model, parts, x, shape, start)
-
-    def run_first_blocks(self, model: nn.Module, images: torch.Tensor, count: int) -> torch.Tensor:
-        x = self.embed(model, images)
-        for parts in self.forward_parts(model, tuple(images.shape[1:]))[:count]:
-            x = parts.dense(x)
-        return x
-
-    def logits(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        return self.logits_of(model, model(pixel_values=images))
-
-    def logits_from_block(self, model: nn.Module, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        input_size = self.input_size(model)
-        if hasattr(model, "_ats"):
-            batch = self.run_patched(model, tokens, start, input_size)
-            weights = model._ats.pool_weights
-        else:
-            for parts in self.forward_parts(model, input_size)[start:]:
-                tokens = parts.dense(tokens)
-            batch = TokenBatch.from_dense(tokens)
-            weights = torch.ones(tokens.shape[:2], dtype=tokens.dtype, device=tokens.device)
-        return self.logits_of(model, self.output(model, batch, weights, None))
-
-    def logits_of(self, model: nn.Module, output) -> torch.Tensor:
-        logits = getattr(output, "logits", None)
-        if logits is None:
-            name = self.layout(model).base or type(model).__name__
-            raise TypeError(f"a {name} model has no classification head; load the checkpoint with its "
-                            "...ForImageClassification (or ...ForVideoClassification) class to measure accuracy")
-        return logits
+    def run_blocks(self, model: nn.Module, x: torch.Tensor, shape: ViTShape, start: int, input_size: Sequence[int],
+                   stop: Optional[int] = None) -> Tuple[TokenBatch, ForwardRecord]:
+        return run_parts(model, self.forward_parts(model, input_size)[:stop], x, shape, start)
 
 
 class HuggingFaceViT(HuggingFaceFamily):
     name = "Hugging Face " + ", ".join(LAYOUTS)
     layouts = LAYOUTS
 
-    def check(self, model: nn.Module) -> None:
-        super().check(model)
+    def check(self, model: nn.Module, config: Optional[Method] = None, static: bool = False) -> None:
         base = self.base(model)
         if getattr(base.config, "mask_ratio", 0.0) > 0:
             raise TypeError(f"this ViTMAEModel masks a random {base.config.mask_ratio:.0%} of the patches before its "
@@ -485,6 +462,7 @@ class HuggingFaceViT(HuggingFaceFamily):
         if getattr(base, "pooler", None) is not None and self.num_prefix_tokens(model) == 0:
             raise TypeError("this model's pooler reads the first token, a patch token ATS may drop (the model has "
                             "no class token); create it without the pooling layer (add_pooling_layer=False)")
+        super().check(model, config, static)
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         base = self.base(model)
@@ -540,6 +518,13 @@ def processor_data_config(model: nn.Module, input_size: Tuple[int, int, int]) ->
     for key, default, identity in (("mean", IMAGENET_MEAN, 0.0), ("std", IMAGENET_STD, 1.0)):
         config[key] = fit_channels(processor.get(f"image_{key}", default) if normalise else (identity,), channels)
     return config
+
+
+def class_names(model: nn.Module) -> Optional[Sequence[str]]:
+    """A transformers model's class names by index (``config.id2label``), or None where they are placeholders."""
+    labels = getattr(model.config, "id2label", None) or {}
+    names = [labels.get(index, str(index)) for index in range(len(labels))]
+    return None if all(name == f"LABEL_{index}" for index, name in enumerate(names)) else names
 
 
 def processor_config(model: nn.Module) -> dict:

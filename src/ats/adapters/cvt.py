@@ -19,17 +19,18 @@ from __future__ import annotations
 import warnings
 from dataclasses import replace
 from functools import partial
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..flops import BlockCost, ViTShape, conv_flops, conv_output_grid, conv_projection_block_flops, linear_flops
-from ..methods import PatchConfig
+from ..method import Method
 from ..packing import TokenBatch
+from ..stats import ForwardRecord
 from ..step import BlockParts
-from .family import Family, PatchedModel, masked_features
-from .hf import HuggingFaceViT, fused_qkv, processor_config, processor_data_config
+from .family import Family, PatchedModel, as_logits, masked_features, run_patched
+from .hf import class_names, fused_qkv, processor_config, processor_data_config
 
 CLASSES = ("CvtModel", "CvtForImageClassification")
 
@@ -66,12 +67,14 @@ class ATSCvtModel(PatchedModel):
                             "labels and return_dict (ats.unpatch(model) for the rest)")
         if pixel_values is None:
             raise ValueError("pass pixel_values, images [B, C, H, W]")
-        tokens = CVT.embed(self, pixel_values)
-        batch = CVT.run_patched(self, tokens, 0, tuple(pixel_values.shape[1:]))
+        batch = run_patched(self, CVT.embed(self, pixel_values), 0, tuple(pixel_values.shape[1:]))
         output = CVT.output(self, batch, labels)
         if return_dict is None:
             return_dict = self.config.return_dict
         return output if return_dict else output.to_tuple()
+
+    def ats_logits(self, batch: TokenBatch) -> torch.Tensor:
+        return as_logits(CVT.output(self, batch, None))
 
 
 class HuggingFaceCvT(Family):
@@ -87,38 +90,37 @@ class HuggingFaceCvT(Family):
     def stages(self, model: nn.Module) -> Sequence[nn.Module]:
         return self.base(model).encoder.stages
 
-    def check(self, model: nn.Module) -> None:
-        config = model.config
-        if not config.cls_token[-1]:
+    def check(self, model: nn.Module, config: Optional[Method] = None, static: bool = False) -> None:
+        """Also warns that the blocks from ``config``'s first run their linear projections only."""
+        if not model.config.cls_token[-1]:
             raise TypeError("this CvT has no class token in its last stage (config.cls_token[-1] is False); ATS "
                             "ranks tokens by the class token's attention, so it supports CvTs like CvT-13 and "
                             "CvT-21, whose last stage has one")
-        if config.qkv_projection_method[-1] != "dw_bn":
-            raise TypeError(f"qkv_projection_method {config.qkv_projection_method[-1]!r} in the last stage is not "
-                            "supported; ATS supports CvT's depthwise-convolution projections ('dw_bn')")
+        if model.config.qkv_projection_method[-1] != "dw_bn":
+            raise TypeError(f"qkv_projection_method {model.config.qkv_projection_method[-1]!r} in the last stage is "
+                            "not supported; ATS supports CvT's depthwise-convolution projections ('dw_bn')")
+        super().check(model, config, static)
+        linear = self.linear_blocks(model, config)
+        if config is not None and len(linear):
+            warnings.warn(f"CvT: blocks {linear.start}..{linear.stop - 1} of the last stage now run their linear q/k/v "
+                          "projections without the convolutions, which need every token; the model computes a "
+                          "different function until it is fine-tuned (ats train), as in the paper",
+                          stacklevel=4)
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         return self.stages(model)[-1].layers
 
-    def linear_blocks(self, model: nn.Module, config: Optional[PatchConfig]) -> range:
+    def linear_blocks(self, model: nn.Module, config: Optional[Method]) -> range:
         """The blocks that run without their convolutional projections under ``config``."""
-        return range(self.depth(model) if config is None else config.first_block, self.depth(model))
+        depth = len(self.blocks(model))
+        return range(depth if config is None else config.first_block, depth)
 
-    def patch(self, model: nn.Module, config: PatchConfig, static: bool = False) -> nn.Module:
-        model = super().patch(model, config, static)
-        linear = self.linear_blocks(model, config)
-        if len(linear):
-            warnings.warn(f"CvT: blocks {linear.start}..{linear.stop - 1} of the last stage now run their linear q/k/v "
-                          "projections without the convolutions, which need every token; the model computes a "
-                          "different function until it is fine-tuned (ats train), as in the paper",
-                          stacklevel=3)
-        return model
-
-    def run_patched(self, model: nn.Module, x: torch.Tensor, start: int, input_size: Sequence[int]) -> TokenBatch:
-        batch = super().run_patched(model, x, start, input_size)
-        state = model._ats
-        state.last_stats = replace(state.last_stats, linear_blocks=tuple(self.linear_blocks(model, state.config)))
-        return batch
+    def run_blocks(self, model: nn.Module, x: torch.Tensor, shape: ViTShape, start: int, input_size: Sequence[int],
+                   stop: Optional[int] = None) -> Tuple[TokenBatch, ForwardRecord]:
+        """As ``Family.run_blocks``; the record names the blocks that ran their linear projections only."""
+        batch, record = super().run_blocks(model, x, shape, start, input_size, stop)
+        record.linear_blocks = tuple(self.linear_blocks(model, model._ats.config))
+        return batch, record
 
     def grid(self, model: nn.Module, input_size: Sequence[int]) -> Tuple[int, int]:
         """The token grid (rows, columns) of the last stage for images of ``input_size`` (C, H, W)."""
@@ -127,16 +129,17 @@ class HuggingFaceCvT(Family):
             grid = conv_output_grid(stage.embedding.convolution_embeddings.projection, grid)
         return grid
 
-    def all_block_parts(self, model: nn.Module, input_size: Sequence[int]) -> List[BlockParts]:
+    def block_parts(self, model: nn.Module, input_size: Sequence[int]) -> List[BlockParts]:
+        """Each block's parts (``parts_of``), the blocks that keep their convolutions with their own forward on the
+        model's grid as ``dense``."""
         height, width = self.grid(model, input_size)
         linear = self.linear_blocks(model, model._ats.config if hasattr(model, "_ats") else None)
-        return [replace(self.block_parts(layer), dense=None if index in linear else
+        return [replace(self.parts_of(layer), dense=None if index in linear else
                         partial(layer, height=height, width=width))
                 for index, layer in enumerate(self.blocks(model))]
 
-    def block_parts(self, layer: nn.Module) -> BlockParts:
-        """The parts of a block run with its linear projections only (``all_block_parts`` gives the blocks
-        that keep their convolutions their own forward on the model's grid as ``dense``)."""
+    def parts_of(self, layer: nn.Module) -> BlockParts:
+        """The parts of a block run with its linear projections only."""
         attention = layer.attention.attention
         return BlockParts(norm1=layer.layernorm_before, norm2=layer.layernorm_after,
                           qkv=partial(fused_qkv, attention.projection_query, attention.projection_key,
@@ -161,11 +164,11 @@ class HuggingFaceCvT(Family):
         classifier = getattr(model, "classifier", None)
         width = layer.attention.attention.embed_dim
         return ViTShape(embed_dim=width, attn_dim=width, head_dim=width // layer.attention.attention.num_heads,
-                        mlp_flops=_mlp_flops(layer), depth=self.depth(model), num_patches=grid[0] * grid[1],
+                        mlp_flops=_mlp_flops(layer), depth=len(self.blocks(model)), num_patches=grid[0] * grid[1],
                         num_prefix_tokens=1, patch_embed_flops=stem,
                         head_flops=0 if classifier is None else linear_flops(classifier), grid_size=grid)
 
-    def block_costs(self, model: nn.Module, shape: ViTShape, config: Optional[PatchConfig]) -> Dict[int, BlockCost]:
+    def block_costs(self, model: nn.Module, shape: ViTShape, config: Optional[Method]) -> Dict[int, BlockCost]:
         """Blocks with their convolutions cost ``conv_projection_block_flops`` on the full grid."""
         costs = super().block_costs(model, shape, config)
         linear = self.linear_blocks(model, config)
@@ -184,14 +187,14 @@ class HuggingFaceCvT(Family):
         side = size.get("shortest_edge") or size.get("height") or 224
         return model.config.num_channels, side, side
 
-    def data_config(self, model: nn.Module) -> dict:
+    def data_config(self, model: nn.Module) -> Dict[str, Any]:
         pretrained = getattr(model, "pretrained_cfg", None)
         if pretrained:
-            return {key: pretrained[key] for key in ("input_size", "mean", "std", "interpolation", "crop_pct",
-                                                     "crop_mode")}
-        return processor_data_config(model, self.input_size(model))
-
-    class_names = HuggingFaceViT.class_names
+            config = {key: pretrained[key] for key in ("input_size", "mean", "std", "interpolation", "crop_pct",
+                                                       "crop_mode")}
+        else:
+            config = processor_data_config(model, self.input_size(model))
+        return {**config, "class_names": class_names(model)}
 
     def embed(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] -> the last stage's tokens [B, 1 + h w, C'], the class token first."""
@@ -207,13 +210,6 @@ class HuggingFaceCvT(Family):
         x = last.embedding(x).flatten(2).transpose(1, 2)
         return torch.cat([last.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
 
-    def run_first_blocks(self, model: nn.Module, images: torch.Tensor, count: int) -> torch.Tensor:
-        x = self.embed(model, images)
-        height, width = self.grid(model, tuple(images.shape[1:]))
-        for layer in self.blocks(model)[:count]:
-            x = layer(x, height, width)
-        return x
-
     def output(self, model: nn.Module, batch: TokenBatch, labels: Optional[torch.Tensor]):
         """The model's own output object from the packed tokens after the last block."""
         from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
@@ -226,31 +222,9 @@ class HuggingFaceCvT(Family):
         loss = None if labels is None else model.loss_function(labels, logits, model.config)
         return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits)
 
-    def logits(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        return _logits_of(model(pixel_values=images))
-
-    def logits_from_block(self, model: nn.Module, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        input_size = self.input_size(model)
-        if hasattr(model, "_ats"):
-            batch = self.run_patched(model, tokens, start, input_size)
-        else:
-            height, width = self.grid(model, input_size)
-            for layer in self.blocks(model)[start:]:
-                tokens = layer(tokens, height, width)
-            batch = TokenBatch.from_dense(tokens)
-        return _logits_of(self.output(model, batch, None))
-
 
 def _constant(flops: int, n_in, n_out) -> int:
     return flops
-
-
-def _logits_of(output) -> torch.Tensor:
-    logits = getattr(output, "logits", None)
-    if logits is None:
-        raise TypeError("a CvtModel has no classification head; load the checkpoint with "
-                        "CvtForImageClassification to measure accuracy")
-    return logits
 
 
 CVT = HuggingFaceCvT()

@@ -19,7 +19,6 @@ from torch import nn
 
 from ..step import BlockParts, Rotation
 from .hf import (
-    ATSHuggingFaceModel,
     HuggingFaceFamily,
     Layout,
     PatchEmbedding,
@@ -32,17 +31,9 @@ from .hf import (
 LAYOUTS = {"DINOv3ViTModel": Layout(None, base_output, interpolating=True)}
 
 
-class ATSDINOv3(ATSHuggingFaceModel):
-    """Mixed in before ``DINOv3ViTModel`` by ``HuggingFaceDINOv3.patch``; ``DINOV3`` is the adapter."""
-
-    def _ats_family(self) -> HuggingFaceFamily:
-        return DINOV3
-
-
 class HuggingFaceDINOv3(HuggingFaceFamily):
     name = "Hugging Face " + ", ".join(LAYOUTS)
     layouts = LAYOUTS
-    mixin = ATSDINOv3
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         base = self.base(model)

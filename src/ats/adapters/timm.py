@@ -7,7 +7,8 @@ reads each image's valid tokens only, the mean and the attention pool weighing t
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from dataclasses import replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import timm.data
 import torch
@@ -18,8 +19,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..flops import ViTShape, attention_pool_token_flops, linear_flops, patch_grid, stem_convolutions, stem_flops
+from ..method import Method
+from ..packing import TokenBatch
 from ..step import BlockParts
-from .family import Family, PatchedModel, fit_channels, masked_features, valid_mean
+from .family import Family, PatchedModel, fit_channels, masked_features, run_patched, valid_mean
 
 SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "", "map")
 
@@ -83,8 +86,9 @@ def layer_scale(block: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     return x if gamma is None else gamma * x
 
 
-class ATSVisionTransformer(PatchedModel):
-    """Mixed in before a timm VisionTransformer class by ``TimmViT.patch``; ``TIMM`` is the adapter."""
+class ATSTimmModel(PatchedModel):
+    """What the timm families' mixins share: ``forward_features`` and ``forward_tokens`` run the blocks through
+    ``run_patched``; ``forward_intermediates`` is refused; timm's ``forward_head`` and the rest are the model's."""
 
     def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                          is_causal: bool = False) -> torch.Tensor:
@@ -92,13 +96,14 @@ class ATSVisionTransformer(PatchedModel):
         if attn_mask is not None or is_causal:
             raise ValueError("a patched model takes no attn_mask or is_causal: ATS makes its own masks; "
                              "ats.unpatch(model) to use them")
-        return self.forward_tokens(TIMM.embed(self, x))
+        return self.forward_tokens(self._ats.family.embed(self, x), input_size=tuple(x.shape[1:]))
 
-    def forward_tokens(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Run the blocks from ``start`` on: x [B, N, C'] are the tokens the blocks before ``start``
-        made, all N of them (an evaluation of several configs computes them once). Returns normalised
-        tokens [B, m, C'], zeros on padding."""
-        batch = TIMM.run_patched(self, x, start, TIMM.input_size(self))
+    def forward_tokens(self, x: torch.Tensor, start: int = 0,
+                       input_size: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
+        """Run the blocks from ``start`` on the tokens x [B, N, C'] the blocks before it made (all N of them: an
+        evaluation of several configs computes them once), for images of ``input_size`` (C, H, W; default the
+        model's). Returns normalised tokens [B, m, C'], zeros on padding."""
+        batch = run_patched(self, x, start, input_size or self._ats.family.input_size(self))
         return masked_features(batch, self.norm(batch.rows))
 
     def forward_intermediates(self, *args, **kwargs):
@@ -106,6 +111,13 @@ class ATSVisionTransformer(PatchedModel):
         raise NotImplementedError("forward_intermediates of a patched model would run every block on every token "
                                   "(no ATS); ats.unpatch(model) first, or use forward_features and "
                                   "ats.last_stats(model) for the tokens each block kept")
+
+    def ats_logits(self, batch: TokenBatch) -> torch.Tensor:
+        return self.forward_head(masked_features(batch, self.norm(batch.rows)))
+
+
+class ATSVisionTransformer(ATSTimmModel):
+    """Mixed in before a timm VisionTransformer class; ``TIMM`` is the adapter."""
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         """timm's pooling over each image's valid tokens (``pool_valid_tokens``, ``attention_pool``)."""
@@ -123,7 +135,7 @@ class TimmViT(Family):
     def owns(self, cls: type) -> bool:
         return issubclass(cls, VisionTransformer)
 
-    def check(self, model: VisionTransformer) -> None:
+    def check(self, model: VisionTransformer, config: Optional[Method] = None, static: bool = False) -> None:
         if isinstance(model.patch_embed, HybridEmbed):
             raise TypeError(f"this model has a convolutional stage ({type(model.patch_embed.backbone).__name__}) "
                             "before its ViT blocks (a HybridEmbed patch embedding: ViTamin, the ResNet hybrids); ATS "
@@ -136,21 +148,24 @@ class TimmViT(Family):
             raise TypeError(f"global_pool={model.global_pool!r} is not supported; ATS works with "
                             f"{', '.join(map(repr, SUPPORTED_POOLS))} pooling")
         check_attention_pool(model.attn_pool)
+        super().check(model, config, static)
 
     def blocks(self, model: VisionTransformer) -> Sequence[nn.Module]:
         return model.blocks
 
-    def block_parts(self, block: Block) -> BlockParts:
+    def block_parts(self, model: VisionTransformer, input_size: Sequence[int]) -> List[BlockParts]:
+        """Each block's parts (``layer_parts``); after ``model.set_grad_checkpointing()``, every block checkpointed."""
+        function = checkpoint if model.grad_checkpointing else None
+        return [replace(self.layer_parts(block), checkpoint=function) for block in self.blocks(model)]
+
+    def layer_parts(self, block: Block) -> BlockParts:
+        """The parts of one block."""
         attn = block.attn
         return BlockParts(norm1=block.norm1, qkv=attn.qkv, num_heads=attn.num_heads, head_dim=attn.head_dim,
                           scale=attn.scale, proj=attn.proj, norm2=block.norm2, mlp=block.mlp, dense=block,
                           training=block.training, attn_drop=attn.attn_drop.p, q_norm=attn.q_norm,
                           k_norm=attn.k_norm, out_norm=attn.norm, gate=attn.gate, proj_drop=attn.proj_drop,
                           ls1=block.ls1, drop_path1=block.drop_path1, ls2=block.ls2, drop_path2=block.drop_path2)
-
-    def checkpoint_function(self, model: VisionTransformer, block: Block) -> Optional[Callable]:
-        """After ``model.set_grad_checkpointing()``, every block."""
-        return checkpoint if model.grad_checkpointing else None
 
     def shape(self, model: VisionTransformer, input_size: Optional[Sequence[int]] = None) -> ViTShape:
         patch_embed = model.patch_embed
@@ -166,16 +181,15 @@ class TimmViT(Family):
                         num_patches=grid[0] * grid[1], num_prefix_tokens=model.num_prefix_tokens,
                         patch_embed_flops=stem_flops(patch_embed.proj, image_size)[0],
                         head_flops=pool_flops + sum(linear_flops(head) for head in heads), grid_size=grid,
-                        head_token_flops=pool_token_flops, head_reads_prefix=model.pool_include_prefix)
-
-    def has_class_token(self, model: VisionTransformer) -> bool:
-        return model.cls_token is not None
+                        head_token_flops=pool_token_flops, head_reads_prefix=model.pool_include_prefix,
+                        has_class_token=model.cls_token is not None)
 
     def input_size(self, model: VisionTransformer) -> Tuple[int, int, int]:
         return (stem_convolutions(model.patch_embed.proj)[0].in_channels, *model.patch_embed.img_size)
 
-    def data_config(self, model: VisionTransformer) -> dict:
-        """timm's data config with the model's real input size and per-channel mean/std.
+    def data_config(self, model: VisionTransformer) -> Dict[str, Any]:
+        """timm's data config with the model's real input size and per-channel mean/std, and its ImageNet class
+        names where timm knows them.
 
         A timm model created with other ``in_chans``/``img_size`` keeps its default config; the size is
         then read off the patch embedding, and mean/std are averaged (1 channel) or repeated to fit.
@@ -184,14 +198,11 @@ class TimmViT(Family):
         config["input_size"] = self.input_size(model)
         for key in ("mean", "std"):
             config[key] = fit_channels(config[key], config["input_size"][0])
-        return config
-
-    def class_names(self, model: VisionTransformer) -> Optional[Sequence[str]]:
         subset = timm.data.infer_imagenet_subset(model)
-        if subset is None:
-            return None
-        info = timm.data.ImageNetInfo(subset)
-        return [info.index_to_description(index) for index in range(info.num_classes())]
+        info = None if subset is None else timm.data.ImageNetInfo(subset)
+        config["class_names"] = None if info is None else [info.index_to_description(index)
+                                                           for index in range(info.num_classes())]
+        return config
 
     def embed(self, model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
         """Patch and position embedding, prefix tokens, patch dropout, pre-norm: the start of timm's
@@ -202,14 +213,6 @@ class TimmViT(Family):
                              f"{list(images.shape)}; resize and normalise them with the model's data config "
                              "(timm.data.resolve_data_config(model=model))")
         return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
-
-    def logits(self, model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
-        return model(images)
-
-    def logits_from_block(self, model: VisionTransformer, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        if hasattr(model, "_ats"):
-            return model.forward_head(model.forward_tokens(tokens, start))
-        return model.forward_head(model.norm(model.blocks[start:](tokens)))
 
 
 TIMM = TimmViT()

@@ -10,13 +10,13 @@ The patched ``forward_features`` returns [B, T, m, D], padded with zeros, the cl
 from __future__ import annotations
 
 from functools import partial
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..flops import BlockCost, ViTShape, block_flops, conv_flops, frames_block_flops, linear_flops
-from ..methods import PatchConfig
+from ..method import Method
 from ..models.xvit import XViT, XViTBlock
 from ..packing import TokenBatch
 from ..stats import ForwardRecord
@@ -28,8 +28,8 @@ from ..tubes import (
     tube_block_options,
     tubes_to_frames,
 )
-from .family import Family, PatchedModel, masked_features
-from .psvit import IMAGENET_DEFAULTS
+from .family import Family, PatchedModel, cached_block_parts, masked_features, run_patched
+from .psvit import declared_data_config
 
 
 class ATSXViT(PatchedModel):
@@ -37,8 +37,10 @@ class ATSXViT(PatchedModel):
 
     def forward_features(self, clips: torch.Tensor) -> torch.Tensor:
         """Clips [B, T, C, H, W] -> normalised tokens [B, T, m, D], valid tokens first, zeros on padding."""
-        batch = XVIT.run_patched(self, self.embed(clips), 0, tuple(clips.shape[1:]))
-        return XVIT.features(self, batch)
+        return XVIT.features(self, run_patched(self, XVIT.embed(self, clips), 0, tuple(clips.shape[1:])))
+
+    def ats_logits(self, batch: TokenBatch) -> torch.Tensor:
+        return self.forward_head(XVIT.features(self, batch))
 
 
 class XViTFamily(Family):
@@ -48,10 +50,13 @@ class XViTFamily(Family):
     def owns(self, cls: type) -> bool:
         return issubclass(cls, XViT)
 
-    def check(self, model: XViT) -> None:
+    def check(self, model: XViT, config: Optional[Method] = None, static: bool = False) -> None:
         for index, block in enumerate(model.blocks):
             if type(block) is not XViTBlock:
                 raise TypeError(f"block {index} is a {type(block).__name__}; ATS supports XViTBlock")
+        super().check(model, config, static)
+        if config is not None:
+            check_tube_config(config, len(model.blocks), "space-time mixing attention", static=static)
 
     def blocks(self, model: XViT) -> Sequence[nn.Module]:
         return model.blocks
@@ -63,9 +68,8 @@ class XViTFamily(Family):
                               scale=attention.scale, mix_qkv=attention.mix_qkv, shared_cls=False,
                               training=block.training, attn_drop=attention.attn_drop.p, drop_path=block.drop_path)
 
-    def check_config(self, model: XViT, config: PatchConfig) -> None:
-        super().check_config(model, config)
-        check_tube_config(config, self.depth(model), "space-time mixing attention")
+    def block_parts(self, model: XViT, input_size: Sequence[int]) -> List[TubeBlockParts]:
+        return [self.tube_parts(block) for block in model.blocks]
 
     def shape(self, model: XViT, input_size: Optional[Sequence[int]] = None) -> ViTShape:
         """Sizes per clip; ``num_patches`` counts positions per frame; ``head_flops`` counts the temporal
@@ -83,50 +87,33 @@ class XViTFamily(Family):
         aggregation = block_flops(shape, model.num_frames, model.num_frames) + linear_flops(model.head)
         return ViTShape(**{**shape.__dict__, "head_flops": aggregation})
 
-    def block_costs(self, model: XViT, shape: ViTShape, config: Optional[PatchConfig]) -> Dict[int, BlockCost]:
+    def block_costs(self, model: XViT, shape: ViTShape, config: Optional[Method]) -> Dict[int, BlockCost]:
         return {index: partial(frames_block_flops, shape, model.num_frames, **tube_block_options(config, index))
                 for index in range(shape.depth)}
-
-    def runs_static(self, model: XViT) -> bool:
-        return False  # its blocks run on tubes
 
     def input_size(self, model: XViT) -> Tuple[int, int, int, int]:
         """(frames, channels, height, width) the model takes."""
         return model.input_size
 
-    def data_config(self, model: XViT) -> dict:
-        """Per-frame preprocessing: the config the model declares (``pretrained_cfg``, as the reference XViT
-        does), else ImageNet's; with ``num_frames``."""
+    def data_config(self, model: XViT) -> Dict[str, Any]:
+        """Per-frame preprocessing (``psvit.declared_data_config``), with ``num_frames``."""
         frames, *image_size = self.input_size(model)
-        declared = getattr(model, "pretrained_cfg", None) or {}
-        config = {**IMAGENET_DEFAULTS, **{key: declared[key] for key in IMAGENET_DEFAULTS if key in declared}}
-        return {**config, "input_size": tuple(image_size), "num_frames": frames}
+        return {**declared_data_config(model), "input_size": tuple(image_size), "num_frames": frames}
 
     def embed(self, model: XViT, clips: torch.Tensor) -> torch.Tensor:
-        """Clips [B, T, C, H, W] -> the tokens entering block 0, [B, T, 1 + S, D]."""
-        return model.embed(clips)
+        """Clips [B, T, C, H, W] -> the tubes entering block 0, [B, 1 + S, T * D]."""
+        return frames_to_tubes(model.embed(clips))
 
-    def run_blocks(self, model: XViT, x: torch.Tensor, shape: ViTShape, start: int,
-                   input_size: Sequence[int]) -> Tuple[TokenBatch, ForwardRecord]:
-        """The blocks from ``start`` on tubes (``ats.tubes``): x is [B, T, 1 + S, D], the rows returned [R, T * D]."""
-        parts: List[TubeBlockParts] = [self.tube_parts(block) for block in self.blocks(model)]
-        return run_tube_blocks(parts, frames_to_tubes(x), model.num_frames, model._ats.config, start)
+    def run_blocks(self, model: XViT, x: torch.Tensor, shape: ViTShape, start: int, input_size: Sequence[int],
+                   stop: Optional[int] = None) -> Tuple[TokenBatch, ForwardRecord]:
+        """The blocks ``start`` to ``stop`` on tubes (``ats.tubes``): x and the rows returned are tubes."""
+        parts = cached_block_parts(self, model, input_size)[:stop]
+        return run_tube_blocks(parts, x, model.num_frames, model._ats.config, start)
 
     def features(self, model: XViT, batch: TokenBatch) -> torch.Tensor:
         """The final norm's output [B, T, m, D], zeros on padding."""
         rows = model.norm(batch.rows.unflatten(-1, (model.num_frames, -1))).flatten(1)
         return tubes_to_frames(masked_features(batch, rows), model.num_frames)
-
-    def logits(self, model: XViT, clips: torch.Tensor) -> torch.Tensor:
-        return model(clips)
-
-    def logits_from_block(self, model: XViT, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        if hasattr(model, "_ats"):
-            batch = self.run_patched(model, tokens, start, self.input_size(model))
-            return model.forward_head(self.features(model, batch))
-        for block in model.blocks[start:]:
-            tokens = block(tokens)
-        return model.forward_head(model.norm(tokens))
 
 
 XVIT = XViTFamily()

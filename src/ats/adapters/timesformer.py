@@ -15,20 +15,21 @@ padding) in TimeSformer's token order. Hidden states and attention maps are refu
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..flops import BlockCost, ViTShape, conv_flops, divided_block_flops, linear_flops, patch_grid
-from ..methods import PatchConfig
+from ..method import Method
 from ..packing import TokenBatch
 from ..stats import ForwardRecord
 from ..step import BlockParts
 from ..tubes import TubeBlockParts, check_tube_config, from_tubes, run_tube_blocks, to_tubes, tube_block_options
-from .family import Family, PatchedModel, masked_features
-from .hf import HF, classifier_output, dense_forward, processor_data_config, refuse_unsupported
+from .family import Family, PatchedModel, as_logits, cached_block_parts, masked_features, run_patched
+from .hf import HF, class_names, classifier_output, dense_forward, processor_data_config, refuse_unsupported
 
 BASES = {"TimesformerModel": None, "TimesformerForVideoClassification": "timesformer"}
 DIVIDED = "divided_space_time"
@@ -49,7 +50,7 @@ def clip_data_config(model: nn.Module, input_size: Sequence[int]) -> dict:
     frames, *image_size = input_size
     declared = getattr(model, "pretrained_cfg", None)
     config = dict(declared) if declared else processor_data_config(model, tuple(image_size))
-    return {**config, "input_size": tuple(image_size), "num_frames": frames}
+    return {**config, "input_size": tuple(image_size), "num_frames": frames, "class_names": class_names(model)}
 
 
 class ATSTimesformer(PatchedModel):
@@ -62,12 +63,14 @@ class ATSTimesformer(PatchedModel):
         refuse_unsupported(self, None, None, output_attentions, output_hidden_states, kwargs)
         if pixel_values is None:
             raise ValueError("pass pixel_values, clips [B, T, C, H, W]")
-        tokens = TIMESFORMER.embed(self, pixel_values)
-        batch = TIMESFORMER.run_patched(self, tokens, 0, tuple(pixel_values.shape[1:]))
+        batch = run_patched(self, TIMESFORMER.embed(self, pixel_values), 0, tuple(pixel_values.shape[1:]))
         output = TIMESFORMER.output(self, batch, labels)
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
         return output if return_dict else output.to_tuple()
+
+    def ats_logits(self, batch: TokenBatch) -> torch.Tensor:
+        return as_logits(TIMESFORMER.output(self, batch, None))
 
 
 class TimesformerFamily(Family):
@@ -92,7 +95,14 @@ class TimesformerFamily(Family):
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         return self.base(model).encoder.layer
 
-    def block_parts(self, layer: nn.Module) -> BlockParts:
+    def block_parts(self, model: nn.Module, input_size: Sequence[int]) -> List[Union[BlockParts, TubeBlockParts]]:
+        """Divided space-time blocks as ``TubeBlockParts``; joint or space-only ones, standard pre-norm blocks."""
+        if self.attention_type(model) == DIVIDED:
+            return [self.tube_parts(model, layer) for layer in self.blocks(model)]
+        return [replace(self.parts_of(layer), checkpoint=HF.checkpoint_function(model, layer))
+                for layer in self.blocks(model)]
+
+    def parts_of(self, layer: nn.Module) -> BlockParts:
         """A joint or space-only block: a standard pre-norm block."""
         attention = layer.attention.attention
         return BlockParts(norm1=layer.layernorm_before, qkv=attention.qkv, num_heads=attention.num_heads,
@@ -110,17 +120,13 @@ class TimesformerFamily(Family):
             proj=layer.attention.output, norm2=layer.layernorm_after, mlp=partial(_mlp, layer),
             num_heads=attention.num_heads, head_dim=attention.qkv.in_features // attention.num_heads,
             scale=attention.scale, training=layer.training, attn_drop=attention.attn_drop.p,
-            drop_path=layer.drop_path, checkpoint=self.checkpoint_function(model, layer))
+            drop_path=layer.drop_path, checkpoint=HF.checkpoint_function(model, layer))
 
-    def checkpoint_function(self, model: nn.Module, layer: nn.Module) -> Optional[Callable]:
-        return HF.checkpoint_function(model, layer)
-
-    def check_config(self, model: nn.Module, config: PatchConfig) -> None:
-        super().check_config(model, config)
-        if self.attention_type(model) != DIVIDED:
-            return
-        check_tube_config(config, self.depth(model), "divided space-time attention",
-                          "or a TimeSformer with attention_type='joint_space_time'")
+    def check(self, model: nn.Module, config: Optional[Method] = None, static: bool = False) -> None:
+        super().check(model, config, static)
+        if config is not None and self.attention_type(model) == DIVIDED:
+            check_tube_config(config, len(self.blocks(model)), "divided space-time attention",
+                              "or a TimeSformer with attention_type='joint_space_time'", static)
 
     def shape(self, model: nn.Module, input_size: Optional[Sequence[int]] = None) -> ViTShape:
         """Sizes per clip (divided, joint) or per frame (space-only); ``num_patches`` counts positions
@@ -143,53 +149,40 @@ class TimesformerFamily(Family):
                         patch_embed_flops=per_clip * conv_flops(patches.projection, grid),
                         head_flops=0 if head is None else linear_flops(head), grid_size=grid)
 
-    def block_costs(self, model: nn.Module, shape: ViTShape, config: Optional[PatchConfig]) -> Dict[int, BlockCost]:
+    def block_costs(self, model: nn.Module, shape: ViTShape, config: Optional[Method]) -> Dict[int, BlockCost]:
         if self.attention_type(model) != DIVIDED:
             return super().block_costs(model, shape, config)
         frames = self.frames(model)
         return {index: partial(divided_block_flops, shape, frames, **tube_block_options(config, index))
                 for index in range(shape.depth)}
 
-    def runs_static(self, model: nn.Module) -> bool:
-        return self.attention_type(model) != DIVIDED  # divided attention runs on tubes
-
     def input_size(self, model: nn.Module) -> Tuple[int, int, int, int]:
         """(frames, channels, height, width) the model takes."""
         config = model.config
         return config.num_frames, config.num_channels, config.image_size, config.image_size
 
-    def data_config(self, model: nn.Module) -> dict:
+    def data_config(self, model: nn.Module) -> Dict[str, Any]:
         return clip_data_config(model, self.input_size(model))
 
-    def class_names(self, model: nn.Module) -> Optional[Sequence[str]]:
-        return HF.class_names(model)
-
     def embed(self, model: nn.Module, clips: torch.Tensor) -> torch.Tensor:
-        """Clips [B, T, C, H, W] -> TimeSformer's tokens entering block 0 ([B, 1 + P * T, C'], or [B * T, 1 + P, C']
-        for space-only attention)."""
+        """Clips [B, T, C, H, W] -> the tokens entering block 0: tubes [B, 1 + P, T * C'] under divided attention
+        (``ats.tubes``), else TimeSformer's [B, 1 + P * T, C'] (joint) or [B * T, 1 + P, C'] (space-only)."""
         expected = self.input_size(model)
         if clips.ndim != 5 or tuple(clips.shape[1:]) != expected:
             raise ValueError(f"expected pixel_values of shape [B, {', '.join(map(str, expected))}] (clips of "
                              f"{expected[0]} frames) for this TimeSformer, got {list(clips.shape)}; sample "
                              f"{expected[0]} frames per clip and preprocess them with the model's image processor")
         embeddings = self.base(model).embeddings
-        return embeddings(clips.to(embeddings.patch_embeddings.projection.weight.dtype))
+        tokens = embeddings(clips.to(embeddings.patch_embeddings.projection.weight.dtype))
+        return to_tubes(tokens, self.frames(model)) if self.attention_type(model) == DIVIDED else tokens
 
-    def run_first_blocks(self, model: nn.Module, images: torch.Tensor, count: int) -> torch.Tensor:
-        x = self.embed(model, images)
-        for layer in self.blocks(model)[:count]:
-            x = layer(x)[0]
-        return x
-
-    def run_blocks(self, model: nn.Module, x: torch.Tensor, shape: ViTShape, start: int,
-                   input_size: Sequence[int]) -> Tuple[TokenBatch, ForwardRecord]:
-        """As ``Family.run_blocks``; under divided attention on tubes (``ats.tubes``): x is TimeSformer's
-        [B, 1 + P * T, C] and the returned rows are tubes [R, T * C]."""
+    def run_blocks(self, model: nn.Module, x: torch.Tensor, shape: ViTShape, start: int, input_size: Sequence[int],
+                   stop: Optional[int] = None) -> Tuple[TokenBatch, ForwardRecord]:
+        """As ``Family.run_blocks``; under divided attention on tubes (``ats.tubes``): rows are tubes [R, T * C]."""
         if self.attention_type(model) != DIVIDED:
-            return super().run_blocks(model, x, shape, start, input_size)
-        frames = self.frames(model)
-        parts: List[TubeBlockParts] = [self.tube_parts(model, layer) for layer in self.blocks(model)]
-        return run_tube_blocks(parts, to_tubes(x, frames), frames, model._ats.config, start)
+            return super().run_blocks(model, x, shape, start, input_size, stop)
+        parts = cached_block_parts(self, model, input_size)[:stop]
+        return run_tube_blocks(parts, x, self.frames(model), model._ats.config, start)
 
     def features(self, model: nn.Module, batch: TokenBatch) -> torch.Tensor:
         """The final layer norm's output, padded, in TimeSformer's token order."""
@@ -208,24 +201,6 @@ class TimesformerFamily(Family):
 
             return BaseModelOutput(last_hidden_state=features)
         return classifier_output(model, model.classifier(features[:, 0]), labels)
-
-    def logits(self, model: nn.Module, clips: torch.Tensor) -> torch.Tensor:
-        self._check_classifier(model)
-        return model(pixel_values=clips).logits
-
-    def logits_from_block(self, model: nn.Module, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        self._check_classifier(model)
-        if hasattr(model, "_ats"):
-            batch = self.run_patched(model, tokens, start, self.input_size(model))
-            return self.output(model, batch, None).logits
-        for layer in self.blocks(model)[start:]:
-            tokens = layer(tokens)[0]
-        return model.classifier(self.base(model).layernorm(tokens)[:, 0])
-
-    def _check_classifier(self, model: nn.Module) -> None:
-        if self.base(model) is model:
-            raise TypeError("a TimesformerModel has no classification head; load the checkpoint with "
-                            "TimesformerForVideoClassification to measure accuracy")
 
 
 TIMESFORMER = TimesformerFamily()

@@ -17,31 +17,16 @@ from timm.models.beit import Attention, Beit, Block
 from torch import nn
 
 from ..flops import ViTShape, linear_flops, patch_grid, stem_flops
+from ..method import Method
 from ..packing import TokenBatch
 from ..stats import ForwardRecord
 from ..step import BlockParts
-from .family import PatchedModel, masked_features
-from .timm import TimmViT, layer_scale, pool_valid_tokens, qkv_with_biases
+from .family import Family, cached_block_parts, run_parts
+from .timm import ATSTimmModel, TimmViT, layer_scale, pool_valid_tokens, qkv_with_biases
 
 
-class ATSBeit(PatchedModel):
-    """Mixed in before timm's Beit class by ``TimmBeit.patch``; ``BEIT`` is the adapter."""
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images [B, C, H, W] -> normalised tokens [B, m, C'], valid tokens first, zeros on padding."""
-        return self.forward_tokens(BEIT.embed(self, x))
-
-    def forward_tokens(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Run the blocks from ``start`` on the tokens x [B, N, C'] the blocks before it made. Returns
-        normalised tokens [B, m, C'], zeros on padding."""
-        batch = BEIT.run_patched(self, x, start, BEIT.input_size(self))
-        return masked_features(batch, self.norm(batch.rows))
-
-    def forward_intermediates(self, *args, **kwargs):
-        """Refused: timm's version runs every block on every token, so it would silently skip ATS."""
-        raise NotImplementedError("forward_intermediates of a patched model would run every block on every token "
-                                  "(no ATS); ats.unpatch(model) first, or use forward_features and "
-                                  "ats.last_stats(model) for the tokens each block kept")
+class ATSBeit(ATSTimmModel):
+    """Mixed in before timm's Beit class; ``BEIT`` is the adapter."""
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """timm's head, its pooling over each image's valid tokens (the mean weighs them by their size)."""
@@ -63,13 +48,14 @@ class TimmBeit(TimmViT):
     def owns(self, cls: type) -> bool:
         return issubclass(cls, Beit)
 
-    def check(self, model: Beit) -> None:
+    def check(self, model: Beit, config: Optional[Method] = None, static: bool = False) -> None:
         for index, block in enumerate(model.blocks):
             if type(block) is not Block or type(block.attn) is not Attention:
                 raise TypeError(f"block {index} is a {type(block).__name__} with {type(block.attn).__name__}; "
                                 "ATS supports timm's BEiT Block with its Attention")
+        Family.check(self, model, config, static)
 
-    def block_parts(self, block: Block) -> BlockParts:
+    def layer_parts(self, block: Block) -> BlockParts:
         attn = block.attn
         return BlockParts(norm1=block.norm1, qkv=partial(qkv_with_biases, attn), num_heads=attn.num_heads,
                           head_dim=attn.qkv.out_features // 3 // attn.num_heads, scale=attn.scale, proj=attn.proj,
@@ -83,7 +69,7 @@ class TimmBeit(TimmViT):
         grid = tuple(patch_embed.grid_size) if input_size is None else patch_grid(
             patch_embed.img_size, patch_embed.patch_size, input_size)
         image_size = tuple(patch_embed.img_size) if input_size is None else tuple(input_size[1:])
-        parts = self.block_parts(model.blocks[0])
+        parts = self.layer_parts(model.blocks[0])
         return ViTShape(embed_dim=model.embed_dim, attn_dim=parts.num_heads * parts.head_dim, head_dim=parts.head_dim,
                         mlp_flops=linear_flops(model.blocks[0].mlp), depth=len(model.blocks),
                         num_patches=grid[0] * grid[1], num_prefix_tokens=model.num_prefix_tokens,
@@ -118,31 +104,16 @@ class TimmBeit(TimmViT):
             biases.append(shared if own is None else own if shared is None else own + shared)
         return biases
 
-    def run_blocks(self, model: Beit, x: torch.Tensor, shape: ViTShape, start: int,
-                   input_size: Sequence[int]) -> Tuple[TokenBatch, ForwardRecord]:
+    def run_blocks(self, model: Beit, x: torch.Tensor, shape: ViTShape, start: int, input_size: Sequence[int],
+                   stop: Optional[int] = None) -> Tuple[TokenBatch, ForwardRecord]:
         """``step.run_blocks`` with each block's position bias of this forward (and its own forward given the
         shared bias)."""
-        parts = self.cached_block_parts(model, input_size)
+        parts = cached_block_parts(self, model, input_size)
         shared = self.shared_bias(model)
         parts = [part if bias is None else replace(part, position_bias=bias, dense=partial(
             block, shared_rel_pos_bias=shared)) for part, bias, block in zip(
             parts, self.position_biases(model, shared), model.blocks)]
-        return self.run_parts(model, parts, x, shape, start)
-
-    def run_first_blocks(self, model: Beit, images: torch.Tensor, count: int) -> torch.Tensor:
-        x = self.embed(model, images)
-        shared = self.shared_bias(model)
-        for block in model.blocks[:count]:
-            x = block(x, shared_rel_pos_bias=shared)
-        return x
-
-    def logits_from_block(self, model: Beit, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        if hasattr(model, "_ats"):
-            return model.forward_head(model.forward_tokens(tokens, start))
-        shared = self.shared_bias(model)
-        for block in model.blocks[start:]:
-            tokens = block(tokens, shared_rel_pos_bias=shared)
-        return model.forward_head(model.norm(tokens))
+        return run_parts(model, parts[:stop], x, shape, start)
 
 
 BEIT = TimmBeit()

@@ -7,31 +7,44 @@ as any timm ViT's do. The patched ``forward_features`` returns the padded, norma
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..flops import ViTShape, block_flops, linear_flops, stem_flops
+from ..method import Method
 from ..models.psvit import PSViT
+from ..packing import TokenBatch
 from ..step import BlockParts
-from .family import Family, PatchedModel, masked_features
+from .family import Family, PatchedModel, masked_features, run_patched
 from .timm import TIMM
 
 IMAGENET_DEFAULTS = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic",
                          crop_pct=0.875, crop_mode="center")
 
 
+def declared_data_config(model: nn.Module) -> Dict[str, Any]:
+    """The preprocessing a model of the library's own declares (``pretrained_cfg``, as the reference models do),
+    else ImageNet's; no class names."""
+    declared = getattr(model, "pretrained_cfg", None) or {}
+    return {**IMAGENET_DEFAULTS, **{key: declared[key] for key in IMAGENET_DEFAULTS if key in declared},
+            "class_names": None}
+
+
 class ATSPSViT(PatchedModel):
-    """Mixed in before ``PSViT`` by ``PSViTFamily.patch``; ``PSVIT`` is the adapter."""
+    """Mixed in before ``PSViT``; ``PSVIT`` is the adapter."""
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] -> normalised tokens [B, m, D], valid tokens first, zeros on padding."""
         tokens, points = self.sample_tokens(images)
-        batch = PSVIT.run_patched(self, PSVIT.with_class_token(self, tokens), 0, tuple(images.shape[1:]))
+        batch = run_patched(self, PSVIT.with_class_token(self, tokens), 0, tuple(images.shape[1:]))
         self._ats.last_stats.points = points * (self.img_size / self.feature_size)
         return masked_features(batch, self.norm(batch.rows))
+
+    def ats_logits(self, batch: TokenBatch) -> torch.Tensor:
+        return self.forward_head(masked_features(batch, self.norm(batch.rows)))
 
 
 class PSViTFamily(Family):
@@ -41,16 +54,17 @@ class PSViTFamily(Family):
     def owns(self, cls: type) -> bool:
         return issubclass(cls, PSViT)
 
-    def check(self, model: PSViT) -> None:
+    def check(self, model: PSViT, config: Optional[Method] = None, static: bool = False) -> None:
         for index, block in enumerate(model.blocks):
             if type(block) is not Block:
                 raise TypeError(f"block {index} is a {type(block).__name__}; ATS supports timm's pre-norm Block")
+        super().check(model, config, static)
 
     def blocks(self, model: PSViT) -> Sequence[nn.Module]:
         return model.blocks
 
-    def block_parts(self, block: Block) -> BlockParts:
-        return TIMM.block_parts(block)
+    def block_parts(self, model: PSViT, input_size: Sequence[int]) -> List[BlockParts]:
+        return [TIMM.layer_parts(block) for block in model.blocks]
 
     def shape(self, model: PSViT, input_size: Optional[Sequence[int]] = None) -> ViTShape:
         """The vision transformer module's sizes; ``patch_embed_flops`` counts the stem and the sampler:
@@ -73,11 +87,8 @@ class PSViTFamily(Family):
     def input_size(self, model: PSViT) -> Tuple[int, int, int]:
         return model.in_chans, model.img_size, model.img_size
 
-    def data_config(self, model: PSViT) -> dict:
-        """The config the model declares (``pretrained_cfg``, as the reference PS-ViT does), else ImageNet's."""
-        declared = getattr(model, "pretrained_cfg", None) or {}
-        config = {**IMAGENET_DEFAULTS, **{key: declared[key] for key in IMAGENET_DEFAULTS if key in declared}}
-        return {**config, "input_size": self.input_size(model)}
+    def data_config(self, model: PSViT) -> Dict[str, Any]:
+        return {**declared_data_config(model), "input_size": self.input_size(model)}
 
     def with_class_token(self, model: PSViT, tokens: torch.Tensor) -> torch.Tensor:
         """Sampled tokens [B, N, D] -> the blocks' input [B, 1 + N, D]."""
@@ -85,15 +96,6 @@ class PSViTFamily(Family):
 
     def embed(self, model: PSViT, images: torch.Tensor) -> torch.Tensor:
         return self.with_class_token(model, model.sample_tokens(images)[0])
-
-    def logits(self, model: PSViT, images: torch.Tensor) -> torch.Tensor:
-        return model(images)
-
-    def logits_from_block(self, model: PSViT, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        if hasattr(model, "_ats"):
-            batch = self.run_patched(model, tokens, start, self.input_size(model))
-            return model.forward_head(masked_features(batch, model.norm(batch.rows)))
-        return model.forward_head(model.norm(model.blocks[start:](tokens)))
 
 
 PSVIT = PSViTFamily()

@@ -6,7 +6,7 @@ through the post-layernorm (and the projection). SigLIP (``SiglipVisionModel``,
 ``SiglipForImageClassification``) has no class token, so its ATS blocks score tokens by ``self_attention``
 (``score="auto"``); its attention-pool head (``SiglipMultiheadAttentionPoolingHead``) attends over each
 image's valid tokens only, padding masked, adding ``log(size)`` to each token's logit where tokens were
-fused, as timm's attention pool does (``ats.patch.timm``). ``SiglipForImageClassification`` classifies the
+fused, as timm's attention pool does (``ats.adapters.timm``). ``SiglipForImageClassification`` classifies the
 mean of the valid tokens by size instead; its tower's attention pool, whose output it discards, is not run.
 Both blocks are pre-norm (``layer_norm1``, ``self_attn``, ``layer_norm2``, ``mlp``). Before transformers
 5.x, ``CLIPVisionModel`` and ``SiglipVisionModel`` keep the tower in ``vision_model``.
@@ -24,7 +24,6 @@ from ..flops import attention_pool_token_flops, linear_flops
 from ..step import BlockParts
 from .family import valid_mean
 from .hf import (
-    ATSHuggingFaceModel,
     HuggingFaceFamily,
     Layout,
     PatchEmbedding,
@@ -88,17 +87,9 @@ LAYOUTS = {
 }
 
 
-class ATSVisionTower(ATSHuggingFaceModel):
-    """Mixed in before a CLIP or SigLIP vision tower by ``VisionTowers.patch``; ``TOWERS`` is the adapter."""
-
-    def _ats_family(self) -> HuggingFaceFamily:
-        return TOWERS
-
-
 class VisionTowers(HuggingFaceFamily):
     name = "Hugging Face " + ", ".join(LAYOUTS)
     layouts = LAYOUTS
-    mixin = ATSVisionTower
 
     def base(self, model: nn.Module) -> nn.Module:
         """The tower: the model, its ``vision_model`` (CLIPVisionModel and SiglipVisionModel before transformers
@@ -109,7 +100,7 @@ class VisionTowers(HuggingFaceFamily):
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         return self.base(model).encoder.layers
 
-    def block_parts(self, layer: nn.Module) -> BlockParts:
+    def parts_of(self, layer: nn.Module) -> BlockParts:
         """Its parts, its own forward given no masks (CLIP's layer takes a causal mask before transformers 5.x)."""
         masks = dict.fromkeys(name for name in ("attention_mask", "causal_attention_mask")
                               if name in inspect.signature(type(layer).forward).parameters)

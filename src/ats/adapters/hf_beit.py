@@ -21,7 +21,6 @@ from torch import nn
 from ..step import BlockParts
 from .family import valid_mean
 from .hf import (
-    ATSHuggingFaceModel,
     HuggingFaceFamily,
     Layout,
     PatchEmbedding,
@@ -69,13 +68,6 @@ LAYOUTS = {
 }
 
 
-class ATSHuggingFaceBeit(ATSHuggingFaceModel):
-    """Mixed in before a BEiT or Data2Vec-Vision class by ``HuggingFaceBeit.patch``; ``HF_BEIT`` is the adapter."""
-
-    def _ats_family(self) -> HuggingFaceFamily:
-        return HF_BEIT
-
-
 def _bias(module: Optional[nn.Module], window: Sequence[int]) -> Optional[torch.Tensor]:
     """A relative position bias module's bias [1, h, N, N] for a patch grid ``window`` (rows, columns), or None
     for no module."""
@@ -89,7 +81,6 @@ def _sum(first: Optional[torch.Tensor], second: Optional[torch.Tensor]) -> Optio
 class HuggingFaceBeit(HuggingFaceFamily):
     name = "Hugging Face " + ", ".join(LAYOUTS)
     layouts = LAYOUTS
-    mixin = ATSHuggingFaceBeit
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         base = self.base(model)

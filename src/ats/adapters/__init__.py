@@ -1,7 +1,8 @@
-"""Integrations of ATS into model families: one adapter module per family, the lookup of a model's
-family, and the calls that patch a model through it (``ats.patch``, ``ats.unpatch``, ``ats.gflops``). A
-new pre-norm family is one ``Family`` subclass (see ``family.py``) added to FAMILIES."""
-from typing import Optional, Sequence
+"""Integrations of ATS into model families: one adapter module per family (a ``Family``: a description of the
+model), the lookup of a model's family, and the calls that patch a model through it (``ats.patch``,
+``ats.unpatch``, ``ats.gflops``) or run a patched model from a block on (``tokens_before``, ``logits_from``). A new
+pre-norm family is one ``Family`` subclass (see ``family.py`` and ``timm.py``) added to FAMILIES."""
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -10,7 +11,7 @@ from ..methods import METHODS, PatchConfig, method_list
 from .beit import BEIT
 from .cvt import CVT
 from .eva import EVA
-from .family import Family, last_stats, unpatch, upper_bound_flops
+from .family import Family, as_logits, last_stats, patch_with, run_patched, unpatch, upper_bound_flops
 from .hf import HF
 from .hf_beit import HF_BEIT
 from .hf_clip import TOWERS
@@ -22,8 +23,8 @@ from .timm import TIMM
 from .xvit import XVIT
 
 FAMILIES = (TIMM, EVA, BEIT, HF, TOWERS, DINOV3, HF_BEIT, HF_VIDEO, CVT, PSVIT, TIMESFORMER, XVIT)
-__all__ = ["FAMILIES", "Family", "as_logits", "family_of", "gflops", "is_patched", "last_stats", "patch",
-           "takes_clips", "unpatch"]
+__all__ = ["FAMILIES", "Family", "as_logits", "data_config", "depth_of", "family_of", "gflops", "is_patched",
+           "last_stats", "logits_from", "patch", "takes_clips", "tokens_before", "unpatch"]
 
 
 #: Classes ATS refuses, by module and name, with why.
@@ -66,7 +67,7 @@ def patch(model: nn.Module, config: PatchConfig, static: bool = False) -> nn.Mod
                         "ats.ATSConfig.multi_stage(rho=1.0)")
     if not isinstance(static, bool):
         raise TypeError(f"static must be True or False, got {static!r}")
-    return family_of(model).patch(model, config, static)
+    return patch_with(family_of(model), model, config, static)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -84,11 +85,34 @@ def gflops(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> floa
     return upper_bound_flops(shape, config, family.block_costs(model, shape, config)) / 1e9
 
 
-def as_logits(output) -> torch.Tensor:
-    """A forward's class logits: the tensor a timm model returns, or a transformers output's ``logits``."""
-    return output if isinstance(output, torch.Tensor) else output.logits
+def tokens_before(model: nn.Module, images: torch.Tensor, count: int) -> torch.Tensor:
+    """The tokens after the first ``count`` blocks of a patched model on ``images``, all of them (``count`` at most
+    its config's first block, so none is dropped): computed once, they start the forward of every config whose
+    first block is ``count`` or later (``logits_from``)."""
+    family = model._ats.family
+    input_size = tuple(images.shape[1:])
+    return run_patched(model, family.embed(model, images), 0, input_size, stop=count).dense()
+
+
+def logits_from(model: nn.Module, tokens: torch.Tensor, start: int) -> torch.Tensor:
+    """The class logits of a patched model on the images whose ``tokens_before(model, images, start)`` are
+    ``tokens``: the same as ``as_logits(model(images))``, without running the first ``start`` blocks again."""
+    return model.ats_logits(run_patched(model, tokens, start, model._ats.family.input_size(model)))
 
 
 def takes_clips(model: nn.Module) -> bool:
     """Whether ``model`` (patched or not) classifies video clips [B, T, C, H, W] rather than images."""
     return len(family_of(model).input_size(model)) == 4
+
+
+def depth_of(model: nn.Module) -> int:
+    """The number of blocks of ``model`` (patched or not), the blocks a config's indices count."""
+    return len(family_of(model).blocks(model))
+
+
+def data_config(model: nn.Module) -> Dict[str, Any]:
+    """What the data layer (``ats.data``) reads of ``model``: its family's ``data_config`` (preprocessing,
+    ``class_names``, ``num_frames`` for a video model) and ``test_set``, the bundled data set a model trained here
+    declares (``pretrained_cfg``), else None."""
+    declared = getattr(model, "pretrained_cfg", None) or {}
+    return {**family_of(model).data_config(model), "test_set": declared.get("test_set")}

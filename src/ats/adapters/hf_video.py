@@ -18,9 +18,9 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..method import Method
 from .family import valid_mean
 from .hf import (
-    ATSHuggingFaceModel,
     HuggingFaceFamily,
     Layout,
     PatchEmbedding,
@@ -53,21 +53,12 @@ LAYOUTS = {
 }
 
 
-class ATSHuggingFaceVideo(ATSHuggingFaceModel):
-    """Mixed in before a VideoMAE or ViViT class by ``HuggingFaceVideo.patch``; ``HF_VIDEO`` is the adapter."""
-
-    def _ats_family(self) -> HuggingFaceFamily:
-        return HF_VIDEO
-
-
 class HuggingFaceVideo(HuggingFaceFamily):
     name = "Hugging Face " + ", ".join(LAYOUTS)
     layouts = LAYOUTS
-    mixin = ATSHuggingFaceVideo
     inputs = "clips [B, T, C, H, W]"
 
-    def check(self, model: nn.Module) -> None:
-        super().check(model)
+    def check(self, model: nn.Module, config: Optional[Method] = None, static: bool = False) -> None:
         if getattr(model, "fc_norm", True) is None:
             raise TypeError("this VideoMAEForVideoClassification classifies the first token (use_mean_pooling=False), "
                             "a tubelet token ATS may drop (VideoMAE has no class token); ATS supports the "

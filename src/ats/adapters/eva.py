@@ -20,11 +20,13 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock
 from torch import nn
 
 from ..flops import ViTShape, linear_flops, patch_grid, stem_flops
+from ..method import Method
 from ..packing import TokenBatch
 from ..stats import ForwardRecord
 from ..step import BlockParts, Rotation
-from .family import PatchedModel, masked_features
+from .family import Family, cached_block_parts, run_parts
 from .timm import (
+    ATSTimmModel,
     TimmViT,
     attention_pool,
     attention_pool_flops,
@@ -35,29 +37,8 @@ from .timm import (
 )
 
 
-class ATSEva(PatchedModel):
-    """Mixed in before timm's Eva class by ``TimmEva.patch``; ``EVA`` is the adapter."""
-
-    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                         is_causal: bool = False) -> torch.Tensor:
-        """Images [B, C, H, W] -> normalised tokens [B, m, C'], valid tokens first, zeros on padding."""
-        if attn_mask is not None or is_causal:
-            raise ValueError("a patched model takes no attn_mask or is_causal: ATS makes its own masks; "
-                             "ats.unpatch(model) to use them")
-        return self.forward_tokens(EVA.embed(self, x), input_size=tuple(x.shape[1:]))
-
-    def forward_tokens(self, x: torch.Tensor, start: int = 0,
-                       input_size: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
-        """Run the blocks from ``start`` on the tokens x [B, N, C'] the blocks before it made, for images of
-        ``input_size`` (C, H, W; default the model's). Returns normalised tokens [B, m, C'], zeros on padding."""
-        batch = EVA.run_patched(self, x, start, input_size or EVA.input_size(self))
-        return masked_features(batch, self.norm(batch.rows))
-
-    def forward_intermediates(self, *args, **kwargs):
-        """Refused: timm's version runs every block on every token, so it would silently skip ATS."""
-        raise NotImplementedError("forward_intermediates of a patched model would run every block on every token "
-                                  "(no ATS); ats.unpatch(model) first, or use forward_features and "
-                                  "ats.last_stats(model) for the tokens each block kept")
+class ATSEva(ATSTimmModel):
+    """Mixed in before timm's Eva class; ``EVA`` is the adapter."""
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         """timm's pooling over each image's valid tokens (the attention pool reads the prefix tokens too)."""
@@ -75,7 +56,7 @@ class TimmEva(TimmViT):
     def owns(self, cls: type) -> bool:
         return issubclass(cls, Eva)
 
-    def check(self, model: Eva) -> None:
+    def check(self, model: Eva, config: Optional[Method] = None, static: bool = False) -> None:
         for index, block in enumerate(model.blocks):
             attn = block.attn
             if type(block) is not EvaBlock or type(attn) not in (EvaAttention, AttentionRope):
@@ -88,8 +69,9 @@ class TimmEva(TimmViT):
             if attn.gate is not None:
                 raise TypeError(f"block {index} has gated attention (gated_attn=True), which ATS does not support")
         check_attention_pool(model.attn_pool)
+        Family.check(self, model, config, static)
 
-    def block_parts(self, block: EvaBlock) -> BlockParts:
+    def layer_parts(self, block: EvaBlock) -> BlockParts:
         attn = block.attn
         return BlockParts(norm1=block.norm1, qkv=partial(qkv_with_biases, attn), num_heads=attn.num_heads,
                           head_dim=attn.head_dim, scale=attn.scale, proj=attn.proj, norm2=block.norm2, mlp=block.mlp,
@@ -114,7 +96,8 @@ class TimmEva(TimmViT):
                         mlp_flops=linear_flops(model.blocks[0].mlp), depth=len(model.blocks),
                         num_patches=grid[0] * grid[1], num_prefix_tokens=model.num_prefix_tokens,
                         patch_embed_flops=stem_flops(model.patch_embed.proj, image_size)[0],
-                        head_flops=pool_flops + head_flops, grid_size=grid, head_token_flops=pool_token_flops)
+                        head_flops=pool_flops + head_flops, grid_size=grid, head_token_flops=pool_token_flops,
+                        has_class_token=model.cls_token is not None)
 
     def checked_input_size(self, model: Eva, images: torch.Tensor) -> Tuple[int, ...]:
         """(C, H, W) of ``images`` [B, C, H, W]: the model's own, or with ``dynamic_img_size`` any multiple of
@@ -153,28 +136,15 @@ class TimmEva(TimmViT):
             table = rope.get_embed()
         return list(table.unbind(0)) if model.rope_mixed else [table] * len(model.blocks)
 
-    def run_blocks(self, model: Eva, x: torch.Tensor, shape: ViTShape, start: int,
-                   input_size: Sequence[int]) -> Tuple[TokenBatch, ForwardRecord]:
+    def run_blocks(self, model: Eva, x: torch.Tensor, shape: ViTShape, start: int, input_size: Sequence[int],
+                   stop: Optional[int] = None) -> Tuple[TokenBatch, ForwardRecord]:
         """``step.run_blocks`` with each block's rotation of this forward (and its own forward given it)."""
-        parts = self.cached_block_parts(model, input_size)
+        parts = cached_block_parts(self, model, input_size)[:stop]
         tables = self.rope_tables(model, input_size)
         parts = [part if table is None else replace(
             part, rotation=Rotation.from_table(table, block.attn.rotate_half, block.attn.num_prefix_tokens),
             dense=partial(block, rope=table)) for part, table, block in zip(parts, tables, model.blocks)]
-        return self.run_parts(model, parts, x, shape, start)
-
-    def run_first_blocks(self, model: Eva, images: torch.Tensor, count: int) -> torch.Tensor:
-        x = self.embed(model, images)
-        for block, table in zip(model.blocks[:count], self.rope_tables(model)):
-            x = block(x, rope=table)
-        return x
-
-    def logits_from_block(self, model: Eva, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        if hasattr(model, "_ats"):
-            return model.forward_head(model.forward_tokens(tokens, start))
-        for block, table in zip(model.blocks[start:], self.rope_tables(model)[start:]):
-            tokens = block(tokens, rope=table)
-        return model.forward_head(model.norm(tokens))
+        return run_parts(model, parts, x, shape, start)
 
 
 EVA = TimmEva()
