@@ -149,17 +149,17 @@ def assert_unpatch_restores(model, config, images: torch.Tensor) -> None:
     assert torch.equal(before, after) and not torch.allclose(before, patched)
 
 
-def assert_logits_from_a_shared_prefix(family, model, config, images: torch.Tensor) -> None:
-    """``family.logits_from_block`` on ``run_first_blocks`` equals the whole forward, unpatched (from block 2) and
-    patched with ``config`` (from block 1)."""
+def assert_logits_from_a_shared_prefix(model, config, images: torch.Tensor) -> None:
+    """Patched with ``config``, ``ats.adapters.logits_from`` on ``tokens_before`` equals the whole forward, from
+    block 0, 1 and the config's first block."""
     import ats
+    from ats.adapters import logits_from, tokens_before
 
+    ats.patch(model, config)
     with torch.no_grad():
         whole = model(images)
-        assert torch.equal(family.logits_from_block(model, family.run_first_blocks(model, images, 2), 2), whole)
-        ats.patch(model, config)
-        whole = model(images)
-        assert torch.equal(family.logits_from_block(model, family.run_first_blocks(model, images, 1), 1), whole)
+        for start in sorted({0, 1, config.first_block}):
+            assert torch.equal(logits_from(model, tokens_before(model, images, start), start), whole), start
 
 
 def assert_gflops_match_the_counter(model, expected: float, one: torch.Tensor, many: torch.Tensor, config) -> None:

@@ -6,6 +6,7 @@ import torch
 from conftest import random_checkpoint
 
 import ats
+from ats.adapters import data_config
 from ats.commands.cli import main
 from ats.data.build import build_dataset, training_set
 from ats.data.cluttered import ClutteredFashionMNIST, cluttered_test
@@ -28,11 +29,11 @@ def test_the_trained_cluttered_model_classifies_the_test_canvases(capsys):
 
 def test_the_cluttered_model_reads_canvases_and_the_others_do_not(fashion_train):
     model = create_reference_cluttered()
-    test_set = build_dataset(None, model, limit=3)
+    test_set = build_dataset(None, data_config(model), limit=3)
     assert test_set[0][0].shape == (1, 56, 56)
     assert torch.equal(test_set[2][0], cluttered_test()[2][0])
-    assert isinstance(training_set(fashion_train, model), ClutteredFashionMNIST)
-    assert build_dataset(None, create_reference_model())[0][0].shape == (1, 28, 28)
+    assert isinstance(training_set(fashion_train, data_config(model)), ClutteredFashionMNIST)
+    assert build_dataset(None, data_config(create_reference_model()))[0][0].shape == (1, 28, 28)
     assert ats.gflops(model) == pytest.approx(ats.gflops(create_reference_model()), rel=0.02)
 
 

@@ -4,6 +4,7 @@ import timm
 import torch
 from PIL import Image
 
+from ats.adapters import data_config
 from ats.data.build import build_dataset, training_set
 from ats.data.fashion_mnist import bundled_test_set, fashion_mnist_train, read_idx
 from ats.reference import REFERENCE_KWARGS, create_reference_model, load_reference_model
@@ -29,29 +30,29 @@ def test_bundled_test_set():
 
 def test_limit_and_bad_limit():
     model = create_reference_model()
-    assert len(build_dataset(None, model, limit=17)) == 17
+    assert len(build_dataset(None, data_config(model), limit=17)) == 17
     with pytest.raises(ValueError, match="--limit"):
-        build_dataset(None, model, limit=0)
+        build_dataset(None, data_config(model), limit=0)
 
 
 def test_image_folder_uses_the_models_data_config(tmp_path):
     root = write_image_folder(tmp_path / "data")
-    reference = build_dataset(str(root), create_reference_model())
+    reference = build_dataset(str(root), data_config(create_reference_model()))
     assert len(reference) == 6 and reference[0][0].shape == (1, 28, 28)
-    deit = build_dataset(str(root), timm.create_model("deit_tiny_patch16_224"), limit=2)
+    deit = build_dataset(str(root), data_config(timm.create_model("deit_tiny_patch16_224")), limit=2)
     assert len(deit) == 2 and deit[0][0].shape == (3, 224, 224) and deit[1][1] == 0
 
 
 def test_image_folder_errors(tmp_path):
     model = create_reference_model()
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        build_dataset(str(tmp_path / "missing"), model)
+        build_dataset(str(tmp_path / "missing"), data_config(model))
     (tmp_path / "flat").mkdir()
     with pytest.raises(ValueError, match="no class sub-folders"):
-        build_dataset(str(tmp_path / "flat"), model)
+        build_dataset(str(tmp_path / "flat"), data_config(model))
     (tmp_path / "flat" / "empty_class").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no images"):
-        build_dataset(str(tmp_path / "flat"), model)
+        build_dataset(str(tmp_path / "flat"), data_config(model))
 
 
 def test_read_idx_rejects_other_files(tmp_path):
@@ -77,7 +78,7 @@ def test_reference_geometry_and_checkpoint_round_trip(tmp_path):
 
 
 def test_training_set_reads_a_fashion_mnist_folder_or_names_the_package(fashion_train, tmp_path):
-    dataset = training_set(fashion_train, create_reference_model())
+    dataset = training_set(fashion_train, data_config(create_reference_model()))
     assert len(dataset) == 64 and dataset[0][0].shape == (1, 28, 28)
     assert torch.equal(dataset.labels, bundled_test_set().labels[:64])
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):

@@ -69,7 +69,7 @@ def test_fused_tokens_carry_their_size_into_later_blocks(model, images):
     from ats.step import run_blocks
 
     config = ats.EViTConfig(0.5, blocks=(1, 3))
-    parts = [TIMM.block_parts(block) for block in model.blocks]
+    parts = [TIMM.layer_parts(block) for block in model.blocks]
     with torch.no_grad():
         batch, record = run_blocks(parts, TIMM.embed(model, images), config, 1, True)
     sizes = batch.padded_sizes() * batch.position_mask

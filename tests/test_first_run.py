@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ats.adapters import family_of
+from ats.adapters import data_config, family_of
 from ats.commands.cli import main
 from ats.data.build import build_dataset, knows_bundled_classes
 
@@ -52,13 +52,13 @@ def test_the_bundled_images_are_converted_to_the_models_input(hf_vit):
     from ats.commands.options import load_hf_model
 
     model = load_hf_model(str(hf_vit))
-    image, label = build_dataset(None, model, limit=2)[1]
+    image, label = build_dataset(None, data_config(model), limit=2)[1]
     assert image.shape == (3, 32, 32) and label == 2  # the second test image is a pullover
     config = family_of(model).data_config(model)
     pixels = image * torch.tensor(config["std"])[:, None, None] + torch.tensor(config["mean"])[:, None, None]
     assert torch.allclose(pixels[0], pixels[1], atol=1e-5) and torch.allclose(pixels[0], pixels[2], atol=1e-5)
     assert 0 <= pixels.min() and pixels.max() <= 1 and pixels.std() > 0.1  # gray, in all three channels
-    assert not knows_bundled_classes(model)
+    assert not knows_bundled_classes(data_config(model))
 
 
 @pytest.mark.parametrize("command", [["compare"], ["calibrate", "--fraction", "0.6"], ["retention"]])

@@ -43,7 +43,7 @@ def test_preprocessing_comes_from_the_image_processor_config(hf_reference, tmp_p
     config = HF.data_config(model)
     assert config["input_size"] == (1, 28, 28) and config["crop_mode"] == "squash"
     assert config["mean"] == pytest.approx((0.286,)) and config["interpolation"] == "bilinear"
-    assert HF.class_names(model)[0] == "T-shirt/top"
+    assert config["class_names"][0] == "T-shirt/top"
     data = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=2, size=(40, 30))
     rows = run_json(capsys, "eval", "--model", f"hf:{hf_reference}", "--data", str(data), "--repeats", "1", "--json")
     assert len(rows) == 9 and rows[0]["tokens_per_block"][0] == 197  # the paper's six, recommended, merging

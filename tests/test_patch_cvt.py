@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import ats
+from ats.adapters import logits_from, tokens_before
 from ats.adapters.cvt import CVT
 
 #: A 3-stage CvT on 12x12 images: stages of 12x12 (1 block, width 8), 6x6 (2 blocks, 16) and 6x6
@@ -105,13 +106,17 @@ def test_images_do_not_depend_on_their_batch_mates():
 def test_the_blocks_before_the_first_patched_one_keep_their_convolutions():
     model = tiny_cvt()
     x = images()
+    first = CONFIG.first_block
     with torch.no_grad():
-        start = CVT.run_first_blocks(model, x, 2)
-        unpatched = CVT.logits_from_block(model, start, 2)
+        expected = CVT.embed(model, x)
+        height, width = CVT.grid(model, tuple(x.shape[1:]))
+        for layer in CVT.blocks(model)[:first]:
+            expected = layer(expected, height, width)
         patched(model, CONFIG)
-        resumed = CVT.logits_from_block(model, CVT.run_first_blocks(model, x, 1), 1)
+        before = tokens_before(model, x, first)
+        resumed = logits_from(model, tokens_before(model, x, 1), 1)
         whole = model(pixel_values=x).logits
-    assert torch.allclose(unpatched, ats.unpatch(model)(pixel_values=x).logits, atol=1e-6)
+    assert torch.allclose(before, expected, atol=1e-6)
     assert torch.allclose(resumed, whole, atol=1e-6)
 
 

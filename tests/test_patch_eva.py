@@ -195,7 +195,7 @@ def test_torch_save_and_load_keep_the_model_patched():
 
 
 def test_logits_from_a_shared_prefix_equal_the_whole_forward():
-    assert_logits_from_a_shared_prefix(EVA, tiny_eva("rope mixed + ape"), CONFIG, contrasted_images(4))
+    assert_logits_from_a_shared_prefix(tiny_eva("rope mixed + ape"), CONFIG, contrasted_images(4))
 
 
 def test_what_the_adapter_refuses():

@@ -9,7 +9,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import ats
 from ats import packing
-from ats.adapters.timm import TIMM
+from ats.adapters import logits_from, tokens_before
 from ats.sampling import released_sample
 
 CONFIGS = {
@@ -84,22 +84,20 @@ def test_padding_positions_of_the_features_are_zero(layout, model, images):
     assert (features[padding] == 0).all() and (features[~padding].abs().sum(-1) > 0).all()
 
 
-@pytest.mark.parametrize("config", [None, CONFIGS["multi_stage"], ats.ATSConfig.single_stage(k=20, block=3)])
+@pytest.mark.parametrize("config", [CONFIGS["multi_stage"], ats.ATSConfig.single_stage(k=20, block=3)])
 def test_logits_from_a_shared_prefix_equal_the_whole_forward(config, model, images):
-    if config is not None:
-        ats.patch(model, config)
-    first = 1 if config is None else config.first_block
+    ats.patch(model, config)
     with torch.no_grad():
         whole = model(images)
-        for start in range(first + 1):
-            resumed = TIMM.logits_from_block(model, TIMM.run_first_blocks(model, images, start), start)
+        for start in range(config.first_block + 1):
+            resumed = logits_from(model, tokens_before(model, images, start), start)
             assert torch.equal(resumed, whole), f"resuming at block {start}"
 
 
 def test_forward_tokens_refuses_to_start_after_the_first_patched_block(model, images):
     ats.patch(model, ats.ATSConfig.single_stage(k=20, block=2))
     with torch.no_grad(), pytest.raises(ValueError, match="up to the first patched block"):
-        model.forward_tokens(TIMM.run_first_blocks(model, images, 3), 3)
+        model.forward_tokens(tokens_before(model, images, 2), 3)
 
 
 def test_repatching_replaces_the_config(model, images):

@@ -6,6 +6,7 @@ import torch
 from conftest import random_checkpoint
 
 import ats
+from ats.adapters import data_config
 from ats.commands.cli import main
 from ats.commands.compare import comparison_configs, runnable
 from ats.data.build import build_dataset, training_set
@@ -55,13 +56,13 @@ def test_train_fine_tunes_the_video_model_with_ats(video_checkpoint, fashion_tra
 
 def test_a_video_model_gets_clips_of_its_own_geometry(fashion_train):
     model = create_reference_video(num_frames=6, image_size=56)
-    test_clips = build_dataset(None, model, limit=3)
+    test_clips = build_dataset(None, data_config(model), limit=3)
     clip, label = test_clips[0]
     assert clip.shape == (6, 1, 56, 56) and 0 <= label < len(MOVING_GARMENT_CLASSES)
-    train_clips = training_set(fashion_train, model)
+    train_clips = training_set(fashion_train, data_config(model))
     assert isinstance(train_clips, MovingGarments) and len(train_clips) == 64
     with pytest.raises(ValueError, match="holds no video files"):
-        build_dataset(str(fashion_train), model)
+        build_dataset(str(fashion_train), data_config(model))
 
 
 def write_clip(path, frames: int, size: int, shift: int = 0) -> None:
@@ -94,7 +95,7 @@ def test_a_folder_of_video_files_gives_clips_and_skips_broken_files(tmp_path):
         write_clip(tmp_path / name / "a.mp4", frames=12, size=64, shift=shift)
     (tmp_path / "right" / "broken.mp4").write_bytes(b"not a video")
     model = create_reference_video()
-    dataset = build_dataset(str(tmp_path), model)
+    dataset = build_dataset(str(tmp_path), data_config(model))
     assert dataset.classes == ["left", "right"] and len(dataset) == 3
     clip, label = dataset[0]
     assert clip.shape == (8, 1, 64, 64) and label == 0
@@ -105,7 +106,7 @@ def test_a_folder_of_video_files_gives_clips_and_skips_broken_files(tmp_path):
     skipped = dataset[1] if "broken" in str(dataset.samples[1][0]) else dataset[2]
     assert isinstance(skipped, SkippedImage) and "unreadable video" in skipped.reason
     with pytest.raises(ValueError, match="holds no video files"):
-        build_dataset(str(tmp_path / "left"), model)
+        build_dataset(str(tmp_path / "left"), data_config(model))
 
 
 def test_eval_reads_a_folder_of_video_files(video_checkpoint, tmp_path, capsys):

@@ -79,6 +79,20 @@ class Method(ABC):
         raise TypeError(f"{type(self).__name__} runs no block of its own")
 
 
+class FromBlock(Method):
+    """A method that changes every block from its ``first`` (a field of the subclass) on."""
+
+    first: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.first, bool) or not isinstance(self.first, int) or self.first < 0:
+            raise ValueError(f"first must be a block index >= 0, got {self.first!r}")
+
+    @property
+    def first_block(self) -> int:
+        return self.first
+
+
 def check_blocks_inside(blocks: Collection[int], depth: int, method: str, hint: str = "") -> None:
     """Raise ValueError when one of ``blocks`` lies outside a model of ``depth`` blocks."""
     outside = [index for index in sorted(blocks) if index >= depth]

@@ -7,11 +7,12 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from ..methods import METHODS, PatchConfig, method_list
+from .. import methods
+from ..methods import PatchConfig, method_list
 from .beit import BEIT
 from .cvt import CVT
 from .eva import EVA
-from .family import Family, as_logits, last_stats, patch_with, run_patched, unpatch, upper_bound_flops
+from .family import Family, as_logits, last_stats, owns, patch_with, run_patched, unpatch, upper_bound_flops
 from .hf import HF
 from .hf_beit import HF_BEIT
 from .hf_clip import TOWERS
@@ -42,7 +43,7 @@ def family_of(model: nn.Module) -> Family:
     """The adapter of ``model``'s family (patched or not); TypeError naming the supported ones otherwise."""
     cls = model._ats.original_class if hasattr(model, "_ats") else type(model)
     for family in FAMILIES:
-        if family.owns(cls):
+        if owns(family, cls):
             return family
     name = f"{cls.__module__}.{cls.__name__}"
     if name in REFUSED:
@@ -62,7 +63,7 @@ def patch(model: nn.Module, config: PatchConfig, static: bool = False) -> nn.Mod
     the device on the host and ``torch.compile(model, fullgraph=True)`` makes one graph (one image at a time on
     a GPU, CUDA graphs). It keeps the same tokens as the adaptive mode and costs the capacity's GFLOPs.
     """
-    if not isinstance(config, METHODS):
+    if not isinstance(config, methods.METHODS):
         raise TypeError(f"config must be one of {method_list('ats.')}; got {type(config).__name__}, e.g. use "
                         "ats.ATSConfig.multi_stage(rho=1.0)")
     if not isinstance(static, bool):

@@ -21,7 +21,7 @@ from ..method import Method
 from ..packing import TokenBatch
 from ..stats import ForwardRecord
 from ..step import BlockParts
-from .family import Family, cached_block_parts, run_parts
+from .family import Family, cached_block_parts, check_block_types, run_parts
 from .timm import ATSTimmModel, TimmViT, layer_scale, pool_valid_tokens, qkv_with_biases
 
 
@@ -44,15 +44,10 @@ def relative_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 class TimmBeit(TimmViT):
     name = "timm Beit (BEiT, BEiT v2)"
     mixin = ATSBeit
-
-    def owns(self, cls: type) -> bool:
-        return issubclass(cls, Beit)
+    models = (Beit,)
 
     def check(self, model: Beit, config: Optional[Method] = None, static: bool = False) -> None:
-        for index, block in enumerate(model.blocks):
-            if type(block) is not Block or type(block.attn) is not Attention:
-                raise TypeError(f"block {index} is a {type(block).__name__} with {type(block.attn).__name__}; "
-                                "ATS supports timm's BEiT Block with its Attention")
+        check_block_types(model.blocks, {Block: (Attention,)}, "timm's BEiT Block with its Attention")
         Family.check(self, model, config, static)
 
     def layer_parts(self, block: Block) -> BlockParts:

@@ -30,7 +30,7 @@ from ..packing import TokenBatch
 from ..stats import ForwardRecord
 from ..step import BlockParts
 from .family import Family, PatchedModel, as_logits, masked_features, run_patched
-from .hf import class_names, fused_qkv, processor_config, processor_data_config
+from .hf import as_returned, class_names, fused_qkv, processor_config, processor_data_config
 
 CLASSES = ("CvtModel", "CvtForImageClassification")
 
@@ -68,10 +68,7 @@ class ATSCvtModel(PatchedModel):
         if pixel_values is None:
             raise ValueError("pass pixel_values, images [B, C, H, W]")
         batch = run_patched(self, CVT.embed(self, pixel_values), 0, tuple(pixel_values.shape[1:]))
-        output = CVT.output(self, batch, labels)
-        if return_dict is None:
-            return_dict = self.config.return_dict
-        return output if return_dict else output.to_tuple()
+        return as_returned(self, CVT.output(self, batch, labels), return_dict)
 
     def ats_logits(self, batch: TokenBatch) -> torch.Tensor:
         return as_logits(CVT.output(self, batch, None))
@@ -80,9 +77,7 @@ class ATSCvtModel(PatchedModel):
 class HuggingFaceCvT(Family):
     name = "Hugging Face " + ", ".join(CLASSES)
     mixin = ATSCvtModel
-
-    def owns(self, cls: type) -> bool:
-        return cls.__module__.startswith("transformers.") and cls.__name__ in CLASSES
+    models = CLASSES
 
     def base(self, model: nn.Module) -> nn.Module:
         return getattr(model, "cvt", model)

@@ -24,7 +24,7 @@ from ..method import Method
 from ..packing import TokenBatch
 from ..stats import ForwardRecord
 from ..step import BlockParts, Rotation
-from .family import Family, cached_block_parts, run_parts
+from .family import Family, cached_block_parts, check_block_types, run_parts
 from .timm import (
     ATSTimmModel,
     TimmViT,
@@ -52,17 +52,13 @@ class ATSEva(ATSTimmModel):
 class TimmEva(TimmViT):
     name = "timm Eva (EVA-02, DINOv3, RoPE ViT, Perception Encoder)"
     mixin = ATSEva
-
-    def owns(self, cls: type) -> bool:
-        return issubclass(cls, Eva)
+    models = (Eva,)
 
     def check(self, model: Eva, config: Optional[Method] = None, static: bool = False) -> None:
+        check_block_types(model.blocks, {EvaBlock: (EvaAttention, AttentionRope)}, "timm's pre-norm EvaBlock with "
+                          "EvaAttention or AttentionRope (not the post-norm blocks of use_post_norm=True)")
         for index, block in enumerate(model.blocks):
             attn = block.attn
-            if type(block) is not EvaBlock or type(attn) not in (EvaAttention, AttentionRope):
-                raise TypeError(f"block {index} is a {type(block).__name__} with {type(attn).__name__}; ATS supports "
-                                "timm's pre-norm EvaBlock with EvaAttention or AttentionRope (not the post-norm "
-                                "blocks of use_post_norm=True)")
             if getattr(attn, "num_kv_groups", 1) > 1:
                 raise TypeError(f"block {index} uses grouped-query attention (num_kv_heads); ATS supports "
                                 "blocks whose keys and values have as many heads as their queries")

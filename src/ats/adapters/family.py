@@ -10,7 +10,7 @@ unpatching restores the class.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -40,10 +40,8 @@ class Family:
     name: str = ""
     #: The mixin put before a patched model's own class (its forward); a PatchedModel.
     mixin: type = object
-
-    def owns(self, cls: type) -> bool:
-        """Whether models of class ``cls`` (the unpatched class) belong to this family."""
-        raise NotImplementedError
+    #: The model classes the family takes (their subclasses too), or the names of transformers classes.
+    models: Tuple[Union[type, str], ...] = ()
 
     def check(self, model: nn.Module, config: Optional[Method] = None, static: bool = False) -> None:
         """Raise TypeError naming what in ``model`` ATS cannot run (an unusual block, pooling, ...), and
@@ -87,6 +85,24 @@ class Family:
         """How the model's inputs are preprocessed, timm-style (input_size, mean, std, interpolation, crop_pct,
         crop_mode; num_frames for a video model), and ``class_names``: its classes by index, or None."""
         raise NotImplementedError
+
+
+def owns(family: Family, cls: type) -> bool:
+    """Whether models of class ``cls`` (the unpatched class) belong to ``family`` (``Family.models``)."""
+    transformers = cls.__module__.startswith("transformers.")
+    return any(cls.__name__ == model and transformers if isinstance(model, str) else issubclass(cls, model)
+               for model in family.models)
+
+
+def check_block_types(blocks: Sequence[nn.Module], kinds: Mapping[type, Collection[type]], supported: str) -> None:
+    """Raise TypeError naming the first of ``blocks`` whose class is not a key of ``kinds``, or whose attention
+    (``attn``) is not of a class its entry names (an empty entry: any); ``supported`` says what ATS takes."""
+    for index, block in enumerate(blocks):
+        attn = getattr(block, "attn", None)
+        allowed = kinds.get(type(block))
+        if allowed is None or (allowed and type(attn) not in allowed):
+            held = "" if attn is None else f" with {type(attn).__name__}"
+            raise TypeError(f"block {index} is a {type(block).__name__}{held}; ATS supports {supported}")
 
 
 @dataclass

@@ -292,13 +292,18 @@ class ATSHuggingFaceModel(PatchedModel):
             raise ValueError(f"pass pixel_values, {family.inputs}")
         tokens = family.embed(self, pixel_values, bool(interpolate_pos_encoding))
         batch = run_patched(self, tokens, 0, tuple(pixel_values.shape[1:]))
-        output = family.output(self, batch, self._ats.pool_weights, labels)
-        if return_dict is None:
-            return_dict = getattr(self.config, "return_dict", True)
-        return output if return_dict else output.to_tuple()
+        return as_returned(self, family.output(self, batch, self._ats.pool_weights, labels), return_dict)
 
     def ats_logits(self, batch: TokenBatch) -> torch.Tensor:
         return as_logits(self._ats.family.output(self, batch, self._ats.pool_weights, None))
+
+
+def as_returned(model: nn.Module, output, return_dict: Optional[bool]):
+    """A transformers output as ``model`` returns it: the object, or with ``return_dict=False`` (or the config's)
+    its tuple."""
+    if return_dict is None:
+        return_dict = getattr(model.config, "return_dict", True)
+    return output if return_dict else output.to_tuple()
 
 
 def refuse_unsupported(model: nn.Module, attention_mask, bool_masked_pos, output_attentions, output_hidden_states,
@@ -329,8 +334,9 @@ class HuggingFaceFamily(Family):
     mixin = ATSHuggingFaceModel
     inputs = "images [B, C, H, W]"
 
-    def owns(self, cls: type) -> bool:
-        return cls.__module__.startswith("transformers.") and cls.__name__ in self.layouts
+    @property
+    def models(self) -> Tuple[str, ...]:
+        return tuple(self.layouts)
 
     def layout(self, model: nn.Module) -> Layout:
         original = model._ats.original_class if hasattr(model, "_ats") else type(model)

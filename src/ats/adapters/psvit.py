@@ -18,7 +18,7 @@ from ..method import Method
 from ..models.psvit import PSViT
 from ..packing import TokenBatch
 from ..step import BlockParts
-from .family import Family, PatchedModel, masked_features, run_patched
+from .family import Family, PatchedModel, check_block_types, masked_features, run_patched
 from .timm import TIMM
 
 IMAGENET_DEFAULTS = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic",
@@ -50,14 +50,10 @@ class ATSPSViT(PatchedModel):
 class PSViTFamily(Family):
     name = "ats.models.psvit.PSViT"
     mixin = ATSPSViT
-
-    def owns(self, cls: type) -> bool:
-        return issubclass(cls, PSViT)
+    models = (PSViT,)
 
     def check(self, model: PSViT, config: Optional[Method] = None, static: bool = False) -> None:
-        for index, block in enumerate(model.blocks):
-            if type(block) is not Block:
-                raise TypeError(f"block {index} is a {type(block).__name__}; ATS supports timm's pre-norm Block")
+        check_block_types(model.blocks, {Block: ()}, "timm's pre-norm Block")
         super().check(model, config, static)
 
     def blocks(self, model: PSViT) -> Sequence[nn.Module]:

@@ -29,7 +29,15 @@ from ..stats import ForwardRecord
 from ..step import BlockParts
 from ..tubes import TubeBlockParts, check_tube_config, from_tubes, run_tube_blocks, to_tubes, tube_block_options
 from .family import Family, PatchedModel, as_logits, cached_block_parts, masked_features, run_patched
-from .hf import HF, class_names, classifier_output, dense_forward, processor_data_config, refuse_unsupported
+from .hf import (
+    HF,
+    as_returned,
+    class_names,
+    classifier_output,
+    dense_forward,
+    processor_data_config,
+    refuse_unsupported,
+)
 
 BASES = {"TimesformerModel": None, "TimesformerForVideoClassification": "timesformer"}
 DIVIDED = "divided_space_time"
@@ -64,10 +72,7 @@ class ATSTimesformer(PatchedModel):
         if pixel_values is None:
             raise ValueError("pass pixel_values, clips [B, T, C, H, W]")
         batch = run_patched(self, TIMESFORMER.embed(self, pixel_values), 0, tuple(pixel_values.shape[1:]))
-        output = TIMESFORMER.output(self, batch, labels)
-        if return_dict is None:
-            return_dict = getattr(self.config, "return_dict", True)
-        return output if return_dict else output.to_tuple()
+        return as_returned(self, TIMESFORMER.output(self, batch, labels), return_dict)
 
     def ats_logits(self, batch: TokenBatch) -> torch.Tensor:
         return as_logits(TIMESFORMER.output(self, batch, None))
@@ -76,9 +81,7 @@ class ATSTimesformer(PatchedModel):
 class TimesformerFamily(Family):
     name = "Hugging Face " + ", ".join(BASES)
     mixin = ATSTimesformer
-
-    def owns(self, cls: type) -> bool:
-        return cls.__module__.startswith("transformers.") and cls.__name__ in BASES
+    models = tuple(BASES)
 
     def base(self, model: nn.Module) -> nn.Module:
         """The TimesformerModel inside ``model`` (or ``model`` itself)."""

@@ -22,7 +22,7 @@ from ..flops import ViTShape, attention_pool_token_flops, linear_flops, patch_gr
 from ..method import Method
 from ..packing import TokenBatch
 from ..step import BlockParts
-from .family import Family, PatchedModel, fit_channels, masked_features, run_patched, valid_mean
+from .family import Family, PatchedModel, check_block_types, fit_channels, masked_features, run_patched, valid_mean
 
 SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "", "map")
 
@@ -131,19 +131,14 @@ class ATSVisionTransformer(ATSTimmModel):
 class TimmViT(Family):
     name = "timm VisionTransformer (DeiT, ViT, SigLIP, ...)"
     mixin = ATSVisionTransformer
-
-    def owns(self, cls: type) -> bool:
-        return issubclass(cls, VisionTransformer)
+    models = (VisionTransformer,)
 
     def check(self, model: VisionTransformer, config: Optional[Method] = None, static: bool = False) -> None:
         if isinstance(model.patch_embed, HybridEmbed):
             raise TypeError(f"this model has a convolutional stage ({type(model.patch_embed.backbone).__name__}) "
                             "before its ViT blocks (a HybridEmbed patch embedding: ViTamin, the ResNet hybrids); ATS "
                             "supports patch embeddings of convolutions alone, whose FLOPs and input size it reads")
-        for index, block in enumerate(model.blocks):
-            if type(block) is not Block or type(block.attn) is not Attention:
-                raise TypeError(f"block {index} is a {type(block).__name__} with {type(block.attn).__name__}; "
-                                "ATS supports timm's pre-norm Block with its standard Attention")
+        check_block_types(model.blocks, {Block: (Attention,)}, "timm's pre-norm Block with its standard Attention")
         if model.global_pool not in SUPPORTED_POOLS:
             raise TypeError(f"global_pool={model.global_pool!r} is not supported; ATS works with "
                             f"{', '.join(map(repr, SUPPORTED_POOLS))} pooling")

@@ -28,7 +28,7 @@ from ..tubes import (
     tube_block_options,
     tubes_to_frames,
 )
-from .family import Family, PatchedModel, cached_block_parts, masked_features, run_patched
+from .family import Family, PatchedModel, cached_block_parts, check_block_types, masked_features, run_patched
 from .psvit import declared_data_config
 
 
@@ -46,14 +46,10 @@ class ATSXViT(PatchedModel):
 class XViTFamily(Family):
     name = "ats.models.xvit.XViT"
     mixin = ATSXViT
-
-    def owns(self, cls: type) -> bool:
-        return issubclass(cls, XViT)
+    models = (XViT,)
 
     def check(self, model: XViT, config: Optional[Method] = None, static: bool = False) -> None:
-        for index, block in enumerate(model.blocks):
-            if type(block) is not XViTBlock:
-                raise TypeError(f"block {index} is a {type(block).__name__}; ATS supports XViTBlock")
+        check_block_types(model.blocks, {XViTBlock: ()}, "XViTBlock")
         super().check(model, config, static)
         if config is not None:
             check_tube_config(config, len(model.blocks), "space-time mixing attention", static=static)

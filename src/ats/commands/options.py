@@ -99,6 +99,7 @@ def load_hf_model(name: str, download: bool = False) -> nn.Module:
     except ImportError:
         raise ValueError("--model hf:... needs Hugging Face transformers: pip install 'ats-vit[hf]'") from None
     from ..adapters import FAMILIES
+    from ..adapters.family import owns
 
     local = Path(name).is_dir()
     if local and not (Path(name) / "config.json").is_file():
@@ -109,7 +110,7 @@ def load_hf_model(name: str, download: bool = False) -> nn.Module:
     config = transformers.AutoConfig.from_pretrained(name, local_files_only=local)
     architecture = (config.architectures or [""])[0]
     named = getattr(transformers, architecture, None)
-    supported = isinstance(named, type) and any(family.owns(named) for family in FAMILIES)
+    supported = isinstance(named, type) and any(owns(family, named) for family in FAMILIES)
     model_class = named if supported else transformers.AutoModelForImageClassification
     model = model_class.from_pretrained(name, local_files_only=local)
     if not local:

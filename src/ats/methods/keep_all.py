@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from typing import ClassVar, Dict, List
 
 from ..flops import BlockCost, ViTShape
-from ..method import Method
+from ..method import FromBlock
 
 
 @dataclass(frozen=True)
-class KeepAllConfig(Method):
+class KeepAllConfig(FromBlock):
     """Patch a model but drop no token: the blocks from ``first`` on run on every token through the shared
     ATS step. On most families that is the unpatched model; on CvT it is the linear-projection model
     (those blocks run without their convolutional q/k/v projections, as ATS needs), the baseline that
@@ -19,14 +19,6 @@ class KeepAllConfig(Method):
     summary: ClassVar[str] = "no dropping: every token through the shared step; on CvT, the linear-projection model"
 
     first: int = 0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.first, bool) or not isinstance(self.first, int) or self.first < 0:
-            raise ValueError(f"first must be a block index >= 0, got {self.first!r}")
-
-    @property
-    def first_block(self) -> int:
-        return self.first
 
     def patched_blocks(self, depth: int) -> List[int]:
         return []

@@ -10,13 +10,13 @@ import torch
 
 from ..flops import BlockCost, ViTShape, merge_block_flops
 from ..merging import bipartite_soft_matching
-from ..method import BlockContext, Method
+from ..method import BlockContext, FromBlock
 from ..packing import TokenBatch
 from ..step import BlockParts, attention_half, fold_tokens, mlp_half
 
 
 @dataclass(frozen=True)
-class MergeConfig(Method):
+class MergeConfig(FromBlock):
     """The token-merging baseline (ToMe): in every block from ``first`` on, merge ``r`` patch tokens
     into their most similar ones after attention (bipartite soft matching, size-weighted average,
     proportional attention). The class and other prefix tokens never merge."""
@@ -29,12 +29,7 @@ class MergeConfig(Method):
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r must be a whole number >= 1 (tokens merged per block), got {self.r!r}")
-        if isinstance(self.first, bool) or not isinstance(self.first, int) or self.first < 0:
-            raise ValueError(f"first must be a block index >= 0, got {self.first!r}")
-
-    @property
-    def first_block(self) -> int:
-        return self.first
+        super().__post_init__()
 
     def patched_blocks(self, depth: int) -> List[int]:
         return list(range(self.first, depth))
