@@ -20,7 +20,7 @@ def cluttered_checkpoint(tmp_path):
 
 
 def test_the_trained_cluttered_model_classifies_the_test_canvases(capsys):
-    """Chance is 10%; the model in models/ scores far above it with and without ATS."""
+    """Chance is 10%; the model in checkpoints/ scores far above it with and without ATS."""
     assert main(["eval", "--model", "reference-cluttered", "--limit", "64", "--batch-size", "32", "--single-stage",
                  "108", "--json"]) == 0
     unpatched, sampled = json.loads(capsys.readouterr().out)

@@ -111,11 +111,11 @@ def test_a_run_killed_at_any_moment_resumes_to_the_same_weights(processes, check
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] \
         if processes > 1 else [sys.executable]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    run = subprocess.run([*launcher, "-m", "ats.train", *resumable_argv(checkpoint, fashion_train, whole)],
+    run = subprocess.run([*launcher, "-m", "ats", "train", *resumable_argv(checkpoint, fashion_train, whole)],
                          capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
 
-    command = [*launcher, "-m", "ats.train", *resumable_argv(checkpoint, fashion_train, killed)]
+    command = [*launcher, "-m", "ats", "train", *resumable_argv(checkpoint, fashion_train, killed)]
     assert kill_after_first_checkpoint(command, killed, env) == -signal.SIGKILL
     state = torch.load(killed / "checkpoint.pt", weights_only=False)
     assert (state["progress"]["epoch"], state["progress"]["step"]) < (1, 4)  # killed before the end
@@ -132,7 +132,7 @@ def test_a_dead_worker_stops_the_run_naming_its_rank_and_the_run_resumes(checkpo
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ATS_TEST_RUN": "1"}
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-               "ats.train", *resumable_argv(checkpoint, fashion_train, out)]
+               "ats", "train", *resumable_argv(checkpoint, fashion_train, out)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 240
     while not (out / "checkpoint.pt").exists() and process.poll() is None and time.monotonic() < deadline:

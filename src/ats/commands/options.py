@@ -42,8 +42,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a timm model name (e.g. deit_small_patch16_224); hf:DIR, a Hugging Face ViT, DeiT, "
                             "DINOv2, CvT or TimeSformer saved with save_pretrained; 'reference' for the bundled "
                             "Fashion-MNIST ViT (default), 'reference-cluttered' for the ViT on cluttered Fashion-MNIST "
-                            "(models/ in the repository), 'reference-cvt' or 'reference-psvit' for the bundled CvT or "
-                            "PS-ViT, 'reference-video' or 'reference-xvit' for the TimeSformer or XViT on "
+                            "(checkpoints/ in the repository), 'reference-cvt' or 'reference-psvit' for the bundled "
+                            "CvT or PS-ViT, 'reference-video' or 'reference-xvit' for the TimeSformer or XViT on "
                             "moving-garment clips")
     group.add_argument("--pretrained", action="store_true",
                        help="load timm's pretrained weights, or with hf:NAME the model NAME from the Hugging Face "

@@ -1,6 +1,6 @@
-"""`ats train` / `python -m ats.train`: fine-tune a model with ATS, on one process or many.
+"""`ats train`: fine-tune a model with ATS, on one process or many.
 
-Under ``torchrun --nproc_per_node N -m ats.train ...`` every process trains a DistributedDataParallel
+Under ``torchrun --nproc_per_node N -m ats train ...`` every process trains a DistributedDataParallel
 replica on its shard of the data (NCCL on CUDA, gloo on CPU); only rank 0 evaluates, writes
 checkpoints and the log, and shows the progress bar. AdamW, cosine schedule with warm-up, label
 smoothing, mixed precision on CUDA. A checkpoint at the end of every epoch and, inside an epoch,
@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("train", help="fine-tune with ATS (torchrun -m ats.train for many processes)",
+    parser = subparsers.add_parser("train", help="fine-tune with ATS (torchrun -m ats train for many processes)",
                                    description=__doc__)
     add_arguments(parser)
     parser.set_defaults(func=run)
@@ -283,18 +283,3 @@ def report_replicas(model: nn.Module, world_size: int, rank: int) -> Optional[li
         if len(set(values)) != 1:
             raise RuntimeError(f"the replicas' parameters differ after training: {values}")
     return values
-
-
-def main(argv: Optional[list] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ats.train", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        print(f"ats train: error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

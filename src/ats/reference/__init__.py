@@ -37,9 +37,9 @@ REFERENCE_CHECKPOINT = WEIGHTS_DIR / "reference_vit_fmnist.pt"
 REFERENCE_CLUTTERED_KWARGS = dict(REFERENCE_KWARGS, img_size=56, patch_size=4, num_heads=6)
 #: A state-dict key only a cluttered reference model with a convolutional stem has.
 CONV_STEM_KEY = "patch_embed.proj.0.weight"
-#: The models too big for the wheel's 15 MB (docs/reference-model.md): the repository's ``models/`` folder.
-MODELS_DIR = Path(__file__).resolve().parents[3] / "models"
-REFERENCE_CLUTTERED_CHECKPOINT = MODELS_DIR / "reference-cluttered.pt"
+#: The models too big for the wheel's 15 MB (docs/reference-model.md): the repository's ``checkpoints/`` folder.
+CHECKPOINTS_DIR = Path(__file__).resolve().parents[3] / "checkpoints"
+REFERENCE_CLUTTERED_CHECKPOINT = CHECKPOINTS_DIR / "reference-cluttered.pt"
 TRAINING_COMMAND = "python scripts/train_reference.py (see docs/reference-model.md)"
 #: The CvT-13 layout (1, 2, 10 blocks; 1, 2, 3 heads) at a width that trains on a CPU. Stage strides
 #: 1, 2, 1 on 28x28 input: stages of 28x28, 14x14 and 14x14 tokens, the last with a class token.
@@ -141,7 +141,7 @@ def load_reference_model(path: Optional[Path] = None) -> VisionTransformer:
 
 def load_reference_cluttered(path: Optional[Path] = None) -> VisionTransformer:
     """The trained reference ViT for cluttered Fashion-MNIST in eval mode, from ``path`` (default: the
-    repository's ``models/reference-cluttered.pt``; it is not in the wheel)."""
+    repository's ``checkpoints/reference-cluttered.pt``; it is not in the wheel)."""
     path = Path(path) if path is not None else REFERENCE_CLUTTERED_CHECKPOINT
     conv_stem = path.is_file() and CONV_STEM_KEY in read_state_dict(path)
     return _load_trained(create_reference_cluttered(conv_stem), path, REFERENCE_CLUTTERED_CHECKPOINT,
