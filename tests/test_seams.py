@@ -86,3 +86,12 @@ def test_every_registered_method_is_exported_named_and_in_the_help():
 def test_a_family_is_a_description_of_at_most_12_members():
     members = [name for name in vars(Family) if not name.startswith("_")]
     assert len(members) <= 12, members
+
+
+def test_the_old_package_name_is_a_deprecated_alias_and_ats_patch_stays_the_function():
+    with pytest.warns(DeprecationWarning, match="ats.patch is now ats.adapters"):
+        from ats.patch import FAMILIES
+    import ats.adapters
+
+    assert FAMILIES is ats.adapters.FAMILIES
+    assert callable(ats.patch) and ats.patch is ats.adapters.patch
