@@ -38,6 +38,8 @@ class _DeprecatedPatchPackage(types.ModuleType):
     warns, removed in the next release. ``ats.patch`` itself is the function."""
 
     def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
         warnings.warn("the package ats.patch is now ats.adapters (ats.patch is the function); the alias goes in the "
                       "next release", DeprecationWarning, stacklevel=2)
         return getattr(adapters, name)
