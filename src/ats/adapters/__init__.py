@@ -18,12 +18,15 @@ from .hf_beit import HF_BEIT
 from .hf_clip import TOWERS
 from .hf_dinov3 import DINOV3
 from .hf_video import HF_VIDEO
+from .open_clip import OPEN_CLIP
 from .psvit import PSVIT
 from .timesformer import TIMESFORMER
 from .timm import TIMM
+from .torchvision import TORCHVISION
 from .xvit import XVIT
 
-FAMILIES = (TIMM, EVA, BEIT, HF, TOWERS, DINOV3, HF_BEIT, HF_VIDEO, CVT, PSVIT, TIMESFORMER, XVIT)
+FAMILIES = (TIMM, EVA, BEIT, HF, TOWERS, DINOV3, HF_BEIT, HF_VIDEO, CVT, PSVIT, TIMESFORMER, XVIT, OPEN_CLIP,
+            TORCHVISION)
 __all__ = ["FAMILIES", "Family", "as_logits", "data_config", "depth_of", "family_of", "gflops", "is_patched",
            "last_stats", "logits_from", "patch", "takes_clips", "tokens_before", "unpatch"]
 
@@ -33,6 +36,13 @@ REFUSED = {
     "timm.models.cait.Cait": "its class token joins only in the class-attention blocks after the patch blocks, so "
                              "no patch block has a class token to score tokens with, and its patch blocks mix heads "
                              "before the softmax (talking-heads attention)",
+    "timm.models.vision_transformer_sam.VisionTransformerSAM": "its blocks attend within windows (windowed "
+                                                               "attention) but for a few global ones, and its neck "
+                                                               "is convolutional over the whole token grid; dropping "
+                                                               "tokens breaks both",
+    "open_clip.timm_model.TimmModel": "it wraps a timm model (its trunk) with a head of its own; patch the trunk, "
+                                      "ats.patch(model.visual.trunk, config), which ATS runs exactly, and the "
+                                      "wrapper's forward and encode_image run it",
     "timm.models.naflexvit.NaFlexVit": "it packs images of their own patch counts itself (NaFlex: variable "
                                        "resolution and aspect, its own patch masks and position embeddings from "
                                        "per-patch coordinates), which ATS's packing does not yet combine with",
@@ -81,6 +91,7 @@ def gflops(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> floa
     input_size: (C, H, W); defaults to the model's own.
     """
     family = family_of(model)
+    family.check(model)
     shape = family.shape(model, input_size)
     config = model._ats.config if is_patched(model) else None
     return upper_bound_flops(shape, config, family.block_costs(model, shape, config)) / 1e9

@@ -16,7 +16,7 @@ import torch
 from timm.models.beit import Attention, Beit, Block
 from torch import nn
 
-from ..flops import ViTShape, linear_flops, patch_grid, stem_flops
+from ..flops import ViTShape, linear_flops, stem_flops
 from ..method import Method
 from ..packing import TokenBatch
 from ..stats import ForwardRecord
@@ -61,14 +61,12 @@ class TimmBeit(TimmViT):
 
     def shape(self, model: Beit, input_size: Optional[Sequence[int]] = None) -> ViTShape:
         patch_embed = model.patch_embed
-        grid = tuple(patch_embed.grid_size) if input_size is None else patch_grid(
-            patch_embed.img_size, patch_embed.patch_size, input_size)
-        image_size = tuple(patch_embed.img_size) if input_size is None else tuple(input_size[1:])
+        grid = self.grid(model, input_size)
         parts = self.layer_parts(model.blocks[0])
         return ViTShape(embed_dim=model.embed_dim, attn_dim=parts.num_heads * parts.head_dim, head_dim=parts.head_dim,
                         mlp_flops=linear_flops(model.blocks[0].mlp), depth=len(model.blocks),
                         num_patches=grid[0] * grid[1], num_prefix_tokens=model.num_prefix_tokens,
-                        patch_embed_flops=stem_flops(patch_embed.proj, image_size)[0],
+                        patch_embed_flops=stem_flops(patch_embed.proj, self.image_size(model, input_size))[0],
                         head_flops=linear_flops(model.head) if isinstance(model.head, nn.Linear) else 0, grid_size=grid)
 
     def embed(self, model: Beit, images: torch.Tensor) -> torch.Tensor:
