@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import methods
 from ..methods import PatchConfig, method_list
-from .beit import BEIT
+from .beit import BEIT, RELPOS
 from .cvt import CVT
 from .eva import EVA
 from .family import Family, as_logits, last_stats, owns, patch_with, run_patched, unpatch, upper_bound_flops
@@ -25,7 +25,7 @@ from .timm import TIMM
 from .torchvision import TORCHVISION
 from .xvit import XVIT
 
-FAMILIES = (TIMM, EVA, BEIT, HF, TOWERS, DINOV3, HF_BEIT, HF_VIDEO, CVT, PSVIT, TIMESFORMER, XVIT, OPEN_CLIP,
+FAMILIES = (TIMM, EVA, BEIT, RELPOS, HF, TOWERS, DINOV3, HF_BEIT, HF_VIDEO, CVT, PSVIT, TIMESFORMER, XVIT, OPEN_CLIP,
             TORCHVISION)
 __all__ = ["FAMILIES", "Family", "as_logits", "data_config", "depth_of", "family_of", "gflops", "is_patched",
            "last_stats", "logits_from", "patch", "takes_clips", "tokens_before", "unpatch"]
