@@ -68,8 +68,8 @@ def test_gflops_match_pytorchs_flop_counter(variant):
 def test_unpatch_pickling_gradients_and_the_post_norm_variant():
     assert_unpatch_restores(tiny_relpos("mlp bias, class token"), CONFIG, images())
     assert_pickles_patched(tiny_relpos("shared bias"), CONFIG, images())
-    model = tiny_relpos("mlp bias, class token", drop_path_rate=0.1).train()
-    ats.patch(model, ats.ATSConfig.multi_stage(0.8, first=1, fuse=True))
+    model = tiny_relpos("no class token", drop_path_rate=0.1).train()  # a class token's row has no bias
+    ats.patch(model, ats.ATSConfig.multi_stage(0.8, first=1, fuse=True, score="self_attention"))
     assert_gradients_reach_every_parameter(model, images())
     with torch.device("meta"):
         post_norm = timm.create_model("vit_relpos_small_patch16_rpn_224")
