@@ -133,3 +133,33 @@ def test_every_vit_like_timm_model_is_accepted_or_refused_with_a_reason():
                     if (patched == "accepted") != (counted == "accepted")]
     assert not inconsistent, inconsistent
     assert sum(patched == "accepted" for patched, _ in outcomes.values()) > 200
+
+
+#: transformers classes refused on purpose: config, its options for a tiny model, and a phrase of the reason.
+HF_REFUSED = {
+    "SwinModel": ("SwinConfig", dict(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 1],
+                                     window_size=2), "attends only within its local window"),
+    "Siglip2VisionModel": ("Siglip2VisionConfig", dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                       intermediate_size=32), "pre-cut patches of its own length"),
+    "PixtralVisionModel": ("PixtralVisionConfig", dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                       intermediate_size=32, image_size=32, patch_size=4),
+                           "block-diagonal mask"),
+    "Aimv2VisionModel": ("Aimv2VisionConfig", dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                   intermediate_size=32, image_size=32, patch_size=4),
+                         "adapter is not written yet"),
+    "SamVisionModel": ("SamVisionConfig", dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                               image_size=32, patch_size=4, output_channels=8, mlp_dim=32,
+                                               global_attn_indexes=[0]), "convolutional over the whole token grid"),
+}
+
+
+@pytest.mark.parametrize("name", list(HF_REFUSED))
+def test_hugging_face_classes_ats_cannot_take_are_refused_with_the_reason(name):
+    transformers = pytest.importorskip("transformers")
+    config_class, options, reason = HF_REFUSED[name]
+    if not hasattr(transformers, name):
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    model = getattr(transformers, name)(getattr(transformers, config_class)(**options))
+    for call in (patch_it, ats.gflops):
+        with pytest.raises(TypeError, match=f"ATS does not support .*{name}: .*{reason}"):
+            call(model)

@@ -12,7 +12,7 @@ from ..methods import PatchConfig, method_list
 from .beit import BEIT, RELPOS
 from .cvt import CVT
 from .eva import EVA
-from .family import Family, as_logits, last_stats, owns, patch_with, run_patched, unpatch, upper_bound_flops
+from .family import Family, as_logits, last_stats, named, owns, patch_with, run_patched, unpatch, upper_bound_flops
 from .hf import HF
 from .hf_beit import HF_BEIT
 from .hf_clip import TOWERS
@@ -31,15 +31,32 @@ __all__ = ["FAMILIES", "Family", "as_logits", "data_config", "depth_of", "family
            "last_stats", "logits_from", "patch", "takes_clips", "tokens_before", "unpatch"]
 
 
-#: Classes ATS refuses, by module and name, with why.
+#: Why ATS refuses a windowed-attention hierarchy (Swin).
+_WINDOWED = ("each token attends only within its local window (shifted between blocks) and patch merging halves the "
+             "grid between stages, so there is no global class-token attention to rank tokens by, and dropping "
+             "tokens breaks the windows")
+_SAM = ("most of its blocks attend within windows, and its neck is convolutional over the whole token grid; dropping "
+        "tokens breaks both")
+#: Classes ATS refuses, with why: by module and name, or a transformers class by its name.
 REFUSED = {
     "timm.models.cait.Cait": "its class token joins only in the class-attention blocks after the patch blocks, so "
                              "no patch block has a class token to score tokens with, and its patch blocks mix heads "
                              "before the softmax (talking-heads attention)",
-    "timm.models.vision_transformer_sam.VisionTransformerSAM": "its blocks attend within windows (windowed "
-                                                               "attention) but for a few global ones, and its neck "
-                                                               "is convolutional over the whole token grid; dropping "
-                                                               "tokens breaks both",
+    "timm.models.vision_transformer_sam.VisionTransformerSAM": _SAM,
+    "SamModel": _SAM,
+    "SamVisionModel": _SAM,
+    "SwinModel": _WINDOWED,
+    "SwinForImageClassification": _WINDOWED,
+    "Swinv2Model": _WINDOWED,
+    "Swinv2ForImageClassification": _WINDOWED,
+    "Siglip2VisionModel": "it takes each image as a sequence of pre-cut patches of its own length (NaFlex: "
+                          "pixel_attention_mask marks the padded patches, spatial_shapes each image's grid, and the "
+                          "position embeddings are resized per image), which ATS's packing does not yet start from",
+    "PixtralVisionModel": "it packs the patches of images of different sizes into one sequence, each attending within "
+                          "its own image through a block-diagonal mask with 2-D rotary embeddings per image, which "
+                          "ATS's packing does not yet start from",
+    "Aimv2VisionModel": "its adapter is not written yet (its pre-norm RMSNorm and SwiGLU blocks would fit the step, "
+                        "but it has no class token and pools with its own attention head)",
     "open_clip.timm_model.TimmModel": "it wraps a timm model (its trunk) with a head of its own; patch the trunk, "
                                       "ats.patch(model.visual.trunk, config), which ATS runs exactly, and the "
                                       "wrapper's forward and encode_image run it",
@@ -56,8 +73,9 @@ def family_of(model: nn.Module) -> Family:
         if owns(family, cls):
             return family
     name = f"{cls.__module__}.{cls.__name__}"
-    if name in REFUSED:
-        raise TypeError(f"ATS does not support {name}: {REFUSED[name]}")
+    for refused, reason in REFUSED.items():
+        if named(cls, refused):
+            raise TypeError(f"ATS does not support {name}: {reason}")
     supported = "; ".join(family.name for family in FAMILIES)
     raise TypeError(f"ATS does not support {cls.__module__}.{cls.__name__}; it supports {supported}. For timm, "
                     "create e.g. timm.create_model('deit_small_patch16_224'); for transformers, e.g. "

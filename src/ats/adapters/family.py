@@ -91,10 +91,10 @@ class Family:
 
 def owns(family: Family, cls: type) -> bool:
     """Whether models of class ``cls`` (the unpatched class) belong to ``family`` (``Family.models``)."""
-    return any(_named(cls, model) if isinstance(model, str) else issubclass(cls, model) for model in family.models)
+    return any(named(cls, model) if isinstance(model, str) else issubclass(cls, model) for model in family.models)
 
 
-def _named(cls: type, name: str) -> bool:
+def named(cls: type, name: str) -> bool:
     """Whether ``cls`` is the class ``name``: a transformers class's name, or another's module and name."""
     if "." in name:
         return f"{cls.__module__}.{cls.__qualname__}" == name
