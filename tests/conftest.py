@@ -128,7 +128,7 @@ def assert_pickles_patched(model, config, inputs: torch.Tensor, output=lambda re
     torch.save(model, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
-    assert type(loaded) is type(model) and loaded._ats.config == config
+    assert type(loaded) is type(model) and loaded._ats.config == model._ats.config
     with torch.no_grad():
         assert torch.equal(output(loaded(inputs)), before)
     return loaded

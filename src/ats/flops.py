@@ -68,15 +68,18 @@ def linear_flops(module: nn.Module) -> int:
     return sum(layer.in_features * layer.out_features for layer in module.modules() if isinstance(layer, nn.Linear))
 
 
-def patch_grid(image_size: Sequence[int], patch_size: Sequence[int],
-               input_size: Optional[Sequence[int]] = None) -> Tuple[int, int]:
-    """The patch grid (rows, columns) of ``input_size`` (C, H, W), default the model's ``image_size`` (H, W)."""
+def patch_grid(image_size: Sequence[int], patch_size: Sequence[int], input_size: Optional[Sequence[int]] = None,
+               padded: bool = False) -> Tuple[int, int]:
+    """The patch grid (rows, columns) of ``input_size`` (C, H, W), default the model's ``image_size`` (H, W);
+    ``padded``: the image is padded to a multiple of the patch size (timm's ``dynamic_img_pad``)."""
     height, width = image_size
     if input_size is not None:
         if len(input_size) != 3:
             raise ValueError(f"input_size must be (channels, height, width), got {tuple(input_size)}")
         height, width = input_size[1:]
     patch_h, patch_w = patch_size
+    if padded:
+        return -(-height // patch_h), -(-width // patch_w)
     if height % patch_h or width % patch_w:
         raise ValueError(f"input size {height}x{width} is not a multiple of the patch size "
                          f"{patch_h}x{patch_w}; resize the images to a multiple")

@@ -61,6 +61,11 @@ class Method(ABC):
         """Raise ValueError naming why the method does not fit a model of ``depth`` blocks."""
         check_blocks_inside(self.blocks, depth, type(self).__name__)
 
+    def for_depth(self, depth: int) -> "Method":
+        """The method on a model of ``depth`` blocks: itself, or with a schedule given without a depth (e.g. "from
+        block 3 to the last") spelt out; ``ats.patch`` patches with this."""
+        return self
+
     @abstractmethod
     def most_tokens_out(self, index: int, n: int, prefix: int) -> int:
         """The most tokens block ``index`` can emit from ``n`` (``prefix`` prefix tokens included)."""

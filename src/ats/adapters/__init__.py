@@ -9,30 +9,57 @@ from torch import nn
 
 from .. import methods
 from ..methods import PatchConfig, method_list
-from .beit import BEIT
+from .beit import BEIT, RELPOS
 from .cvt import CVT
 from .eva import EVA
-from .family import Family, as_logits, last_stats, owns, patch_with, run_patched, unpatch, upper_bound_flops
+from .family import Family, as_logits, last_stats, named, owns, patch_with, run_patched, unpatch, upper_bound_flops
 from .hf import HF
 from .hf_beit import HF_BEIT
 from .hf_clip import TOWERS
 from .hf_dinov3 import DINOV3
 from .hf_video import HF_VIDEO
+from .open_clip import OPEN_CLIP
 from .psvit import PSVIT
 from .timesformer import TIMESFORMER
 from .timm import TIMM
+from .torchvision import TORCHVISION
 from .xvit import XVIT
 
-FAMILIES = (TIMM, EVA, BEIT, HF, TOWERS, DINOV3, HF_BEIT, HF_VIDEO, CVT, PSVIT, TIMESFORMER, XVIT)
+FAMILIES = (TIMM, EVA, BEIT, RELPOS, HF, TOWERS, DINOV3, HF_BEIT, HF_VIDEO, CVT, PSVIT, TIMESFORMER, XVIT, OPEN_CLIP,
+            TORCHVISION)
 __all__ = ["FAMILIES", "Family", "as_logits", "data_config", "depth_of", "family_of", "gflops", "is_patched",
            "last_stats", "logits_from", "patch", "takes_clips", "tokens_before", "unpatch"]
 
 
-#: Classes ATS refuses, by module and name, with why.
+#: Why ATS refuses a windowed-attention hierarchy (Swin).
+_WINDOWED = ("each token attends only within its local window (shifted between blocks) and patch merging halves the "
+             "grid between stages, so there is no global class-token attention to rank tokens by, and dropping "
+             "tokens breaks the windows")
+_SAM = ("most of its blocks attend within windows, and its neck is convolutional over the whole token grid; dropping "
+        "tokens breaks both")
+#: Classes ATS refuses, with why: by module and name, or a transformers class by its name.
 REFUSED = {
     "timm.models.cait.Cait": "its class token joins only in the class-attention blocks after the patch blocks, so "
                              "no patch block has a class token to score tokens with, and its patch blocks mix heads "
                              "before the softmax (talking-heads attention)",
+    "timm.models.vision_transformer_sam.VisionTransformerSAM": _SAM,
+    "SamModel": _SAM,
+    "SamVisionModel": _SAM,
+    "SwinModel": _WINDOWED,
+    "SwinForImageClassification": _WINDOWED,
+    "Swinv2Model": _WINDOWED,
+    "Swinv2ForImageClassification": _WINDOWED,
+    "Siglip2VisionModel": "it takes each image as a sequence of pre-cut patches of its own length (NaFlex: "
+                          "pixel_attention_mask marks the padded patches, spatial_shapes each image's grid, and the "
+                          "position embeddings are resized per image), which ATS's packing does not yet start from",
+    "PixtralVisionModel": "it packs the patches of images of different sizes into one sequence, each attending within "
+                          "its own image through a block-diagonal mask with 2-D rotary embeddings per image, which "
+                          "ATS's packing does not yet start from",
+    "Aimv2VisionModel": "its adapter is not written yet (its pre-norm RMSNorm and SwiGLU blocks would fit the step, "
+                        "but it has no class token and pools with its own attention head)",
+    "open_clip.timm_model.TimmModel": "it wraps a timm model (its trunk) with a head of its own; patch the trunk, "
+                                      "ats.patch(model.visual.trunk, config), which ATS runs exactly, and the "
+                                      "wrapper's forward and encode_image run it",
     "timm.models.naflexvit.NaFlexVit": "it packs images of their own patch counts itself (NaFlex: variable "
                                        "resolution and aspect, its own patch masks and position embeddings from "
                                        "per-patch coordinates), which ATS's packing does not yet combine with",
@@ -46,8 +73,9 @@ def family_of(model: nn.Module) -> Family:
         if owns(family, cls):
             return family
     name = f"{cls.__module__}.{cls.__name__}"
-    if name in REFUSED:
-        raise TypeError(f"ATS does not support {name}: {REFUSED[name]}")
+    for refused, reason in REFUSED.items():
+        if named(cls, refused):
+            raise TypeError(f"ATS does not support {name}: {reason}")
     supported = "; ".join(family.name for family in FAMILIES)
     raise TypeError(f"ATS does not support {cls.__module__}.{cls.__name__}; it supports {supported}. For timm, "
                     "create e.g. timm.create_model('deit_small_patch16_224'); for transformers, e.g. "
@@ -81,6 +109,7 @@ def gflops(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> floa
     input_size: (C, H, W); defaults to the model's own.
     """
     family = family_of(model)
+    family.check(model)
     shape = family.shape(model, input_size)
     config = model._ats.config if is_patched(model) else None
     return upper_bound_flops(shape, config, family.block_costs(model, shape, config)) / 1e9

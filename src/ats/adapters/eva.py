@@ -19,7 +19,7 @@ from timm.layers import AttentionRope
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 from torch import nn
 
-from ..flops import ViTShape, linear_flops, patch_grid, stem_flops
+from ..flops import ViTShape, linear_flops, stem_flops
 from ..method import Method
 from ..packing import TokenBatch
 from ..stats import ForwardRecord
@@ -76,38 +76,17 @@ class TimmEva(TimmViT):
                           ls1=partial(layer_scale, block, "gamma_1"), drop_path1=block.drop_path1,
                           ls2=partial(layer_scale, block, "gamma_2"), drop_path2=block.drop_path2)
 
-    def grid(self, model: Eva, input_size: Optional[Sequence[int]] = None) -> Tuple[int, int]:
-        """The patch grid (rows, columns) of images of ``input_size`` (C, H, W), default the model's."""
-        patch_embed = model.patch_embed
-        return tuple(patch_embed.grid_size) if input_size is None else patch_grid(
-            patch_embed.img_size, patch_embed.patch_size, input_size)
-
     def shape(self, model: Eva, input_size: Optional[Sequence[int]] = None) -> ViTShape:
         grid = self.grid(model, input_size)
-        image_size = tuple(model.patch_embed.img_size) if input_size is None else tuple(input_size[1:])
         attn = model.blocks[0].attn
         pool_flops, pool_token_flops = attention_pool_flops(model.attn_pool)
         head_flops = linear_flops(model.head) if isinstance(model.head, nn.Linear) else 0
         return ViTShape(embed_dim=model.embed_dim, attn_dim=attn.num_heads * attn.head_dim, head_dim=attn.head_dim,
                         mlp_flops=linear_flops(model.blocks[0].mlp), depth=len(model.blocks),
                         num_patches=grid[0] * grid[1], num_prefix_tokens=model.num_prefix_tokens,
-                        patch_embed_flops=stem_flops(model.patch_embed.proj, image_size)[0],
+                        patch_embed_flops=stem_flops(model.patch_embed.proj, self.image_size(model, input_size))[0],
                         head_flops=pool_flops + head_flops, grid_size=grid, head_token_flops=pool_token_flops,
                         has_class_token=model.cls_token is not None)
-
-    def checked_input_size(self, model: Eva, images: torch.Tensor) -> Tuple[int, ...]:
-        """(C, H, W) of ``images`` [B, C, H, W]: the model's own, or with ``dynamic_img_size`` any multiple of
-        the patch size; ValueError otherwise."""
-        expected = self.input_size(model)
-        size = tuple(images.shape[1:])
-        if images.ndim == 4 and model.dynamic_img_size and size[0] == expected[0]:
-            self.grid(model, size)
-            return size
-        if images.ndim != 4 or size != expected:
-            raise ValueError(f"expected images of shape [B, {', '.join(map(str, expected))}] for this model, got "
-                             f"{list(images.shape)}; resize and normalise them with the model's data config "
-                             "(timm.data.resolve_data_config(model=model))")
-        return size
 
     def embed(self, model: Eva, images: torch.Tensor) -> torch.Tensor:
         """Patch and absolute position embedding, prefix tokens and pre-norm: the start of timm's

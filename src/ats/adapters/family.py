@@ -40,7 +40,9 @@ class Family:
     name: str = ""
     #: The mixin put before a patched model's own class (its forward); a PatchedModel.
     mixin: type = object
-    #: The model classes the family takes (their subclasses too), or the names of transformers classes.
+    #: The model classes the family takes (their subclasses too), or class names: a transformers class by its
+    #: name, another package's by module and name (``"open_clip.transformer.VisionTransformer"``), so that the
+    #: package is imported only when one of its models is met.
     models: Tuple[Union[type, str], ...] = ()
 
     def check(self, model: nn.Module, config: Optional[Method] = None, static: bool = False) -> None:
@@ -89,20 +91,29 @@ class Family:
 
 def owns(family: Family, cls: type) -> bool:
     """Whether models of class ``cls`` (the unpatched class) belong to ``family`` (``Family.models``)."""
-    transformers = cls.__module__.startswith("transformers.")
-    return any(cls.__name__ == model and transformers if isinstance(model, str) else issubclass(cls, model)
-               for model in family.models)
+    return any(named(cls, model) if isinstance(model, str) else issubclass(cls, model) for model in family.models)
 
 
-def check_block_types(blocks: Sequence[nn.Module], kinds: Mapping[type, Collection[type]], supported: str) -> None:
+def named(cls: type, name: str) -> bool:
+    """Whether ``cls`` is the class ``name``: a transformers class's name, or another's module and name."""
+    if "." in name:
+        return f"{cls.__module__}.{cls.__qualname__}" == name
+    return cls.__name__ == name and cls.__module__.startswith("transformers.")
+
+
+def check_block_types(blocks: Sequence[nn.Module], kinds: Mapping[type, Collection[type]], supported: str,
+                      reasons: Mapping[str, str] = {}) -> None:
     """Raise TypeError naming the first of ``blocks`` whose class is not a key of ``kinds``, or whose attention
-    (``attn``) is not of a class its entry names (an empty entry: any); ``supported`` says what ATS takes."""
+    (``attn``) is not of a class its entry names (an empty entry: any); ``supported`` says what ATS takes, and
+    ``reasons`` why it refuses known block or attention classes (by class name)."""
     for index, block in enumerate(blocks):
         attn = getattr(block, "attn", None)
         allowed = kinds.get(type(block))
         if allowed is None or (allowed and type(attn) not in allowed):
             held = "" if attn is None else f" with {type(attn).__name__}"
-            raise TypeError(f"block {index} is a {type(block).__name__}{held}; ATS supports {supported}")
+            reason = reasons.get(type(block).__name__) or reasons.get(type(attn).__name__)
+            why = f": {reason}" if reason else ""
+            raise TypeError(f"block {index} is a {type(block).__name__}{held}{why}; ATS supports {supported}")
 
 
 @dataclass
@@ -156,7 +167,8 @@ def _patched_class(mixin: type, base: type) -> type:
 
 def patch_with(family: Family, model: nn.Module, config: Method, static: bool = False) -> nn.Module:
     """Apply ``config`` to ``model`` of ``family`` in place (in static mode with ``static``); re-patching replaces
-    both."""
+    both. A schedule given without a depth is spelt out for the model's (``Method.for_depth``)."""
+    config = config.for_depth(len(family.blocks(model)))
     family.check(model, config, static)
     state: Optional[ATSState] = getattr(model, "_ats", None)
     original = state.original_class if state is not None else type(model)

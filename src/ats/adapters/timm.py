@@ -25,6 +25,19 @@ from ..step import BlockParts
 from .family import Family, PatchedModel, check_block_types, fit_channels, masked_features, run_patched, valid_mean
 
 SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "", "map")
+#: Why ATS refuses the other blocks and attentions of timm's ViTs, by class name.
+REFUSED_BLOCKS = {
+    "ParallelThingsBlock": "it runs two or more attention branches side by side on the same tokens, each with its "
+                           "own class attention, and ATS samples from one block's; it would need a rule that "
+                           "combines the branches' scores, which it does not have",
+    "ParallelScalingBlock": "its attention and MLP run in parallel from one fused projection of the same normed "
+                            "tokens, so there is no attention half before the MLP in which to sample",
+    "DiffParallelScalingBlock": "its attention and MLP run in parallel from one fused projection, and its "
+                                "differential attention has no single class-attention distribution",
+    "ResPostBlock": "it normalises after each residual branch (a post-norm block); ATS runs pre-norm blocks",
+    "DiffAttention": "differential attention subtracts two softmax maps, so there is no single class-attention "
+                     "distribution to sample from",
+}
 
 
 def pool_valid_tokens(x: torch.Tensor, pool_type: str, weights: torch.Tensor, start: int) -> torch.Tensor:
@@ -138,7 +151,8 @@ class TimmViT(Family):
             raise TypeError(f"this model has a convolutional stage ({type(model.patch_embed.backbone).__name__}) "
                             "before its ViT blocks (a HybridEmbed patch embedding: ViTamin, the ResNet hybrids); ATS "
                             "supports patch embeddings of convolutions alone, whose FLOPs and input size it reads")
-        check_block_types(model.blocks, {Block: (Attention,)}, "timm's pre-norm Block with its standard Attention")
+        check_block_types(model.blocks, {Block: (Attention,)}, "timm's pre-norm Block with its standard Attention",
+                          REFUSED_BLOCKS)
         if model.global_pool not in SUPPORTED_POOLS:
             raise TypeError(f"global_pool={model.global_pool!r} is not supported; ATS works with "
                             f"{', '.join(map(repr, SUPPORTED_POOLS))} pooling")
@@ -162,11 +176,34 @@ class TimmViT(Family):
                           k_norm=attn.k_norm, out_norm=attn.norm, gate=attn.gate, proj_drop=attn.proj_drop,
                           ls1=block.ls1, drop_path1=block.drop_path1, ls2=block.ls2, drop_path2=block.drop_path2)
 
+    def grid(self, model: nn.Module, input_size: Optional[Sequence[int]] = None) -> Tuple[int, int]:
+        """The patch grid (rows, columns) of images of ``input_size`` (C, H, W), default the model's (padded to a
+        multiple of the patch size with ``dynamic_img_pad``)."""
+        patch_embed = model.patch_embed
+        return tuple(patch_embed.grid_size) if input_size is None else patch_grid(
+            patch_embed.img_size, patch_embed.patch_size, input_size, getattr(patch_embed, "dynamic_img_pad", False))
+
+    def image_size(self, model: nn.Module, input_size: Optional[Sequence[int]] = None) -> Tuple[int, int]:
+        """The (height, width) the patch embedding convolves for images of ``input_size``: padded to the grid."""
+        return tuple(side * patch for side, patch in zip(self.grid(model, input_size), model.patch_embed.patch_size))
+
+    def checked_input_size(self, model: nn.Module, images: torch.Tensor) -> Tuple[int, ...]:
+        """(C, H, W) of ``images`` [B, C, H, W]: the model's own, or with ``dynamic_img_size`` any size its patch
+        embedding takes (a multiple of the patch size, or any with ``dynamic_img_pad``); ValueError otherwise."""
+        expected = self.input_size(model)
+        size = tuple(images.shape[1:])
+        if images.ndim == 4 and getattr(model, "dynamic_img_size", False) and size[0] == expected[0]:
+            self.grid(model, size)
+            return size
+        if images.ndim != 4 or size != expected:
+            raise ValueError(f"expected images of shape [B, {', '.join(map(str, expected))}] for this model, got "
+                             f"{list(images.shape)}; resize and normalise them with the model's data config "
+                             "(timm.data.resolve_data_config(model=model))")
+        return size
+
     def shape(self, model: VisionTransformer, input_size: Optional[Sequence[int]] = None) -> ViTShape:
         patch_embed = model.patch_embed
-        grid = tuple(patch_embed.grid_size) if input_size is None else patch_grid(
-            patch_embed.img_size, patch_embed.patch_size, input_size)
-        image_size = tuple(patch_embed.img_size) if input_size is None else tuple(input_size[1:])
+        grid = self.grid(model, input_size)
         block = model.blocks[0]
         heads = [m for m in (getattr(model, "head", None), getattr(model, "head_dist", None))
                  if isinstance(m, nn.Linear)]
@@ -174,7 +211,7 @@ class TimmViT(Family):
         return ViTShape(embed_dim=model.embed_dim, attn_dim=block.attn.qkv.out_features // 3,
                         head_dim=block.attn.head_dim, mlp_flops=linear_flops(block.mlp), depth=len(model.blocks),
                         num_patches=grid[0] * grid[1], num_prefix_tokens=model.num_prefix_tokens,
-                        patch_embed_flops=stem_flops(patch_embed.proj, image_size)[0],
+                        patch_embed_flops=stem_flops(patch_embed.proj, self.image_size(model, input_size))[0],
                         head_flops=pool_flops + sum(linear_flops(head) for head in heads), grid_size=grid,
                         head_token_flops=pool_token_flops, head_reads_prefix=model.pool_include_prefix,
                         has_class_token=model.cls_token is not None)
@@ -202,11 +239,7 @@ class TimmViT(Family):
     def embed(self, model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
         """Patch and position embedding, prefix tokens, patch dropout, pre-norm: the start of timm's
         forward_features, for any timm VisionTransformer, patched or not."""
-        expected = self.input_size(model)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"expected images of shape [B, {', '.join(map(str, expected))}] for this model, got "
-                             f"{list(images.shape)}; resize and normalise them with the model's data config "
-                             "(timm.data.resolve_data_config(model=model))")
+        self.checked_input_size(model, images)
         return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
 
 

@@ -44,7 +44,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                             "Fashion-MNIST ViT (default), 'reference-cluttered' for the ViT on cluttered Fashion-MNIST "
                             "(checkpoints/ in the repository), 'reference-cvt' or 'reference-psvit' for the bundled "
                             "CvT or PS-ViT, 'reference-video' or 'reference-xvit' for the TimeSformer or XViT on "
-                            "moving-garment clips")
+                            "moving-garment clips; open_clip:NAME[:TAG] for the image tower of an open_clip model "
+                            "(e.g. open_clip:ViT-B-16, its weights with :TAG, e.g. :openai), torchvision:NAME for a "
+                            "torchvision ViT (e.g. torchvision:vit_b_16)")
     group.add_argument("--pretrained", action="store_true",
                        help="load timm's pretrained weights, or with hf:NAME the model NAME from the Hugging Face "
                             "hub (downloads them on first use)")
@@ -70,6 +72,8 @@ def load_model(args: argparse.Namespace) -> nn.Module:
                                 "saved state dict or training checkpoint")
     if args.model.startswith(HF_PREFIX):
         model = load_hf_model(args.model[len(HF_PREFIX):], download=args.pretrained)
+    elif args.model.startswith(("open_clip:", "torchvision:")):
+        model = load_package_model(args.model, args.pretrained)
     elif args.model in REFERENCE_MODELS:
         if args.pretrained:
             raise ValueError("--pretrained needs a timm model name (--model deit_small_patch16_224); the "
@@ -85,6 +89,26 @@ def load_model(args: argparse.Namespace) -> nn.Module:
     if args.checkpoint is not None and args.model not in REFERENCE_MODELS:
         load_weights(model, args.checkpoint)
     return model.to(args.device).eval()
+
+
+def load_package_model(spec: str, pretrained: bool) -> nn.Module:
+    """``open_clip:NAME[:TAG]``: the image tower of open_clip's model NAME (with TAG's weights, downloaded on first
+    use); ``torchvision:NAME``: torchvision's model NAME (its default weights with ``pretrained``)."""
+    package, _, name = spec.partition(":")
+    if package == "torchvision":
+        import torchvision
+
+        if name not in torchvision.models.list_models():
+            raise ValueError(f"unknown torchvision model {name!r}; e.g. torchvision:vit_b_16")
+        return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
+    try:
+        import open_clip
+    except ImportError:
+        raise ValueError("--model open_clip:... needs open_clip: pip install 'ats-vit[open_clip]'") from None
+    name, _, tag = name.partition(":")
+    if name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models(), e.g. open_clip:ViT-B-16")
+    return open_clip.create_model(name, pretrained=tag or None).visual
 
 
 def load_hf_model(name: str, download: bool = False) -> nn.Module:

@@ -3,10 +3,11 @@ value norm, keep a per-image set by inverse transform sampling (or top-K, or the
 attention for the kept queries only (``ATSConfig``, ``TokenBudget``, ``ats_block``)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from functools import partial
-from typing import ClassVar, Dict, Mapping, Optional, Union
+from typing import ClassVar, Dict, List, Mapping, Optional, Union
 
 import torch
 
@@ -131,6 +132,9 @@ class ATSConfig(Method):
             over heads) are less similar than this to every kept patch token is kept as well, so an
             image with more distinct content keeps more tokens (with ``fuse``, e.g. 0.95).
         stochastic: in train mode draw K sorted uniform points instead of the deterministic grid.
+        every_to_last: 0 (the default): ATS in the blocks listed; N >= 1: the one block listed and every N-th
+            block after it through the model's last, whichever its depth (``multi_stage`` without a depth;
+            ``ats.patch`` spells the blocks out, ``for_depth``).
         packing: "rows" runs linear layers and norms on valid tokens only; "padded" runs every
             later block on all padded positions with masked keys (the official code's way; slower).
     """
@@ -147,6 +151,7 @@ class ATSConfig(Method):
     fuse: bool = False
     distinct: float = 0.0
     packing: str = "rows"
+    every_to_last: int = 0
     budgets: Mapping[int, TokenBudget] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -172,26 +177,35 @@ class ATSConfig(Method):
                 0.0 <= self.distinct <= 1.0):
             raise ValueError(f"distinct must be a cosine similarity in (0, 1] (0 turns it off), got "
                              f"{self.distinct!r}; try 0.95 with fuse=True")
+        if isinstance(self.every_to_last, bool) or not isinstance(self.every_to_last, int) or self.every_to_last < 0:
+            raise ValueError(f"every_to_last must be a whole number >= 0 (0: the blocks listed), got "
+                             f"{self.every_to_last!r}")
+        if self.every_to_last and len(self.blocks) != 1:
+            raise ValueError("every_to_last repeats one listed block's budget through the last block; list exactly "
+                             f"one block, got {sorted(self.blocks)}")
         budgets = {index: _as_budget(value) for index, value in sorted(self.blocks.items())}
         object.__setattr__(self, "budgets", budgets)
 
     @classmethod
-    def multi_stage(cls, rho: float = 1.0, first: int = MULTI_STAGE_FIRST_BLOCK, depth: int = 12,
+    def multi_stage(cls, rho: float = 1.0, first: int = MULTI_STAGE_FIRST_BLOCK, depth: Optional[int] = None,
                     every: int = 1, **options) -> "ATSConfig":
-        """ATS in blocks ``first, first + every, ... < depth`` (the paper: every block from 3 on) with
-        ``K_n = max(floor(rho * tokens_in_n), min_tokens)``."""
+        """ATS in blocks ``first, first + every, ...`` through the last (the paper: every block from 3 on) with
+        ``K_n = max(floor(rho * tokens_in_n), min_tokens)``: the last of the model ``ats.patch`` is given, or of
+        ``depth`` blocks."""
         if isinstance(rho, int) and not isinstance(rho, bool):
             rho = float(rho)
         if not isinstance(rho, float):
             raise TypeError(f"rho must be a float in (0, 1], got {rho!r}")
-        if not 0 <= first < depth:
-            raise ValueError(f"first block {first} must lie in 0..{depth - 1} for a model of depth {depth}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a whole number >= 1 (1: every block, 2: every other), got {every!r}")
+        if depth is None:
+            return cls(blocks={first: TokenBudget(rho=rho)}, every_to_last=every, **options)
+        if not 0 <= first < depth:
+            raise ValueError(f"first block {first} must lie in 0..{depth - 1} for a model of depth {depth}")
         return cls(blocks={index: TokenBudget(rho=rho) for index in range(first, depth, every)}, **options)
 
     @classmethod
-    def recommended(cls, depth: int = 12, **options) -> "ATSConfig":
+    def recommended(cls, depth: Optional[int] = None, **options) -> "ATSConfig":
         """The library's recommended setting: multi-stage rho = 1 with ``fuse`` and ``distinct`` =
         RECOMMENDED_DISTINCT, so each image keeps its own count and sampling loses what it would drop
         (docs/results.md: -0.06 points at 51.5% saved on the reference model)."""
@@ -201,6 +215,18 @@ class ATSConfig(Method):
     def single_stage(cls, k: int, block: int = MULTI_STAGE_FIRST_BLOCK, **options) -> "ATSConfig":
         """ATS in one block with a fixed number of samples K."""
         return cls(blocks={block: TokenBudget(k=k)}, **options)
+
+    def patched_blocks(self, depth: int) -> List[int]:
+        first = min(self.budgets)
+        return list(range(first, depth, self.every_to_last)) if self.every_to_last else list(self.budgets)
+
+    def for_depth(self, depth: int) -> "ATSConfig":
+        if not self.every_to_last:
+            return self
+        (first, budget), = self.budgets.items()
+        check_blocks_inside((first,), depth, "ATS", f"; the model has {depth} blocks")
+        return dataclasses.replace(self, blocks={index: budget for index in self.patched_blocks(depth)},
+                                   every_to_last=0)
 
     def check_model(self, depth: int, has_cls: bool) -> None:
         """Raise ValueError naming why this config does not fit a model of ``depth`` blocks."""
@@ -242,7 +268,10 @@ class ATSConfig(Method):
         budgets = list(self.budgets.values())
         indices = list(self.budgets)
         step = indices[1] - indices[0] if len(indices) > 1 else 1
-        if len(set(budgets)) == 1 and len(indices) > 1 and indices == list(range(indices[0], indices[-1] + 1, step)):
+        if self.every_to_last:
+            every = f" every {self.every_to_last}" if self.every_to_last > 1 else ""
+            label = f"{budgets[0]} @ blocks {indices[0]}..last{every}"
+        elif len(set(budgets)) == 1 and len(indices) > 1 and indices == list(range(indices[0], indices[-1] + 1, step)):
             label = f"{budgets[0]} @ blocks {indices[0]}..{indices[-1]}" + (f" every {step}" if step > 1 else "")
         elif len(set(budgets)) == 1 and len(indices) > 1:
             label = f"{budgets[0]} @ blocks {', '.join(map(str, indices))}"

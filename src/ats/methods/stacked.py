@@ -72,6 +72,9 @@ class StackedConfig(Method):
     def describe(self) -> str:
         return " + ".join(config.describe() for config in self.configs)
 
+    def for_depth(self, depth: int) -> "StackedConfig":
+        return StackedConfig(*(config.for_depth(depth) for config in self.configs))
+
 
 def with_ats_options(config: Method, **changes) -> Method:
     """``config`` with ``changes`` (ATSConfig fields, e.g. stochastic=True) made to its ATS configs;
