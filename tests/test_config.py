@@ -6,7 +6,8 @@ from ats.methods import TokenBudget
 
 
 def test_multi_stage_schedule():
-    config = ats.ATSConfig.multi_stage(0.7)
+    config = ats.ATSConfig.multi_stage(0.7, depth=12)
+    assert ats.ATSConfig.multi_stage(0.7).for_depth(12) == config
     assert list(config.budgets) == list(range(3, 12))
     samples = config.budgets[5].samples(torch.tensor([197, 100, 10]), config.min_tokens)
     assert samples.tolist() == [137, 70, 8]
@@ -17,9 +18,10 @@ def test_multi_stage_schedule():
 
 def test_multi_stage_every_other_block():
     config = ats.ATSConfig.multi_stage(1.0, every=2, score="self_attention", fuse=True)
-    assert list(config.budgets) == [3, 5, 7, 9, 11]
-    assert config.describe() == "rho=1 @ blocks 3..11 every 2 (score=self_attention, fuse)"
-    assert ats.ATSConfig.multi_stage(1.0, fuse=True, distinct=0.95).describe() == \
+    assert config.describe() == "rho=1 @ blocks 3..last every 2 (score=self_attention, fuse)"
+    assert list(config.for_depth(12).budgets) == [3, 5, 7, 9, 11]
+    assert config.for_depth(12).describe() == "rho=1 @ blocks 3..11 every 2 (score=self_attention, fuse)"
+    assert ats.ATSConfig.multi_stage(1.0, depth=12, fuse=True, distinct=0.95).describe() == \
         "rho=1 @ blocks 3..11 (fuse, distinct=0.95)"
     uneven = ats.ATSConfig(blocks={3: 1.0, 5: 1.0, 9: 1.0})
     assert uneven.describe() == "rho=1 @ blocks 3, 5, 9"

@@ -63,6 +63,7 @@ class HuggingFaceVideo(HuggingFaceFamily):
             raise TypeError("this VideoMAEForVideoClassification classifies the first token (use_mean_pooling=False), "
                             "a tubelet token ATS may drop (VideoMAE has no class token); ATS supports the "
                             "mean-pooling classifier (use_mean_pooling=True)")
+        super().check(model, config, static)
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         base = self.base(model)
