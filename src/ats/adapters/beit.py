@@ -26,8 +26,8 @@ from ..method import Method
 from ..packing import TokenBatch
 from ..stats import ForwardRecord
 from ..step import BlockParts
-from .family import Family, cached_block_parts, check_block_types, run_parts
-from .timm import ATSTimmModel, TimmViT, layer_scale, pool_valid_tokens, qkv_with_biases
+from .family import Family, cached_block_parts, check_block_types, check_image_size, run_parts
+from .timm import TIMM_PREPROCESSING, ATSTimmModel, TimmViT, layer_scale, pool_valid_tokens, qkv_with_biases
 
 
 class ATSBeit(ATSTimmModel):
@@ -80,11 +80,7 @@ class TimmBeit(TimmViT):
 
     def embed(self, model: Beit, images: torch.Tensor) -> torch.Tensor:
         """Patch and absolute position embedding and the class token: the start of timm's forward_features."""
-        expected = self.input_size(model)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"expected images of shape [B, {', '.join(map(str, expected))}] for this model, got "
-                             f"{list(images.shape)}; resize and normalise them with the model's data config "
-                             "(timm.data.resolve_data_config(model=model))")
+        check_image_size(images, self.input_size(model), TIMM_PREPROCESSING)
         x = model.patch_embed(images)
         x = torch.cat((model.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         if model.pos_embed is not None:

@@ -89,6 +89,13 @@ class Family:
         raise NotImplementedError
 
 
+def check_image_size(images: torch.Tensor, expected: Sequence[int], how: str) -> None:
+    """Raise ValueError unless ``images`` are [B, *expected]; ``how`` says how to make them so."""
+    if images.ndim != len(expected) + 1 or tuple(images.shape[1:]) != tuple(expected):
+        raise ValueError(f"expected images of shape [B, {', '.join(map(str, expected))}] for this model, got "
+                         f"{list(images.shape)}; {how}")
+
+
 def owns(family: Family, cls: type) -> bool:
     """Whether models of class ``cls`` (the unpatched class) belong to ``family`` (``Family.models``)."""
     return any(named(cls, model) if isinstance(model, str) else issubclass(cls, model) for model in family.models)

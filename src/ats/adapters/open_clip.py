@@ -23,7 +23,7 @@ from ..flops import ViTShape, attention_pool_token_flops, conv_flops, linear_flo
 from ..method import Method
 from ..packing import TokenBatch
 from ..step import BlockParts
-from .family import Family, PatchedModel, check_block_types, masked_features, run_patched, valid_mean
+from .family import Family, PatchedModel, check_block_types, check_image_size, masked_features, run_patched, valid_mean
 
 
 def in_projection(attn: nn.MultiheadAttention, y: torch.Tensor) -> torch.Tensor:
@@ -125,10 +125,7 @@ class OpenCLIPVisionTransformer(Family):
 
     def embed(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] of the model's size -> tokens [B, 1 + P, C]: ``_embeds`` without patch dropout."""
-        expected = self.input_size(model)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"expected images of shape [B, {', '.join(map(str, expected))}] for this model, got "
-                             f"{list(images.shape)}; preprocess them with the transform open_clip gives with it")
+        check_image_size(images, self.input_size(model), "preprocess them with the transform open_clip gives with it")
         if model.training and not isinstance(model.patch_dropout, nn.Identity):
             raise ValueError("patch dropout (patch_dropout > 0) in train mode is not supported with ATS: it drops "
                              "tokens before the blocks; create the model with patch_dropout=0")

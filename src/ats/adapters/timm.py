@@ -22,9 +22,21 @@ from ..flops import ViTShape, attention_pool_token_flops, linear_flops, patch_gr
 from ..method import Method
 from ..packing import TokenBatch
 from ..step import BlockParts
-from .family import Family, PatchedModel, check_block_types, fit_channels, masked_features, run_patched, valid_mean
+from .family import (
+    Family,
+    PatchedModel,
+    check_block_types,
+    check_image_size,
+    fit_channels,
+    masked_features,
+    run_patched,
+    valid_mean,
+)
 
 SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "", "map")
+#: How to make images a timm model takes.
+TIMM_PREPROCESSING = ("resize and normalise them with the model's data config "
+                      "(timm.data.resolve_data_config(model=model))")
 #: Why ATS refuses the other blocks and attentions of timm's ViTs, by class name.
 REFUSED_BLOCKS = {
     "ParallelThingsBlock": "it runs two or more attention branches side by side on the same tokens, each with its "
@@ -195,10 +207,7 @@ class TimmViT(Family):
         if images.ndim == 4 and getattr(model, "dynamic_img_size", False) and size[0] == expected[0]:
             self.grid(model, size)
             return size
-        if images.ndim != 4 or size != expected:
-            raise ValueError(f"expected images of shape [B, {', '.join(map(str, expected))}] for this model, got "
-                             f"{list(images.shape)}; resize and normalise them with the model's data config "
-                             "(timm.data.resolve_data_config(model=model))")
+        check_image_size(images, expected, TIMM_PREPROCESSING)
         return size
 
     def shape(self, model: VisionTransformer, input_size: Optional[Sequence[int]] = None) -> ViTShape:

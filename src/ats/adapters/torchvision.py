@@ -16,7 +16,7 @@ from ..flops import ViTShape, linear_flops, patch_grid, stem_flops
 from ..method import Method
 from ..packing import TokenBatch
 from ..step import BlockParts
-from .family import Family, PatchedModel, check_block_types, masked_features, run_patched
+from .family import Family, PatchedModel, check_block_types, check_image_size, masked_features, run_patched
 from .open_clip import in_projection
 
 IMAGENET_CONFIG = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bilinear",
@@ -74,11 +74,8 @@ class TorchvisionViT(Family):
 
     def embed(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] of the model's size -> tokens [B, 1 + P, C], the position embedding added."""
-        expected = self.input_size(model)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"expected images of shape [B, {', '.join(map(str, expected))}] for this model, got "
-                             f"{list(images.shape)}; preprocess them with the weights' transforms "
-                             "(e.g. ViT_B_16_Weights.DEFAULT.transforms())")
+        check_image_size(images, self.input_size(model), "preprocess them with the weights' transforms (e.g. "
+                         "ViT_B_16_Weights.DEFAULT.transforms())")
         x = model._process_input(images)
         x = torch.cat((model.class_token.expand(x.shape[0], -1, -1), x), dim=1)
         return model.encoder.dropout(x + model.encoder.pos_embedding)
