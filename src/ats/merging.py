@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .sampling import additive_mask, topk_sample
+from .sampling import additive_mask, stable_argsort, topk_sample
 
 
 def unit_vectors(metric: torch.Tensor) -> torch.Tensor:
@@ -119,7 +119,7 @@ def keep_distinct(unit: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor,
         distinct = distinct & (similarity.amax(dim=-1) < threshold)
     distinct = torch.zeros_like(keep).scatter(1, dropped_index, distinct)
     # the distinct tokens by rank, best first (ties: the later position first), padded to the largest count
-    order = scores.float().masked_fill(~distinct, float("-inf")).argsort(dim=1, stable=True).flip(1)
+    order = stable_argsort(scores.float().masked_fill(~distinct, float("-inf"))).flip(1)
     count = distinct.shape[1] if static else int(distinct.sum(dim=1).max())
     if count == 0:
         return keep

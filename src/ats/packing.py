@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from .profiling import region
+from .tracing import refuse_tracing
 
 #: Keep the padded layout while padding is at most this share of the B * m positions (measured on
 #: DeiT-S and the reference model, docs/performance.md).
@@ -67,7 +68,9 @@ class TokenBatch:
 
     @classmethod
     def from_dense(cls, x: torch.Tensor, keep_padding: bool = False, static: bool = False) -> "TokenBatch":
-        """Pack a batch with no padding. x: [B, N, C]."""
+        """Pack a batch with no padding. x: [B, N, C]. Refuses the tracers that cannot carry it (``refuse_tracing``):
+        every patched forward starts here."""
+        refuse_tracing(static)
         batch, n, _ = x.shape
         lengths = torch.full((batch,), n, dtype=torch.long, device=x.device)
         source = torch.arange(n, device=x.device).expand(batch, n)
@@ -282,8 +285,10 @@ class TokenBatch:
 def _kept_first(keep: torch.Tensor, last: Optional[torch.Tensor]) -> torch.Tensor:
     """[B, m] long, every position in the order ``select`` packs them: the kept ones first in their order (those
     also in ``last`` after the others), then the rest."""
-    order = keep if last is None else keep.to(torch.uint8) * 2 - (keep & last).to(torch.uint8)
-    return order.sort(dim=1, descending=True, stable=True).indices
+    rank = (~keep).long() * 2 if last is None else 2 - keep.long() * 2 + (keep & last).long()
+    width = keep.shape[1]
+    # keys without ties (rank, then position): ONNX has no stable sort
+    return (rank * width + torch.arange(width, device=keep.device)).argsort(dim=1)
 
 
 def _row_index(lengths: torch.Tensor, width: int, total: int) -> torch.Tensor:

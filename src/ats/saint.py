@@ -22,7 +22,7 @@ from typing import Tuple
 import torch
 
 from .merging import gather_tokens, positions_of, unit_vectors
-from .sampling import topk_sample
+from .sampling import stable_argsort, topk_sample
 
 
 def alternating_sets(patches: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +84,7 @@ def redundancy_order(score: torch.Tensor, a_index: torch.Tensor, a_valid: torch.
     score: [B, a] each A token's redundancy; a_index, a_valid: [B, a] the A positions (``positions_of``); the
     positions a_valid leaves out (padding entries, or all of an image's) keep their tokens.
     """
-    by_score = score.masked_fill(~a_valid, float("-inf")).argsort(dim=1, descending=True, stable=True)
+    by_score = stable_argsort(score.masked_fill(~a_valid, float("-inf")), descending=True)
     # the padding entries of a_index sort last in their own order, so they map to themselves
     identity = torch.arange(width, device=a_index.device).expand(a_index.shape[0], width)
     return identity.scatter(1, a_index, a_index.gather(1, by_score))
