@@ -142,7 +142,8 @@ def test_topk_keeps_what_a_stable_sort_keeps():
 def test_stable_argsort_is_a_stable_sort(descending):
     for trial in range(100):
         values = tied_values(trial)
-        assert torch.equal(stable_argsort(values, descending), values.argsort(dim=1, descending=descending, stable=True))
+        expected = values.argsort(dim=1, descending=descending, stable=True)
+        assert torch.equal(stable_argsort(values, descending), expected)
 
 def test_top_up_reaches_min_kept_with_candidates_only():
     scores = torch.tensor([[0.5, 0.2, 0.0, 0.3]])

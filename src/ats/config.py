@@ -11,6 +11,7 @@ import torch
 
 from .evit import attentive_count
 from .flops import BlockCost, Count, ViTShape, block_flops, evit_block_flops, merge_block_flops
+from .sampling import times_fraction
 
 SAMPLERS = ("inverse_transform", "topk", "released")
 SCORES = ("auto", "cls", "self_attention")
@@ -59,7 +60,7 @@ class TokenBudget:
             return self.max_samples(tokens_in, min_tokens)
         if self.k is not None:
             return torch.full_like(tokens_in, self.k)
-        return torch.floor(tokens_in.to(torch.float64) * self.rho).long().clamp(min=min_tokens)
+        return times_fraction(tokens_in, self.rho).clamp(min=min_tokens)
 
     def max_samples(self, tokens_in: int, min_tokens: int) -> int:
         """The largest K any image entering with at most ``tokens_in`` tokens can draw."""
@@ -231,7 +232,7 @@ class ATSConfig:
         if not isinstance(self.min_kept, float):
             return self.min_kept
         if isinstance(patches_in, torch.Tensor):
-            return torch.floor(patches_in.to(torch.float64) * self.min_kept).long()
+            return times_fraction(patches_in, self.min_kept)
         return math.floor(patches_in * self.min_kept)
 
     def describe(self) -> str:

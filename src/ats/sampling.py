@@ -95,6 +95,14 @@ def _normalise(raw: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     return raw / raw.sum(dim=1, keepdim=True).clamp_min(torch.finfo(raw.dtype).tiny)
 
 
+def times_fraction(count: torch.Tensor, fraction: float, round_up: bool = False) -> torch.Tensor:
+    """floor (or with ``round_up`` ceil) of count [B] long times ``fraction``, in float64 as Python's float does it
+    -> [B] long. The fraction goes in as a float64 tensor: the ONNX exporter writes a Python scalar as float32, so
+    that 0.7 becomes 0.699999988 and floor(0.7 * 60) 41 in the graph."""
+    scaled = count.to(torch.float64) * torch.tensor(fraction, dtype=torch.float64, device=count.device)
+    return (scaled.ceil() if round_up else scaled.floor()).long()
+
+
 def per_image(k: Union[int, torch.Tensor]) -> Union[int, torch.Tensor]:
     """A count for every image (an int) or one per image ([B] long) -> broadcastable against [B, n]."""
     return k.unsqueeze(1) if isinstance(k, torch.Tensor) else k

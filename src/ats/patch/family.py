@@ -18,6 +18,7 @@ from ..flops import BlockCost, ViTShape, block_flops, head_cost
 from ..packing import TokenBatch
 from ..stats import ATSStats, ForwardRecord
 from ..step import BlockParts, run_blocks
+from ..tracing import TORCHSCRIPT_REFUSAL
 
 #: How many times any module has been given a submodule (``nn.Module.__setattr__`` of a module, e.g. an
 #: adapter library swapping a block's linear layer): block parts cached before a change are stale.
@@ -209,6 +210,10 @@ class PatchedModel:
     class), so pickle cannot find it by name: a patched model pickles as (mixin, original class) and
     its state, and unpickles patched, with the same config (torch.save / torch.load, deepcopy,
     multiprocessing)."""
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script asks this first: refused, with the reason and what to use (``ats.tracing``)."""
+        raise RuntimeError(TORCHSCRIPT_REFUSAL)
 
     def __reduce_ex__(self, protocol: int):
         _, _, *state = object.__reduce_ex__(self, max(protocol, 2))
