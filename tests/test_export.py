@@ -1,0 +1,126 @@
+"""Deploying: static mode exports to ONNX (dynamic batch) and ONNX Runtime gives PyTorch's logits and kept tokens;
+the exporters that cannot carry a patched forward are refused with the fix."""
+import math
+
+import pytest
+import torch
+from conftest import contrasted_images, tiny_vit
+
+import ats
+from ats.export import OPSET, check_export, export_onnx, kept_output, onnx_session, run_session
+from ats.sampling import times_fraction
+
+pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+#: The depth of the exported models (export time grows with the blocks).
+DEPTH = 3
+
+
+def static_configs(depth: int = DEPTH) -> dict:
+    """Every method static mode runs, by name, for a model of ``depth`` >= 3 blocks, from block 1."""
+    return {
+        "inverse_transform": ats.ATSConfig.multi_stage(0.7, first=1, depth=depth),
+        "topk": ats.ATSConfig.multi_stage(0.7, first=1, depth=depth, sampler="topk"),
+        "released": ats.ATSConfig.multi_stage(0.5, first=1, depth=depth, sampler="released"),
+        "fuse_distinct": ats.ATSConfig.multi_stage(1.0, first=1, depth=depth, fuse=True, distinct=0.6),
+        "evit": ats.EViTConfig(0.5, blocks=(1, depth - 1)),
+        "merge": ats.MergeConfig(6),
+        "saint": ats.SAINTConfig(0.3, blocks=(1, 2)),
+    }
+
+
+def assert_exports_faithfully(model, images, path):
+    """Export ``model`` at batch 2 with its kept tokens, run the graph on all ``images`` (another batch size: the
+    batch is dynamic) and compare with PyTorch."""
+    outputs = export_onnx(model, images[:2], path, kept_tokens=True)
+    check = check_export(model, onnx_session(path), images)
+    assert check.max_abs_diff <= 1e-4
+    assert check.same_kept is True and check.same_class == 1.0
+    assert outputs[1:] == [kept_output(block) for block in sorted(ats.last_stats(model).kept)]
+
+
+@pytest.mark.parametrize("name", list(static_configs()))
+def test_every_static_method_runs_in_onnx_runtime_as_in_pytorch_timm(name, tmp_path):
+    model = ats.patch(tiny_vit(depth=DEPTH), static_configs()[name], static=True)
+    assert_exports_faithfully(model, contrasted_images(), tmp_path / "model.onnx")
+
+
+def hugging_face_configs() -> dict:
+    """Every static method on a 6-block transformers ViT in three exports: the ATS samplers, fuse + distinct and
+    EViT stacked in their own blocks, then merging and SAINT (which run alone)."""
+    stacked = ats.StackedConfig(ats.ATSConfig({1: 0.7}), ats.ATSConfig({2: 0.7}, sampler="topk"),
+                                ats.ATSConfig({3: 0.5}, sampler="released"),
+                                ats.ATSConfig({4: 1.0}, fuse=True, distinct=0.6), ats.EViTConfig(0.5, blocks=(5,)))
+    return {"ats_samplers_fuse_distinct_evit": stacked, "merge": ats.MergeConfig(6),
+            "saint": ats.SAINTConfig(0.3, blocks=(1, 2))}
+
+
+@pytest.mark.parametrize("name", list(hugging_face_configs()))
+def test_every_static_method_runs_in_onnx_runtime_as_in_pytorch_hugging_face(name, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    depth = 6 if isinstance(hugging_face_configs()[name], ats.StackedConfig) else DEPTH
+    config = transformers.ViTConfig(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=depth,
+                                    num_attention_heads=2, intermediate_size=64, num_labels=5)
+    torch.manual_seed(0)
+    model = ats.patch(transformers.ViTForImageClassification(config).eval(), hugging_face_configs()[name],
+                      static=True)
+    assert_exports_faithfully(model, contrasted_images(), tmp_path / "model.onnx")
+
+
+def test_the_reference_model_exports_with_a_dynamic_batch_on_bundled_images(tmp_path):
+    from ats.commands.bench import bench_images
+    from ats.reference import load_reference_model
+
+    model = ats.patch(load_reference_model(), ats.ATSConfig.multi_stage(0.7), static=True)
+    images = bench_images(model, 8, reference=True)
+    assert_exports_faithfully(model, images, tmp_path / "reference.onnx")
+    kept = ats.last_stats(model).kept
+    assert len({int((row >= 0).sum()) for row in kept[11]}) > 1  # a fixed width, each image its own count
+    graph = onnx.load(tmp_path / "reference.onnx")
+    assert {entry.version for entry in graph.opset_import if entry.domain in ("", "ai.onnx")} == {OPSET}
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named (dynamic) batch dimension
+    assert not any(node.op_type == "Loop" for node in graph.graph.node)
+
+
+def test_an_unpatched_model_exports_too(tmp_path):
+    model = tiny_vit(depth=2)
+    export_onnx(model, contrasted_images(2), tmp_path / "plain.onnx")
+    outputs = run_session(onnx_session(tmp_path / "plain.onnx"), contrasted_images(3))
+    with torch.no_grad():
+        assert (torch.from_numpy(outputs["logits"]) - model(contrasted_images(3))).abs().max() <= 1e-4
+
+
+def test_a_fraction_of_a_count_is_exact_in_the_graph(tmp_path):
+    class Seventy(torch.nn.Module):
+        def forward(self, counts):
+            return times_fraction(counts, 0.7)
+
+    counts = torch.arange(1, 200)
+    torch.onnx.export(Seventy(), (counts,), tmp_path / "seventy.onnx", dynamo=True, opset_version=OPSET)
+    session = onnx_session(tmp_path / "seventy.onnx")
+    (floors,) = session.run(None, {session.get_inputs()[0].name: counts.numpy()})
+    assert floors.tolist() == [math.floor(count * 0.7) for count in counts.tolist()]  # 60 -> 42, not 41
+
+
+def adaptive_model():
+    return ats.patch(tiny_vit(depth=2), ats.ATSConfig.multi_stage(0.7, first=1, depth=2))
+
+
+def test_exporting_the_adaptive_mode_is_refused_with_the_fix(tmp_path):
+    images = contrasted_images(1)
+    with pytest.raises(RuntimeError, match=r"adaptive mode.*export with ats.patch\(model, config, static=True\)"):
+        torch.export.export(adaptive_model(), (images,))
+    with pytest.raises(ValueError, match=r"static=True"):
+        export_onnx(adaptive_model(), images, tmp_path / "adaptive.onnx")
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_torchscript_is_refused_with_the_reason(static):
+    model = ats.patch(tiny_vit(depth=2), ats.ATSConfig.multi_stage(0.7, first=1, depth=2), static=static)
+    images = contrasted_images(1)
+    with pytest.raises(RuntimeError, match="TorchScript .* cannot record a patched model.*dynamo=True"):
+        torch.jit.trace(model, (images,))
+    with pytest.raises(RuntimeError, match="TorchScript .* cannot record a patched model"):
+        torch.jit.script(model)
+    model(images)  # the model still runs after the refusals
