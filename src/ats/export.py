@@ -146,7 +146,7 @@ def kept_sets(kept: torch.Tensor) -> List[List[int]]:
     return [sorted(index for index in row.tolist() if index >= 0) for row in kept]
 
 
-def time_session(sessions: Sequence, images: torch.Tensor, repeats: int = 5, warmup: int = 2) -> List[float]:
+def time_sessions(sessions: Sequence, images: torch.Tensor, repeats: int = 5, warmup: int = 2) -> List[float]:
     """Median seconds of one run of each ONNX Runtime session on images [B, C, H, W]; the sessions alternate in
     every repeat, so drift in the machine's speed hits them all."""
     feeds = [{session.get_inputs()[0].name: images.numpy()} for session in sessions]
