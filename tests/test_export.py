@@ -1,5 +1,6 @@
 """Deploying: static mode exports to ONNX (dynamic batch) and ONNX Runtime gives PyTorch's logits and kept tokens;
 the exporters that cannot carry a patched forward are refused with the fix."""
+import json
 import math
 
 import pytest
@@ -7,6 +8,9 @@ import torch
 from conftest import contrasted_images, tiny_vit
 
 import ats
+from ats.commands.bench import bench_onnxruntime
+from ats.commands.cli import main
+from ats.commands.evaluate import config_label
 from ats.export import OPSET, check_export, export_onnx, kept_output, onnx_session, run_session
 from ats.sampling import times_fraction
 
@@ -68,19 +72,42 @@ def test_every_static_method_runs_in_onnx_runtime_as_in_pytorch_hugging_face(nam
     assert_exports_faithfully(model, contrasted_images(), tmp_path / "model.onnx")
 
 
-def test_the_reference_model_exports_with_a_dynamic_batch_on_bundled_images(tmp_path):
+def test_ats_export_writes_the_reference_model_and_checks_it_on_bundled_images(tmp_path, capsys):
+    path = tmp_path / "reference.onnx"
+    assert main(["export", "--onnx", str(path), "--multi-stage", "0.7", "--static", "--kept-tokens", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["max_abs_diff"] <= 1e-4 and report["same_kept"] is True and report["images"] == 8
+    assert report["config"] == "rho=0.7 @ blocks 3..11 [static]" and report["batch"] == "dynamic"
+    graph = onnx.load(path)
+    assert {entry.version for entry in graph.opset_import if entry.domain in ("", "ai.onnx")} == {OPSET}
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named (dynamic) batch dimension
     from ats.commands.bench import bench_images
     from ats.reference import load_reference_model
 
-    model = ats.patch(load_reference_model(), ats.ATSConfig.multi_stage(0.7), static=True)
-    images = bench_images(model, 8, reference=True)
-    assert_exports_faithfully(model, images, tmp_path / "reference.onnx")
-    kept = ats.last_stats(model).kept
-    assert len({int((row >= 0).sum()) for row in kept[11]}) > 1  # a fixed width, each image its own count
-    graph = onnx.load(tmp_path / "reference.onnx")
-    assert {entry.version for entry in graph.opset_import if entry.domain in ("", "ai.onnx")} == {OPSET}
-    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named (dynamic) batch dimension
-    assert not any(node.op_type == "Loop" for node in graph.graph.node)
+    kept = run_session(onnx_session(path), bench_images(load_reference_model(), 8, reference=True))["kept_11"]
+    assert len({int((row >= 0).sum()) for row in kept}) > 1  # a fixed width, each image its own count
+
+
+def test_ats_export_refuses_the_adaptive_mode_and_several_configs(tmp_path, capsys):
+    path = str(tmp_path / "model.onnx")
+    assert main(["export", "--onnx", path, "--multi-stage", "0.7"]) == 2
+    assert "add --static" in capsys.readouterr().err
+    assert main(["export", "--onnx", path, "--multi-stage", "0.7", "--multi-stage", "0.5", "--static"]) == 2
+    assert "writes one model" in capsys.readouterr().err
+
+
+def test_bench_times_unpatched_and_static_graphs_in_onnx_runtime(capsys):
+    config = ats.ATSConfig.multi_stage(0.5, first=1, depth=2)
+    rows = bench_onnxruntime(tiny_vit(depth=2), [config], [1, 3], repeats=1, warmup=0, threads=1)
+    assert [(row.config, row.batch_size, row.runtime) for row in rows] == [
+        ("unpatched", 1, "onnxruntime"), (config_label(config, True), 1, "onnxruntime"),
+        ("unpatched", 3, "onnxruntime"), (config_label(config, True), 3, "onnxruntime")]
+    for base, patched in (rows[:2], rows[2:]):
+        assert patched.speedup == pytest.approx(patched.throughput / base.throughput)
+        assert patched.flop_ratio == pytest.approx(base.gflops / patched.gflops) and patched.flop_ratio > 1
+        assert patched.efficiency == pytest.approx(patched.speedup / patched.flop_ratio)
+    assert main(["bench", "--runtime", "onnxruntime", "--multi-stage", "0.7"]) == 2
+    assert "add --static" in capsys.readouterr().err
 
 
 def test_an_unpatched_model_exports_too(tmp_path):
