@@ -1,5 +1,5 @@
-"""Deploying: static mode exports to ONNX (dynamic batch) and ONNX Runtime gives PyTorch's logits and kept tokens;
-the exporters that cannot carry a patched forward are refused with the fix."""
+"""Deploying: both modes export to ONNX (dynamic batch) and ONNX Runtime gives PyTorch's logits and kept tokens;
+the tracers that cannot carry a patched forward are refused with the fix."""
 import json
 import math
 
@@ -88,17 +88,15 @@ def test_ats_export_writes_the_reference_model_and_checks_it_on_bundled_images(t
     assert len({int((row >= 0).sum()) for row in kept}) > 1  # a fixed width, each image its own count
 
 
-def test_ats_export_refuses_the_adaptive_mode_and_several_configs(tmp_path, capsys):
+def test_ats_export_refuses_several_configs(tmp_path, capsys):
     path = str(tmp_path / "model.onnx")
-    assert main(["export", "--onnx", path, "--multi-stage", "0.7"]) == 2
-    assert "add --static" in capsys.readouterr().err
     assert main(["export", "--onnx", path, "--multi-stage", "0.7", "--multi-stage", "0.5", "--static"]) == 2
     assert "writes one model" in capsys.readouterr().err
 
 
 def test_bench_times_unpatched_and_static_graphs_in_onnx_runtime(capsys):
     config = ats.ATSConfig.multi_stage(0.5, first=1, depth=2)
-    rows = bench_onnxruntime(tiny_vit(depth=2), [config], [1, 3], repeats=1, warmup=0, threads=1)
+    rows = bench_onnxruntime(tiny_vit(depth=2), [config], [1, 3], repeats=1, warmup=0, threads=1, static=True)
     assert [(row.config, row.batch_size, row.runtime) for row in rows] == [
         ("unpatched", 1, "onnxruntime"), (config_label(config, True), 1, "onnxruntime"),
         ("unpatched", 3, "onnxruntime"), (config_label(config, True), 3, "onnxruntime")]
@@ -106,8 +104,8 @@ def test_bench_times_unpatched_and_static_graphs_in_onnx_runtime(capsys):
         assert patched.speedup == pytest.approx(patched.throughput / base.throughput)
         assert patched.flop_ratio == pytest.approx(base.gflops / patched.gflops) and patched.flop_ratio > 1
         assert patched.efficiency == pytest.approx(patched.speedup / patched.flop_ratio)
-    assert main(["bench", "--runtime", "onnxruntime", "--multi-stage", "0.7"]) == 2
-    assert "add --static" in capsys.readouterr().err
+    assert main(["bench", "--runtime", "onnxruntime", "--multi-stage", "0.7", "--compile"]) == 2
+    assert "drop --compile" in capsys.readouterr().err
 
 
 def test_an_unpatched_model_exports_too(tmp_path):
@@ -130,16 +128,44 @@ def test_a_fraction_of_a_count_is_exact_in_the_graph(tmp_path):
     assert floors.tolist() == [math.floor(count * 0.7) for count in counts.tolist()]  # 60 -> 42, not 41
 
 
-def adaptive_model():
-    return ats.patch(tiny_vit(depth=2), ats.ATSConfig.multi_stage(0.7, first=1, depth=2))
+def assert_adaptive_export_is_faithful(model, images, path, dynamic_batch):
+    """Export the adaptive ``model`` (at batch 2 with a dynamic batch, else at batch 1), run the graph on ``images``
+    (all at once, else one at a time) and compare logits and kept tokens with PyTorch -> the last block's counts."""
+    export_onnx(model, images[:2] if dynamic_batch else images[:1], path, dynamic_batch, kept_tokens=True)
+    session = onnx_session(path)
+    counts = []
+    for batch in [images] if dynamic_batch else images.split(1):
+        check = check_export(model, session, batch)
+        assert check.max_abs_diff <= 1e-4 and check.same_kept is True
+        kept = ats.last_stats(model).kept
+        counts += (kept[max(kept)] >= 0).sum(dim=1).tolist()
+    return counts
 
 
-def test_exporting_the_adaptive_mode_is_refused_with_the_fix(tmp_path):
-    images = contrasted_images(1)
-    with pytest.raises(RuntimeError, match=r"adaptive mode.*export with ats.patch\(model, config, static=True\)"):
-        torch.export.export(adaptive_model(), (images,))
-    with pytest.raises(ValueError, match=r"static=True"):
-        export_onnx(adaptive_model(), images, tmp_path / "adaptive.onnx")
+def test_the_adaptive_mode_exports_with_data_dependent_widths(tmp_path):
+    config = ats.StackedConfig(ats.ATSConfig({1: 0.7, 2: 0.7}), ats.ATSConfig({3: 1.0}, fuse=True, distinct=0.6),
+                               ats.EViTConfig(0.5, blocks=(4,)))
+    model = ats.patch(tiny_vit(depth=5), config)
+    counts = assert_adaptive_export_is_faithful(model, contrasted_images(), tmp_path / "adaptive.onnx", True)
+    assert len(set(counts)) > 1  # no capacity: each batch as wide as the most an image kept
+
+
+@pytest.mark.parametrize("name", ["inverse_transform", "saint"])
+def test_the_adaptive_mode_exports_at_batch_1(name, tmp_path):
+    model = ats.patch(tiny_vit(depth=4), static_configs(4)[name])
+    counts = assert_adaptive_export_is_faithful(model, contrasted_images(), tmp_path / "adaptive.onnx", False)
+    if name == "inverse_transform":
+        assert len(set(counts)) > 1  # one graph, each image its own width
+
+
+def test_exporting_a_tube_model_is_refused_with_the_reason():
+    from ats.patch import family_of
+    from ats.reference import create_reference_xvit
+
+    model = ats.patch(create_reference_xvit().eval(), ats.ATSConfig.multi_stage(0.7, first=1, depth=2))
+    clips = torch.randn(1, *family_of(model).input_size(model))
+    with pytest.raises(RuntimeError, match="does not export: its blocks run on tubes"):
+        torch.export.export(model, (clips,))
 
 
 @pytest.mark.parametrize("static", [False, True])

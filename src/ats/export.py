@@ -1,9 +1,9 @@
-"""Deploying a patched model: ONNX export of static mode and runs in ONNX Runtime (the CLI is ``ats export``).
+"""Deploying a patched model: ONNX export and runs in ONNX Runtime (the CLI is ``ats export``).
 
-Static mode (``ats.patch(model, config, static=True)``) fixes every block's width before the forward, so its graph
-has the same shapes for every image, and ``torch.onnx.export(dynamo=True)`` carries it with a dynamic batch
-dimension. The adaptive mode sizes each block by the tokens the images keep, read on the host, which an exported
-graph cannot do (``ats.tracing``; docs/performance.md, "Deploy").
+``torch.onnx.export(dynamo=True)`` carries both modes with a dynamic batch dimension. Static mode
+(``ats.patch(model, config, static=True)``) fixes every block's width before the forward, so its graph has the same
+shapes for every image; in the adaptive mode each block's width is the largest count an image kept, which the graph
+computes (a data-dependent size, ``ats.tracing``; docs/performance.md, "Deploy").
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from .patch import as_logits, is_patched, last_stats
-from .tracing import EXPORT_HINT
 
 #: The ONNX opset of every export: 18 is the oldest the dynamo exporter writes natively (older ones are converted
 #: after the export), and ONNX Runtime 1.16 and later run it.
@@ -58,17 +57,14 @@ def sampling_blocks(model: nn.Module, images: torch.Tensor) -> List[int]:
 
 def export_onnx(model: nn.Module, images: torch.Tensor, path: Union[str, Path], dynamic_batch: bool = True,
                 kept_tokens: bool = False) -> List[str]:
-    """Write ``model`` (unpatched, or patched with ``static=True``) to ``path`` as an ONNX graph (opset OPSET).
+    """Write ``model`` (unpatched or patched, in either mode) to ``path`` as an ONNX graph (opset OPSET).
 
     images: [B, C, H, W] example input; dynamic_batch: the batch dimension is a graph input's dimension (else
     fixed at B); kept_tokens: a patched model's graph also outputs each sampling block's kept tokens
-    (``WithKeptTokens``). Returns the graph's output names. A patched model in the adaptive mode is refused
-    (``ats.tracing``).
+    (``WithKeptTokens``). Returns the graph's output names. In static mode every block has its capacity's width; in
+    the adaptive mode each block's width is a data-dependent size in the graph, the largest count an image kept.
     """
     model = model.eval()
-    if is_patched(model) and not model._ats.static:
-        raise ValueError(f"the adaptive mode does not export: each block's width is the most tokens an image kept, "
-                         f"read on the host while the forward runs; {EXPORT_HINT}")
     module: nn.Module = LogitsOnly(model)
     outputs = [LOGITS]
     if kept_tokens and is_patched(model):

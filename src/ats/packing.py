@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from .profiling import region
-from .tracing import refuse_tracing
+from .tracing import exporting, refuse_tracing
 
 #: Keep the padded layout while padding is at most this share of the B * m positions (measured on
 #: DeiT-S and the reference model, docs/performance.md).
@@ -68,9 +68,9 @@ class TokenBatch:
 
     @classmethod
     def from_dense(cls, x: torch.Tensor, keep_padding: bool = False, static: bool = False) -> "TokenBatch":
-        """Pack a batch with no padding. x: [B, N, C]. Refuses the tracers that cannot carry it (``refuse_tracing``):
-        every patched forward starts here."""
-        refuse_tracing(static)
+        """Pack a batch with no padding. x: [B, N, C]. Refuses TorchScript (``refuse_tracing``): every patched forward
+        starts here."""
+        refuse_tracing()
         batch, n, _ = x.shape
         lengths = torch.full((batch,), n, dtype=torch.long, device=x.device)
         source = torch.arange(n, device=x.device).expand(batch, n)
@@ -223,13 +223,23 @@ class TokenBatch:
             if capacity is None:
                 raise ValueError("a static TokenBatch needs the capacity of each selection (select(..., capacity=))")
             with region("ats.pack"):
-                return self._select_static(keep, last, capacity)
+                return self._select_padded(keep, last, min(capacity, self.width))
+        if exporting():
+            return self._select_padded(keep, last, self._exported_width(keep))
         with region("ats.pack"):
             return self._select(keep, last)
 
-    def _select_static(self, keep: torch.Tensor, last: Optional[torch.Tensor],
-                       capacity: int) -> tuple["TokenBatch", torch.Tensor]:
-        width = min(capacity, self.width)
+    def _exported_width(self, keep: torch.Tensor) -> int:
+        """The largest kept count of keep [B, m] as torch.export's data-dependent size, within the batch's width."""
+        width = keep.sum(dim=1).max().item()
+        torch._check(width > 1)  # a prefix token and a kept one: attention's mask [B, 1, 1, width] broadcasts
+        torch._check(width <= self.width)
+        return width
+
+    def _select_padded(self, keep: torch.Tensor, last: Optional[torch.Tensor],
+                       width: int) -> tuple["TokenBatch", torch.Tensor]:
+        """``select`` into the padded layout at ``width`` (at most the batch's): the capacity in static mode, the
+        largest kept count (a data-dependent size) in an exported adaptive forward."""
         lengths = keep.sum(dim=1).clamp(max=width)
         positions = _kept_first(keep, last).narrow(1, 0, width)
         rows_from = self._flat(positions)
@@ -238,7 +248,7 @@ class TokenBatch:
         source = self.source.gather(1, positions).masked_fill(~valid, -1)
         packed = TokenBatch(self.rows.index_select(0, rows_from), lengths, width, None, source, self.cls_live, sizes,
                             full=False, keep_padding=True, num_source_tokens=self.num_source_tokens,
-                            in_source_order=False, static=True, valid=valid)
+                            in_source_order=False, static=self.static, valid=valid)
         return packed, rows_from
 
     @torch.compiler.disable

@@ -23,6 +23,7 @@ import torch
 
 from .merging import gather_tokens, positions_of, unit_vectors
 from .sampling import stable_argsort, topk_sample
+from .tracing import exporting
 
 
 def alternating_sets(patches: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -59,12 +60,14 @@ def similar_tokens(metric: torch.Tensor, patches: torch.Tensor, threshold: float
     position). The authors' code then emits the prefix, the kept A tokens by descending redundancy and
     set B, which decides the next block's sets; order (``redundancy_order``) puts the A tokens in that
     order and last marks set B, to go after them. An image that drops nothing keeps its order, as there.
-    static: size the sets by the most they can hold (half the positions), not by their counts read on the host.
+    static: size the sets by the most they can hold (half the positions), not by their counts read on the host (so
+    too while exporting).
     """
     side_a, side_b = alternating_sets(patches)
     n = patches.shape[1]
-    a_index, a_valid = positions_of(side_a, (n + 1) // 2 if static else None)
-    b_index, b_valid = positions_of(side_b, n // 2 if static else None)
+    fixed = static or exporting()
+    a_index, a_valid = positions_of(side_a, (n + 1) // 2 if fixed else None)
+    b_index, b_valid = positions_of(side_b, n // 2 if fixed else None)
     unit = unit_vectors(metric)
     similarity = gather_tokens(unit, a_index) @ gather_tokens(unit, b_index).transpose(1, 2)
     close, score = redundancy(similarity, b_valid, threshold, gamma)

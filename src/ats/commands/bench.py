@@ -159,10 +159,11 @@ def result_rows(model: nn.Module, base_gflops: float, batch_size: int, seconds: 
 
 
 def bench_onnxruntime(model: nn.Module, configs: Sequence[PatchConfig], batch_sizes: Sequence[int], repeats: int = 5,
-                      warmup: int = 2, reference: bool = False, threads: int = 1) -> List[BenchRow]:
-    """``bench``'s rows for ONNX Runtime: the unpatched model and each config in static mode, each exported once
-    (``ats.export``, dynamic batch) and run by ONNX Runtime's CPU provider with ``threads`` intra-op threads; the
-    graphs alternate in every repeat. GFLOPs and tokens are the PyTorch forward's (static: the capacities)."""
+                      warmup: int = 2, reference: bool = False, threads: int = 1,
+                      static: bool = False) -> List[BenchRow]:
+    """``bench``'s rows for ONNX Runtime: the unpatched model and each config (in static mode with ``static``), each
+    exported once (``ats.export``, dynamic batch) and run by ONNX Runtime's CPU provider with ``threads`` intra-op
+    threads; the graphs alternate in every repeat. GFLOPs and tokens are the PyTorch forward's."""
     model.eval()
     base_gflops = ats.gflops(model)
     rows = []
@@ -171,7 +172,7 @@ def bench_onnxruntime(model: nn.Module, configs: Sequence[PatchConfig], batch_si
             example = bench_images(model, 2, reference).cpu()
             sessions = []
             for index, config in enumerate([None, *configs]):
-                set_config(model, config, static=True)
+                set_config(model, config, static)
                 export_onnx(model, example, Path(folder) / f"{index}.onnx")
                 sessions.append(onnx_session(Path(folder) / f"{index}.onnx", threads))
             for batch_size in batch_sizes:
@@ -179,11 +180,11 @@ def bench_onnxruntime(model: nn.Module, configs: Sequence[PatchConfig], batch_si
                 seconds = time_sessions(sessions, images, repeats, warmup)
                 patched_stats = []
                 for config in configs:
-                    set_config(model, config, static=True)
+                    set_config(model, config, static)
                     with torch.inference_mode():
                         model(images)
                     patched_stats.append(ats.last_stats(model))
-                rows += result_rows(model, base_gflops, batch_size, seconds, configs, patched_stats, True, threads,
+                rows += result_rows(model, base_gflops, batch_size, seconds, configs, patched_stats, static, threads,
                                     runtime="onnxruntime")
     finally:
         set_config(model, None)
@@ -233,16 +234,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "model's own dtype)")
     parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
                         help="torch (eager PyTorch, default) or onnxruntime: export the unpatched model and each "
-                             "config (static mode: needs --static) to ONNX and time the graphs in ONNX Runtime on the "
-                             "CPU with --threads intra-op threads")
+                             "config (with --static in static mode) to ONNX and time the graphs in ONNX Runtime on "
+                             "the CPU with --threads intra-op threads")
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows")
     parser.set_defaults(func=run)
 
 
 def refuse_with_onnxruntime(args: argparse.Namespace) -> None:
-    """A ValueError naming the flags ``--runtime onnxruntime`` does not take (it times static graphs as exported)."""
-    if not args.static:
-        raise ValueError("--runtime onnxruntime times exported graphs, and only static mode exports: add --static")
+    """A ValueError naming the flags ``--runtime onnxruntime`` does not take (it times the graphs as exported)."""
     clashing = [flag for flag, given in (("--compile", args.compile), ("--autocast", args.autocast != "none"),
                                          ("--compare-padded", args.compare_padded)) if given]
     if clashing:
@@ -262,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     if args.runtime == "onnxruntime":
         refuse_with_onnxruntime(args)
         rows = bench_onnxruntime(model.cpu(), configs, args.batch_size or [1, 64], args.repeats, args.warmup,
-                                 reference, args.threads)
+                                 reference, args.threads, args.static)
     else:
         rows = bench(model, configs, args.batch_size or [1, 64], args.repeats, args.warmup, reference=reference,
                      compile=args.compile, autocast=args.autocast, static=args.static, compile_mode=args.compile_mode,

@@ -1,9 +1,9 @@
-"""`ats export --onnx FILE`: write a model (unpatched, or patched in static mode) as an ONNX graph, then run it in
-ONNX Runtime on a few bundled images and print how far its logits are from PyTorch's.
+"""`ats export --onnx FILE`: write a model (unpatched or patched) as an ONNX graph, then run it in ONNX Runtime on a
+few bundled images and print how far its logits and kept tokens are from PyTorch's.
 
-Only static mode exports (``--static``: every block at a width fixed in advance); the adaptive mode sizes each block
-by the tokens the images kept, read on the host, which no exported graph holds (docs/performance.md, "Deploy"). The
-graph's batch dimension is dynamic unless ``--fixed-batch``; the opset is ``ats.export.OPSET``.
+With ``--static`` every block has a width fixed in advance (its capacity); without, the adaptive mode's graph sizes
+each block by the largest count an image kept, computed in the graph (docs/performance.md, "Deploy"). The graph's
+batch dimension is dynamic unless ``--fixed-batch``; the opset is ``ats.export.OPSET``.
 """
 from __future__ import annotations
 
@@ -20,13 +20,12 @@ from ..data.build import build_dataset
 from ..data.distributed import refuse_torchrun
 from ..export import OPSET, check_export, export_onnx, onnx_session
 from ..patch import family_of
-from ..tracing import EXPORT_HINT
 from .evaluate import config_label
 from .options import add_config_arguments, add_model_arguments, config_flags_given, configs_from_arguments, load_model
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("export", help="write an ONNX graph (static mode) and check it in ONNX Runtime",
+    parser = subparsers.add_parser("export", help="write an ONNX graph and check it in ONNX Runtime",
                                    description=__doc__)
     parser.add_argument("--onnx", type=Path, required=True, metavar="FILE", help="the ONNX file to write")
     add_model_arguments(parser)
@@ -54,17 +53,15 @@ def run(args: argparse.Namespace) -> int:
         if len(configs) != 1:
             raise ValueError(f"ats export writes one model; the flags name {len(configs)} configs "
                              f"({'; '.join(config.describe() for config in configs)})")
-        if not args.static:
-            raise ValueError(f"the adaptive mode does not export; add --static ({EXPORT_HINT})")
         config = configs[0]
-        ats.patch(model, config, static=True)
+        ats.patch(model, config, static=args.static)
     dataset = build_dataset(None, model, limit=args.batch_size)
     images = torch.stack([dataset[index][0] for index in range(len(dataset))])
     example = images if args.fixed_batch else images[:2]
     outputs = export_onnx(model, example, args.onnx, dynamic_batch=not args.fixed_batch, kept_tokens=args.kept_tokens)
     check = check_export(model, onnx_session(args.onnx), images)
     gflops = float(ats.last_stats(model).gflops.mean()) if config is not None else ats.gflops(model)
-    report = dict(onnx=str(args.onnx), model=args.model, config=config_label(config, config is not None),
+    report = dict(onnx=str(args.onnx), model=args.model, config=config_label(config, args.static),
                   opset=OPSET, batch="fixed" if args.fixed_batch else "dynamic", outputs=outputs, gflops=gflops,
                   **dataclasses.asdict(check))
     if args.json:
