@@ -55,9 +55,10 @@ def run(args: argparse.Namespace) -> int:
                              f"({'; '.join(config.describe() for config in configs)})")
         config = configs[0]
         ats.patch(model, config, static=args.static)
-    dataset = build_dataset(None, model, limit=args.batch_size)
-    images = torch.stack([dataset[index][0] for index in range(len(dataset))])
-    example = images if args.fixed_batch else images[:2]
+    dataset = build_dataset(None, model, limit=max(args.batch_size, 2))  # a dynamic batch is exported at 2, not 1
+    loaded = torch.stack([dataset[index][0] for index in range(len(dataset))])
+    images = loaded[:args.batch_size]
+    example = images if args.fixed_batch else loaded[:2]
     outputs = export_onnx(model, example, args.onnx, dynamic_batch=not args.fixed_batch, kept_tokens=args.kept_tokens)
     check = check_export(model, onnx_session(args.onnx), images)
     gflops = float(ats.last_stats(model).gflops.mean()) if config is not None else ats.gflops(model)
