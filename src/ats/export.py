@@ -7,14 +7,16 @@ computes (a data-dependent size, ``ats.tracing``; docs/performance.md, "Deploy")
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
+import logging
 import statistics
 import time
 import warnings
 from contextlib import redirect_stdout
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -71,11 +73,24 @@ def export_onnx(model: nn.Module, images: torch.Tensor, path: Union[str, Path], 
         module = WithKeptTokens(model)
         outputs += [kept_output(block) for block in sampling_blocks(model, images)]
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
-    with warnings.catch_warnings(), redirect_stdout(io.StringIO()), torch.no_grad():
-        warnings.simplefilter("ignore")
+    with quiet_exporter(), torch.no_grad():
         torch.onnx.export(module, (images,), str(path), dynamo=True, opset_version=OPSET, input_names=[INPUT],
                           output_names=outputs, dynamic_shapes=dynamic_shapes, external_data=False)
     return outputs
+
+
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """Hide the exporter's progress lines (stdout), its warnings and onnx_ir's notes on empty attribute lists."""
+    logger = logging.getLogger("onnx_ir")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 class LogitsOnly(nn.Module):
