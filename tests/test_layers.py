@@ -17,10 +17,10 @@ LAYERS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("adapters", ("ats.patch",)),
     ("data", ("ats.data",)),
     ("reference", ("ats.reference",)),
-    ("api", ("ats", "ats.calibration")),
+    ("api", ("ats", "ats.calibration", "ats.export")),
     ("commands", ("ats.commands", "ats.train", "ats.__main__")),
 )
-TOP_LEVEL_LIMIT = 15
+TOP_LEVEL_LIMIT = 16
 
 
 def module_names(root: Path = PACKAGE) -> Dict[str, Path]:

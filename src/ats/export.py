@@ -3,7 +3,7 @@
 ``torch.onnx.export(dynamo=True)`` carries both modes with a dynamic batch dimension. Static mode
 (``ats.patch(model, config, static=True)``) fixes every block's width before the forward, so its graph has the same
 shapes for every image; in the adaptive mode each block's width is the largest count an image kept, which the graph
-computes (a data-dependent size, ``ats.tracing``; docs/performance.md, "Deploy").
+computes (a data-dependent size, ``ats.packing``; docs/performance.md, "Deploy").
 """
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .packing import exporting
 from .sampling import additive_mask, stable_argsort, topk_sample
-from .tracing import exporting
 
 
 def unit_vectors(metric: torch.Tensor) -> torch.Tensor:

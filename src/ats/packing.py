@@ -10,6 +10,11 @@ gathering and scattering rows in every block.
 Static mode (``static=True``) fixes each block's width in advance (its capacity, from the config and the
 input size): the rows always hold the padded layout, the kept tokens first and padding after them, and
 nothing in the forward reads a device value on the host, so it compiles to one graph.
+
+Exporting: torch.export (and torch.onnx.export(dynamo=True), which runs it) carries both modes, static mode at its
+fixed widths and the adaptive mode with each selection's width a data-dependent size, the largest kept count computed
+in the graph (``exporting`` switches off the host reads that size it otherwise). TorchScript carries neither: every
+patched forward starts in ``TokenBatch.from_dense``, which refuses it.
 """
 from __future__ import annotations
 
@@ -19,11 +24,32 @@ from typing import Optional
 import torch
 
 from .profiling import region
-from .tracing import exporting, refuse_tracing
 
 #: Keep the padded layout while padding is at most this share of the B * m positions (measured on
 #: DeiT-S and the reference model, docs/performance.md).
 PADDED_LAYOUT_SLACK = 0.1
+
+#: Why TorchScript is refused (``refuse_tracing``), and what to use.
+TORCHSCRIPT_REFUSAL = ("TorchScript (torch.jit.trace, torch.jit.script, and torch.onnx.export with dynamo=False, which "
+                       "traces with it) cannot record a patched model: its forward sizes every block from the config "
+                       "and the tokens kept in Python, which TorchScript freezes or cannot compile. Use "
+                       "torch.onnx.export(model, (images,), dynamo=True) or torch.export.export (ats export --onnx "
+                       "FILE does it); ats.patch(model, config, static=True) gives a graph of fixed shapes")
+
+
+def exporting() -> bool:
+    """Whether torch.export (also under torch.onnx.export(dynamo=True)) or the TorchScript-based ONNX exporter is
+    recording the forward now."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+
+def refuse_tracing(unexportable: str = "") -> None:
+    """Raise RuntimeError naming the fix when TorchScript records a patched forward, and when an exporter records
+    one that ``unexportable`` says (why) it cannot carry."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        raise RuntimeError(TORCHSCRIPT_REFUSAL)
+    if unexportable and exporting():
+        raise RuntimeError(f"this patched model does not export: {unexportable}")
 
 
 @dataclass

@@ -22,8 +22,8 @@ from typing import Tuple
 import torch
 
 from .merging import gather_tokens, positions_of, unit_vectors
+from .packing import exporting
 from .sampling import stable_argsort, topk_sample
-from .tracing import exporting
 
 
 def alternating_sets(patches: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

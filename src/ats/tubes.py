@@ -34,11 +34,10 @@ from torch import nn
 
 from .config import ATSConfig, PatchConfig
 from .merging import fold, keep_distinct, nearest_kept, tube_unit_vectors
-from .packing import TokenBatch
+from .packing import TokenBatch, refuse_tracing
 from .sampling import class_attention, tube_scores
 from .stats import ForwardRecord
 from .step import Layer, per_image_drop_path, sample_positions
-from .tracing import refuse_tracing
 
 
 @dataclass

@@ -15,10 +15,9 @@ from torch import nn
 
 from ..config import PatchConfig, token_capacities
 from ..flops import BlockCost, ViTShape, block_flops, head_cost
-from ..packing import TokenBatch
+from ..packing import TORCHSCRIPT_REFUSAL, TokenBatch
 from ..stats import ATSStats, ForwardRecord
 from ..step import BlockParts, run_blocks
-from ..tracing import TORCHSCRIPT_REFUSAL
 
 #: How many times any module has been given a submodule (``nn.Module.__setattr__`` of a module, e.g. an
 #: adapter library swapping a block's linear layer): block parts cached before a change are stale.
