@@ -211,7 +211,7 @@ class PatchedModel:
     multiprocessing)."""
 
     def __prepare_scriptable__(self):
-        """torch.jit.script asks this first: refused, with the reason and what to use (``ats.tracing``)."""
+        """torch.jit.script asks this first: refused, with the reason and what to use (``packing.refuse_tracing``)."""
         raise RuntimeError(TORCHSCRIPT_REFUSAL)
 
     def __reduce_ex__(self, protocol: int):
