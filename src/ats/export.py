@@ -14,7 +14,6 @@ import logging
 import statistics
 import time
 import warnings
-from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -24,8 +23,8 @@ from torch import nn
 
 from .patch import as_logits, is_patched, last_stats
 
-#: The ONNX opset of every export: 18 is the oldest the dynamo exporter writes natively (older ones are converted
-#: after the export), and ONNX Runtime 1.16 and later run it.
+#: The ONNX opset of every export: 18, the oldest the dynamo exporter writes natively (it converts older ones after the
+#: export, which may fail; its default is newer), so the graph runs on the most runtimes (tested: ONNX Runtime 1.32).
 OPSET = 18
 #: The name of the graph's input and outputs.
 INPUT, LOGITS = "images", "logits"
@@ -86,7 +85,7 @@ def quiet_exporter() -> Iterator[None]:
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
