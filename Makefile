@@ -30,9 +30,10 @@ wheel-check: $(STAMP)
 	rm -rf dist build
 	$(VENV)/bin/pip wheel --quiet --no-deps -w dist .
 	$(PYTHON) -m venv $(WHEEL_VENV)
-	$(WHEEL_VENV)/bin/pip install --quiet -c requirements-ci.txt "$$(ls dist/ats_vit-*.whl)[hf]"
+	$(WHEEL_VENV)/bin/pip install --quiet -c requirements-ci.txt "$$(ls dist/ats_vit-*.whl)[hf,onnx]"
 	cd build && wheel-venv/bin/ats eval --limit 8 --repeats 1
 	cd build && wheel-venv/bin/ats bench --model deit_tiny_patch16_224 --batch-size 2 --repeats 1
+	cd build && wheel-venv/bin/ats export --onnx reference.onnx --multi-stage 0.7 --static --kept-tokens
 
 # The Hugging Face adapters under transformers 4.x (CI runs it after make test): a second virtual environment with
 # requirements-ci.txt's pins but requirements-transformers4.txt's transformers; the adapters' test files, and the

@@ -18,10 +18,10 @@ LAYERS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("models", ("ats.models",)),
     ("adapters", ("ats.adapters",)),
     ("reference", ("ats.reference",)),
-    ("api", ("ats", "ats.calibration")),
+    ("api", ("ats", "ats.calibration", "ats.export")),
     ("commands", ("ats.commands", "ats.train", "ats.__main__")),
 )
-TOP_LEVEL_LIMIT = 15
+TOP_LEVEL_LIMIT = 16
 
 
 def module_names(root: Path = PACKAGE) -> Dict[str, Path]:

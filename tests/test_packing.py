@@ -10,7 +10,7 @@ from ats.merging import (
     positions_of,
     unit_vectors,
 )
-from ats.packing import TokenBatch
+from ats.packing import TokenBatch, _kept_first
 
 
 def test_select_packs_kept_tokens_to_the_front_in_order():
@@ -162,3 +162,12 @@ def test_select_puts_the_positions_marked_last_after_the_others():
                            last=torch.tensor([[False, True, False, False, False], [False] * 5]))
     assert kept.source.tolist() == [[0, 3, 4, 1], [0, 2, 3, -1]]
     assert kept.last_rows.tolist() == [3, 6]
+
+
+def test_the_packing_order_is_a_stable_sort_of_kept_then_last():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        keep, last = torch.rand(4, 30, generator=generator) < 0.5, torch.rand(4, 30, generator=generator) < 0.5
+        rank = keep.to(torch.uint8) * 2 - (keep & last).to(torch.uint8)
+        assert torch.equal(_kept_first(keep, last), rank.sort(dim=1, descending=True, stable=True).indices)
+        assert torch.equal(_kept_first(keep, None), keep.sort(dim=1, descending=True, stable=True).indices)

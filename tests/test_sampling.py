@@ -8,6 +8,7 @@ from ats.sampling import (
     masked_softmax_logits,
     released_sample,
     self_attention_scores,
+    stable_argsort,
     top_up,
     topk_sample,
     uniform_points,
@@ -116,6 +117,33 @@ def test_topk_keeps_the_highest_and_breaks_ties_stably():
     assert topk_sample(scores, torch.tensor([4])).tolist() == [[True, True, True, True, False, False]]
     assert topk_sample(scores, torch.tensor([6])).sum() == 5  # the zero score stays out
 
+
+
+def tied_values(trial: int) -> torch.Tensor:
+    """[4, n] values from {0, 1, 2, -inf} (many ties), n from 1 to 29 by ``trial``."""
+    generator = torch.Generator().manual_seed(trial)
+    values = torch.randint(0, 4, (4, 1 + trial % 29), generator=generator).float()
+    return values.masked_fill(values == 3, float("-inf"))
+
+
+def test_topk_keeps_what_a_stable_sort_keeps():
+    for trial in range(100):
+        scores = tied_values(trial).clamp_min(0.0)
+        n = scores.shape[1]
+        ranks = torch.empty_like(scores, dtype=torch.long).scatter_(
+            1, scores.argsort(dim=1, descending=True, stable=True), torch.arange(n).expand_as(scores))
+        per_image = torch.randint(0, n + 3, (4,), generator=torch.Generator().manual_seed(trial))
+        assert torch.equal(topk_sample(scores, per_image), (ranks < per_image[:, None]) & (scores > 0))
+        for k in (0, 1, n // 2, n, n + 2):
+            assert torch.equal(topk_sample(scores, k), (ranks < k) & (scores > 0))
+
+
+@pytest.mark.parametrize("descending", [False, True])
+def test_stable_argsort_is_a_stable_sort(descending):
+    for trial in range(100):
+        values = tied_values(trial)
+        expected = values.argsort(dim=1, descending=descending, stable=True)
+        assert torch.equal(stable_argsort(values, descending), expected)
 
 def test_top_up_reaches_min_kept_with_candidates_only():
     scores = torch.tensor([[0.5, 0.2, 0.0, 0.3]])

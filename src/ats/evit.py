@@ -12,7 +12,7 @@ from typing import Union
 
 import torch
 
-from .sampling import topk_sample
+from .sampling import times_fraction, topk_sample
 
 #: The ``source`` of a fused token: it stands for several patches, none of them in particular.
 FUSED_SOURCE = -2
@@ -23,7 +23,7 @@ def attentive_count(patches_in: Union[int, torch.Tensor], keep_rate: float) -> U
     for [B], an int for an int."""
     if isinstance(patches_in, int):
         return math.ceil(patches_in * keep_rate)
-    return torch.ceil(patches_in.to(torch.float64) * keep_rate).long()
+    return times_fraction(patches_in, keep_rate, round_up=True)
 
 
 def attentive_tokens(cls_attention: torch.Tensor, patches: torch.Tensor, keep_rate: float) -> torch.Tensor:

@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .sampling import additive_mask, topk_sample
+from .packing import exporting
+from .sampling import additive_mask, stable_argsort, topk_sample
 
 
 def unit_vectors(metric: torch.Tensor) -> torch.Tensor:
@@ -76,9 +77,10 @@ def dropped_to_kept(unit: torch.Tensor, keep: torch.Tensor, movable: torch.Tenso
                     static: bool = False) -> tuple[torch.Tensor, ...]:
     """Cosine similarity of the dropped movable tokens (rows) to the kept movable ones (columns, -inf on
     padding) of unit [B, n, d] (``unit_vectors``) -> (similarity [B, r, c], dropped_index [B, r], dropped_valid
-    [B, r], kept_index [B, c]); only [B, dropped, kept] work, not [B, n, n]."""
+    [B, r], kept_index [B, c]); only [B, dropped, kept] work, not [B, n, n]. static (and while exporting, which
+    cannot read the counts on the host): both widths are n."""
     kept, dropped = keep & movable, movable & ~keep
-    if static:
+    if static or exporting():
         widths = [keep.shape[1]] * 2
     else:  # both widths in one read
         widths = torch.stack((kept.sum(dim=1).amax(), dropped.sum(dim=1).amax())).tolist() if keep.numel() else [0, 0]
@@ -119,8 +121,8 @@ def keep_distinct(unit: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor,
         distinct = distinct & (similarity.amax(dim=-1) < threshold)
     distinct = torch.zeros_like(keep).scatter(1, dropped_index, distinct)
     # the distinct tokens by rank, best first (ties: the later position first), padded to the largest count
-    order = scores.float().masked_fill(~distinct, float("-inf")).argsort(dim=1, stable=True).flip(1)
-    count = distinct.shape[1] if static else int(distinct.sum(dim=1).max())
+    order = stable_argsort(scores.float().masked_fill(~distinct, float("-inf"))).flip(1)
+    count = distinct.shape[1] if static or exporting() else int(distinct.sum(dim=1).max())
     if count == 0:
         return keep
     order = order.narrow(1, 0, count)

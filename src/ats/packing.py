@@ -10,6 +10,11 @@ gathering and scattering rows in every block.
 Static mode (``static=True``) fixes each block's width in advance (its capacity, from the config and the
 input size): the rows always hold the padded layout, the kept tokens first and padding after them, and
 nothing in the forward reads a device value on the host, so it compiles to one graph.
+
+Exporting: torch.export (and torch.onnx.export(dynamo=True), which runs it) carries both modes, static mode at its
+fixed widths and the adaptive mode with each selection's width a data-dependent size, the largest kept count computed
+in the graph (``exporting`` switches off the host reads that size it otherwise). TorchScript carries neither: every
+patched forward starts in ``TokenBatch.from_dense``, which refuses it.
 """
 from __future__ import annotations
 
@@ -23,6 +28,28 @@ from .profiling import region
 #: Keep the padded layout while padding is at most this share of the B * m positions (measured on
 #: DeiT-S and the reference model, docs/performance.md).
 PADDED_LAYOUT_SLACK = 0.1
+
+#: Why TorchScript is refused (``refuse_tracing``), and what to use.
+TORCHSCRIPT_REFUSAL = ("TorchScript (torch.jit.trace, torch.jit.script, and torch.onnx.export with dynamo=False, which "
+                       "traces with it) cannot record a patched model: its forward sizes every block from the config "
+                       "and the tokens kept in Python, which TorchScript freezes or cannot compile. Use "
+                       "torch.onnx.export(model, (images,), dynamo=True) or torch.export.export (ats export --onnx "
+                       "FILE does it); ats.patch(model, config, static=True) gives a graph of fixed shapes")
+
+
+def exporting() -> bool:
+    """Whether torch.export (also under torch.onnx.export(dynamo=True)) or the TorchScript-based ONNX exporter is
+    recording the forward now."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+
+def refuse_tracing(unexportable: str = "") -> None:
+    """Raise RuntimeError naming the fix when TorchScript records a patched forward, and when an exporter records
+    one that ``unexportable`` says (why) it cannot carry."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        raise RuntimeError(TORCHSCRIPT_REFUSAL)
+    if unexportable and exporting():
+        raise RuntimeError(f"this patched model does not export: {unexportable}")
 
 
 @dataclass
@@ -67,7 +94,9 @@ class TokenBatch:
 
     @classmethod
     def from_dense(cls, x: torch.Tensor, keep_padding: bool = False, static: bool = False) -> "TokenBatch":
-        """Pack a batch with no padding. x: [B, N, C]."""
+        """Pack a batch with no padding. x: [B, N, C]. Refuses TorchScript (``refuse_tracing``): every patched forward
+        starts here."""
+        refuse_tracing()
         batch, n, _ = x.shape
         lengths = torch.full((batch,), n, dtype=torch.long, device=x.device)
         source = torch.arange(n, device=x.device).expand(batch, n)
@@ -220,13 +249,23 @@ class TokenBatch:
             if capacity is None:
                 raise ValueError("a static TokenBatch needs the capacity of each selection (select(..., capacity=))")
             with region("ats.pack"):
-                return self._select_static(keep, last, capacity)
+                return self._select_padded(keep, last, min(capacity, self.width))
+        if exporting():
+            return self._select_padded(keep, last, self._exported_width(keep))
         with region("ats.pack"):
             return self._select(keep, last)
 
-    def _select_static(self, keep: torch.Tensor, last: Optional[torch.Tensor],
-                       capacity: int) -> tuple["TokenBatch", torch.Tensor]:
-        width = min(capacity, self.width)
+    def _exported_width(self, keep: torch.Tensor) -> int:
+        """The largest kept count of keep [B, m] as torch.export's data-dependent size, within the batch's width."""
+        width = keep.sum(dim=1).max().item()
+        torch._check(width > 1)  # a prefix token and a kept one: attention's mask [B, 1, 1, width] broadcasts
+        torch._check(width <= self.width)
+        return width
+
+    def _select_padded(self, keep: torch.Tensor, last: Optional[torch.Tensor],
+                       width: int) -> tuple["TokenBatch", torch.Tensor]:
+        """``select`` into the padded layout at ``width`` (at most the batch's): the capacity in static mode, the
+        largest kept count (a data-dependent size) in an exported adaptive forward."""
         lengths = keep.sum(dim=1).clamp(max=width)
         positions = _kept_first(keep, last).narrow(1, 0, width)
         rows_from = self._flat(positions)
@@ -235,7 +274,7 @@ class TokenBatch:
         source = self.source.gather(1, positions).masked_fill(~valid, -1)
         packed = TokenBatch(self.rows.index_select(0, rows_from), lengths, width, None, source, self.cls_live, sizes,
                             full=False, keep_padding=True, num_source_tokens=self.num_source_tokens,
-                            in_source_order=False, static=True, valid=valid)
+                            in_source_order=False, static=self.static, valid=valid)
         return packed, rows_from
 
     @torch.compiler.disable
@@ -282,8 +321,10 @@ class TokenBatch:
 def _kept_first(keep: torch.Tensor, last: Optional[torch.Tensor]) -> torch.Tensor:
     """[B, m] long, every position in the order ``select`` packs them: the kept ones first in their order (those
     also in ``last`` after the others), then the rest."""
-    order = keep if last is None else keep.to(torch.uint8) * 2 - (keep & last).to(torch.uint8)
-    return order.sort(dim=1, descending=True, stable=True).indices
+    rank = (~keep).long() * 2 if last is None else 2 - keep.long() * 2 + (keep & last).long()
+    width = keep.shape[1]
+    # keys without ties (rank, then position): ONNX has no stable sort
+    return (rank * width + torch.arange(width, device=keep.device)).argsort(dim=1)
 
 
 def _row_index(lengths: torch.Tensor, width: int, total: int) -> torch.Tensor:

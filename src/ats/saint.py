@@ -22,7 +22,8 @@ from typing import Tuple
 import torch
 
 from .merging import gather_tokens, positions_of, unit_vectors
-from .sampling import topk_sample
+from .packing import exporting
+from .sampling import stable_argsort, topk_sample
 
 
 def alternating_sets(patches: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -59,12 +60,14 @@ def similar_tokens(metric: torch.Tensor, patches: torch.Tensor, threshold: float
     position). The authors' code then emits the prefix, the kept A tokens by descending redundancy and
     set B, which decides the next block's sets; order (``redundancy_order``) puts the A tokens in that
     order and last marks set B, to go after them. An image that drops nothing keeps its order, as there.
-    static: size the sets by the most they can hold (half the positions), not by their counts read on the host.
+    static: size the sets by the most they can hold (half the positions), not by their counts read on the host (so
+    too while exporting).
     """
     side_a, side_b = alternating_sets(patches)
     n = patches.shape[1]
-    a_index, a_valid = positions_of(side_a, (n + 1) // 2 if static else None)
-    b_index, b_valid = positions_of(side_b, n // 2 if static else None)
+    fixed = static or exporting()
+    a_index, a_valid = positions_of(side_a, (n + 1) // 2 if fixed else None)
+    b_index, b_valid = positions_of(side_b, n // 2 if fixed else None)
     unit = unit_vectors(metric)
     similarity = gather_tokens(unit, a_index) @ gather_tokens(unit, b_index).transpose(1, 2)
     close, score = redundancy(similarity, b_valid, threshold, gamma)
@@ -84,7 +87,7 @@ def redundancy_order(score: torch.Tensor, a_index: torch.Tensor, a_valid: torch.
     score: [B, a] each A token's redundancy; a_index, a_valid: [B, a] the A positions (``positions_of``); the
     positions a_valid leaves out (padding entries, or all of an image's) keep their tokens.
     """
-    by_score = score.masked_fill(~a_valid, float("-inf")).argsort(dim=1, descending=True, stable=True)
+    by_score = stable_argsort(score.masked_fill(~a_valid, float("-inf")), descending=True)
     # the padding entries of a_index sort last in their own order, so they map to themselves
     identity = torch.arange(width, device=a_index.device).expand(a_index.shape[0], width)
     return identity.scatter(1, a_index, a_index.gather(1, by_score))

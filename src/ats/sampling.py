@@ -95,6 +95,14 @@ def _normalise(raw: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     return raw / raw.sum(dim=1, keepdim=True).clamp_min(torch.finfo(raw.dtype).tiny)
 
 
+def times_fraction(count: torch.Tensor, fraction: float, round_up: bool = False) -> torch.Tensor:
+    """floor (or with ``round_up`` ceil) of count [B] long times ``fraction``, in float64 as Python's float does it
+    -> [B] long. The fraction goes in as a float64 tensor: the ONNX exporter writes a Python scalar as float32, so
+    that 0.7 becomes 0.699999988 and floor(0.7 * 60) 41 in the graph."""
+    scaled = count.to(torch.float64) * torch.tensor(fraction, dtype=torch.float64, device=count.device)
+    return (scaled.ceil() if round_up else scaled.floor()).long()
+
+
 def per_image(k: Union[int, torch.Tensor]) -> Union[int, torch.Tensor]:
     """A count for every image (an int) or one per image ([B] long) -> broadcastable against [B, n]."""
     return k.unsqueeze(1) if isinstance(k, torch.Tensor) else k
@@ -182,8 +190,8 @@ def released_sample(scores: torch.Tensor, candidates: torch.Tensor, points: int)
     start = normalised.masked_fill(normalised <= 0, float("inf")).amin(dim=1, keepdim=True)
     start = start.masked_fill(start.isinf(), 1.0)
     steps = torch.arange(points, device=scores.device, dtype=torch.float64)
-    ys = (start + steps * (1 - start) / max(points - 1, 1)).contiguous()
-    above = torch.searchsorted(normalised.contiguous(), ys)
+    ys = start + steps * (1 - start) / max(points - 1, 1)
+    above = (normalised.unsqueeze(1) < ys.unsqueeze(2)).sum(dim=2)  # searchsorted, which ONNX lacks
     upper, lower = above.clamp(max=n - 1), (above - 1).clamp(min=0)
     nearer_below = (ys - normalised.gather(1, lower)) <= (normalised.gather(1, upper) - ys)
     picked = torch.where((above == n) | nearer_below, lower, upper)
@@ -196,11 +204,32 @@ def topk_sample(scores: torch.Tensor, k: Union[int, torch.Tensor]) -> torch.Tens
     """Keep the k[b] highest-scoring positions of each image -> keep mask [B, n].
 
     scores: [B, n]; k: an int for every image, or [B] long. Positions with score 0 are never kept.
+    Ties go to the earlier position. No sort of positions: the k[b]-th highest score is the threshold, every
+    score above it is kept, and of the scores equal to it the first ones that fill k[b] (what a stable sort
+    would keep, from one plain sort of the values, which ONNX has).
     """
-    order = scores.argsort(dim=1, descending=True, stable=True)
-    ranks_kept = (torch.arange(scores.shape[1], device=scores.device) < per_image(k)).expand_as(order)
-    keep = torch.zeros_like(ranks_kept).scatter_(1, order, ranks_kept)
-    return keep & (scores > 0)
+    n = scores.shape[1]
+    descending = scores.sort(dim=1, descending=True).values
+    if isinstance(k, torch.Tensor):
+        threshold = descending.gather(1, (k - 1).clamp(0, n - 1).unsqueeze(1))
+    else:
+        threshold = descending.narrow(1, min(max(k - 1, 0), n - 1), 1)
+    above, tied = scores > threshold, scores == threshold
+    room = per_image(k) - above.sum(dim=1, keepdim=True)
+    return (above | (tied & (tied.cumsum(dim=1) <= room))) & (scores > 0)
+
+
+def stable_argsort(values: torch.Tensor, descending: bool = False) -> torch.Tensor:
+    """The order of a stable sort of values [B, n] along dim 1 (ties: the earlier position first) -> [B, n] long.
+
+    ONNX has no stable sort (``aten.sort.stable``), so this sorts keys without ties instead: each value's dense
+    rank (from a plain sort of the values) times n plus its position.
+    """
+    n = values.shape[1]
+    ordered, order = values.sort(dim=1, descending=descending)
+    rises = torch.cat((torch.zeros_like(order[:, :1]), (ordered[:, 1:] != ordered[:, :-1]).long()), dim=1)
+    rank = torch.zeros_like(order).scatter_(1, order, rises.cumsum(dim=1))
+    return (rank * n + torch.arange(n, device=values.device)).argsort(dim=1)
 
 
 def top_up(keep: torch.Tensor, scores: torch.Tensor, min_kept: Union[int, torch.Tensor]) -> torch.Tensor:

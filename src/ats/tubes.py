@@ -35,7 +35,7 @@ from torch import nn
 from .merging import fold, keep_distinct, nearest_kept, tube_unit_vectors
 from .method import Method
 from .methods.adaptive_sampling import ATSConfig, sample_positions
-from .packing import TokenBatch
+from .packing import TokenBatch, refuse_tracing
 from .sampling import class_attention, tube_scores
 from .stats import ForwardRecord
 from .step import Layer, per_image_drop_path
@@ -144,6 +144,8 @@ def run_tube_blocks(blocks: Sequence[TubeBlockParts], tubes: torch.Tensor, frame
                     start: int = 0) -> Tuple[TokenBatch, ForwardRecord]:
     """Run ``blocks[start:]`` under ``config`` (ATS blocks or none) on tubes [B, 1 + P, T * C] that the first
     ``start`` blocks made. Returns the packed tubes after the last block and what each block did."""
+    refuse_tracing("its blocks run on tubes (ats.tubes), whose export is not built (nor static mode); export an "
+                   "image model, or run the video model in PyTorch")
     batch = TokenBatch.from_dense(tubes)
     record = ForwardRecord()
     for index, parts in enumerate(blocks):

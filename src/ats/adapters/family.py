@@ -17,7 +17,7 @@ from torch import nn
 
 from ..flops import BlockCost, ViTShape, block_flops, head_cost
 from ..method import Method, token_capacities
-from ..packing import TokenBatch
+from ..packing import TORCHSCRIPT_REFUSAL, TokenBatch
 from ..stats import ATSStats, ForwardRecord
 from ..step import BlockParts, run_blocks
 
@@ -152,6 +152,10 @@ class PatchedModel:
     def ats_logits(self, batch: TokenBatch) -> torch.Tensor:
         """The class logits [B, classes] from the packed tokens after the last block."""
         raise NotImplementedError
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script asks this first: refused, with the reason and what to use (``ats.packing``)."""
+        raise RuntimeError(TORCHSCRIPT_REFUSAL)
 
     def __reduce_ex__(self, protocol: int):
         _, _, *state = object.__reduce_ex__(self, max(protocol, 2))

@@ -16,6 +16,8 @@ import dataclasses
 import json
 import statistics
 import sys
+import tempfile
+from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -26,8 +28,10 @@ import ats
 from ..adapters import data_config, depth_of, family_of
 from ..data.build import build_dataset
 from ..data.distributed import refuse_torchrun
+from ..export import export_onnx, onnx_session, time_sessions
 from ..methods import PatchConfig
 from ..methods.stacked import with_ats_options
+from ..stats import ATSStats
 from .evaluate import config_label, set_config, text_table
 from .options import REFERENCE_MODELS, add_config_arguments, add_model_arguments, configs_from_arguments, load_model
 from .timing import time_forward
@@ -45,6 +49,7 @@ class BenchRow:
     threads: int
     tokens_per_block: List[float]
     autocast: str = "none"
+    runtime: str = "torch"
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -77,6 +82,9 @@ def autocast_context(device: torch.device, autocast: str):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
+#: --runtime choices: what runs the forwards.
+RUNTIMES = ("torch", "onnxruntime")
+
 #: --compile-mode choices: torch.compile's modes ("default": its default).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -101,9 +109,6 @@ def bench(model: nn.Module, configs: Sequence[PatchConfig], batch_sizes: Sequenc
     model.eval()
     threads = torch.get_num_threads()
     base_gflops = ats.gflops(model)
-    family = family_of(model)
-    depth = depth_of(model)
-    full = float(family.shape(model).num_tokens)
     contenders = compiled_contenders(model, configs, static, compile_mode, compile_backend) if compile else [
         (model, model, config) for config in [None, *configs]]
     rows = []
@@ -119,20 +124,69 @@ def bench(model: nn.Module, configs: Sequence[PatchConfig], batch_sizes: Sequenc
                         seconds = time_forward(forward, images)
                     if repeat >= warmup:
                         timings[index].append(seconds)
-            base_throughput = batch_size / statistics.median(timings[0])
-            rows.append(BenchRow("unpatched", batch_size, base_throughput, base_gflops, 1.0, 1.0, 1.0, threads,
-                                 [full] * depth, autocast))
-            for (forward, module, config), seconds in zip(contenders[1:], timings[1:]):
+            patched_stats = []
+            for forward, module, config in contenders[1:]:
                 if not compile:
                     set_config(model, config, static)
                 with autocast_context(images.device, autocast):
                     forward(images)
-                stats = ats.last_stats(module)
-                throughput = batch_size / statistics.median(seconds)
-                gflops = float(stats.gflops.mean())
-                speedup, flop_ratio = throughput / base_throughput, base_gflops / gflops
-                rows.append(BenchRow(config_label(config, static), batch_size, throughput, gflops, speedup, flop_ratio,
-                                     speedup / flop_ratio, threads, stats.tokens.float().mean(0).tolist(), autocast))
+                patched_stats.append(ats.last_stats(module))
+            medians = [statistics.median(seconds) for seconds in timings]
+            rows += result_rows(model, base_gflops, batch_size, medians, configs, patched_stats, static, threads,
+                                autocast)
+    finally:
+        set_config(model, None)
+    return rows
+
+
+def result_rows(model: nn.Module, base_gflops: float, batch_size: int, seconds: Sequence[float],
+                configs: Sequence[PatchConfig], patched_stats: Sequence[ATSStats], static: bool, threads: int,
+                autocast: str = "none", runtime: str = "torch") -> List[BenchRow]:
+    """The rows of one batch size: the unpatched model (``base_gflops`` per image, ``seconds[0]`` the median seconds
+    of its forward) and each config (``seconds[1:]``, with its forward's ``patched_stats``), with speedup, FLOP ratio
+    and efficiency."""
+    family = family_of(model)
+    depth = depth_of(model)
+    full = float(family.shape(model).num_tokens)
+    rows = [BenchRow("unpatched", batch_size, batch_size / seconds[0], base_gflops, 1.0, 1.0, 1.0, threads,
+                     [full] * depth, autocast, runtime)]
+    for config, stats, median in zip(configs, patched_stats, seconds[1:]):
+        gflops = float(stats.gflops.mean())
+        speedup, flop_ratio = seconds[0] / median, base_gflops / gflops
+        rows.append(BenchRow(config_label(config, static), batch_size, batch_size / median, gflops, speedup,
+                             flop_ratio, speedup / flop_ratio, threads, stats.tokens.float().mean(0).tolist(), autocast,
+                             runtime))
+    return rows
+
+
+def bench_onnxruntime(model: nn.Module, configs: Sequence[PatchConfig], batch_sizes: Sequence[int], repeats: int = 5,
+                      warmup: int = 2, reference: bool = False, threads: int = 1,
+                      static: bool = False) -> List[BenchRow]:
+    """``bench``'s rows for ONNX Runtime: the unpatched model and each config (in static mode with ``static``), each
+    exported once (``ats.export``, dynamic batch) and run by ONNX Runtime's CPU provider with ``threads`` intra-op
+    threads; the graphs alternate in every repeat. GFLOPs and tokens are the PyTorch forward's."""
+    model.eval()
+    base_gflops = ats.gflops(model)
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            example = bench_images(model, 2, reference).cpu()
+            sessions = []
+            for index, config in enumerate([None, *configs]):
+                set_config(model, config, static)
+                export_onnx(model, example, Path(folder) / f"{index}.onnx")
+                sessions.append(onnx_session(Path(folder) / f"{index}.onnx", threads))
+            for batch_size in batch_sizes:
+                images = bench_images(model, batch_size, reference).cpu()
+                seconds = time_sessions(sessions, images, repeats, warmup)
+                patched_stats = []
+                for config in configs:
+                    set_config(model, config, static)
+                    with torch.inference_mode():
+                        model(images)
+                    patched_stats.append(ats.last_stats(model))
+                rows += result_rows(model, base_gflops, batch_size, seconds, configs, patched_stats, static, threads,
+                                    runtime="onnxruntime")
     finally:
         set_config(model, None)
     return rows
@@ -179,8 +233,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--autocast", choices=tuple(AUTOCAST_DTYPES), default="none",
                         help="time every forward under torch.autocast to bfloat16 or float16 (default none: the "
                              "model's own dtype)")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                        help="torch (eager PyTorch, default) or onnxruntime: export the unpatched model and each "
+                             "config (with --static in static mode) to ONNX and time the graphs in ONNX Runtime on "
+                             "the CPU with --threads intra-op threads")
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows")
     parser.set_defaults(func=run)
+
+
+def refuse_with_onnxruntime(args: argparse.Namespace) -> None:
+    """A ValueError naming the flags ``--runtime onnxruntime`` does not take (it times the graphs as exported)."""
+    clashing = [flag for flag, given in (("--compile", args.compile), ("--autocast", args.autocast != "none"),
+                                         ("--compare-padded", args.compare_padded)) if given]
+    if clashing:
+        raise ValueError(f"--runtime onnxruntime times the float32 graphs as exported; drop {', '.join(clashing)}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -192,9 +258,15 @@ def run(args: argparse.Namespace) -> int:
     configs = configs_from_arguments(args, depth=depth_of(model))
     if args.compare_padded:
         configs += [padded for config in configs if (padded := with_ats_options(config, packing="padded")) != config]
-    rows = bench(model, configs, args.batch_size or [1, 64], args.repeats, args.warmup,
-                 reference=args.model in REFERENCE_MODELS, compile=args.compile, autocast=args.autocast,
-                 static=args.static, compile_mode=args.compile_mode, compile_backend=args.compile_backend)
-    print(f"threads: {torch.get_num_threads()}", file=sys.stderr)
+    reference = args.model in REFERENCE_MODELS
+    if args.runtime == "onnxruntime":
+        refuse_with_onnxruntime(args)
+        rows = bench_onnxruntime(model.cpu(), configs, args.batch_size or [1, 64], args.repeats, args.warmup,
+                                 reference, args.threads, args.static)
+    else:
+        rows = bench(model, configs, args.batch_size or [1, 64], args.repeats, args.warmup, reference=reference,
+                     compile=args.compile, autocast=args.autocast, static=args.static, compile_mode=args.compile_mode,
+                     compile_backend=args.compile_backend)
+    print(f"threads: {args.threads}, runtime: {args.runtime}", file=sys.stderr)
     print(json.dumps([row.to_json() for row in rows], indent=1) if args.json else format_rows(rows))
     return 0

@@ -22,6 +22,7 @@ from ..sampling import (
     released_attention,
     released_sample,
     self_attention_scores,
+    times_fraction,
     top_up,
     topk_sample,
 )
@@ -76,7 +77,7 @@ class TokenBudget:
             return self.max_samples(tokens_in, min_tokens)
         if self.k is not None:
             return torch.full_like(tokens_in, self.k)
-        return torch.floor(tokens_in.to(torch.float64) * self.rho).long().clamp(min=min_tokens)
+        return times_fraction(tokens_in, self.rho).clamp(min=min_tokens)
 
     def max_samples(self, tokens_in: int, min_tokens: int) -> int:
         """The largest K any image entering with at most ``tokens_in`` tokens can draw."""
@@ -260,7 +261,7 @@ class ATSConfig(Method):
         if not isinstance(self.min_kept, float):
             return self.min_kept
         if isinstance(patches_in, torch.Tensor):
-            return torch.floor(patches_in.to(torch.float64) * self.min_kept).long()
+            return times_fraction(patches_in, self.min_kept)
         return math.floor(patches_in * self.min_kept)
 
     def describe(self) -> str:
