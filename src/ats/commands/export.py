@@ -16,7 +16,7 @@ import torch
 
 import ats
 
-from ..adapters import depth_of
+from ..adapters import data_config, depth_of
 from ..data.build import build_dataset
 from ..data.distributed import refuse_torchrun
 from ..export import OPSET, check_export, export_onnx, onnx_session
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
                              f"({'; '.join(config.describe() for config in configs)})")
         config = configs[0]
         ats.patch(model, config, static=args.static)
-    dataset = build_dataset(None, model, limit=max(args.batch_size, 2))  # a dynamic batch is exported at 2, not 1
+    dataset = build_dataset(None, data_config(model), limit=max(args.batch_size, 2))  # dynamic batches export at 2
     loaded = torch.stack([dataset[index][0] for index in range(len(dataset))])
     images = loaded[:args.batch_size]
     example = images if args.fixed_batch else loaded[:2]
