@@ -165,7 +165,7 @@ def test_bad_static_requests_are_refused():
     from ats.models.xvit import XViT
 
     xvit = XViT(num_frames=3, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
-    with pytest.raises(ValueError, match="static mode is not available for XViT"):
+    with pytest.raises(ValueError, match="static mode is not available under space-time mixing attention"):
         ats.patch(xvit, ats.ATSConfig({1: 0.7}), static=True)
     batch = TokenBatch.from_dense(torch.randn(2, 5, 3), static=True)
     with pytest.raises(ValueError, match="capacity"):

@@ -12,7 +12,7 @@ from ats.merging import tube_unit_vectors
 from ats.packing import TokenBatch
 from ats.reference import create_reference_video, create_reference_xvit
 from ats.stats import ForwardRecord
-from ats.tubes import frames_to_tubes, run_tube_blocks, to_tubes, tube_block
+from ats.tubes import frames_to_tubes, run_tube_blocks, tube_block
 
 FRAMES, POSITIONS, WIDTH, HEADS, DEPTH = 8, 64, 64, 2, 4
 MLP = 2 * WIDTH * 4 * WIDTH  # two layers, hidden width 4 C
@@ -159,7 +159,7 @@ def test_a_tube_of_size_two_attends_as_two_equal_tubes(name):
             parts, tubes = XVIT.tube_parts(model.blocks[1]), frames_to_tubes(model.embed(clips(2)))
         else:
             layer = TIMESFORMER.blocks(model)[1]
-            parts, tubes = TIMESFORMER.tube_parts(model, layer), to_tubes(TIMESFORMER.embed(model, clips(2)), FRAMES)
+            parts, tubes = TIMESFORMER.tube_parts(model, layer), TIMESFORMER.embed(model, clips(2))
         doubled = torch.cat([tubes, tubes[:, 5:6]], dim=1)  # tube 5 twice
         plain = TokenBatch.from_dense(tubes)
         sizes = torch.ones(tubes.shape[:2])

@@ -11,6 +11,10 @@ from .adaptive_sampling import ATSConfig
 from .evit import EVIT_BLOCKS, EViTConfig
 from .token_merging import MergeConfig
 
+#: The depth the blocks of stacked configs are compared at before a model is known: deep enough that a schedule
+#: running to the last block claims every block another config lists.
+STACK_DEPTH = 4096
+
 
 @dataclass(frozen=True, init=False)
 class StackedConfig(Method):
@@ -31,7 +35,7 @@ class StackedConfig(Method):
             raise ValueError("StackedConfig takes two or more configs; pass a single config to ats.patch directly")
         owner: dict = {}
         for config in configs:
-            for index in config.patched_blocks(0):
+            for index in config.patched_blocks(STACK_DEPTH):
                 if index in owner:
                     pair = (config, owner[index])
                     evit = next((c.blocks for c in pair if isinstance(c, EViTConfig)), EVIT_BLOCKS)
