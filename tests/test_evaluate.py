@@ -7,6 +7,7 @@ from test_datasets import write_image_folder
 import ats
 from ats.commands.cli import main
 from ats.commands.evaluate import evaluate
+from ats.commands.options import REFERENCE_MODELS
 
 
 def run_json(capsys, *argv):
@@ -37,6 +38,17 @@ def test_eval_defaults_to_the_papers_six_the_recommended_and_merging_and_says_wh
         ["K=108", "K=78", "K=48", "rho=1", "merge"]
     assert "(fuse, distinct=0.95)" in table[-3] and table[-1].startswith("which row: 'rho=1 @ blocks 3..11 (fuse, ")
     assert list((tmp_path / "plots").glob("*.png"))
+
+
+@pytest.mark.parametrize("model", REFERENCE_MODELS)
+def test_eval_with_no_config_flags_runs_on_every_bundled_model_with_the_peer_it_can_run(model, capsys):
+    rows = run_json(capsys, "eval", "--model", model, "--limit", "2", "--repeats", "1", "--json")
+    video = model in ("reference-video", "reference-xvit")
+    assert len(rows) == 9 and rows[-2]["config"].endswith("(fuse, distinct=0.95)")
+    assert rows[-1]["method"] == ("ats" if video else "merge")
+    if video:  # tube fusing: the recommended setting without distinct
+        assert rows[-1]["config"] == rows[-2]["config"].replace(", distinct=0.95", "")
+    assert all(row["top1"] is not None and row["gflops"] < rows[0]["gflops"] for row in rows[1:])
 
 
 def test_the_default_merging_row_costs_about_what_the_recommended_one_does(capsys):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -247,11 +247,14 @@ def format_table(rows: Sequence[EvalRow]) -> str:
     return text_table(lines)
 
 
-def recommended_and_merge(model: nn.Module, dataset: Dataset, batch_size: int) -> Tuple[ATSConfig, MergeConfig]:
-    """The recommended config (``ATSConfig.recommended``), and token merging at about its mean GFLOPs on the
-    first batch of ``dataset`` (the same batch on every process of a torchrun)."""
+def recommended_and_peer(model: nn.Module, dataset: Dataset, batch_size: int) -> Tuple[ATSConfig, PatchConfig]:
+    """The recommended config (``ATSConfig.recommended``) and the peer it is compared with: token merging at about
+    its mean GFLOPs on the first batch of ``dataset`` (the same batch on every process of a torchrun) where the
+    model can merge; where it cannot (a video model: only ATS runs, on tubes), tube fusing without ``distinct``."""
     family = family_of(model)
     recommended = ATSConfig.recommended(family.depth(model))
+    if not accepts(model, MergeConfig(1)):
+        return recommended, replace(recommended, distinct=0.0)
     device = next(model.parameters()).device
     images = next(batch[0] for batch in make_loader(dataset, batch_size, 0) if len(batch[1]))
     try:
@@ -263,11 +266,26 @@ def recommended_and_merge(model: nn.Module, dataset: Dataset, batch_size: int) -
     return recommended, nearest_merge(model, gflops, tuple(images.shape[1:]))
 
 
-def which_row(recommended: ATSConfig, merge: MergeConfig) -> str:
+def accepts(model: nn.Module, config: PatchConfig) -> bool:
+    """Whether ``model`` can be patched with ``config`` (its family refuses some methods); leaves it unpatched."""
+    try:
+        ats.patch(model, config)
+    except ValueError:
+        return False
+    finally:
+        set_config(model, None)
+    return True
+
+
+def which_row(recommended: ATSConfig, peer: PatchConfig) -> str:
     """The line under the default table that says which row is for what."""
-    return (f"which row: '{recommended.describe()}' is the recommended setting; '{merge.describe()}' is token "
-            "merging at about its GFLOPs, for comparison; the paper's six configs above them drop more tokens than a "
-            "model with peaked class attention can spare (docs/results.md)")
+    if isinstance(peer, MergeConfig):
+        compared = f"'{peer.describe()}' is token merging at about its GFLOPs, for comparison"
+    else:
+        compared = (f"'{peer.describe()}' is the same without distinct, for comparison (this model runs ATS only: "
+                    "token merging, EViT and SAINT are refused)")
+    return (f"which row: '{recommended.describe()}' is the recommended setting; {compared}; the paper's six configs "
+            "above them drop more tokens than a model with peaked class attention can spare (docs/results.md)")
 
 
 #: What ``ats eval`` says when the bundled images' labels are not the model's classes.
@@ -302,8 +320,8 @@ def run(args: argparse.Namespace) -> int:
         configs = [None, *configs_from_arguments(args, depth=family_of(model).depth(model))]
         defaults = not config_flags_given(args)
         if defaults:
-            recommended, merge = recommended_and_merge(model, dataset, args.batch_size)
-            configs += [recommended, merge]
+            recommended, peer = recommended_and_peer(model, dataset, args.batch_size)
+            configs += [recommended, peer]
         loader = make_loader(dataset, args.batch_size, args.workers, processes)
         rows = evaluate(model, loader, configs, repeats=args.repeats, max_bad=args.max_bad, labels=labels,
                         processes=processes, static=args.static)
@@ -318,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(format_table(rows))
             if defaults:
-                print(which_row(recommended, merge))
+                print(which_row(recommended, peer))
         if args.plots is not None:
             from .plots import write_eval_plots
 
