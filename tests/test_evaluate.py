@@ -148,3 +148,10 @@ def test_evaluate_gives_what_whole_forwards_give(model, images):
             assert torch.equal(row.tokens_out, stats.tokens_out) and row.gflops == float(stats.gflops.mean())
             ats.unpatch(model)
     assert len({row.top1 for row in rows}) > 1, "the configs should not all agree"
+
+
+def test_eval_shows_a_progress_bar_while_it_times_throughput(checkpoint, capsys):
+    argv = ["eval", "--checkpoint", str(checkpoint), "--limit", "4", "--multi-stage", "0.7", "--repeats", "2"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "throughput (4 images)" in err and "6/6" in err  # two configs, one warm-up and two timed forwards each

@@ -191,15 +191,24 @@ def _evaluate_share(model: nn.Module, loader: DataLoader, configs: Sequence[Opti
                     _tokens(model, config, len(labels), depth, num_tokens, "tokens_out"),
                     None if config is None else ats.last_stats(model).gflops.cpu()))
             batches.append(results)
-        throughputs = None
-        if timing_batch is not None:
-            throughputs = []
-            for config in configs:
-                set_config(model, config, static)
-                throughputs.append(measure_throughput(model, timing_batch, repeats=repeats, warmup=1))
+        throughputs = None if timing_batch is None else _time_configs(model, configs, timing_batch, repeats,
+                                                                       progress, static)
     finally:
         set_config(model, None)
     return EvalShare(batches, list(skipped.names), throughputs)
+
+
+def _time_configs(model: nn.Module, configs: Sequence[Optional[PatchConfig]], images: torch.Tensor, repeats: int,
+                  progress: bool, static: bool) -> List[float]:
+    """The throughput of each config on ``images`` (median of ``repeats`` forwards after one warm-up), with a
+    progress bar over the forwards."""
+    throughputs = []
+    with tqdm(total=len(configs) * (repeats + 1), desc=f"throughput ({len(images)} images)", unit="forward",
+              disable=not progress, file=sys.stderr) as bar:
+        for config in configs:
+            set_config(model, config, static)
+            throughputs.append(measure_throughput(model, images, repeats=repeats, warmup=1, on_forward=bar.update))
+    return throughputs
 
 
 def set_config(model: nn.Module, config: Optional[PatchConfig], static: bool = False) -> None:
