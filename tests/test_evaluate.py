@@ -16,7 +16,7 @@ def run_json(capsys, *argv):
 
 
 def test_eval_on_an_image_folder(tmp_path, checkpoint, capsys):
-    data = write_image_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=2, size=(28, 28))
+    data = write_image_folder(tmp_path / "data", classes=tuple("abcdefghij"), per_class=1, size=(28, 28))
     rows = run_json(capsys, "eval", "--checkpoint", str(checkpoint), "--data", str(data), "--multi-stage", "0.7",
                     "--blocks", "3:500", "--topk", "--repeats", "1", "--json")
     assert [row["config"] for row in rows] == ["unpatched", "rho=0.7 @ blocks 3..11 (topk)", "K=500 @ block 3 (topk)"]
@@ -155,3 +155,36 @@ def test_eval_shows_a_progress_bar_while_it_times_throughput(checkpoint, capsys)
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "throughput (4 images)" in err and "6/6" in err  # two configs, one warm-up and two timed forwards each
+
+
+def test_top1_is_na_with_the_reason_when_the_folder_has_other_classes(tmp_path, checkpoint, capsys):
+    data = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=1, size=(28, 28))
+    argv = ["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--multi-stage", "0.7", "--repeats", "1"]
+    rows = run_json(capsys, *argv, "--json")
+    assert [row["top1"] for row in rows] == [None, None]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "top-1 is n/a: " in captured.err and "has 2 classes and the model 10" in captured.err
+    assert captured.out.splitlines()[1].split()[4:6] == ["n/a", "n/a"]
+
+
+def test_top1_is_na_with_the_reason_for_random_weights(capsys):
+    assert main(["eval", "--model", "deit_tiny_patch16_224", "--limit", "1", "--multi-stage", "0.7", "--repeats", "1",
+                 "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)[0]["top1"] is None
+    assert "deit_tiny_patch16_224 has random weights (add --pretrained" in captured.err
+
+
+def test_num_classes_loads_a_checkpoint_with_another_head(tmp_path, capsys):
+    import timm
+
+    torch.save(timm.create_model("deit_tiny_patch16_224", num_classes=2).state_dict(), tmp_path / "two.pt")
+    data = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=1, size=(32, 32))
+    argv = ["eval", "--model", "deit_tiny_patch16_224", "--checkpoint", str(tmp_path / "two.pt"), "--data", str(data),
+            "--multi-stage", "0.7", "--repeats", "1", "--json"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "another architecture" in err and "--num-classes N" in err
+    rows = run_json(capsys, *argv, "--num-classes", "2")
+    assert all(0 <= row["top1"] <= 100 for row in rows)

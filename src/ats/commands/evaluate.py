@@ -28,6 +28,7 @@ from .options import (
     config_flags_given,
     configs_from_arguments,
     load_model,
+    random_weights,
 )
 from .timing import measure_throughput
 
@@ -297,10 +298,52 @@ def which_row(recommended: ATSConfig, peer: PatchConfig) -> str:
             "above them drop more tokens than a model with peaked class attention can spare (docs/results.md)")
 
 
-#: What ``ats eval`` says when the bundled images' labels are not the model's classes.
-LABELS_NOTE = ("ats eval: top-1 is n/a: the bundled images are Fashion-MNIST garments (resized to this model's "
-               "input), not this model's classes; pass --data DIR (an ImageFolder of its classes, e.g. ImageNet's "
-               "val folder) for accuracy")
+#: Why top-1 means nothing when the bundled images' labels are not the model's classes.
+BUNDLED_LABELS = ("the bundled images are Fashion-MNIST garments (resized to this model's input), not this model's "
+                  "classes; pass --data DIR (an ImageFolder of its classes, e.g. ImageNet's val folder) for accuracy")
+
+
+def top1_unavailable(args: argparse.Namespace, model: nn.Module, dataset: Dataset) -> List[str]:
+    """Why the labels of ``dataset`` cannot be scored as ``model``'s classes (empty: they can): random weights,
+    the bundled images under a model of other classes, or a folder whose classes differ from the model's in count
+    or names."""
+    reasons = []
+    if random_weights(args):
+        reasons.append(f"{args.model} has random weights (add --pretrained for timm's, or --checkpoint FILE)")
+    if args.data is None:
+        if not knows_bundled_classes(model):
+            reasons.append(BUNDLED_LABELS)
+        return reasons
+    folder = dataset_classes(dataset)
+    family = family_of(model)
+    inputs = torch.zeros(1, *family.input_size(model), device=next(model.parameters()).device)
+    with torch.inference_mode():
+        outputs = family.logits(model, inputs).shape[-1]
+    names = family.class_names(model)
+    if len(folder) != outputs:
+        reasons.append(f"{args.data} has {len(folder)} classes and the model {outputs} (a checkpoint with another "
+                       "head: --num-classes N)")
+    elif names is not None and len(names) == outputs and folder not in (list(names), imagenet_label_names(model)):
+        reasons.append(f"the class folders of {args.data} ({', '.join(folder[:3])}, ...) are not the model's classes "
+                       f"({', '.join(map(str, names[:3]))}, ...) in that order")
+    return reasons
+
+
+def dataset_classes(dataset: Dataset) -> List[str]:
+    """The class names of an ImageFolder or video folder (``build_dataset``'s, perhaps a Subset of it), in label
+    order."""
+    while not hasattr(dataset, "classes"):
+        dataset = getattr(dataset, "dataset", None) or dataset.folder
+    return list(dataset.classes)
+
+
+def imagenet_label_names(model: nn.Module) -> Optional[List[str]]:
+    """The synset folder names (n01440764, ...) of a timm model's ImageNet classes, as in ImageNet's val folder;
+    None for other models."""
+    import timm.data
+
+    subset = timm.data.infer_imagenet_subset(model) if hasattr(model, "pretrained_cfg") else None
+    return None if subset is None else list(timm.data.ImageNetInfo(subset).label_names())
 
 
 def summary_line(rows: Sequence[EvalRow]) -> str:
@@ -325,21 +368,21 @@ def run(args: argparse.Namespace) -> int:
         args.device = processes.device
         model = load_model(args)
         dataset = build_dataset(args.data, model, args.limit)
-        labels = args.data is not None or knows_bundled_classes(model)
+        unavailable = top1_unavailable(args, model, dataset)
         configs = [None, *configs_from_arguments(args, depth=family_of(model).depth(model))]
         defaults = not config_flags_given(args)
         if defaults:
             recommended, peer = recommended_and_peer(model, dataset, args.batch_size)
             configs += [recommended, peer]
         loader = make_loader(dataset, args.batch_size, args.workers, processes)
-        rows = evaluate(model, loader, configs, repeats=args.repeats, max_bad=args.max_bad, labels=labels,
+        rows = evaluate(model, loader, configs, repeats=args.repeats, max_bad=args.max_bad, labels=not unavailable,
                         processes=processes, static=args.static)
         if not processes.main:
             return 0
         where = f" ({processes.world_size} processes)" if processes.distributed else ""
         print(f"ats eval{where}: {summary_line(rows)}", file=sys.stderr)
-        if not labels:
-            print(LABELS_NOTE, file=sys.stderr)
+        if unavailable:
+            print(f"ats eval: top-1 is n/a: {'; '.join(unavailable)}", file=sys.stderr)
         if args.json:
             print(json.dumps([row.to_json() for row in rows], indent=1))
         else:
