@@ -104,3 +104,14 @@ def test_hub_offline_skips_the_network_probe(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(socket, "create_connection", lambda *args, **kwargs: pytest.fail("probed the network"))
     require_hub("deit_tiny_patch16_224")
+
+
+def test_the_command_line_parser_loads_no_plotting_or_transformers():
+    """``ats --help`` builds every command's parser; matplotlib and transformers load only when a command runs."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from ats.commands.cli import build_parser; build_parser(); "
+            "print(' '.join(name for name in ('matplotlib', 'transformers') if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""

@@ -11,13 +11,11 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import matplotlib
 import numpy as np
 import timm.data
 import torch
-from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -36,7 +34,9 @@ from .options import (
     configs_from_arguments,
     load_model,
 )
-from .plots import new_figure, save_figure, slug
+
+if TYPE_CHECKING:  # matplotlib loads when a figure is drawn, not when the command line is parsed
+    from matplotlib.figure import Figure
 
 #: Dropped patches are shown in grey at this brightness, hatched with diagonal HATCH_COLOUR stripes: no image
 #: colour (a blue sky, black, white) looks like that.
@@ -47,7 +47,8 @@ HATCH_SHARE = 1 / 28
 HATCH_PERIOD = 3
 #: Patches dropped before a block, on that block's heat-map.
 DROPPED_COLOUR = (0.5, 0.5, 0.5)
-HEAT_MAP = matplotlib.colormaps["inferno"]
+#: The heat-maps' colour map (a matplotlib name).
+HEAT_MAP = "inferno"
 ATTENTION_LABEL = "class attention / max over blocks"
 DEFAULT_RHO = 1.0
 
@@ -144,6 +145,8 @@ def token_figure(tokens: ImageTokens) -> Figure:
     """The input image (left), then per ATS block its kept patches (top row, dropped ones hatched) and the class
     token's attention over the patches it saw (bottom row, if there is a class token; one colour scale across the
     blocks, with its colour bar); a clip: ``clip_figure``."""
+    from .plots import new_figure
+
     if tokens.image.ndim == 4:
         return clip_figure(tokens)
     blocks = list(tokens.kept)
@@ -197,6 +200,8 @@ def clip_figure(tokens: ImageTokens) -> Figure:
     """A clip, a row per frame: the frame (left), then per ATS block the frame with the dropped tubes hatched
     (a tube is one position in every frame), and the class token's attention over the positions it
     saw (the last column, averaged over frames, on the frame; its colour bar beside it)."""
+    from .plots import new_figure
+
     blocks = list(tokens.kept)
     frames, height, width = tokens.image.shape[:3]
     columns = 1 + len(blocks) + bool(tokens.attention)
@@ -234,7 +239,9 @@ def _draw_attention(ax, image: torch.Tensor, attention: torch.Tensor, present: t
     height, width = image.shape[:2]
     ax.imshow((image * 0.4).numpy())
     heat = np.ma.masked_array((attention / scale).numpy(), mask=~present.numpy())
-    ax.imshow(heat, cmap=HEAT_MAP.with_extremes(bad=DROPPED_COLOUR), vmin=0.0, vmax=1.0, alpha=0.7,
+    from matplotlib import colormaps
+
+    ax.imshow(heat, cmap=colormaps[HEAT_MAP].with_extremes(bad=DROPPED_COLOUR), vmin=0.0, vmax=1.0, alpha=0.7,
               interpolation="nearest", extent=(-0.5, width - 0.5, height - 0.5, -0.5))
 
 
@@ -374,6 +381,8 @@ def render(model: nn.Module, configs: Sequence[PatchConfig], inputs: Inputs, dat
            batch_size: int, static: bool = False) -> List[dict]:
     """Write one PNG per image and config (in static mode with ``static``) to ``out_dir``; returns what each shows
     (JSON-ready)."""
+    from .plots import save_figure, slug
+
     device = next(model.parameters()).device
     entries = []
     progress = tqdm(total=len(inputs.names) * len(configs), desc="visualize", unit="figure", file=sys.stderr)
