@@ -352,8 +352,7 @@ def summary_line(rows: Sequence[EvalRow]) -> str:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("eval", help="accuracy, GFLOPs and throughput, unpatched vs. ATS configs",
-                                   description=__doc__)
+    parser = subparsers.add_parser("eval", description=__doc__)
     add_model_arguments(parser)
     add_data_arguments(parser)
     add_config_arguments(parser)

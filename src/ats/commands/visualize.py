@@ -411,8 +411,7 @@ def render(model: nn.Module, configs: Sequence[PatchConfig], inputs: Inputs, dat
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "visualize", help="draw the tokens each ATS block keeps and the class token's attention",
-        description="For each image and ATS config, write a PNG: the input, then per ATS block its kept "
+        "visualize", description="For each image and ATS config, write a PNG: the input, then per ATS block its kept "
                     "patches (dropped ones hatched) and the class token's attention (one colour scale across the "
                     "blocks). With no config flags: "
                     f"multi-stage rho = {DEFAULT_RHO:g}.")
