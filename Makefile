@@ -26,8 +26,8 @@ eval-full: $(STAMP)
 	$(VENV)/bin/ats eval --repeats 3
 	$(VENV)/bin/ats eval --model reference-cluttered --repeats 3
 
-# make test leaves out the tests marked slow (training runs, torch.compile, long sweeps); make test-slow runs
-# them, and CI (.ci/run) runs both.
+# make test leaves out the tests marked slow (training runs, torch.compile, runs over several processes, long
+# sweeps); make test-slow runs them, and CI (.ci/run) runs both.
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts
 	$(VENV)/bin/python -m pytest -q -m "not slow"
