@@ -151,10 +151,12 @@ def test_evaluate_gives_what_whole_forwards_give(model, images):
 
 
 def test_eval_shows_a_progress_bar_while_it_times_throughput(checkpoint, capsys):
-    argv = ["eval", "--checkpoint", str(checkpoint), "--limit", "4", "--multi-stage", "0.7", "--repeats", "2"]
+    argv = ["eval", "--checkpoint", str(checkpoint), "--limit", "4", "--multi-stage", "0.7", "--repeats", "2",
+            "--timing-images", "3"]
     assert main(argv) == 0
     err = capsys.readouterr().err
-    assert "throughput (4 images)" in err and "6/6" in err  # two configs, one warm-up and two timed forwards each
+    assert "throughput (3 images)" in err and "6/6" in err  # two configs, one warm-up and two timed forwards each
+    assert main([*argv[:-1], "0"]) == 2 and "--timing-images must be at least 1" in capsys.readouterr().err
 
 
 def test_top1_is_na_with_the_reason_when_the_folder_has_other_classes(tmp_path, checkpoint, capsys):

@@ -88,7 +88,7 @@ def method_of(config: Optional[PatchConfig]) -> str:
     return "topk" if config.sampler == "topk" else "ats"
 
 
-#: Throughput is timed on the first this-many images of the first batch.
+#: Throughput is timed on the first this-many images of the first batch (by default; ``--timing-images``).
 TIMING_BATCH_SIZE = 64
 
 
@@ -117,12 +117,13 @@ class EvalShare:
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[PatchConfig]], repeats: int = 5,
              progress: bool = True, max_bad: float = DEFAULT_MAX_BAD, labels: bool = True,
-             processes: Processes = ONE_PROCESS, static: bool = False) -> List[EvalRow]:
+             processes: Processes = ONE_PROCESS, static: bool = False,
+             timing_images: int = TIMING_BATCH_SIZE) -> List[EvalRow]:
     """Evaluate ``model`` as it is (config None) and patched with each config, on one pass over ``loader``.
 
     Each batch is read once and run through every config; the blocks before the first block a config
     changes run once per batch for all the configs that start there. Throughput (img/s, median of ``repeats``) is
-    measured on the first TIMING_BATCH_SIZE images, every config in this same run, with whole forwards.
+    measured on the first ``timing_images`` images, every config in this same run, with whole forwards.
     Images the loader skipped (``collate_usable``) are counted, up to ``max_bad`` of the data set;
     an image whose logits are not finite counts as an error and is reported. ``labels`` False: the labels
     are not the model's classes, and top-1 is None. Under torchrun each process evaluates its share of the
@@ -132,7 +133,7 @@ def evaluate(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[Pa
     """
     model.eval()
     share = _evaluate_share(model, loader, configs, repeats, progress and processes.main,
-                            SkippedImages(dataset_size(loader), max_bad), static)
+                            SkippedImages(dataset_size(loader), max_bad), static, timing_images)
     shares = processes.gather(share)
     batches = interleave([part.batches for part in shares])
     skipped = SkippedImages(dataset_size(loader), max_bad, names=[name for part in shares for name in part.skipped])
@@ -163,8 +164,9 @@ def evaluate(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[Pa
 
 
 def _evaluate_share(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[PatchConfig]], repeats: int,
-                    progress: bool, skipped: SkippedImages, static: bool) -> EvalShare:
-    """This process's batches through every config, and the throughput of each on its first batch."""
+                    progress: bool, skipped: SkippedImages, static: bool, timing_images: int) -> EvalShare:
+    """This process's batches through every config, and the throughput of each on the first ``timing_images`` of
+    its first batch."""
     device = next(model.parameters()).device
     family = family_of(model)
     depth = family.depth(model)
@@ -179,7 +181,7 @@ def _evaluate_share(model: nn.Module, loader: DataLoader, configs: Sequence[Opti
             images, labels = batch[0].to(device), batch[1].to(device)
             if len(labels) == 0:
                 continue
-            timing_batch = images[:TIMING_BATCH_SIZE] if timing_batch is None else timing_batch
+            timing_batch = images[:timing_images] if timing_batch is None else timing_batch
             tokens = {start: family.run_first_blocks(model, images, start) for start in starts}
             results = []
             for config, start in zip(configs, start_of):
@@ -357,12 +359,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_data_arguments(parser)
     add_config_arguments(parser)
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats for throughput (median)")
+    parser.add_argument("--timing-images", type=int, default=TIMING_BATCH_SIZE, metavar="N",
+                        help=f"time throughput on the first N images (default {TIMING_BATCH_SIZE})")
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows")
     parser.add_argument("--plots", type=Path, metavar="DIR", help="write kept-token histograms and top-1/GFLOPs")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.timing_images < 1:
+        raise ValueError(f"--timing-images must be at least 1, got {args.timing_images}")
     with torchrun_processes(args.device) as processes:
         args.device = processes.device
         model = load_model(args)
@@ -375,7 +381,7 @@ def run(args: argparse.Namespace) -> int:
             configs += [recommended, peer]
         loader = make_loader(dataset, args.batch_size, args.workers, processes)
         rows = evaluate(model, loader, configs, repeats=args.repeats, max_bad=args.max_bad, labels=not unavailable,
-                        processes=processes, static=args.static)
+                        processes=processes, static=args.static, timing_images=args.timing_images)
         if not processes.main:
             return 0
         where = f" ({processes.world_size} processes)" if processes.distributed else ""
