@@ -40,7 +40,12 @@ def test_eval_defaults_to_the_papers_six_the_recommended_and_merging_and_says_wh
     assert list((tmp_path / "plots").glob("*.png"))
 
 
-@pytest.mark.parametrize("model", REFERENCE_MODELS)
+#: The bundled models whose no-flag eval takes longest (make test-slow runs them).
+SLOW_TO_EVALUATE = ("reference-cvt", "reference-psvit", "reference-video")
+
+
+@pytest.mark.parametrize("model", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_TO_EVALUATE else name
+                                   for name in REFERENCE_MODELS])
 def test_eval_with_no_config_flags_runs_on_every_bundled_model_with_the_peer_it_can_run(model, capsys):
     rows = run_json(capsys, "eval", "--model", model, "--limit", "2", "--repeats", "1", "--json")
     video = model in ("reference-video", "reference-xvit")
