@@ -46,6 +46,7 @@ def test_eval_and_compare_skip_and_name_unusable_images(folder, capsys):
     assert {row["skipped"] for row in json.loads(capsys.readouterr().out)} == {3}
 
 
+@pytest.mark.slow
 def test_calibrate_and_train_skip_unusable_images(folder, tmp_path, capsys):
     assert main(["calibrate", "--data", str(folder), "--fraction", "0.7", "--method", "evit", "--max-bad", "0.3",
                  "--json"]) == 0

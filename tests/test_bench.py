@@ -31,6 +31,7 @@ def test_bench_refuses_bad_sizes(argv, message, checkpoint, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_compile_times_compiled_models_with_the_same_flops(checkpoint, capsys):
     argv = ["bench", "--checkpoint", str(checkpoint), "--multi-stage", "0.7", "--batch-size", "2", "--repeats", "1",
             "--warmup", "1", "--json"]
@@ -62,6 +63,7 @@ def test_bench_times_forwards_under_autocast(checkpoint, capsys):
         autocast_context(torch.device("cpu"), "int8")
 
 
+@pytest.mark.slow
 def test_bench_static_rows_cost_the_capacity_and_compile_whole(checkpoint, capsys):
     argv = ["bench", "--checkpoint", str(checkpoint), "--multi-stage", "0.7", "--batch-size", "2", "--repeats", "1",
             "--warmup", "1", "--json"]

@@ -25,6 +25,7 @@ def mean_gflops(model, loader, config):
 
 
 @pytest.mark.parametrize("method, fraction", [("fuse-distinct", 0.85), ("ats", 0.5), ("topk", 0.7), ("evit", 0.8)])
+@pytest.mark.slow
 def test_calibration_hits_the_target_within_two_percent(method, fraction, loader):
     model = tiny_vit()
     found = calibrate(model, loader, fraction=fraction, method=method, first=1, evit_blocks=(1, 3), progress=False)

@@ -19,6 +19,7 @@ def cluttered_checkpoint(tmp_path):
     return random_checkpoint(create_reference_cluttered, tmp_path / "cluttered.pt")
 
 
+@pytest.mark.slow
 def test_the_trained_cluttered_model_classifies_the_test_canvases(capsys):
     """Chance is 10%; the model in checkpoints/ scores far above it with and without ATS."""
     assert main(["eval", "--model", "reference-cluttered", "--limit", "64", "--batch-size", "32", "--single-stage",
@@ -51,6 +52,7 @@ def test_eval_runs_the_cluttered_model_on_canvases(cluttered_checkpoint, capsys)
     assert sampled["gflops"] < unpatched["gflops"] and sampled["kept_tokens_max"] <= 109
 
 
+@pytest.mark.slow
 def test_train_fine_tunes_the_cluttered_model_on_canvases(cluttered_checkpoint, fashion_train, tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--model", "reference-cluttered", "--checkpoint", str(cluttered_checkpoint), "--data",

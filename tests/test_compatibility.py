@@ -141,6 +141,7 @@ def training_step(model: torch.nn.Module, images: torch.Tensor):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.slow
 def test_gradient_checkpointing_is_honoured_in_ats_blocks(name):
     model = MODELS[name]().train()
     config = dataclasses.replace(config_for(name), stochastic=True)
@@ -158,6 +159,7 @@ def test_gradient_checkpointing_is_honoured_in_ats_blocks(name):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.slow
 def test_torch_compile_does_not_recompile_for_new_token_counts(name):
     """Over 10 batches that keep different numbers of tokens, recompiling stops after the first ones: a
     compiled graph takes any token count; only a new packing layout (padded or not, ...) compiles again."""

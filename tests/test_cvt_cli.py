@@ -23,6 +23,7 @@ def test_eval_runs_the_bundled_cvt_unpatched_linear_and_with_ats(capsys):
     assert sampled["kept_tokens_max"] < 197 == keep_all["kept_tokens_min"]
 
 
+@pytest.mark.slow
 def test_train_takes_keep_all_as_its_config(fashion_train, tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--model", "reference-cvt", "--data", str(fashion_train), "--limit", "16", "--batch-size",

@@ -31,6 +31,7 @@ def without_throughput(rows):
     return [{key: value for key, value in row.items() if key != "throughput"} for row in rows]
 
 
+@pytest.mark.slow
 def test_eval_on_two_processes_gives_one_processs_rows(capsys):
     argv = ["eval", "--limit", "301", "--batch-size", "50", "--repeats", "1", "--json"]  # 7 batches, the last of 1
     one = one_process(capsys, argv)
@@ -41,6 +42,7 @@ def test_eval_on_two_processes_gives_one_processs_rows(capsys):
     assert all(row["throughput"] > 0 for row in two)
 
 
+@pytest.mark.slow
 def test_compare_and_calibrate_on_two_processes_give_one_processs_results(capsys, tmp_path):
     compare = ["compare", "--limit", "120", "--batch-size", "50", "--repeats", "1", "--rho", "1.0", "--merge-r", "16",
                "--min-kept", "0.9", "--distinct", "0.95", "--evit", "0.7", "--saint", "0.9", "--json"]
@@ -53,6 +55,7 @@ def test_compare_and_calibrate_on_two_processes_give_one_processs_results(capsys
     assert two == one and two["images"] == 130
 
 
+@pytest.mark.slow
 def test_a_process_that_dies_stops_the_run_naming_its_rank():
     process = subprocess.Popen([*TORCHRUN, "eval", "--batch-size", "50", "--json"], stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True, env={**ENV, "ATS_TEST_RUN": "1"})

@@ -7,6 +7,7 @@ from test_datasets import write_image_folder
 import ats
 from ats.commands.cli import main
 from ats.commands.evaluate import evaluate
+from ats.commands.options import REFERENCE_MODELS
 
 
 def run_json(capsys, *argv):
@@ -15,7 +16,7 @@ def run_json(capsys, *argv):
 
 
 def test_eval_on_an_image_folder(tmp_path, checkpoint, capsys):
-    data = write_image_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=2, size=(28, 28))
+    data = write_image_folder(tmp_path / "data", classes=tuple("abcdefghij"), per_class=1, size=(28, 28))
     rows = run_json(capsys, "eval", "--checkpoint", str(checkpoint), "--data", str(data), "--multi-stage", "0.7",
                     "--blocks", "3:500", "--topk", "--repeats", "1", "--json")
     assert [row["config"] for row in rows] == ["unpatched", "rho=0.7 @ blocks 3..11 (topk)", "K=500 @ block 3 (topk)"]
@@ -39,10 +40,26 @@ def test_eval_defaults_to_the_papers_six_the_recommended_and_merging_and_says_wh
     assert list((tmp_path / "plots").glob("*.png"))
 
 
+#: The bundled models whose no-flag eval takes longest (make test-slow runs them).
+SLOW_TO_EVALUATE = ("reference-cvt", "reference-psvit", "reference-video")
+
+
+@pytest.mark.parametrize("model", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_TO_EVALUATE else name
+                                   for name in REFERENCE_MODELS])
+def test_eval_with_no_config_flags_runs_on_every_bundled_model_with_the_peer_it_can_run(model, capsys):
+    rows = run_json(capsys, "eval", "--model", model, "--limit", "2", "--repeats", "1", "--json")
+    video = model in ("reference-video", "reference-xvit")
+    assert len(rows) == 9 and rows[-2]["config"].endswith("(fuse, distinct=0.95)")
+    assert rows[-1]["method"] == ("ats" if video else "merge")
+    if video:  # tube fusing: the recommended setting without distinct
+        assert rows[-1]["config"] == rows[-2]["config"].replace(", distinct=0.95", "")
+    assert all(row["top1"] is not None and row["gflops"] < rows[0]["gflops"] for row in rows[1:])
+
+
 def test_the_default_merging_row_costs_about_what_the_recommended_one_does(capsys):
     rows = run_json(capsys, "eval", "--limit", "100", "--repeats", "1", "--json")
     recommended, merging = rows[-2:]
-    assert recommended["config"] == ats.ATSConfig.recommended().describe() and merging["method"] == "merge"
+    assert recommended["config"] == ats.ATSConfig.recommended(depth=12).describe() and merging["method"] == "merge"
     assert abs(merging["gflops"] / recommended["gflops"] - 1) < 0.05
     assert recommended["top1"] > max(row["top1"] for row in rows[1:7])  # the bundled model: above the paper's six
 
@@ -136,3 +153,45 @@ def test_evaluate_gives_what_whole_forwards_give(model, images):
             assert torch.equal(row.tokens_out, stats.tokens_out) and row.gflops == float(stats.gflops.mean())
             ats.unpatch(model)
     assert len({row.top1 for row in rows}) > 1, "the configs should not all agree"
+
+
+def test_eval_shows_a_progress_bar_while_it_times_throughput(checkpoint, capsys):
+    argv = ["eval", "--checkpoint", str(checkpoint), "--limit", "4", "--multi-stage", "0.7", "--repeats", "2",
+            "--timing-images", "3"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "throughput (3 images)" in err and "6/6" in err  # two configs, one warm-up and two timed forwards each
+    assert main([*argv[:-1], "0"]) == 2 and "--timing-images must be at least 1" in capsys.readouterr().err
+
+
+def test_top1_is_na_with_the_reason_when_the_folder_has_other_classes(tmp_path, checkpoint, capsys):
+    data = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=1, size=(28, 28))
+    argv = ["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--multi-stage", "0.7", "--repeats", "1"]
+    rows = run_json(capsys, *argv, "--json")
+    assert [row["top1"] for row in rows] == [None, None]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "top-1 is n/a: " in captured.err and "has 2 classes and the model 10" in captured.err
+    assert captured.out.splitlines()[1].split()[4:6] == ["n/a", "n/a"]
+
+
+def test_top1_is_na_with_the_reason_for_random_weights(capsys):
+    assert main(["eval", "--model", "deit_tiny_patch16_224", "--limit", "1", "--multi-stage", "0.7", "--repeats", "1",
+                 "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)[0]["top1"] is None
+    assert "deit_tiny_patch16_224 has random weights (add --pretrained" in captured.err
+
+
+def test_num_classes_loads_a_checkpoint_with_another_head(tmp_path, capsys):
+    import timm
+
+    torch.save(timm.create_model("deit_tiny_patch16_224", num_classes=2).state_dict(), tmp_path / "two.pt")
+    data = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=1, size=(32, 32))
+    argv = ["eval", "--model", "deit_tiny_patch16_224", "--checkpoint", str(tmp_path / "two.pt"), "--data", str(data),
+            "--multi-stage", "0.7", "--repeats", "1", "--json"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "another architecture" in err and "--num-classes N" in err
+    rows = run_json(capsys, *argv, "--num-classes", "2")
+    assert all(0 <= row["top1"] <= 100 for row in rows)

@@ -150,6 +150,7 @@ def test_models_evit_cannot_run_on_are_refused(images):
 
 
 
+@pytest.mark.slow
 def test_evit_with_ats_honours_gradient_checkpointing_and_compiles(images):
     from test_compatibility import training_step
     from torch._dynamo.testing import CompileCounter

@@ -76,3 +76,48 @@ def test_bench_and_visualize_run_without_data(capsys, tmp_path):
                           "--out", str(tmp_path), "--json")
     assert entries[0]["label"] == "Ankle boot" and Path(entries[0]["path"]).is_file()
     assert entries[0]["prediction"] not in (None, "Ankle boot")  # an ImageNet class name
+
+
+@pytest.mark.parametrize("model", ["deit_tiny_patch16_224", "hf:facebook/deit-tiny-patch16-224"])
+def test_pretrained_without_a_network_fails_at_once_saying_so(model, monkeypatch, capsys):
+    import socket
+    import time
+
+    def unreachable(address, timeout):
+        assert timeout <= 5
+        raise OSError("Network is unreachable")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    start = time.perf_counter()
+    assert main(["eval", "--model", model, "--pretrained", "--limit", "1"]) == 2
+    assert time.perf_counter() - start < 5
+    err = capsys.readouterr().err
+    assert "huggingface.co, which cannot be reached (Network is unreachable)" in err and "HF_HUB_OFFLINE=1" in err
+
+
+def test_hub_offline_skips_the_network_probe(monkeypatch):
+    import socket
+
+    from ats.commands.options import require_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket, "create_connection", lambda *args, **kwargs: pytest.fail("probed the network"))
+    require_hub("deit_tiny_patch16_224")
+
+
+def test_the_top_level_help_loads_no_command_module(capsys):
+    """``ats --help`` lists the commands without importing them (nor torch, timm, matplotlib or transformers: ``ats``
+    loads its API on first use); a command's own parser comes with its module."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from ats.commands.cli import build_parser; build_parser().format_help(); "
+            "print(' '.join(name for name in sys.modules if name.startswith('ats.commands.') and name not in "
+            "('ats.commands.cli',) or name in ('torch', 'timm', 'matplotlib', 'transformers')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
+    assert main([]) == 0 and "accuracy, GFLOPs and throughput" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "--num-classes" in capsys.readouterr().out

@@ -49,6 +49,7 @@ def test_preprocessing_comes_from_the_image_processor_config(hf_reference, tmp_p
     assert len(rows) == 9 and rows[0]["tokens_per_block"][0] == 197  # the paper's six, recommended, merging
 
 
+@pytest.mark.slow
 def test_visualize_bench_and_train_take_a_transformers_model(hf_reference, fashion_train, tmp_path, capsys):
     entries = run_json(capsys, "visualize", "--model", f"hf:{hf_reference}", "--num-images", "2",
                        "--out", str(tmp_path / "pngs"), "--json")

@@ -1,6 +1,6 @@
 """sampler="released" against the authors' released code itself, block by block (issue 41, item 3).
 
-The record (``shared/fidelity/official_ats_rho1_first500_bs1.json`` beside the repository) is the released
+The record (``tests/data/official_ats_rho1_first500_bs1.json``, see tests/data/README.md) is the released
 code run one image at a time on the reference model's first 500 test images: per image its predicted class
 (``pred``), the tokens each of the 12 blocks kept, class token included (``kept``, our
 ``ATSStats.tokens_out``) and its GFLOPs. The released code builds its blocks' LayerNorms as ``nn.LayerNorm``
@@ -14,7 +14,6 @@ block for all 500 images and predicts the same class (docs/method.md).
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 import ats
@@ -22,15 +21,13 @@ from ats.data.fashion_mnist import bundled_test_set
 from ats.reference import load_reference_model
 from ats.sampling import RELEASED_EPS, released_attention
 
-RECORD = Path(__file__).resolve().parents[2] / "shared" / "fidelity" / "official_ats_rho1_first500_bs1.json"
+RECORD = Path(__file__).resolve().parent / "data" / "official_ats_rho1_first500_bs1.json"
 IMAGES = 500
 #: PyTorch's ``nn.LayerNorm`` default, which the released code's blocks normalise with.
 RELEASED_LAYER_NORM_EPS = 1e-5
 
 
 def released_record() -> dict:
-    if not RECORD.is_file():
-        pytest.fail(f"the released code's record {RECORD} is missing: CI keeps shared/ beside the repository")
     record = json.loads(RECORD.read_text(encoding="utf-8"))
     assert len(record["pred"]) == len(record["kept"]) == IMAGES
     return record

@@ -76,7 +76,7 @@ def test_a_registered_method_runs_through_the_step(registered, static):
 def test_every_registered_method_is_exported_named_and_in_the_help():
     with pytest.raises(TypeError) as refused:
         ats.patch(tiny_vit(), object())
-    help_text = build_parser()._subparsers._group_actions[0].choices["eval"].format_help()
+    help_text = build_parser("eval")._subparsers._group_actions[0].choices["eval"].format_help()
     for method in ats.methods.METHODS:
         assert getattr(ats, method.__name__) is method and method.__name__ in ats.__all__
         assert f"ats.{method.__name__} ({method.summary})" in str(refused.value)

@@ -117,12 +117,14 @@ def ten_batches():
 
 @pytest.mark.parametrize("name", ["inverse_transform", "topk", "released", "fuse_distinct", "evit", "merge",
                                   "saint"])
+@pytest.mark.slow
 def test_a_static_timm_vit_compiles_whole_once(name):
     model = ats.patch(tiny_vit(depth=COMPILE_DEPTH), configs(COMPILE_DEPTH)[name], static=True)
     assert_one_graph_over_ten_batches(model, lambda m, x: m(x), ten_batches())
 
 
 @pytest.mark.parametrize("name", ["inverse_transform", "topk", "released", "fuse_distinct", "evit", "merge"])
+@pytest.mark.slow
 def test_a_static_hugging_face_vit_compiles_whole_once(name):
     transformers = pytest.importorskip("transformers")
     config = transformers.ViTConfig(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=COMPILE_DEPTH,
@@ -133,6 +135,7 @@ def test_a_static_hugging_face_vit_compiles_whole_once(name):
     assert_one_graph_over_ten_batches(model, lambda m, x: m(pixel_values=x).logits, ten_batches())
 
 
+@pytest.mark.slow
 def test_a_static_model_compiles_with_inductor_and_reduce_overhead():
     """The default backend, in the CUDA-graph mode (on the CPU it runs without CUDA graphs)."""
     model = ats.patch(tiny_vit(depth=COMPILE_DEPTH, embed_dim=32, num_heads=2),
@@ -144,6 +147,7 @@ def test_a_static_model_compiles_with_inductor_and_reduce_overhead():
         assert (compiled(images) - model(images)).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_static_mode_trains():
     model = tiny_vit(drop_path_rate=0.1).train()
     ats.patch(model, ats.ATSConfig.multi_stage(0.7, first=1, depth=DEPTH, fuse=True, stochastic=True), static=True)

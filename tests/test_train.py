@@ -22,6 +22,7 @@ def log_lines(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_training_writes_checkpoints_and_resumes(checkpoint, fashion_train, tmp_path):
     out = tmp_path / "run"
     assert main(train_argv(checkpoint, fashion_train, out, "--epochs", "1")) == 0
@@ -43,6 +44,7 @@ def test_training_writes_checkpoints_and_resumes(checkpoint, fashion_train, tmp_
                for name, tensor in state["model"].items())
 
 
+@pytest.mark.slow
 def test_training_evit_alone_and_stacked_with_ats(checkpoint, fashion_train, tmp_path):
     base = ["train", "--checkpoint", str(checkpoint), "--data", str(fashion_train), "--limit", "16",
             "--batch-size", "8", "--val-limit", "10", "--epochs", "1", "--evit", "0.7"]
@@ -71,6 +73,7 @@ def test_training_errors_name_the_problem(extra, message, checkpoint, fashion_tr
 
 
 @pytest.mark.parametrize("module", [["ats.train"], ["ats", "train"]], ids=["-m ats.train", "-m ats train"])
+@pytest.mark.slow
 def test_two_processes_keep_identical_replicas(module, checkpoint, fashion_train, tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -106,6 +109,7 @@ def final_weights(out):
 
 
 @pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.slow
 def test_a_run_killed_at_any_moment_resumes_to_the_same_weights(processes, checkpoint, fashion_train, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] \
@@ -128,6 +132,7 @@ def test_a_run_killed_at_any_moment_resumes_to_the_same_weights(processes, check
     assert log_lines(killed)[-1]["train_loss"] == log_lines(whole)[-1]["train_loss"]
 
 
+@pytest.mark.slow
 def test_a_dead_worker_stops_the_run_naming_its_rank_and_the_run_resumes(checkpoint, fashion_train, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ATS_TEST_RUN": "1"}
     out = tmp_path / "run"

@@ -42,6 +42,7 @@ def test_eval_runs_the_video_model_on_test_clips(video_checkpoint, capsys):
     assert sampled["tokens_per_block"][:3] == [65.0] * 3  # ATS from block 3 on
 
 
+@pytest.mark.slow
 def test_train_fine_tunes_the_video_model_with_ats(video_checkpoint, fashion_train, tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--model", "reference-video", "--checkpoint", str(video_checkpoint), "--data",

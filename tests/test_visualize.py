@@ -13,10 +13,12 @@ from ats.adapters.timm import TIMM
 from ats.commands.cli import main
 from ats.commands.options import add_config_arguments
 from ats.commands.visualize import (
+    ATTENTION_LABEL,
     ImageTokens,
     attention_maps,
     display_images,
     kept_masks,
+    tint_dropped,
     token_figure,
     visualize_configs,
 )
@@ -91,10 +93,38 @@ def test_token_figure_has_a_panel_per_block_titled_with_its_count():
                          present, gflops=0.5, label="shirt", prediction="bag")
     figure = token_figure(tokens)
     titles = [ax.get_title() for ax in figure.axes]
-    assert len(titles) == 1 + 2 * 3
+    assert len(titles) == 1 + 2 * 3 + 1  # the input, two rows of three blocks, the colour bar
     for block, mask in masks.items():
         assert f"block {block}: {int(mask[0].sum())} kept" in titles
     assert "label: shirt" in figure.get_suptitle() and "0.5 GFLOPs" in figure.get_suptitle()
+
+
+def test_the_heat_maps_share_one_scale_shown_by_a_colour_bar():
+    masks = {1: torch.ones(ROWS, COLS, dtype=torch.bool), 2: torch.ones(ROWS, COLS, dtype=torch.bool)}
+    attention = {1: torch.full((ROWS, COLS), 0.01), 2: torch.full((ROWS, COLS), 0.04)}
+    attention[2][0, 0] = 0.08
+    tokens = ImageTokens("x", "cfg", torch.zeros(16, 24, 3), masks, attention, masks, gflops=0.1)
+    figure = token_figure(tokens)
+    (bar,) = [ax for ax in figure.axes if ax.get_ylabel() == ATTENTION_LABEL]
+    heat = {ax.get_title(): ax.get_images()[-1].get_array() for ax in figure.axes if "class attn." in ax.get_title()}
+    assert float(heat["block 2: class attn."].max()) == pytest.approx(1.0)
+    assert float(heat["block 1: class attn."].max()) == pytest.approx(0.125)  # 0.01 / 0.08, not scaled to its own
+    assert ATTENTION_LABEL in figure.get_suptitle()
+
+
+@pytest.mark.parametrize("colour", [(0.35, 0.55, 0.95), (0.2, 0.35, 0.75), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)])
+def test_dropped_patches_stand_out_on_any_colour(colour):
+    """On a plain image of any colour (a blue sky, black, white), every dropped patch differs from a kept one."""
+    image = torch.tensor(colour).expand(16, 24, 3).clone()
+    kept = torch.zeros(ROWS, COLS, dtype=torch.bool)
+    kept[:, :3] = True
+    shown = torch.from_numpy(tint_dropped(image, kept))
+    assert torch.equal(shown[:, :12], image[:, :12])
+    for row in range(ROWS):
+        for col in range(3, COLS):
+            patch = shown[row * 4:(row + 1) * 4, col * 4:(col + 1) * 4]
+            assert (patch - image[0, 0]).abs().sum(dim=-1).max() > 0.5
+            assert patch.reshape(-1, 3).unique(dim=0).shape[0] == 2  # stripes: hatch and grey
 
 
 def test_token_figure_without_class_token_has_only_the_kept_row():
@@ -127,14 +157,15 @@ def test_data_config_fits_a_one_channel_model():
     assert len(config["mean"]) == len(config["std"]) == 1
 
 
-def test_cli_writes_one_png_per_image_and_config(tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["--data", "--images"])
+def test_cli_writes_one_png_per_image_and_config(tmp_path, capsys, flag):
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(0)
     for name in ("a.png", "b.jpg"):
         Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / name)
     out = tmp_path / "out"
-    code = main(["visualize", "--model", "vit_tiny_patch16_224", "--images", str(folder), "--out", str(out),
+    code = main(["visualize", "--model", "vit_tiny_patch16_224", flag, str(folder), "--out", str(out),
                  "--multi-stage", "1.0", "--single-stage", "60", "--json"])
     assert code == 0
     entries = json.loads(capsys.readouterr().out)

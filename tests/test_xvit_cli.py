@@ -39,6 +39,7 @@ def test_eval_and_bench_run_the_xvit_on_test_clips(xvit_checkpoint, capsys):
     assert timed[1]["gflops"] < 0.8 * timed[0]["gflops"] and timed[1]["throughput"] > 0
 
 
+@pytest.mark.slow
 def test_train_fine_tunes_the_xvit_with_ats(xvit_checkpoint, fashion_train, tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--model", "reference-xvit", "--checkpoint", str(xvit_checkpoint), "--data",

@@ -18,19 +18,39 @@ Layout, imports running downward only: ``ats.commands`` (the CLI) -> this module
 method, and ``tubes``) -> the step (``method``, ``stats``, ``step``) -> the algorithm on plain tensors
 (``sampling``, ``packing``, ``merging``, ``evit``, ``saint``, ``flops``, ``profiling``).
 """
+import importlib
 import sys
 import types
 import warnings
-
-from . import adapters
-from .adapters import gflops, is_patched, last_stats, patch, unpatch
-from .calibration import Calibration, calibrate
-from .methods import *  # noqa: F403  the registered methods (ats.methods.METHODS), TokenBudget, PatchConfig
-from .methods import __all__ as _methods
-from .stats import ATSStats
+from typing import List
 
 __version__ = "0.1.0"
-__all__ = ["ATSStats", "Calibration", *_methods, "calibrate", "gflops", "is_patched", "last_stats", "patch", "unpatch"]
+
+#: The public API by the module that holds it, imported on first use so that importing ``ats`` (and ``ats --help``)
+#: loads neither torch nor timm; the registered methods (``ats.methods.__all__``) join it when ``ats.methods`` loads.
+_API = {"ATSStats": "stats", "Calibration": "calibration", "calibrate": "calibration", "gflops": "adapters",
+        "is_patched": "adapters", "last_stats": "adapters", "patch": "adapters", "unpatch": "adapters"}
+
+
+def _methods() -> List[str]:
+    return list(importlib.import_module(f"{__name__}.methods").__all__)
+
+
+def __getattr__(name: str):
+    if name == "__all__":
+        return sorted([*_API, *_methods()])
+    if name in _API:
+        value = getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
+    elif not name.startswith("_") and name in _methods():
+        value = getattr(importlib.import_module(f"{__name__}.methods"), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted([*globals(), *_API, *_methods()])
 
 
 class _DeprecatedPatchPackage(types.ModuleType):
@@ -42,7 +62,7 @@ class _DeprecatedPatchPackage(types.ModuleType):
             raise AttributeError(name)
         warnings.warn("the package ats.patch is now ats.adapters (ats.patch is the function); the alias goes in the "
                       "next release", DeprecationWarning, stacklevel=2)
-        return getattr(adapters, name)
+        return getattr(importlib.import_module(f"{__package__}.adapters"), name)
 
 
 sys.modules[f"{__name__}.patch"] = _DeprecatedPatchPackage(f"{__name__}.patch")

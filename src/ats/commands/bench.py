@@ -210,8 +210,7 @@ def format_rows(rows: Sequence[BenchRow]) -> str:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("bench", help="throughput of unpatched vs. patched: speedup and efficiency",
-                                   description=__doc__)
+    parser = subparsers.add_parser("bench", description=__doc__)
     add_model_arguments(parser)
     add_config_arguments(parser)
     parser.add_argument("--batch-size", type=int, action="append", metavar="N",

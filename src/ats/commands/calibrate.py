@@ -43,8 +43,8 @@ def format_calibration(found: Calibration) -> str:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("calibrate", help="find the config that costs a given GFLOPs budget",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser("calibrate", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     group = parser.add_argument_group("data")
     group.add_argument("--data", help="an ImageFolder of calibration images; default: the bundled Fashion-MNIST "

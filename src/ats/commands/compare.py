@@ -102,8 +102,7 @@ def format_comparison(records: Sequence[dict]) -> str:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("compare", help="ATS vs. token merging, SAINT, EViT and top-K over budgets",
-                                   description=__doc__)
+    parser = subparsers.add_parser("compare", description=__doc__)
     add_model_arguments(parser)
     add_data_arguments(parser)
     parser.add_argument("--rho", type=float, action="append", metavar="RHO",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -28,6 +28,7 @@ from .options import (
     config_flags_given,
     configs_from_arguments,
     load_model,
+    random_weights,
 )
 from .timing import measure_throughput
 
@@ -87,7 +88,7 @@ def method_of(config: Optional[PatchConfig]) -> str:
     return "topk" if config.sampler == "topk" else "ats"
 
 
-#: Throughput is timed on the first this-many images of the first batch.
+#: Throughput is timed on the first this-many images of the first batch (by default; ``--timing-images``).
 TIMING_BATCH_SIZE = 64
 
 
@@ -116,12 +117,13 @@ class EvalShare:
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[PatchConfig]], repeats: int = 5,
              progress: bool = True, max_bad: float = DEFAULT_MAX_BAD, labels: bool = True,
-             processes: Processes = ONE_PROCESS, static: bool = False) -> List[EvalRow]:
+             processes: Processes = ONE_PROCESS, static: bool = False,
+             timing_images: int = TIMING_BATCH_SIZE) -> List[EvalRow]:
     """Evaluate ``model`` as it is (config None) and patched with each config, on one pass over ``loader``.
 
     Each batch is read once and run through every config; the blocks before the first block a config
     changes run once per batch for all the configs that start there (``ats.adapters.tokens_before``). Throughput
-    (img/s, median of ``repeats``) is measured on the first TIMING_BATCH_SIZE images, every config in this same
+    (img/s, median of ``repeats``) is measured on the first ``timing_images`` images, every config in this same
     run, with whole forwards. Images the loader skipped (``collate_usable``) are counted, up to ``max_bad`` of the
     data set; an image whose logits are not finite counts as an error and is reported. ``labels`` False: the labels
     are not the model's classes, and top-1 is None. Under torchrun each process evaluates its share of the
@@ -131,7 +133,7 @@ def evaluate(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[Pa
     """
     model.eval()
     share = _evaluate_share(model, loader, configs, repeats, progress and processes.main,
-                            SkippedImages(dataset_size(loader), max_bad), static)
+                            SkippedImages(dataset_size(loader), max_bad), static, timing_images)
     shares = processes.gather(share)
     batches = interleave([part.batches for part in shares])
     skipped = SkippedImages(dataset_size(loader), max_bad, names=[name for part in shares for name in part.skipped])
@@ -162,8 +164,9 @@ def evaluate(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[Pa
 
 
 def _evaluate_share(model: nn.Module, loader: DataLoader, configs: Sequence[Optional[PatchConfig]], repeats: int,
-                    progress: bool, skipped: SkippedImages, static: bool) -> EvalShare:
-    """This process's batches through every config, and the throughput of each on its first batch."""
+                    progress: bool, skipped: SkippedImages, static: bool, timing_images: int) -> EvalShare:
+    """This process's batches through every config, and the throughput of each on the first ``timing_images`` of
+    its first batch."""
     device = next(model.parameters()).device
     depth = depth_of(model)
     num_tokens = family_of(model).shape(model).num_tokens
@@ -176,7 +179,7 @@ def _evaluate_share(model: nn.Module, loader: DataLoader, configs: Sequence[Opti
             images, labels = batch[0].to(device), batch[1].to(device)
             if len(labels) == 0:
                 continue
-            timing_batch = images[:TIMING_BATCH_SIZE] if timing_batch is None else timing_batch
+            timing_batch = images[:timing_images] if timing_batch is None else timing_batch
             tokens = {}
             for start, config in first_of_start.items():
                 set_config(model, config, static)
@@ -195,15 +198,24 @@ def _evaluate_share(model: nn.Module, loader: DataLoader, configs: Sequence[Opti
                     _tokens(model, config, len(labels), depth, num_tokens, "tokens_out"),
                     None if config is None else ats.last_stats(model).gflops.cpu()))
             batches.append(results)
-        throughputs = None
-        if timing_batch is not None:
-            throughputs = []
-            for config in configs:
-                set_config(model, config, static)
-                throughputs.append(measure_throughput(model, timing_batch, repeats=repeats, warmup=1))
+        throughputs = None if timing_batch is None else _time_configs(model, configs, timing_batch, repeats,
+                                                                       progress, static)
     finally:
         set_config(model, None)
     return EvalShare(batches, list(skipped.names), throughputs)
+
+
+def _time_configs(model: nn.Module, configs: Sequence[Optional[PatchConfig]], images: torch.Tensor, repeats: int,
+                  progress: bool, static: bool) -> List[float]:
+    """The throughput of each config on ``images`` (median of ``repeats`` forwards after one warm-up), with a
+    progress bar over the forwards."""
+    throughputs = []
+    with tqdm(total=len(configs) * (repeats + 1), desc=f"throughput ({len(images)} images)", unit="forward",
+              disable=not progress, file=sys.stderr) as bar:
+        for config in configs:
+            set_config(model, config, static)
+            throughputs.append(measure_throughput(model, images, repeats=repeats, warmup=1, on_forward=bar.update))
+    return throughputs
 
 
 def set_config(model: nn.Module, config: Optional[PatchConfig], static: bool = False) -> None:
@@ -251,10 +263,13 @@ def format_table(rows: Sequence[EvalRow]) -> str:
     return text_table(lines)
 
 
-def recommended_and_merge(model: nn.Module, dataset: Dataset, batch_size: int) -> Tuple[ATSConfig, MergeConfig]:
-    """The recommended config (``ATSConfig.recommended``), and token merging at about its mean GFLOPs on the
-    first batch of ``dataset`` (the same batch on every process of a torchrun)."""
+def recommended_and_peer(model: nn.Module, dataset: Dataset, batch_size: int) -> Tuple[ATSConfig, PatchConfig]:
+    """The recommended config (``ATSConfig.recommended``) and the peer it is compared with: token merging at about
+    its mean GFLOPs on the first batch of ``dataset`` (the same batch on every process of a torchrun) where the
+    model can merge; where it cannot (a video model: only ATS runs, on tubes), tube fusing without ``distinct``."""
     recommended = ATSConfig.recommended(depth_of(model))
+    if not accepts(model, MergeConfig(1)):
+        return recommended, replace(recommended, distinct=0.0)
     device = next(model.parameters()).device
     images = next(batch[0] for batch in make_loader(dataset, batch_size, 0) if len(batch[1]))
     try:
@@ -266,17 +281,74 @@ def recommended_and_merge(model: nn.Module, dataset: Dataset, batch_size: int) -
     return recommended, nearest_merge(model, gflops, tuple(images.shape[1:]))
 
 
-def which_row(recommended: ATSConfig, merge: MergeConfig) -> str:
+def accepts(model: nn.Module, config: PatchConfig) -> bool:
+    """Whether ``model`` can be patched with ``config`` (its family refuses some methods); leaves it unpatched."""
+    try:
+        ats.patch(model, config)
+    except ValueError:
+        return False
+    finally:
+        set_config(model, None)
+    return True
+
+
+def which_row(recommended: ATSConfig, peer: PatchConfig) -> str:
     """The line under the default table that says which row is for what."""
-    return (f"which row: '{recommended.describe()}' is the recommended setting; '{merge.describe()}' is token "
-            "merging at about its GFLOPs, for comparison; the paper's six configs above them drop more tokens than a "
-            "model with peaked class attention can spare (docs/results.md)")
+    if isinstance(peer, MergeConfig):
+        compared = f"'{peer.describe()}' is token merging at about its GFLOPs, for comparison"
+    else:
+        compared = (f"'{peer.describe()}' is the same without distinct, for comparison (this model runs ATS only: "
+                    "token merging, EViT and SAINT are refused)")
+    return (f"which row: '{recommended.describe()}' is the recommended setting; {compared}; the paper's six configs "
+            "above them drop more tokens than a model with peaked class attention can spare (docs/results.md)")
 
 
-#: What ``ats eval`` says when the bundled images' labels are not the model's classes.
-LABELS_NOTE = ("ats eval: top-1 is n/a: the bundled images are Fashion-MNIST garments (resized to this model's "
-               "input), not this model's classes; pass --data DIR (an ImageFolder of its classes, e.g. ImageNet's "
-               "val folder) for accuracy")
+#: Why top-1 means nothing when the bundled images' labels are not the model's classes.
+BUNDLED_LABELS = ("the bundled images are Fashion-MNIST garments (resized to this model's input), not this model's "
+                  "classes; pass --data DIR (an ImageFolder of its classes, e.g. ImageNet's val folder) for accuracy")
+
+
+def top1_unavailable(args: argparse.Namespace, model: nn.Module, dataset: Dataset) -> List[str]:
+    """Why the labels of ``dataset`` cannot be scored as ``model``'s classes (empty: they can): random weights,
+    the bundled images under a model of other classes, or a folder whose classes differ from the model's in count
+    or names."""
+    reasons = []
+    if random_weights(args):
+        reasons.append(f"{args.model} has random weights (add --pretrained for timm's, or --checkpoint FILE)")
+    inputs = data_config(model)
+    if args.data is None:
+        if not knows_bundled_classes(inputs):
+            reasons.append(BUNDLED_LABELS)
+        return reasons
+    folder = dataset_classes(dataset)
+    zeros = torch.zeros(1, *family_of(model).input_size(model), device=next(model.parameters()).device)
+    with torch.inference_mode():
+        outputs = as_logits(model(zeros)).shape[-1]
+    names = inputs["class_names"]
+    if len(folder) != outputs:
+        reasons.append(f"{args.data} has {len(folder)} classes and the model {outputs} (a checkpoint with another "
+                       "head: --num-classes N)")
+    elif names is not None and len(names) == outputs and folder not in (list(names), imagenet_label_names(model)):
+        reasons.append(f"the class folders of {args.data} ({', '.join(folder[:3])}, ...) are not the model's classes "
+                       f"({', '.join(map(str, names[:3]))}, ...) in that order")
+    return reasons
+
+
+def dataset_classes(dataset: Dataset) -> List[str]:
+    """The class names of an ImageFolder or video folder (``build_dataset``'s, perhaps a Subset of it), in label
+    order."""
+    while not hasattr(dataset, "classes"):
+        dataset = getattr(dataset, "dataset", None) or dataset.folder
+    return list(dataset.classes)
+
+
+def imagenet_label_names(model: nn.Module) -> Optional[List[str]]:
+    """The synset folder names (n01440764, ...) of a timm model's ImageNet classes, as in ImageNet's val folder;
+    None for other models."""
+    import timm.data
+
+    subset = timm.data.infer_imagenet_subset(model) if hasattr(model, "pretrained_cfg") else None
+    return None if subset is None else list(timm.data.ImageNetInfo(subset).label_names())
 
 
 def summary_line(rows: Sequence[EvalRow]) -> str:
@@ -285,44 +357,46 @@ def summary_line(rows: Sequence[EvalRow]) -> str:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("eval", help="accuracy, GFLOPs and throughput, unpatched vs. ATS configs",
-                                   description=__doc__)
+    parser = subparsers.add_parser("eval", description=__doc__)
     add_model_arguments(parser)
     add_data_arguments(parser)
     add_config_arguments(parser)
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats for throughput (median)")
+    parser.add_argument("--timing-images", type=int, default=TIMING_BATCH_SIZE, metavar="N",
+                        help=f"time throughput on the first N images (default {TIMING_BATCH_SIZE})")
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows")
     parser.add_argument("--plots", type=Path, metavar="DIR", help="write kept-token histograms and top-1/GFLOPs")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.timing_images < 1:
+        raise ValueError(f"--timing-images must be at least 1, got {args.timing_images}")
     with torchrun_processes(args.device) as processes:
         args.device = processes.device
         model = load_model(args)
-        inputs = data_config(model)
-        dataset = build_dataset(args.data, inputs, args.limit)
-        labels = args.data is not None or knows_bundled_classes(inputs)
+        dataset = build_dataset(args.data, data_config(model), args.limit)
+        unavailable = top1_unavailable(args, model, dataset)
         configs = [None, *configs_from_arguments(args, depth=depth_of(model))]
         defaults = not config_flags_given(args)
         if defaults:
-            recommended, merge = recommended_and_merge(model, dataset, args.batch_size)
-            configs += [recommended, merge]
+            recommended, peer = recommended_and_peer(model, dataset, args.batch_size)
+            configs += [recommended, peer]
         loader = make_loader(dataset, args.batch_size, args.workers, processes)
-        rows = evaluate(model, loader, configs, repeats=args.repeats, max_bad=args.max_bad, labels=labels,
-                        processes=processes, static=args.static)
+        rows = evaluate(model, loader, configs, repeats=args.repeats, max_bad=args.max_bad, labels=not unavailable,
+                        processes=processes, static=args.static, timing_images=args.timing_images)
         if not processes.main:
             return 0
         where = f" ({processes.world_size} processes)" if processes.distributed else ""
         print(f"ats eval{where}: {summary_line(rows)}", file=sys.stderr)
-        if not labels:
-            print(LABELS_NOTE, file=sys.stderr)
+        if unavailable:
+            print(f"ats eval: top-1 is n/a: {'; '.join(unavailable)}", file=sys.stderr)
         if args.json:
             print(json.dumps([row.to_json() for row in rows], indent=1))
         else:
             print(format_table(rows))
             if defaults:
-                print(which_row(recommended, merge))
+                print(which_row(recommended, peer))
         if args.plots is not None:
             from .plots import write_eval_plots
 

@@ -25,8 +25,7 @@ from .options import add_config_arguments, add_model_arguments, config_flags_giv
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("export", help="write an ONNX graph and check it in ONNX Runtime",
-                                   description=__doc__)
+    parser = subparsers.add_parser("export", description=__doc__)
     parser.add_argument("--onnx", type=Path, required=True, metavar="FILE", help="the ONNX file to write")
     add_model_arguments(parser)
     add_config_arguments(parser)

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 from pathlib import Path
-from typing import List, Tuple, Union
+from typing import List, Optional, Tuple, Union
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -51,6 +54,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="load timm's pretrained weights, or with hf:NAME the model NAME from the Hugging Face "
                             "hub (downloads them on first use)")
     group.add_argument("--checkpoint", type=Path, help="load weights from this checkpoint file")
+    group.add_argument("--num-classes", type=int, metavar="N",
+                       help="the classifier's outputs, for a checkpoint fine-tuned with another head (a timm name or "
+                            "hf:DIR; default: the model's own)")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="torch device (default: cuda if available, else cpu)")
 
@@ -70,14 +76,22 @@ def load_model(args: argparse.Namespace) -> nn.Module:
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint file {args.checkpoint} does not exist; pass the path of a "
                                 "saved state dict or training checkpoint")
+    num_classes = getattr(args, "num_classes", None)
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"--num-classes must be at least 1, got {num_classes}")
     if args.model.startswith(HF_PREFIX):
-        model = load_hf_model(args.model[len(HF_PREFIX):], download=args.pretrained)
+        if args.pretrained:
+            require_hub(args.model[len(HF_PREFIX):])
+        model = load_hf_model(args.model[len(HF_PREFIX):], download=args.pretrained, num_classes=num_classes)
     elif args.model.startswith(("open_clip:", "torchvision:")):
         model = load_package_model(args.model, args.pretrained)
     elif args.model in REFERENCE_MODELS:
         if args.pretrained:
             raise ValueError("--pretrained needs a timm model name (--model deit_small_patch16_224); the "
                              "reference models always load their bundled weights")
+        if num_classes is not None:
+            raise ValueError("--num-classes applies to a timm name or hf:DIR; the reference models have their "
+                             "bundled heads (10 classes)")
         loaders = dict(zip(REFERENCE_MODELS, (load_reference_model, load_reference_cluttered, load_reference_cvt,
                                               load_reference_psvit, load_reference_video, load_reference_xvit)))
         model = loaders[args.model](args.checkpoint)
@@ -85,7 +99,15 @@ def load_model(args: argparse.Namespace) -> nn.Module:
         if args.model not in timm.list_models():
             raise ValueError(f"unknown timm model {args.model!r}; see timm.list_models('deit*') or "
                              "timm.list_models('vit*') for names")
-        model = timm.create_model(args.model, pretrained=args.pretrained)
+        if args.pretrained:
+            require_hub(args.model)
+        try:
+            model = timm.create_model(args.model, pretrained=args.pretrained,
+                                      **({} if num_classes is None else dict(num_classes=num_classes)))
+        except FileNotFoundError as error:  # what huggingface_hub raises for weights neither cached nor fetched
+            raise ValueError(f"--pretrained: {args.model}'s weights are not in the local Hugging Face cache and "
+                             "cannot be downloaded (HF_HUB_OFFLINE is set); unset it on a machine with network "
+                             "access, or pass --checkpoint FILE") from error
     if args.checkpoint is not None and args.model not in REFERENCE_MODELS:
         load_weights(model, args.checkpoint)
     return model.to(args.device).eval()
@@ -111,8 +133,39 @@ def load_package_model(spec: str, pretrained: bool) -> nn.Module:
     return open_clip.create_model(name, pretrained=tag or None).visual
 
 
-def load_hf_model(name: str, download: bool = False) -> nn.Module:
-    """A transformers model from a save_pretrained directory ``name``, or with ``download`` from the hub.
+#: How long ``require_hub`` waits for the Hugging Face hub to answer before saying it cannot be reached.
+HUB_PROBE_SECONDS = 3.0
+
+
+def require_hub(name: str) -> None:
+    """A ValueError within HUB_PROBE_SECONDS when ``--pretrained`` would download ``name`` and the Hugging Face hub
+    cannot be reached (downloads would otherwise retry for about a minute). With HF_HUB_OFFLINE set, nothing is
+    probed: the weights come from the local cache, where ``load_model`` says when they are missing."""
+    if hub_offline():
+        return
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as error:
+        raise ValueError(f"--pretrained downloads {name}'s weights from {host}, which cannot be reached ({error}); "
+                         "connect to the network, set HF_HUB_OFFLINE=1 to use weights already in the local cache, "
+                         "or pass --checkpoint FILE without --pretrained") from None
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE tells huggingface_hub to read its cache only."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def random_weights(args: argparse.Namespace) -> bool:
+    """Whether the flags give a model with random weights: a timm name with neither --pretrained nor --checkpoint."""
+    return (args.model not in REFERENCE_MODELS and not args.model.startswith(HF_PREFIX) and not args.pretrained
+            and args.checkpoint is None)
+
+
+def load_hf_model(name: str, download: bool = False, num_classes: Optional[int] = None) -> nn.Module:
+    """A transformers model from a save_pretrained directory ``name``, or with ``download`` from the hub; with
+    ``num_classes``, its classifier re-made with that many outputs (for a checkpoint loaded next).
 
     The class is the one the config names when ATS supports it (so DeiT keeps its distillation head),
     else transformers' AutoModelForImageClassification.
@@ -136,7 +189,8 @@ def load_hf_model(name: str, download: bool = False) -> nn.Module:
     named = getattr(transformers, architecture, None)
     supported = isinstance(named, type) and any(owns(family, named) for family in FAMILIES)
     model_class = named if supported else transformers.AutoModelForImageClassification
-    model = model_class.from_pretrained(name, local_files_only=local)
+    head = {} if num_classes is None else dict(num_labels=num_classes, ignore_mismatched_sizes=True)
+    model = model_class.from_pretrained(name, local_files_only=local, **head)
     if not local:
         try:  # fetch the preprocessing config into the cache, where data_config finds it
             ImageProcessingMixin.get_image_processor_dict(name)

@@ -87,8 +87,7 @@ def measure_retention(model: nn.Module, batches: Iterable, k: int = RETENTION_K,
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("retention", help="distinct tokens K inverse-transform samples keep, and the "
-                                   "scores' effective number of tokens", description=__doc__,
+    parser = subparsers.add_parser("retention", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--k", type=int, default=RETENTION_K, help=f"samples (default {RETENTION_K})")

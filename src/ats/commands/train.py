@@ -85,8 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("train", help="fine-tune with ATS (torchrun -m ats train for many processes)",
-                                   description=__doc__)
+    parser = subparsers.add_parser("train", description=__doc__)
     add_arguments(parser)
     parser.set_defaults(func=run)
 

@@ -11,12 +11,10 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import matplotlib
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -36,12 +34,22 @@ from .options import (
     configs_from_arguments,
     load_model,
 )
-from .plots import new_figure, save_figure, slug
 
-#: Dropped patches are tinted this far towards DROPPED_COLOUR (visible on dark and light backgrounds).
-DROPPED_FADE = 0.7
-DROPPED_COLOUR = (0.2, 0.35, 0.75)
-HEAT_MAP = matplotlib.colormaps["inferno"]
+if TYPE_CHECKING:  # matplotlib loads when a figure is drawn, not when the command line is parsed
+    from matplotlib.figure import Figure
+
+#: Dropped patches are shown in grey at this brightness, hatched with diagonal HATCH_COLOUR stripes: no image
+#: colour (a blue sky, black, white) looks like that.
+DROPPED_DIM = 0.35
+HATCH_COLOUR = (1.0, 0.1, 0.8)
+#: Stripe width as a share of the image's shorter side (at least one pixel); one stripe in HATCH_PERIOD.
+HATCH_SHARE = 1 / 28
+HATCH_PERIOD = 3
+#: Patches dropped before a block, on that block's heat-map.
+DROPPED_COLOUR = (0.5, 0.5, 0.5)
+#: The heat-maps' colour map (a matplotlib name).
+HEAT_MAP = "inferno"
+ATTENTION_LABEL = "class attention / max over blocks"
 DEFAULT_RHO = 1.0
 
 
@@ -84,10 +92,16 @@ def _upsample(grid: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def tint_dropped(image: torch.Tensor, kept: torch.Tensor) -> np.ndarray:
-    """image [H, W, 3] in [0, 1], kept [rows, cols] bool -> [H, W, 3] with dropped patches tinted blue."""
-    keep = _upsample(kept, *image.shape[:2])[..., None]
-    faded = image * (1 - DROPPED_FADE) + image.new_tensor(DROPPED_COLOUR) * DROPPED_FADE
-    return (image * keep + faded * (1 - keep)).numpy()
+    """image [H, W, 3] in [0, 1], kept [rows, cols] bool -> [H, W, 3] with dropped patches dimmed to grey and
+    hatched with diagonal HATCH_COLOUR stripes."""
+    height, width = image.shape[:2]
+    keep = _upsample(kept, height, width)[..., None]
+    stripe = max(1, round(min(height, width) * HATCH_SHARE))
+    diagonal = torch.arange(height)[:, None] + torch.arange(width)[None, :]
+    on_stripe = ((diagonal // stripe) % HATCH_PERIOD == 0)[..., None].float()
+    grey = image.mean(dim=-1, keepdim=True).expand_as(image) * DROPPED_DIM
+    dropped = grey * (1 - on_stripe) + image.new_tensor(HATCH_COLOUR) * on_stripe
+    return (image * keep + dropped * (1 - keep)).numpy()
 
 
 @dataclass
@@ -118,14 +132,21 @@ class ImageTokens:
             parts.append(f"label: {self.label}")
         if self.prediction is not None:
             parts.append(f"predicted: {self.prediction}")
-        legend = "blue: dropped patches" if self.points is None else "dots: kept tokens where sampled, x: dropped"
-        return " | ".join(parts) + f"\n{self.config}\n{legend}, heat-map: class attention / max"
+        legend = ("hatched grey: dropped patches" if self.points is None
+                  else "dots: kept tokens where sampled, x: dropped")
+        return " | ".join(parts) + f"\n{self.config}\n{legend}; heat-map: {ATTENTION_LABEL}"
+
+    def attention_max(self) -> float:
+        """The largest class attention over every block: the one scale of all the heat-maps."""
+        return max((float(values.max()) for values in self.attention.values()), default=0.0) or 1e-12
 
 
 def token_figure(tokens: ImageTokens) -> Figure:
-    """The input image (left), then per ATS block its kept patches (top row, dropped ones tinted blue)
-    and the class token's attention over the patches it saw (bottom row, if there is a class token);
-    a clip: ``clip_figure``."""
+    """The input image (left), then per ATS block its kept patches (top row, dropped ones hatched) and the class
+    token's attention over the patches it saw (bottom row, if there is a class token; one colour scale across the
+    blocks, with its colour bar); a clip: ``clip_figure``."""
+    from .plots import new_figure
+
     if tokens.image.ndim == 4:
         return clip_figure(tokens)
     blocks = list(tokens.kept)
@@ -133,8 +154,10 @@ def token_figure(tokens: ImageTokens) -> Figure:
     rows = 2 if tokens.attention else 1
     height, width = tokens.image.shape[:2]
     panel = 1.55
-    figure = new_figure(max(panel * (len(blocks) + rows) * width / height, 6.0), panel * rows + 0.9)
+    figure = new_figure(max(panel * (len(blocks) + rows) * width / height, 6.0) + 0.6 * rows, panel * rows + 0.9)
     grid = figure.add_gridspec(rows, len(blocks) + rows)
+    scale = tokens.attention_max()
+    heat_axes = []
     ax = figure.add_subplot(grid[:, :rows])
     ax.imshow(tokens.image.numpy())
     ax.set_title(f"input: {total} patches", fontsize=9)
@@ -150,26 +173,42 @@ def token_figure(tokens: ImageTokens) -> Figure:
         if block in tokens.attention:
             ax = figure.add_subplot(grid[1, column])
             if tokens.points is None:
-                _draw_attention(ax, tokens.image, tokens.attention[block], tokens.present[block])
+                _draw_attention(ax, tokens.image, tokens.attention[block], tokens.present[block], scale)
             else:
                 _draw_points(ax, tokens.image, tokens.points, tokens.present[block].flatten(),
-                             tokens.attention[block].flatten())
+                             tokens.attention[block].flatten() / scale)
             ax.set_title(f"block {block}: class attn.", fontsize=8)
             ax.axis("off")
+            heat_axes.append(ax)
+    if heat_axes:
+        _colour_bar(figure, heat_axes)
     figure.suptitle(tokens.title(), fontsize=9)
     return figure
 
 
+def _colour_bar(figure: Figure, axes: list) -> None:
+    """The heat-maps' colour bar (0 to the largest attention over the blocks), beside ``axes``."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    bar = figure.colorbar(ScalarMappable(Normalize(0.0, 1.0), HEAT_MAP), ax=axes, fraction=0.03, pad=0.02)
+    bar.set_label(ATTENTION_LABEL, fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+
+
 def clip_figure(tokens: ImageTokens) -> Figure:
-    """A clip, a row per frame: the frame (left), then per ATS block the frame with the dropped tubes tinted
-    blue (a tube is one position in every frame), and the class token's attention over the positions it
-    saw (the last column, averaged over frames, on the frame)."""
+    """A clip, a row per frame: the frame (left), then per ATS block the frame with the dropped tubes hatched
+    (a tube is one position in every frame), and the class token's attention over the positions it
+    saw (the last column, averaged over frames, on the frame; its colour bar beside it)."""
+    from .plots import new_figure
+
     blocks = list(tokens.kept)
     frames, height, width = tokens.image.shape[:3]
     columns = 1 + len(blocks) + bool(tokens.attention)
     panel = 1.2
     figure = new_figure(max(panel * columns * width / height, 6.0), panel * frames + 1.0)
     last = blocks[-1]
+    heat_axes = []
     for frame in range(frames):
         image = tokens.image[frame]
         panels = [(image.numpy(), f"input: {tokens.kept[last].numel()} positions")]
@@ -183,37 +222,43 @@ def clip_figure(tokens: ImageTokens) -> Figure:
                 ax.set_title(title, fontsize=7)
         if tokens.attention:
             ax = figure.add_subplot(frames, columns, (frame + 1) * columns)
-            _draw_attention(ax, image, tokens.attention[last], tokens.present[last])
+            _draw_attention(ax, image, tokens.attention[last], tokens.present[last], tokens.attention_max())
             ax.axis("off")
+            heat_axes.append(ax)
             if frame == 0:
                 ax.set_title(f"block {last}: class attn.", fontsize=7)
+    if heat_axes:
+        _colour_bar(figure, heat_axes)
     figure.suptitle(tokens.title().replace("patches", "tubes"), fontsize=8)
     return figure
 
 
-def _draw_attention(ax, image: torch.Tensor, attention: torch.Tensor, present: torch.Tensor) -> None:
-    """A heat-map of attention [rows, cols] (scaled to its maximum) over a dimmed image; patches not
-    present [rows, cols] (dropped earlier) are tinted as in the kept row."""
+def _draw_attention(ax, image: torch.Tensor, attention: torch.Tensor, present: torch.Tensor, scale: float) -> None:
+    """A heat-map of attention [rows, cols] / ``scale`` (the largest over the blocks) over a dimmed image;
+    patches not present [rows, cols] (dropped earlier) are grey."""
     height, width = image.shape[:2]
     ax.imshow((image * 0.4).numpy())
-    heat = np.ma.masked_array((attention / attention.max().clamp_min(1e-12)).numpy(), mask=~present.numpy())
-    ax.imshow(heat, cmap=HEAT_MAP.with_extremes(bad=DROPPED_COLOUR), vmin=0.0, vmax=1.0, alpha=0.7,
+    heat = np.ma.masked_array((attention / scale).numpy(), mask=~present.numpy())
+    from matplotlib import colormaps
+
+    ax.imshow(heat, cmap=colormaps[HEAT_MAP].with_extremes(bad=DROPPED_COLOUR), vmin=0.0, vmax=1.0, alpha=0.7,
               interpolation="nearest", extent=(-0.5, width - 0.5, height - 0.5, -0.5))
 
 
 def _draw_points(ax, image: torch.Tensor, points: torch.Tensor, shown: torch.Tensor,
                  attention: Optional[torch.Tensor] = None) -> None:
     """Tokens at the points they were sampled from, points [N, 2] (x, y) input pixels, over a dimmed image:
-    the ``shown`` [N] ones as dots (coloured by ``attention`` [N] / max when given), the rest as blue crosses."""
+    the ``shown`` [N] ones as dots (coloured by ``attention`` [N], on the heat-maps' 0-to-1 scale, when given), the
+    rest as crosses."""
     height, width = image.shape[:2]
     ax.imshow((image * 0.5).numpy())
     x, y = (points[:, 0] - 0.5).numpy(), (points[:, 1] - 0.5).numpy()
     shown = shown.numpy()
-    ax.scatter(x[~shown], y[~shown], s=6, marker="x", color=DROPPED_COLOUR, linewidths=0.6)
+    ax.scatter(x[~shown], y[~shown], s=6, marker="x", color=HATCH_COLOUR, linewidths=0.6)
     if attention is None:
         ax.scatter(x[shown], y[shown], s=8, color="orange")
     else:
-        heat = (attention / attention.max().clamp_min(1e-12)).numpy()[shown]
+        heat = attention.numpy()[shown]
         ax.scatter(x[shown], y[shown], s=8, c=heat, cmap=HEAT_MAP, vmin=0.0, vmax=1.0)
     ax.set_xlim(-0.5, width - 0.5)
     ax.set_ylim(height - 0.5, -0.5)
@@ -288,7 +333,7 @@ class Inputs:
 
 
 def load_inputs(args: argparse.Namespace, model: nn.Module, data_config: dict) -> Inputs:
-    """--images files/folders, or the first --num-images images of the bundled test set."""
+    """--data files/folders, or the first --num-images images of the bundled test set."""
     from ..data.build import build_dataset, knows_bundled_classes, takes_clips
     from ..data.fashion_mnist import FASHION_MNIST_CLASSES
     from ..data.moving_garments import MOVING_GARMENT_CLASSES
@@ -298,7 +343,7 @@ def load_inputs(args: argparse.Namespace, model: nn.Module, data_config: dict) -
     class_names = test_classes if knows_bundled_classes(data_config) else data_config["class_names"]
     if args.images:
         if video:
-            raise ValueError("--images takes image files, and this is a video model; leave --images out to see the "
+            raise ValueError("--data takes image files, and this is a video model; leave --data out to see the "
                              "moving-garment test clips")
         paths = collect_image_paths(args.images)
         return Inputs(ImageFiles(paths, data_config), [path.stem for path in paths], class_names, class_names)
@@ -335,6 +380,8 @@ def render(model: nn.Module, configs: Sequence[PatchConfig], inputs: Inputs, dat
            batch_size: int, static: bool = False) -> List[dict]:
     """Write one PNG per image and config (in static mode with ``static``) to ``out_dir``; returns what each shows
     (JSON-ready)."""
+    from .plots import save_figure, slug
+
     device = next(model.parameters()).device
     entries = []
     progress = tqdm(total=len(inputs.names) * len(configs), desc="visualize", unit="figure", file=sys.stderr)
@@ -363,15 +410,16 @@ def render(model: nn.Module, configs: Sequence[PatchConfig], inputs: Inputs, dat
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "visualize", help="draw the tokens each ATS block keeps and the class token's attention",
-        description="For each image and ATS config, write a PNG: the input, then per ATS block its kept "
-                    "patches (dropped ones tinted blue) and the class token's attention. With no config flags: "
+        "visualize", description="For each image and ATS config, write a PNG: the input, then per ATS block its kept "
+                    "patches (dropped ones hatched) and the class token's attention (one colour scale across the "
+                    "blocks). With no config flags: "
                     f"multi-stage rho = {DEFAULT_RHO:g}.")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--images", type=Path, nargs="+", metavar="PATH",
-                        help="image files or folders of them (resized and normalised with the model's data config)")
+    source.add_argument("--data", "--images", dest="images", type=Path, nargs="+", metavar="PATH",
+                        help="image files or folders of them, e.g. an ImageFolder (resized and normalised with the "
+                             "model's data config)")
     source.add_argument("--num-images", type=int, default=8, metavar="N",
-                        help="the first N images of the bundled test set (default 8; used without --images)")
+                        help="the first N images of the bundled test set (default 8; used without --data)")
     parser.add_argument("--out", type=Path, default=Path("ats-visualize"), metavar="DIR",
                         help="folder for the PNGs (default ./ats-visualize)")
     parser.add_argument("--batch-size", type=int, default=32)

@@ -65,6 +65,7 @@ def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
                     for label, items in (("missing", missing), ("unexpected", unexpected),
                                          ("other shapes (file vs model)", mismatched)) if items]
         raise ValueError(f"{path} holds weights for another architecture than this {type(model).__name__} "
-                         f"({'; '.join(problems)}); pass the checkpoint of the model you named with --model")
+                         f"({'; '.join(problems)}); pass the checkpoint of the model you named with --model (for "
+                         "a classifier of another size, --num-classes N)")
     model.load_state_dict({name: tensor.to(own[name].dtype) for name, tensor in state.items()})
     return model
