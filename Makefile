@@ -32,10 +32,10 @@ eval-full: $(STAMP)
 # sweeps); make test-slow runs them, and CI (.ci/run) runs both.
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts
-	$(VENV)/bin/python -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q -n 2 -m "not slow"
 
 test-slow: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -m slow
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q -n 2 -m slow
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts

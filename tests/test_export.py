@@ -72,6 +72,7 @@ def test_every_static_method_runs_in_onnx_runtime_as_in_pytorch_hugging_face(nam
     assert_exports_faithfully(model, contrasted_images(), tmp_path / "model.onnx")
 
 
+@pytest.mark.slow
 def test_ats_export_writes_the_reference_model_and_checks_it_on_bundled_images(tmp_path, capsys):
     path = tmp_path / "reference.onnx"
     assert main(["export", "--onnx", str(path), "--multi-stage", "0.7", "--static", "--kept-tokens", "--json"]) == 0

@@ -109,6 +109,7 @@ def test_gflops_refuses_a_hybrid_that_patch_refuses():
             call()
 
 
+@pytest.mark.slow
 def test_every_vit_like_timm_model_is_accepted_or_refused_with_a_reason():
     """Each model patches and counts, or both refuse it with TypeError/ValueError; no other exception."""
     names = vit_like_models()
