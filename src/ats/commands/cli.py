@@ -9,7 +9,7 @@ from typing import List, Optional
 from .. import __version__
 
 #: Command modules under ``ats.commands``; each defines ``add_parser(subparsers)``, which sets ``func(args) -> int``.
-COMMANDS: tuple = ("evaluate", "bench", "visualize", "train", "compare", "calibrate", "retention")
+COMMANDS: tuple = ("evaluate", "bench", "visualize", "train", "compare", "calibrate", "retention", "segment")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,13 +15,14 @@ from .token_merging import MergeConfig
 @dataclass(frozen=True, init=False)
 class StackedConfig(Method):
     """Several token-reduction methods on one model, each in its own blocks, e.g. the paper's EViT + ATS
-    (supplement Table 5): ``StackedConfig(EViTConfig(0.7), ATSConfig({4: 0.7, 5: 0.7, 7: 0.7, ...}))``."""
+    (supplement Table 5): ``StackedConfig(EViTConfig(0.7), ATSConfig({4: 0.7, 5: 0.7, 7: 0.7, ...}))``;
+    ``restore`` (keyword) restores the dropped tokens of all of them (``Method``)."""
 
     summary: ClassVar[str] = "ATS and EViT stacked, each in its own blocks"
 
     configs: Tuple[Union[ATSConfig, EViTConfig], ...]
 
-    def __init__(self, *configs: Union[ATSConfig, EViTConfig]) -> None:
+    def __init__(self, *configs: Union[ATSConfig, EViTConfig], restore: Optional[str] = None) -> None:
         for config in configs:
             if not isinstance(config, (ATSConfig, EViTConfig)):
                 raise TypeError(f"StackedConfig stacks ATSConfig and EViTConfig, got {type(config).__name__}"
@@ -44,6 +45,7 @@ class StackedConfig(Method):
         if evit and any(isinstance(config, ATSConfig) and not config.keep_cls for config in configs):
             raise ValueError("EViT needs the class token, so it cannot be stacked with ATSConfig(keep_cls=False)")
         object.__setattr__(self, "configs", tuple(configs))
+        object.__setattr__(self, "restore", restore)
 
     @property
     def first_block(self) -> int:
@@ -79,7 +81,7 @@ def with_ats_options(config: Method, **changes) -> Method:
     if isinstance(config, ATSConfig):
         return dataclasses.replace(config, **changes)
     if isinstance(config, StackedConfig):
-        return StackedConfig(*(with_ats_options(part, **changes) for part in config.configs))
+        return StackedConfig(*(with_ats_options(part, **changes) for part in config.configs), restore=config.restore)
     return config
 
 
