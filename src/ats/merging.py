@@ -31,7 +31,7 @@ representative (an image that kept no patch token) keeps its own state under eve
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -186,6 +186,8 @@ def fold(x: torch.Tensor, sizes: torch.Tensor, target: torch.Tensor) -> tuple[to
 
 #: The rules ``restore_tokens`` rebuilds a dropped position by (the module docstring).
 RESTORE_RULES = ("fuse", "nearest", "own", "mix")
+#: The rule ``restore=True`` picks: the best measured (docs/results.md, "Dense features").
+DEFAULT_RESTORE_RULE = "mix"
 
 
 class DroppedTokens(NamedTuple):
@@ -201,11 +203,17 @@ class DroppedTokens(NamedTuple):
     offset: Optional[torch.Tensor]
 
 
-def check_restore(rule: Optional[str]) -> None:
-    """Raise ValueError unless ``rule`` is None (no restore) or one of ``RESTORE_RULES``."""
-    if rule is not None and rule not in RESTORE_RULES:
-        raise ValueError(f"unknown restore rule {rule!r}; choose one of {', '.join(RESTORE_RULES)} (or None: the "
-                         "kept tokens only)")
+def restore_rule(restore: Union[None, bool, str]) -> Optional[str]:
+    """A method's ``restore`` option as a rule: None (or False) for none, True for ``DEFAULT_RESTORE_RULE``, a
+    rule of ``RESTORE_RULES`` as it is; ValueError otherwise."""
+    if restore is None or restore is False:
+        return None
+    if restore is True:
+        return DEFAULT_RESTORE_RULE
+    if restore not in RESTORE_RULES:
+        raise ValueError(f"unknown restore rule {restore!r}; choose one of {', '.join(RESTORE_RULES)}, True (the "
+                         f"default, {DEFAULT_RESTORE_RULE!r}) or None (the kept tokens only)")
+    return restore
 
 
 def dropped_tokens(rule: str, states: torch.Tensor, source: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Collection, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 from .flops import BlockCost, ViTShape
 from .packing import TokenBatch
@@ -37,14 +37,15 @@ class Method(ABC):
     (``blocks``, a field of the subclass: a collection of 0-based indices, or a mapping whose keys are they).
 
     restore: a keyword field every method shares. None: a patched model's token outputs hold the kept tokens
-    only. A rule of ``ats.merging.RESTORE_RULES`` ("fuse", "nearest", "own", "mix"): they come back as the full
-    grid in the original order, each dropped position rebuilt by that rule (docs/method.md, "Dense features");
-    the classification output and ``ats.last_stats`` are the same either way.
+    only. A rule of ``ats.merging.RESTORE_RULES`` ("fuse", "nearest", "own", "mix"), or True for the default
+    (``DEFAULT_RESTORE_RULE``): they come back as the full grid in the original order, each dropped position
+    rebuilt by that rule (docs/method.md, "Dense features"); the classification output and ``ats.last_stats``
+    are the same either way.
     """
 
     #: One line naming the method, for messages and the command line's help.
     summary: ClassVar[str] = ""
-    restore: Optional[str] = field(default=None, kw_only=True)
+    restore: Union[None, bool, str] = field(default=None, kw_only=True)
 
     @property
     def first_block(self) -> int:

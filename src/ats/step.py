@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .merging import fold
+from .merging import fold, restore_rule
 from .method import BlockContext, Method, token_capacities
 from .packing import TokenBatch
 from .sampling import class_attention, masked_softmax_logits
@@ -169,7 +169,7 @@ def run_blocks(blocks: Sequence[BlockParts], x: torch.Tensor, config: Method, nu
                          f"{config.describe()}, got {start}")
     batch = TokenBatch.from_dense(x, keep_padding=config.packing == "padded", static=static)
     capacities = token_capacities(config, x.shape[1], num_prefix_tokens, len(blocks)) if static else None
-    record = ForwardRecord(static=static, restore=config.restore, taps=tuple(taps))
+    record = ForwardRecord(static=static, restore=restore_rule(config.restore), taps=tuple(taps))
     record.tap(start - 1, batch)  # the tokens entering block ``start``: the embeddings when it is 0
     for index, parts in enumerate(blocks):
         record.enter(batch)
@@ -192,7 +192,7 @@ def run_block(parts: BlockParts, batch: TokenBatch, config: Method, index: int, 
     what restores the tokens it dropped). capacity: the
     width of its output in static mode (None: adaptive). Side-effect free, so gradient checkpointing may run it
     again in the backward pass (with the same random numbers, so it samples the same tokens)."""
-    record = ForwardRecord(static=batch.static, restore=config.restore)
+    record = ForwardRecord(static=batch.static, restore=restore_rule(config.restore))
     method = config.method_at(index)
     if method is not None:
         batch = method.run_block(parts, batch, BlockContext(index, num_prefix_tokens, has_cls, record, capacity))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..flops import BlockCost, ViTShape, block_flops, head_cost
-from ..merging import check_restore
+from ..merging import restore_rule
 from ..method import Method, token_capacities
 from ..packing import TokenBatch
 from ..stats import ATSStats, ForwardRecord
@@ -161,7 +161,7 @@ def _patched_class(mixin: type, base: type) -> type:
 def patch_with(family: Family, model: nn.Module, config: Method, static: bool = False) -> nn.Module:
     """Apply ``config`` to ``model`` of ``family`` in place (in static mode with ``static``); re-patching replaces
     both."""
-    check_restore(config.restore)
+    restore_rule(config.restore)
     family.check(model, config, static)
     state: Optional[ATSState] = getattr(model, "_ats", None)
     original = state.original_class if state is not None else type(model)

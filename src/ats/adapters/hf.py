@@ -316,7 +316,7 @@ class ATSHuggingFaceModel(PatchedModel):
                 output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None, **kwargs):
         """The original forward's arguments and output class (see the module docstring for what differs)."""
         family: HuggingFaceFamily = self._ats.family
-        restore = self._ats.config.restore is not None
+        restore = bool(self._ats.config.restore)
         hidden_states = asks_hidden_states(self, output_hidden_states)
         refuse_unsupported(self, attention_mask, bool_masked_pos, output_attentions, hidden_states and not restore,
                            kwargs)
@@ -521,7 +521,7 @@ class HuggingFaceViT(HuggingFaceFamily):
             raise TypeError(f"this ViTMAEModel masks a random {base.config.mask_ratio:.0%} of the patches before its "
                             "blocks (MAE pre-training); ATS samples the tokens itself: load it with mask_ratio=0.0 "
                             "(ViTMAEModel.from_pretrained(name, mask_ratio=0.0))")
-        if self.layout(model).stages and (config is None or config.restore is None):
+        if self.layout(model).stages and (config is None or not config.restore):
             raise TypeError(f"{type(model).__name__} returns every layer's full feature map; patch it with a config "
                             "that restores the dropped tokens, e.g. ats.ATSConfig.multi_stage(0.7, restore='mix')")
         if getattr(base, "pooler", None) is not None and self.num_prefix_tokens(model) == 0:

@@ -135,7 +135,7 @@ class ATSTimmModel(PatchedModel):
         """timm's ``forward_intermediates`` under the config's ``restore``: every intermediate the full grid
         ([B, C', H, W] for "NCHW", [B, H * W, C'] for "NLC"; prefix tokens apart), each restored from the tokens
         dropped up to its block. Refused without ``restore``: the kept tokens differ per image."""
-        if self._ats.config.restore is None:
+        if not self._ats.config.restore:
             raise NotImplementedError("forward_intermediates of a patched model needs the full token grid: patch with "
                                       "a restore rule (e.g. ats.ATSConfig.multi_stage(0.7, restore='mix')), or "
                                       "ats.unpatch(model) first; forward_features and ats.last_stats(model) give "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -104,10 +105,11 @@ def measure(model: nn.Module, head: nn.Module, tally: Tally, images: torch.Tenso
 
 @torch.inference_mode()
 def segment_benchmark(model: nn.Module, head: nn.Module, loader: DataLoader, configs: Sequence[Method],
-                      merge: bool = True, progress: bool = True) -> List[SegmentRow]:
+                      merge: bool = True, progress: bool = True, partial: Optional[Path] = None) -> List[SegmentRow]:
     """mIoU and GFLOPs of ``head`` on the token maps of ``model`` unpatched and under each of ``configs`` (each
     with a restore rule) over ``loader``'s (images, patch labels); with ``merge``, token merging at the GFLOPs of
-    each ATS config (on the first batch) too. The model is patched for the measurement and unpatched after."""
+    each ATS config (on the first batch) too; ``partial``: a JSON file rewritten with the rows so far after every
+    batch. The model is patched for the measurement and unpatched after."""
     head_gflops = head.flops() / 1e9
     classes = head.classify.out_channels
     tallies: Dict[str, Tally] = {label_of(config): new_tally(config, classes) for config in (None, *configs)}
@@ -133,6 +135,8 @@ def segment_benchmark(model: nn.Module, head: nn.Module, loader: DataLoader, con
                         measure(model, head, tallies[label_of(config)], images, masks, starts)
             unpatch(model)
             bar.set_postfix(mIoU=f"{mean_iou(unpatched.confusion):.2f}")
+            if partial is not None:
+                partial.write_text(json.dumps([asdict(row) for row in rows_of(tallies, base_gflops)], indent=1))
     finally:
         if hasattr(model, "_ats"):
             unpatch(model)
@@ -166,18 +170,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help=f"restore rules (default {' '.join(DEFAULT_RULES)})")
     parser.add_argument("--no-merge", dest="merge", action="store_false",
                         help="leave out token merging at the GFLOPs of each ATS row")
+    parser.add_argument("--head", type=Path, help="the segmentation head's weights (default: the bundled "
+                        "checkpoints/reference-cluttered-segmentation.pt)")
     parser.add_argument("--limit", type=int, default=10000, help="the first N test canvases (default all 10,000)")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--partial", type=Path, help="rewrite this JSON file with the rows so far after every batch")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    model, head = load_reference_cluttered(), load_reference_segmentation_head()
+    model, head = load_reference_cluttered(), load_reference_segmentation_head(args.head)
     data = cluttered_segmentation_test()
     loader = DataLoader(Subset(data, range(min(args.limit, len(data)))), batch_size=args.batch_size)
     configs = ats_configs(args.rhos, args.distinct, args.rules, args.fuse, args.first, len(model.blocks))
-    rows = segment_benchmark(model, head, loader, configs, args.merge)
+    rows = segment_benchmark(model, head, loader, configs, args.merge, partial=args.partial)
     if args.json:
         print(json.dumps([asdict(row) for row in rows], indent=1))
         return 0

@@ -22,7 +22,7 @@ class StackedConfig(Method):
 
     configs: Tuple[Union[ATSConfig, EViTConfig], ...]
 
-    def __init__(self, *configs: Union[ATSConfig, EViTConfig], restore: Optional[str] = None) -> None:
+    def __init__(self, *configs: Union[ATSConfig, EViTConfig], restore: Union[None, bool, str] = None) -> None:
         for config in configs:
             if not isinstance(config, (ATSConfig, EViTConfig)):
                 raise TypeError(f"StackedConfig stacks ATSConfig and EViTConfig, got {type(config).__name__}"
