@@ -118,7 +118,7 @@ def main(argv: Optional[list] = None) -> None:
             loss.backward()
             optimizer.step()
             schedule.step()
-            total += float(loss) * len(batch)
+            total += float(loss.detach()) * len(batch)
         miou = evaluate(head, val_x, val_y)
         record = dict(epoch=epoch, loss=total / len(train_x), val_miou=round(miou, 2),
                       seconds=round(time.time() - started, 1))
