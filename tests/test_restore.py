@@ -8,10 +8,11 @@ import torch
 import transformers
 from test_patch_beit import tiny_beit
 from test_patch_eva import tiny_eva
+from test_patch_hf_images import tiny
 
 import ats
 from ats.merging import RESTORE_RULES, DroppedTokens, dropped_tokens, restore_tokens
-from ats.reference import create_reference_model
+from ats.reference import create_reference_cvt, create_reference_model
 
 #: One config per method that drops tokens, in 12 blocks of the reference geometry.
 DROPPING = {
@@ -204,3 +205,26 @@ def test_dinov2_backbone_feature_maps_under_restore():
     assert [m.shape for m in restored.feature_maps] == [(2, 32, 8, 8)] * 2
     assert torch.allclose(restored.feature_maps[0], reference.feature_maps[0], atol=1e-5)
     assert not torch.allclose(restored.feature_maps[1], reference.feature_maps[1], atol=1e-3)
+
+
+@pytest.mark.parametrize("name", [name for name in ("CLIPVisionModel", "SiglipVisionModel", "BeitModel", "IJepaModel")
+                                  if hasattr(transformers, name)])
+def test_other_hugging_face_image_families_restore(name):
+    model = tiny(name)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(images, output_hidden_states=True)
+        ats.patch(model, ats.KeepAllConfig(restore=True))
+        keep_all = model(images, output_hidden_states=True)
+        ats.patch(model, ats.ATSConfig.multi_stage(0.5, first=1, depth=4, restore=True))
+        restored = model(images, output_hidden_states=True)
+    assert torch.allclose(keep_all.last_hidden_state, reference.last_hidden_state, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(keep_all.hidden_states, reference.hidden_states))
+    assert [h.shape for h in restored.hidden_states] == [h.shape for h in reference.hidden_states]
+    assert restored.last_hidden_state.shape == reference.last_hidden_state.shape
+    assert ats.last_stats(model).tokens_out[:, -1].max() < reference.last_hidden_state.shape[1]
+
+
+def test_families_without_restore_refuse_it():
+    with pytest.raises(ValueError, match="restore is not supported"):
+        ats.patch(create_reference_cvt(), ats.ATSConfig.multi_stage(0.7, restore=True))

@@ -144,9 +144,6 @@ def run_tube_blocks(blocks: Sequence[TubeBlockParts], tubes: torch.Tensor, frame
                     start: int = 0) -> Tuple[TokenBatch, ForwardRecord]:
     """Run ``blocks[start:]`` under ``config`` (ATS blocks or none) on tubes [B, 1 + P, T * C] that the first
     ``start`` blocks made. Returns the packed tubes after the last block and what each block did."""
-    if config.restore:
-        raise ValueError("restore is not supported on tubes (TimeSformer's divided attention, XViT): a clip's token "
-                         "map comes back with its kept tubes only; patch without restore")
     batch = TokenBatch.from_dense(tubes)
     record = ForwardRecord()
     for index, parts in enumerate(blocks):

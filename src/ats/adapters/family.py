@@ -43,6 +43,8 @@ class Family:
     mixin: type = object
     #: The model classes the family takes (their subclasses too), or the names of transformers classes.
     models: Tuple[Union[type, str], ...] = ()
+    #: Whether its token outputs come back as the full grid under a config's ``restore`` (docs/method.md).
+    restores: bool = False
 
     def check(self, model: nn.Module, config: Optional[Method] = None, static: bool = False) -> None:
         """Raise TypeError naming what in ``model`` ATS cannot run (an unusual block, pooling, ...), and
@@ -161,7 +163,9 @@ def _patched_class(mixin: type, base: type) -> type:
 def patch_with(family: Family, model: nn.Module, config: Method, static: bool = False) -> nn.Module:
     """Apply ``config`` to ``model`` of ``family`` in place (in static mode with ``static``); re-patching replaces
     both."""
-    restore_rule(config.restore)
+    if restore_rule(config.restore) is not None and not family.restores:
+        raise ValueError(f"restore is not supported on {family.name}: its token outputs hold the kept tokens only "
+                         "(timm's ViT, Eva and Beit and the Hugging Face image families restore); patch without it")
     family.check(model, config, static)
     state: Optional[ATSState] = getattr(model, "_ats", None)
     original = state.original_class if state is not None else type(model)

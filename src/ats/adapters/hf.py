@@ -377,6 +377,7 @@ class HuggingFaceFamily(Family):
 
     layouts: Mapping[str, Layout] = {}
     mixin = ATSHuggingFaceModel
+    restores = True
     inputs = "images [B, C, H, W]"
 
     @property

@@ -57,6 +57,7 @@ class HuggingFaceVideo(HuggingFaceFamily):
     name = "Hugging Face " + ", ".join(LAYOUTS)
     layouts = LAYOUTS
     inputs = "clips [B, T, C, H, W]"
+    restores = False
 
     def check(self, model: nn.Module, config: Optional[Method] = None, static: bool = False) -> None:
         if getattr(model, "fc_norm", True) is None:

@@ -192,6 +192,7 @@ class TimmViT(Family):
     name = "timm VisionTransformer (DeiT, ViT, SigLIP, ...)"
     mixin = ATSVisionTransformer
     models = (VisionTransformer,)
+    restores = True
 
     def check(self, model: VisionTransformer, config: Optional[Method] = None, static: bool = False) -> None:
         if isinstance(model.patch_embed, HybridEmbed):
