@@ -5,9 +5,9 @@ The cluttered reference ViT (``--model reference-cluttered``, frozen) and its se
 the test canvases with the target garment's class or background (``ats.data.cluttered_segmentation``). The head
 reads the full token map, so a patched backbone runs with a ``restore`` rule that puts the dropped positions back
 (docs/method.md, "Dense features"). The command reports mean IoU and GFLOPs per image (backbone and head) for the
-unpatched model, ATS (multi-stage, each ``--rhos`` x ``--distinct``, with ``--fuse``) under each ``--rules``
-restore rule, and token merging with its unmerge (restore "fuse") at the r whose GFLOPs come closest to each ATS
-row's, measured on the first batch.
+unpatched model, ATS (multi-stage, each ``--rhos`` x ``--distinct``, with fuse unless ``--no-fuse``) under each
+``--rules`` restore rule, and token merging with its unmerge (restore "fuse") at the r whose GFLOPs come closest to
+each ATS row's, measured on the first batch.
 """
 from __future__ import annotations
 
