@@ -43,8 +43,6 @@ class Family:
     mixin: type = object
     #: The model classes the family takes (their subclasses too), or the names of transformers classes.
     models: Tuple[Union[type, str], ...] = ()
-    #: Whether its token outputs come back as the full grid under a config's ``restore`` (docs/method.md).
-    restores: bool = False
 
     def check(self, model: nn.Module, config: Optional[Method] = None, static: bool = False) -> None:
         """Raise TypeError naming what in ``model`` ATS cannot run (an unusual block, pooling, ...), and
@@ -137,6 +135,9 @@ class PatchedModel:
     its state, and unpickles patched, with the same config (torch.save / torch.load, deepcopy,
     multiprocessing)."""
 
+    #: Whether the patched model's token outputs come back as the full grid under a config's ``restore``.
+    restores: bool = False
+
     def ats_logits(self, batch: TokenBatch) -> torch.Tensor:
         """The class logits [B, classes] from the packed tokens after the last block."""
         raise NotImplementedError
@@ -163,7 +164,7 @@ def _patched_class(mixin: type, base: type) -> type:
 def patch_with(family: Family, model: nn.Module, config: Method, static: bool = False) -> nn.Module:
     """Apply ``config`` to ``model`` of ``family`` in place (in static mode with ``static``); re-patching replaces
     both."""
-    if restore_rule(config.restore) is not None and not family.restores:
+    if restore_rule(config.restore) is not None and not family.mixin.restores:
         raise ValueError(f"restore is not supported on {family.name}: its token outputs hold the kept tokens only "
                          "(timm's ViT, Eva and Beit and the Hugging Face image families restore); patch without it")
     family.check(model, config, static)

@@ -310,6 +310,8 @@ class PatchEmbedding:
 class ATSHuggingFaceModel(PatchedModel):
     """Mixed in before the transformers model classes of every ``HuggingFaceFamily``."""
 
+    restores = True
+
     def forward(self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 interpolate_pos_encoding: Optional[bool] = None, attention_mask: Optional[torch.Tensor] = None,
                 bool_masked_pos: Optional[torch.Tensor] = None, output_attentions: Optional[bool] = None,
@@ -377,7 +379,6 @@ class HuggingFaceFamily(Family):
 
     layouts: Mapping[str, Layout] = {}
     mixin = ATSHuggingFaceModel
-    restores = True
     inputs = "images [B, C, H, W]"
 
     @property

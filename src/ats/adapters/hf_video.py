@@ -57,13 +57,15 @@ class HuggingFaceVideo(HuggingFaceFamily):
     name = "Hugging Face " + ", ".join(LAYOUTS)
     layouts = LAYOUTS
     inputs = "clips [B, T, C, H, W]"
-    restores = False
 
     def check(self, model: nn.Module, config: Optional[Method] = None, static: bool = False) -> None:
         if getattr(model, "fc_norm", True) is None:
             raise TypeError("this VideoMAEForVideoClassification classifies the first token (use_mean_pooling=False), "
                             "a tubelet token ATS may drop (VideoMAE has no class token); ATS supports the "
                             "mean-pooling classifier (use_mean_pooling=True)")
+        if config is not None and config.restore:
+            raise ValueError("restore is not supported on video models yet: their token outputs hold the kept "
+                             "tubelets only; patch without it")
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         base = self.base(model)

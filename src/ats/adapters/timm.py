@@ -105,6 +105,8 @@ class ATSTimmModel(PatchedModel):
     tokens, or under the config's ``restore`` the full grid (``forward_intermediates`` only then); timm's
     ``forward_head`` and the rest are the model's."""
 
+    restores = True
+
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
         """Images [B, C, H, W] -> class logits from the kept tokens (whatever ``restore`` says), as timm's
@@ -192,7 +194,6 @@ class TimmViT(Family):
     name = "timm VisionTransformer (DeiT, ViT, SigLIP, ...)"
     mixin = ATSVisionTransformer
     models = (VisionTransformer,)
-    restores = True
 
     def check(self, model: VisionTransformer, config: Optional[Method] = None, static: bool = False) -> None:
         if isinstance(model.patch_embed, HybridEmbed):
