@@ -10,10 +10,28 @@ destination; a position that stays is its own target):
 ``fold`` then averages every group, weighted by token sizes (how many patches a token holds).
 Similarity is the cosine of keys averaged over heads: metric [B, n, d], or its ``unit_vectors``; of tubes,
 the mean over frames of that cosine (``tube_unit_vectors``).
+
+Putting back what was dropped (a method's ``restore`` option), the full token map for dense heads: a dense head
+(segmentation, depth) reads every position of the grid; a patched model keeps only some. Each block that drops
+tokens leaves a ``DroppedTokens``: for every token it drops, the kept token that stands for it (its
+*representative*, by original index) and an offset; ``restore_tokens`` then rebuilds the map after any later
+block, from the last dropping block back to the first, as ``representative's state there + offset``. The rules
+(``RESTORE_RULES``):
+
+- ``fuse``: the final state of the kept token it was folded into (ATS's ``fuse``, token merging: tomesd's
+  *unmerge*); where the method folds nothing (ATS without ``fuse``, SAINT, EViT, whose fused token stands for no
+  position), its most similar kept token, as ``nearest``;
+- ``nearest``: the final state of its most similar kept token (cosine of the keys, averaged over heads);
+- ``own``: its own state when it was dropped (an early exit);
+- ``mix``: its own state plus the change its representative (as ``fuse`` picks it) went through after the drop,
+  ``own + (representative's final state - representative's state at the drop)``.
+
+A representative dropped later is itself restored first, so chains resolve. A dropped token with no
+representative (an image that kept no patch token) keeps its own state under every rule.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -166,3 +184,89 @@ def fold(x: torch.Tensor, sizes: torch.Tensor, target: torch.Tensor) -> tuple[to
     weighted = torch.zeros_like(x).index_add_(0, target, x * sizes.unsqueeze(1))
     total = torch.zeros_like(sizes).index_add_(0, target, sizes)
     return weighted / total.clamp_min(1e-12).unsqueeze(1), total
+
+
+#: The rules ``restore_tokens`` rebuilds a dropped position by (the module docstring).
+RESTORE_RULES = ("fuse", "nearest", "own", "mix")
+#: The rule ``restore=True`` picks: the best measured (docs/results.md, "Dense features").
+DEFAULT_RESTORE_RULE = "mix"
+
+
+class DroppedTokens(NamedTuple):
+    """What one block that drops tokens leaves for ``restore_tokens``; r is its largest dropped count.
+
+    source: [B, r] long, the original index of each dropped token, -1 on padding;
+    representative: [B, r] long, the original index of the kept token whose state it takes, -1 for none;
+    offset: [B, r, C], what is added to that state (zeros where None).
+    """
+
+    source: torch.Tensor
+    representative: torch.Tensor
+    offset: Optional[torch.Tensor]
+
+
+def restore_rule(restore: Union[None, bool, str]) -> Optional[str]:
+    """A method's ``restore`` option as a rule: None (or False) for none, True for ``DEFAULT_RESTORE_RULE``, a
+    rule of ``RESTORE_RULES`` as it is; ValueError otherwise."""
+    if restore is None or restore is False:
+        return None
+    if restore is True:
+        return DEFAULT_RESTORE_RULE
+    if restore not in RESTORE_RULES:
+        raise ValueError(f"unknown restore rule {restore!r}; choose one of {', '.join(RESTORE_RULES)}, True (the "
+                         f"default, {DEFAULT_RESTORE_RULE!r}) or None (the kept tokens only)")
+    return restore
+
+
+def dropped_tokens(rule: str, states: torch.Tensor, source: torch.Tensor, keep: torch.Tensor, movable: torch.Tensor,
+                   keys: torch.Tensor, target: Optional[torch.Tensor] = None, static: bool = False) -> DroppedTokens:
+    """What a block that keeps ``keep`` of its ``movable`` positions leaves for restoring the others by ``rule``.
+
+    states: [B, m, C] the tokens where the block drops them (padded layout); source: [B, m] their original
+    indices; keep, movable: [B, m] bool (the dropped tokens: movable and not kept); keys: [B, h, m, d] the keys
+    whose mean over heads ``nearest`` compares; target: [B, m] long, the position each token was folded
+    into (its own where it stayed), or None where the method folds nothing. static: pad to m, no host read.
+    Tokens that stand for no position (source < 0: EViT's fused token) are neither restored nor representatives.
+    """
+    movable = movable & (source >= 0)
+    dropped = movable & ~keep
+    index, valid = positions_of(dropped, dropped.shape[1] if static else None)
+    dropped_source = source.gather(1, index).masked_fill(~valid, -1)
+    own = gather_tokens(states, index)
+    if rule == "own":
+        return DroppedTokens(dropped_source, torch.full_like(dropped_source, -1), own)
+    if target is None or rule == "nearest":
+        target = nearest_kept(unit_vectors(keys.mean(dim=1)), keep & movable, movable, static)
+    destination = target.gather(1, index)
+    representative = source.gather(1, destination)
+    has_representative = valid & (destination != index) & (representative >= 0)
+    representative = representative.masked_fill(~has_representative, -1)
+    if rule == "mix":
+        offset = own - gather_tokens(states, destination) * has_representative.unsqueeze(-1)
+    else:
+        offset = own * (~has_representative).unsqueeze(-1)
+    return DroppedTokens(dropped_source, representative, offset)
+
+
+def restore_tokens(tokens: torch.Tensor, source: torch.Tensor, dropped: Sequence[DroppedTokens],
+                   num_tokens: int) -> torch.Tensor:
+    """The full token map [B, num_tokens, C] in the original order from the tokens [B, m, C] a block emitted
+    (their original indices ``source`` [B, m], -1 on padding; other negative values, such as EViT's fused token,
+    stand for no position and are left out) and the ``dropped`` tokens of the blocks before it, first block first."""
+    batch, _, channels = tokens.shape
+    restored = tokens.new_zeros(batch, num_tokens + 1, channels)  # the last slot takes padding and is never read
+    restored = restored.scatter(1, _slots(source, num_tokens, channels), tokens)
+    for block in reversed(dropped):
+        present = (block.representative >= 0).unsqueeze(-1)
+        values = gather_tokens(restored, _slots(block.representative, num_tokens)) * present
+        if block.offset is not None:
+            values = values + block.offset.to(values.dtype)
+        restored = restored.scatter(1, _slots(block.source, num_tokens, channels), values)
+    return restored[:, :num_tokens]
+
+
+def _slots(index: torch.Tensor, num_tokens: int, channels: int = 0) -> torch.Tensor:
+    """Original indices [B, m] -> slots [B, m] (the spare slot ``num_tokens`` for negative ones), or with
+    ``channels`` the scatter index [B, m, channels]."""
+    slots = torch.where(index >= 0, index, num_tokens)
+    return slots.unsqueeze(-1).expand(-1, -1, channels) if channels else slots

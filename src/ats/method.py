@@ -10,8 +10,8 @@ block's ``step.BlockParts`` and a packed ``TokenBatch``). Everything else has a 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, ClassVar, Collection, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 from .flops import BlockCost, ViTShape
 from .packing import TokenBatch
@@ -31,13 +31,21 @@ class BlockContext:
     capacity: Optional[int] = None
 
 
+@dataclass(frozen=True)
 class Method(ABC):
     """The base of a token-reduction method's config. The defaults fit a method that runs in the blocks it lists
-    (``blocks``: a collection of 0-based indices, or a mapping whose keys are they)."""
+    (``blocks``, a field of the subclass: a collection of 0-based indices, or a mapping whose keys are they).
+
+    restore: a keyword field every method shares. None: a patched model's token outputs hold the kept tokens
+    only. A rule of ``ats.merging.RESTORE_RULES`` ("fuse", "nearest", "own", "mix"), or True for the default
+    (``DEFAULT_RESTORE_RULE``): they come back as the full grid in the original order, each dropped position
+    rebuilt by that rule (docs/method.md, "Dense features"); the classification output and ``ats.last_stats``
+    are the same either way.
+    """
 
     #: One line naming the method, for messages and the command line's help.
     summary: ClassVar[str] = ""
-    blocks: Collection[int]
+    restore: Union[None, bool, str] = field(default=None, kw_only=True)
 
     @property
     def first_block(self) -> int:

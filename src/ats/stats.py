@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 
 from .flops import BlockCost, ViTShape, vit_flops
+from .merging import DroppedTokens, dropped_tokens, restore_tokens
 
 if TYPE_CHECKING:
     from .packing import TokenBatch
@@ -112,9 +113,19 @@ class ATSStats:
 @dataclass
 class ForwardRecord:
     """Collects what an ATSStats needs during one forward; static: the forward runs in static mode (its
-    blocks' widths are recorded for the FLOP count, and the whole record compiles with the forward)."""
+    blocks' widths are recorded for the FLOP count, and the whole record compiles with the forward).
+
+    restore: the method's restore rule (``merging.restore_tokens``), None when token outputs hold the kept tokens
+    only; dropped: what each block that dropped tokens left for restoring them, in block order; taps: the blocks whose
+    output the forward keeps in ``outputs`` (block index -> its packed tokens and how many entries of ``dropped``
+    precede it), for intermediate features and hidden states.
+    """
 
     static: bool = False
+    restore: Optional[str] = None
+    dropped: List[DroppedTokens] = field(default_factory=list)
+    taps: Tuple[int, ...] = ()
+    outputs: Dict[int, Tuple["TokenBatch", int]] = field(default_factory=dict)
     tokens_in: List[torch.Tensor] = field(default_factory=list)
     tokens_out: List[torch.Tensor] = field(default_factory=list)
     widths_in: List[int] = field(default_factory=list)
@@ -138,6 +149,37 @@ class ForwardRecord:
         per head [B, h, m_before] (averaged when read), or None."""
         record = _record_sampling if self.static else _record_sampling_eagerly
         record(self.sampling, index, source_before, source_after, scores, cls_attention)
+
+    def record_dropped(self, before: "TokenBatch", keep: torch.Tensor, movable: torch.Tensor, keys: torch.Tensor,
+                       target: Optional[torch.Tensor] = None) -> None:
+        """Keep what restoring the tokens a block drops needs (nothing without ``restore``). before: the tokens
+        where the block drops them; keep, movable: [B, m] bool over its positions, the dropped ones being movable
+        and not kept; keys: [B, h, m, d] the block's keys; target: [B, m] the position each token was
+        folded into, None where the block folds nothing (``merging.dropped_tokens``)."""
+        if self.restore is not None:
+            self.dropped.append(dropped_tokens(self.restore, before.pad(before.rows), before.source, keep, movable,
+                                               keys, target, self.static))
+
+    def absorb(self, block: "ForwardRecord") -> None:
+        """Take in what one block's own record collected (``step.run_block``)."""
+        self.sampling.update(block.sampling)
+        self.dropped.extend(block.dropped)
+
+    def tap(self, index: int, batch: "TokenBatch") -> None:
+        """Keep the tokens block ``index`` emitted, if it is one of ``taps``."""
+        if index in self.taps:
+            self.outputs[index] = (batch, len(self.dropped))
+
+    def token_map(self, batch: "TokenBatch", layer: Callable[[torch.Tensor], torch.Tensor],
+                  dropped: Optional[int] = None) -> torch.Tensor:
+        """The tokens of ``batch`` through a per-token ``layer`` (a final norm): [B, m, C'], zeros on padding, or
+        under ``restore`` the full map [B, N0, C'] in the original order, restored from the first ``dropped``
+        entries of ``dropped`` (default all) before the layer."""
+        if self.restore is None:
+            tokens = batch.pad(layer(batch.rows))
+            return tokens if batch.full else tokens * batch.position_mask.unsqueeze(-1)
+        tokens = batch.pad(batch.rows)
+        return layer(restore_tokens(tokens, batch.source, self.dropped[:dropped], batch.num_source_tokens))
 
     def finish(self, shape: ViTShape, block_costs: Mapping[int, BlockCost]) -> ATSStats:
         widths = (self.widths_in, self.widths_out) if self.static else None

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .merging import fold
+from .merging import fold, restore_rule
 from .method import BlockContext, Method, token_capacities
 from .packing import TokenBatch
 from .sampling import class_attention, masked_softmax_logits
-from .stats import BlockSampling, ForwardRecord
+from .stats import ForwardRecord
 
 Layer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -152,21 +152,25 @@ class BlockParts:
 
 
 def run_blocks(blocks: Sequence[BlockParts], x: torch.Tensor, config: Method, num_prefix_tokens: int,
-               has_cls: bool, start: int = 0, static: bool = False) -> Tuple[TokenBatch, ForwardRecord]:
+               has_cls: bool, start: int = 0, static: bool = False,
+               taps: Tuple[int, ...] = ()) -> Tuple[TokenBatch, ForwardRecord]:
     """Run ``blocks[start:]`` under ``config`` on the tokens x [B, N, C] that the first ``start`` blocks
     made (all N of them: no block before the first patched one drops any).
 
     static: give every block's output the width of its capacity (``token_capacities``: the most it can
     keep) instead of its largest kept count, so that the forward reads nothing on the host and compiles to one
-    graph.
-    Returns the packed tokens after the last block and what each block did.
+    graph. taps: the blocks whose output the record keeps (``ForwardRecord.outputs``), for intermediate features
+    and hidden states (``start - 1``: the tokens x).
+    Returns the packed tokens after the last block and what each block did (under ``config.restore``, also what
+    restores the tokens each block dropped: ``ForwardRecord.token_map``).
     """
     if not 0 <= start <= config.first_block:
         raise ValueError(f"the blocks can start at 0..{config.first_block} (up to the first patched block) for "
                          f"{config.describe()}, got {start}")
     batch = TokenBatch.from_dense(x, keep_padding=config.packing == "padded", static=static)
     capacities = token_capacities(config, x.shape[1], num_prefix_tokens, len(blocks)) if static else None
-    record = ForwardRecord(static=static)
+    record = ForwardRecord(static=static, restore=restore_rule(config.restore), taps=tuple(taps))
+    record.tap(start - 1, batch)  # the tokens entering block ``start``: the embeddings when it is 0
     for index, parts in enumerate(blocks):
         record.enter(batch)
         if index >= start:
@@ -174,19 +178,21 @@ def run_blocks(blocks: Sequence[BlockParts], x: torch.Tensor, config: Method, nu
             if parts.checkpoint is not None and torch.is_grad_enabled():
                 step = partial(parts.checkpoint, run_block, use_reentrant=False)
             capacity = None if capacities is None else capacities[index]
-            batch, sampling = step(parts, batch, config, index, num_prefix_tokens, has_cls, capacity)
-            record.sampling.update(sampling)
+            batch, block_record = step(parts, batch, config, index, num_prefix_tokens, has_cls, capacity)
+            record.absorb(block_record)
+            record.tap(index, batch)
         record.leave(batch)
     return batch, record
 
 
 def run_block(parts: BlockParts, batch: TokenBatch, config: Method, index: int, num_prefix_tokens: int,
-              has_cls: bool, capacity: Optional[int] = None) -> Tuple[TokenBatch, Dict[int, BlockSampling]]:
+              has_cls: bool, capacity: Optional[int] = None) -> Tuple[TokenBatch, ForwardRecord]:
     """Run block ``index`` of a model under ``config``: the method's ``run_block`` where it changes the block,
-    else the block as it is; returns its output and what it chose (if it samples or merges). capacity: the
+    else the block as it is; returns its output and its own record of what it chose (if it samples or merges, and
+    what restores the tokens it dropped). capacity: the
     width of its output in static mode (None: adaptive). Side-effect free, so gradient checkpointing may run it
     again in the backward pass (with the same random numbers, so it samples the same tokens)."""
-    record = ForwardRecord(static=batch.static)
+    record = ForwardRecord(static=batch.static, restore=restore_rule(config.restore))
     method = config.method_at(index)
     if method is not None:
         batch = method.run_block(parts, batch, BlockContext(index, num_prefix_tokens, has_cls, record, capacity))
@@ -194,7 +200,7 @@ def run_block(parts: BlockParts, batch: TokenBatch, config: Method, index: int, 
         batch = batch.with_rows(parts.dense(batch.dense()).reshape(batch.rows.shape))
     else:
         batch = masked_block(parts, batch)
-    return batch, record.sampling
+    return batch, record
 
 
 def attend(parts: BlockParts, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -10,12 +10,13 @@ unpatching restores the class.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
 
 from ..flops import BlockCost, ViTShape, block_flops, head_cost
+from ..merging import restore_rule
 from ..method import Method, token_capacities
 from ..packing import TORCHSCRIPT_REFUSAL, TokenBatch
 from ..stats import ATSStats, ForwardRecord
@@ -126,21 +127,24 @@ def check_block_types(blocks: Sequence[nn.Module], kinds: Mapping[type, Collecti
 @dataclass
 class ATSState:
     """What a patched model carries: its family, config and original class, whether it runs in static mode, the
-    last forward's stats, its shapes by input size (C, H, W), and the block parts of its last forward with what
-    they depend on (not pickled: they are rebuilt on the first forward)."""
+    last forward's stats and record (``token_map`` reads its restore data and tapped outputs), its shapes by input
+    size (C, H, W), and the block parts of its last forward with what they depend on (neither record nor parts
+    pickled: they come with the next forward); taps: the blocks whose outputs the running forward keeps."""
 
     family: Family
     config: Method
     original_class: Type[nn.Module]
     static: bool = False
     last_stats: Optional[ATSStats] = None
+    record: Optional[ForwardRecord] = None
+    taps: Tuple[int, ...] = ()
     pool_weights: Optional[torch.Tensor] = None
     shapes: Dict[Tuple[int, ...], ViTShape] = field(default_factory=dict)
     parts_key: Any = None
     parts: Optional[List[BlockParts]] = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "parts_key": None, "parts": None}
+        return {**self.__dict__, "parts_key": None, "parts": None, "record": None}
 
 
 class PatchedModel:
@@ -148,6 +152,9 @@ class PatchedModel:
     class), so pickle cannot find it by name: a patched model pickles as (mixin, original class) and
     its state, and unpickles patched, with the same config (torch.save / torch.load, deepcopy,
     multiprocessing)."""
+
+    #: Whether the patched model's token outputs come back as the full grid under a config's ``restore``.
+    restores: bool = False
 
     def ats_logits(self, batch: TokenBatch) -> torch.Tensor:
         """The class logits [B, classes] from the packed tokens after the last block."""
@@ -180,6 +187,9 @@ def patch_with(family: Family, model: nn.Module, config: Method, static: bool = 
     """Apply ``config`` to ``model`` of ``family`` in place (in static mode with ``static``); re-patching replaces
     both. A schedule given without a depth is spelt out for the model's (``Method.for_depth``)."""
     config = config.for_depth(len(family.blocks(model)))
+    if restore_rule(config.restore) is not None and not family.mixin.restores:
+        raise ValueError(f"restore is not supported on {family.name}: its token outputs hold the kept tokens only "
+                         "(timm's ViT, Eva and Beit and the Hugging Face image families restore); patch without it")
     family.check(model, config, static)
     state: Optional[ATSState] = getattr(model, "_ats", None)
     original = state.original_class if state is not None else type(model)
@@ -212,7 +222,8 @@ def run_parts(model: nn.Module, parts: Sequence[BlockParts], x: torch.Tensor, sh
               start: int) -> Tuple[TokenBatch, ForwardRecord]:
     """``step.run_blocks`` on the blocks ``parts`` of a patched model from ``start``, as it is patched."""
     state: ATSState = model._ats
-    return run_blocks(parts, x, state.config, shape.num_prefix_tokens, shape.has_class_token, start, state.static)
+    return run_blocks(parts, x, state.config, shape.num_prefix_tokens, shape.has_class_token, start, state.static,
+                      state.taps)
 
 
 def cached_block_parts(family: Family, model: nn.Module, input_size: Sequence[int]) -> List[BlockParts]:
@@ -249,16 +260,34 @@ def cached_shape(family: Family, model: nn.Module, input_size: Sequence[int]) ->
 
 
 def run_patched(model: nn.Module, x: torch.Tensor, start: int, input_size: Sequence[int],
-                stop: Optional[int] = None) -> TokenBatch:
+                stop: Optional[int] = None, taps: Sequence[int] = ()) -> TokenBatch:
     """Run a patched model's blocks ``start`` to ``stop`` (default the last) on the tokens x [B, N, C'] the blocks
-    before ``start`` made (``Family.embed``'s layout), keep the forward's statistics on the model and return the
-    packed tokens."""
+    before ``start`` made (``Family.embed``'s layout), keep the forward's statistics and record on the model and
+    return the packed tokens; the record keeps the outputs of the blocks ``taps`` (``tapped_maps``)."""
     state: ATSState = model._ats
     shape = cached_shape(state.family, model, input_size)
-    batch, record = state.family.run_blocks(model, x, shape, start, input_size, stop)
+    state.taps = tuple(taps)
+    try:
+        batch, record = state.family.run_blocks(model, x, shape, start, input_size, stop)
+    finally:
+        state.taps = ()
+    state.record = record
     state.last_stats = record.finish(shape, state.family.block_costs(model, shape, state.config))
     state.pool_weights = batch.padded_sizes() * batch.position_mask
     return batch
+
+
+def token_map(model: nn.Module, batch: TokenBatch, norm: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The packed tokens after a patched model's last block through its per-token final ``norm``: the kept ones
+    [B, m, C] (zeros on padding), or with the config's ``restore`` the full map [B, N, C] in the original order."""
+    return model._ats.record.token_map(batch, norm)
+
+
+def tapped_maps(model: nn.Module, norm: Callable[[torch.Tensor], torch.Tensor]) -> Dict[int, torch.Tensor]:
+    """The outputs of the blocks the last forward tapped (``run_patched``'s ``taps``), block index -> token map
+    as ``token_map`` gives it (restored from the tokens dropped up to that block)."""
+    record: ForwardRecord = model._ats.record
+    return {index: record.token_map(batch, norm, dropped) for index, (batch, dropped) in record.outputs.items()}
 
 
 def as_logits(output) -> torch.Tensor:

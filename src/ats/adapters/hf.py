@@ -7,7 +7,9 @@ vision models use, in 4.x (from ``MIN_TRANSFORMERS`` on) and 5.x releases (``lay
 preprocessing and the class names.
 ``last_hidden_state`` is padded to the longest image (zeros on padding; ``ats.last_stats(model)`` gives
 each image's token count), and a mean over tokens covers valid tokens only, weighted by their size.
-Hidden states and attention maps are refused: their sizes differ per image.
+Hidden states are refused (their sizes differ per image) unless the config restores the dropped tokens
+(``restore``): then ``last_hidden_state``, ``hidden_states`` and DINOv2's backbone feature maps are the full grid
+in the original order, and the classifiers still read the kept tokens. Attention maps are refused.
 
 ``HF`` is the adapter for ViT, DeiT (with or without its distillation head), DINOv2 and DINOv2 with
 registers, I-JEPA (no class token) and ViT-MAE (with ``mask_ratio=0``), as base models or image
@@ -28,6 +30,7 @@ from ..method import Method
 from ..packing import TokenBatch
 from ..stats import ForwardRecord
 from ..step import BlockParts
+from ..step import identity as no_norm
 from .family import (
     Family,
     PatchedModel,
@@ -37,6 +40,8 @@ from .family import (
     masked_features,
     run_parts,
     run_patched,
+    tapped_maps,
+    token_map,
     valid_mean,
 )
 
@@ -94,6 +99,27 @@ def _mean_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weig
     return classifier_output(model, model.classifier(valid_mean(features, weights)), labels)
 
 
+def _backbone_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weights: torch.Tensor, prefix: int,
+                     labels: Optional[torch.Tensor]):
+    """DINOv2's backbone: the feature map of each of its ``out_features`` stages (the embeddings, then each layer's
+    output, restored to the full grid; through the final norm with ``apply_layernorm``, as [B, C, H, W] without the
+    prefix tokens with ``reshape_hidden_states``), and every stage's hidden states."""
+    from transformers.modeling_outputs import BackboneOutput
+
+    maps = tapped_maps(model, no_norm)
+    hidden_states = tuple(maps[index] for index in sorted(maps))
+    rows, columns = model._ats.last_stats.grid_size
+    feature_maps = []
+    for stage, hidden in zip(model.stage_names, hidden_states):
+        if stage in model.out_features:
+            if model.config.apply_layernorm:
+                hidden = model.layernorm(hidden)
+            if model.config.reshape_hidden_states:
+                hidden = hidden[:, prefix:].unflatten(1, (rows, columns)).permute(0, 3, 1, 2).contiguous()
+            feature_maps.append(hidden)
+    return BackboneOutput(feature_maps=tuple(feature_maps), hidden_states=hidden_states)
+
+
 def _mae_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weights: torch.Tensor, prefix: int,
                 labels: Optional[torch.Tensor]):
     """ViT-MAE's output with nothing masked: a mask of zeros, the identity as ``ids_restore``."""
@@ -124,11 +150,13 @@ class Layout:
     the model is its own base); output: builds the class's output from the final features
     (model, base, features [B, m, C], weights [B, m], prefix, labels); interpolating: its embeddings
     take any multiple of the patch size (DINOv2's resample the position embedding, rotary and relative
-    ones need none), else only with ``interpolate_pos_encoding=True``."""
+    ones need none), else only with ``interpolate_pos_encoding=True``; stages: the output reads every block's
+    output (a backbone's feature maps), so the class needs a config that restores the dropped tokens."""
 
     base: Optional[str]
     output: Callable
     interpolating: bool = False
+    stages: bool = False
 
 
 LAYOUTS = {
@@ -138,6 +166,7 @@ LAYOUTS = {
     "DeiTForImageClassification": Layout("deit", class_token_output),
     "DeiTForImageClassificationWithTeacher": Layout("deit", _teacher_output),
     "Dinov2Model": Layout(None, base_output, interpolating=True),
+    "Dinov2Backbone": Layout(None, _backbone_output, interpolating=True, stages=True),
     "Dinov2ForImageClassification": Layout("dinov2", _class_and_mean_output, interpolating=True),
     "Dinov2WithRegistersModel": Layout(None, base_output, interpolating=True),
     "Dinov2WithRegistersForImageClassification": Layout("dinov2_with_registers", _class_and_mean_output,
@@ -281,18 +310,28 @@ class PatchEmbedding:
 class ATSHuggingFaceModel(PatchedModel):
     """Mixed in before the transformers model classes of every ``HuggingFaceFamily``."""
 
+    restores = True
+
     def forward(self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 interpolate_pos_encoding: Optional[bool] = None, attention_mask: Optional[torch.Tensor] = None,
                 bool_masked_pos: Optional[torch.Tensor] = None, output_attentions: Optional[bool] = None,
                 output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None, **kwargs):
         """The original forward's arguments and output class (see the module docstring for what differs)."""
         family: HuggingFaceFamily = self._ats.family
-        refuse_unsupported(self, attention_mask, bool_masked_pos, output_attentions, output_hidden_states, kwargs)
+        restore = bool(self._ats.config.restore)
+        hidden_states = asks_hidden_states(self, output_hidden_states)
+        refuse_unsupported(self, attention_mask, bool_masked_pos, output_attentions, hidden_states and not restore,
+                           kwargs)
         if pixel_values is None:
             raise ValueError(f"pass pixel_values, {family.inputs}")
         tokens = family.embed(self, pixel_values, bool(interpolate_pos_encoding))
-        batch = run_patched(self, tokens, 0, tuple(pixel_values.shape[1:]))
-        return as_returned(self, family.output(self, batch, self._ats.pool_weights, labels), return_dict)
+        every_block = restore and (hidden_states or family.layout(self).stages)
+        taps = range(-1, len(family.blocks(self))) if every_block else ()
+        batch = run_patched(self, tokens, 0, tuple(pixel_values.shape[1:]), taps=taps)
+        output = family.output(self, batch, self._ats.pool_weights, labels)
+        if restore:
+            output = family.restored_output(self, batch, output, hidden_states)
+        return as_returned(self, output, return_dict)
 
     def ats_logits(self, batch: TokenBatch) -> torch.Tensor:
         return as_logits(self._ats.family.output(self, batch, self._ats.pool_weights, None))
@@ -306,13 +345,21 @@ def as_returned(model: nn.Module, output, return_dict: Optional[bool]):
     return output if return_dict else output.to_tuple()
 
 
+def asks_hidden_states(model: nn.Module, output_hidden_states: Optional[bool]) -> bool:
+    """Whether a forward returns hidden states: ``output_hidden_states``, or where None the model config's."""
+    if output_hidden_states is None:
+        return bool(getattr(model.config, "output_hidden_states", False))
+    return bool(output_hidden_states)
+
+
 def refuse_unsupported(model: nn.Module, attention_mask, bool_masked_pos, output_attentions, output_hidden_states,
                        kwargs: dict) -> None:
     config = model.config
-    if output_hidden_states or (output_hidden_states is None and getattr(config, "output_hidden_states", False)):
+    if asks_hidden_states(model, output_hidden_states):
         raise ValueError("output_hidden_states: a patched model cannot return hidden states: after an ATS block "
-                         "each image has its own token count. Read ats.last_stats(model) for the tokens each block "
-                         "kept, or ats.unpatch(model) for the full hidden states")
+                         "each image has its own token count. Patch with a restore rule (e.g. "
+                         "ats.ATSConfig.multi_stage(0.7, restore='mix')) for the full grid, read ats.last_stats(model) "
+                         "for the tokens each block kept, or ats.unpatch(model) for the full hidden states")
     if output_attentions or (output_attentions is None and getattr(config, "output_attentions", False)):
         raise ValueError("output_attentions: a patched model cannot return attention maps: ATS blocks compute "
                          "attention for the kept queries only. ats.last_stats(model).cls_attention has the class "
@@ -445,6 +492,17 @@ class HuggingFaceFamily(Family):
         return self.layout(model).output(model, self.base(model), features, weights, self.num_prefix_tokens(model),
                                          labels)
 
+    def restored_output(self, model: nn.Module, batch: TokenBatch, output: Any, hidden_states: bool) -> Any:
+        """``output`` with the full token grid under the config's ``restore``: ``last_hidden_state`` (where the
+        class returns it) restored before the final norm, and with ``hidden_states`` the embeddings and every
+        layer's output restored (the forward tapped them)."""
+        if "last_hidden_state" in output.__dataclass_fields__:
+            output["last_hidden_state"] = token_map(model, batch, self.final_norm(model))
+        if hidden_states and "hidden_states" in output.__dataclass_fields__:
+            maps = tapped_maps(model, no_norm)
+            output["hidden_states"] = tuple(maps[index] for index in sorted(maps))
+        return output
+
     def forward_parts(self, model: nn.Module, input_size: Sequence[int]) -> List[BlockParts]:
         """Every block's parts for one forward on inputs of ``input_size`` (a family whose attention depends on
         positions adds this forward's rotations or biases)."""
@@ -465,6 +523,9 @@ class HuggingFaceViT(HuggingFaceFamily):
             raise TypeError(f"this ViTMAEModel masks a random {base.config.mask_ratio:.0%} of the patches before its "
                             "blocks (MAE pre-training); ATS samples the tokens itself: load it with mask_ratio=0.0 "
                             "(ViTMAEModel.from_pretrained(name, mask_ratio=0.0))")
+        if self.layout(model).stages and (config is None or not config.restore):
+            raise TypeError(f"{type(model).__name__} returns every layer's full feature map; patch it with a config "
+                            "that restores the dropped tokens, e.g. ats.ATSConfig.multi_stage(0.7, restore='mix')")
         if getattr(base, "pooler", None) is not None and self.num_prefix_tokens(model) == 0:
             raise TypeError("this model's pooler reads the first token, a patch token ATS may drop (the model has "
                             "no class token); create it without the pooling layer (add_pooling_layer=False)")

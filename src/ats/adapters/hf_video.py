@@ -63,6 +63,9 @@ class HuggingFaceVideo(HuggingFaceFamily):
             raise TypeError("this VideoMAEForVideoClassification classifies the first token (use_mean_pooling=False), "
                             "a tubelet token ATS may drop (VideoMAE has no class token); ATS supports the "
                             "mean-pooling classifier (use_mean_pooling=True)")
+        if config is not None and config.restore:
+            raise ValueError("restore is not supported on video models yet: their token outputs hold the kept "
+                             "tubelets only; patch without it")
         super().check(model, config, static)
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:

@@ -3,17 +3,20 @@ SigLIP's attention-pool head), and what the timm families share.
 
 The patched model's ``forward_features`` runs the blocks through ``ats.step.run_blocks``; its pooling
 reads each image's valid tokens only, the mean and the attention pool weighing them by their size;
-``forward_head`` and everything else is timm's.
+``forward_head`` and everything else is timm's. Under a config's ``restore``, ``forward_features`` and
+``forward_intermediates`` (with it timm's ``features_only`` models) return the full token grid, and ``forward``
+still classifies from the kept tokens.
 """
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm.data
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention, AttentionPoolLatent, HybridEmbed
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -21,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from ..flops import ViTShape, attention_pool_token_flops, linear_flops, patch_grid, stem_convolutions, stem_flops
 from ..method import Method
 from ..packing import TokenBatch
-from ..step import BlockParts
+from ..step import BlockParts, identity
 from .family import (
     Family,
     PatchedModel,
@@ -30,6 +33,8 @@ from .family import (
     fit_channels,
     masked_features,
     run_patched,
+    tapped_maps,
+    token_map,
     valid_mean,
 )
 
@@ -112,33 +117,82 @@ def layer_scale(block: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 class ATSTimmModel(PatchedModel):
-    """What the timm families' mixins share: ``forward_features`` and ``forward_tokens`` run the blocks through
-    ``run_patched``; ``forward_intermediates`` is refused; timm's ``forward_head`` and the rest are the model's."""
+    """What the timm families' mixins share: ``forward`` classifies from the kept tokens; ``forward_features``,
+    ``forward_tokens`` and ``forward_intermediates`` run the blocks through ``run_patched`` and return the kept
+    tokens, or under the config's ``restore`` the full grid (``forward_intermediates`` only then); timm's
+    ``forward_head`` and the rest are the model's."""
+
+    restores = True
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        """Images [B, C, H, W] -> class logits from the kept tokens (whatever ``restore`` says), as timm's
+        ``forward_head(forward_features(x))``."""
+        refuse_masks(attn_mask, is_causal)
+        batch = run_patched(self, self._ats.family.embed(self, x), 0, tuple(x.shape[1:]))
+        return self.ats_logits(batch)
 
     def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                          is_causal: bool = False) -> torch.Tensor:
-        """Images [B, C, H, W] -> normalised tokens [B, m, C'], valid tokens first, zeros on padding."""
-        if attn_mask is not None or is_causal:
-            raise ValueError("a patched model takes no attn_mask or is_causal: ATS makes its own masks; "
-                             "ats.unpatch(model) to use them")
+        """Images [B, C, H, W] -> normalised tokens [B, m, C'], valid tokens first, zeros on padding; under
+        ``restore`` the full map [B, prefix + H * W, C'] in the original order."""
+        refuse_masks(attn_mask, is_causal)
         return self.forward_tokens(self._ats.family.embed(self, x), input_size=tuple(x.shape[1:]))
 
     def forward_tokens(self, x: torch.Tensor, start: int = 0,
                        input_size: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
         """Run the blocks from ``start`` on the tokens x [B, N, C'] the blocks before it made (all N of them: an
         evaluation of several configs computes them once), for images of ``input_size`` (C, H, W; default the
-        model's). Returns normalised tokens [B, m, C'], zeros on padding."""
+        model's). Returns normalised tokens as ``forward_features`` does."""
         batch = run_patched(self, x, start, input_size or self._ats.family.input_size(self))
-        return masked_features(batch, self.norm(batch.rows))
+        return token_map(self, batch, self.norm)
 
-    def forward_intermediates(self, *args, **kwargs):
-        """Refused: timm's version runs every block on every token, so it would silently skip ATS."""
-        raise NotImplementedError("forward_intermediates of a patched model would run every block on every token "
-                                  "(no ATS); ats.unpatch(model) first, or use forward_features and "
-                                  "ats.last_stats(model) for the tokens each block kept")
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False, output_dict: bool = False,
+                              attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        """timm's ``forward_intermediates`` under the config's ``restore``: every intermediate the full grid
+        ([B, C', H, W] for "NCHW", [B, H * W, C'] for "NLC"; prefix tokens apart), each restored from the tokens
+        dropped up to its block. Refused without ``restore``: the kept tokens differ per image."""
+        if not self._ats.config.restore:
+            raise NotImplementedError("forward_intermediates of a patched model needs the full token grid: patch with "
+                                      "a restore rule (e.g. ats.ATSConfig.multi_stage(0.7, restore='mix')), or "
+                                      "ats.unpatch(model) first; forward_features and ats.last_stats(model) give "
+                                      "the kept tokens")
+        refuse_masks(attn_mask, is_causal)
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        family = self._ats.family
+        take, last = feature_take_indices(len(family.blocks(self)), indices)
+        batch = run_patched(self, family.embed(self, x), 0, tuple(x.shape[1:]), last + 1 if stop_early else None,
+                            taps=take)
+        maps = tapped_maps(self, self.norm if norm else identity)
+        prefix = self.num_prefix_tokens
+        intermediates = [maps[index][:, prefix:] for index in take]
+        prefix_tokens = [maps[index][:, :prefix] for index in take] if prefix else None
+        if output_fmt == "NCHW":
+            rows, columns = self._ats.last_stats.grid_size
+            intermediates = [y.unflatten(1, (rows, columns)).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if output_dict:
+            result = dict(image_intermediates=intermediates)
+            if prefix_tokens is not None and return_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                result["image_features"] = token_map(self, batch, self.norm)
+            return result
+        if return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        return intermediates if intermediates_only else (token_map(self, batch, self.norm), intermediates)
 
     def ats_logits(self, batch: TokenBatch) -> torch.Tensor:
         return self.forward_head(masked_features(batch, self.norm(batch.rows)))
+
+
+def refuse_masks(attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
+    """Raise ValueError when a caller passes timm's attention mask or causal flag: ATS makes its own masks."""
+    if attn_mask is not None or is_causal:
+        raise ValueError("a patched model takes no attn_mask or is_causal: ATS makes its own masks; "
+                         "ats.unpatch(model) to use them")
 
 
 class ATSVisionTransformer(ATSTimmModel):

@@ -21,6 +21,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "retention": ("retention", "distinct tokens K inverse-transform samples keep, and the scores' effective number "
                                "of tokens"),
     "export": ("export", "write an ONNX graph of a patched model and check it in ONNX Runtime"),
+    "segment": ("segment", "mIoU and GFLOPs of the cluttered segmentation benchmark, dense features restored"),
 }
 
 

@@ -375,6 +375,7 @@ def ats_block(parts: BlockParts, batch: TokenBatch, config: ATSConfig, context: 
     with region("ats.score_and_sample"):
         choice = choose_tokens(parts, batch, q, k, v, config.budgets[context.index], config, prefix,
                                context.has_cls)
+    target = None
     if config.fuse or config.distinct:
         with region("ats.fuse"):
             unit = unit_vectors(k.mean(dim=1))
@@ -382,13 +383,15 @@ def ats_block(parts: BlockParts, batch: TokenBatch, config: ATSConfig, context: 
                 choice.keep = keep_distinct(unit, choice.keep, choice.patches, choice.scores, config.distinct,
                                             batch.static)
             if config.fuse:
-                batch = fold_tokens(batch, nearest_kept(unit, choice.keep, choice.patches, batch.static))
+                target = nearest_kept(unit, choice.keep, choice.patches, batch.static)
+                batch = fold_tokens(batch, target)
     keep = choice.keep
     keep.narrow(1, 0, prefix).fill_(True)  # every image's prefix tokens hold its first positions
     kept, rows_from = batch.select(keep, capacity=context.capacity)
     if choice.cls_live is not None:
         kept.cls_live = choice.cls_live
     context.record.record_sampling(context.index, batch.source, kept.source, choice.scores, choice.cls_attention)
+    context.record.record_dropped(keys, keep, choice.patches, k, target)
     with region("ats.pack"):
         query_rows = qkv.narrow(-1, 0, qkv.shape[-1] // 3).index_select(0, rows_from)
         queries = parts.rotated(parts.q_norm(parts.heads(kept.pad(query_rows))), kept.source)

@@ -73,6 +73,7 @@ def evit_block(parts: BlockParts, batch: TokenBatch, keep_rate: float, context: 
     if keep_rate < 1.0:
         kept = _with_fused_token(kept, inattentive.any(dim=1), fused, fused_size)
     context.record.record_sampling(context.index, batch.source, kept.source, cls_attention, cls_attention)
+    context.record.record_dropped(batch, keep, patches, k)
     return mlp_half(parts, kept)
 
 

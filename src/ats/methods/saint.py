@@ -88,14 +88,16 @@ def saint_block(parts: BlockParts, batch: TokenBatch, config: SAINTConfig, conte
     the rest. The tokens leave in the authors' order: prefix, the kept A tokens by descending redundancy,
     then set B (an image that drops none keeps its order)."""
     batch, _, k = attention_half(parts, batch)
-    drop, order, last = similar_tokens(k.mean(dim=1), batch.patch_positions(context.prefix), config.threshold, config.k,
-                                       config.gamma, batch.static)
+    patches = batch.patch_positions(context.prefix)
+    drop, order, last = similar_tokens(k.mean(dim=1), patches, config.threshold, config.k, config.gamma, batch.static)
     rows_from = batch.rows_at(order)
     ordered = replace(batch, rows=batch.rows.index_select(0, rows_from), source=batch.source.gather(1, order),
                       sizes=None if batch.sizes is None else batch.sizes.index_select(0, rows_from),
                       in_source_order=False)
-    kept, _ = ordered.select((batch.position_mask & ~drop).gather(1, order), last=last, capacity=context.capacity)
+    keep = batch.position_mask & ~drop
+    kept, _ = ordered.select(keep.gather(1, order), last=last, capacity=context.capacity)
     context.record.record_sampling(context.index, batch.source, kept.source, None, None)
+    context.record.record_dropped(batch, keep, patches, k)
     return mlp_half(parts, kept)
 
 

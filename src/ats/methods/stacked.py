@@ -19,13 +19,14 @@ STACK_DEPTH = 4096
 @dataclass(frozen=True, init=False)
 class StackedConfig(Method):
     """Several token-reduction methods on one model, each in its own blocks, e.g. the paper's EViT + ATS
-    (supplement Table 5): ``StackedConfig(EViTConfig(0.7), ATSConfig({4: 0.7, 5: 0.7, 7: 0.7, ...}))``."""
+    (supplement Table 5): ``StackedConfig(EViTConfig(0.7), ATSConfig({4: 0.7, 5: 0.7, 7: 0.7, ...}))``;
+    ``restore`` (keyword) restores the dropped tokens of all of them (``Method``)."""
 
     summary: ClassVar[str] = "ATS and EViT stacked, each in its own blocks"
 
     configs: Tuple[Union[ATSConfig, EViTConfig], ...]
 
-    def __init__(self, *configs: Union[ATSConfig, EViTConfig]) -> None:
+    def __init__(self, *configs: Union[ATSConfig, EViTConfig], restore: Union[None, bool, str] = None) -> None:
         for config in configs:
             if not isinstance(config, (ATSConfig, EViTConfig)):
                 raise TypeError(f"StackedConfig stacks ATSConfig and EViTConfig, got {type(config).__name__}"
@@ -48,6 +49,7 @@ class StackedConfig(Method):
         if evit and any(isinstance(config, ATSConfig) and not config.keep_cls for config in configs):
             raise ValueError("EViT needs the class token, so it cannot be stacked with ATSConfig(keep_cls=False)")
         object.__setattr__(self, "configs", tuple(configs))
+        object.__setattr__(self, "restore", restore)
 
     @property
     def first_block(self) -> int:
@@ -77,7 +79,7 @@ class StackedConfig(Method):
         return " + ".join(config.describe() for config in self.configs)
 
     def for_depth(self, depth: int) -> "StackedConfig":
-        return StackedConfig(*(config.for_depth(depth) for config in self.configs))
+        return StackedConfig(*(config.for_depth(depth) for config in self.configs), restore=self.restore)
 
 
 def with_ats_options(config: Method, **changes) -> Method:
@@ -86,7 +88,7 @@ def with_ats_options(config: Method, **changes) -> Method:
     if isinstance(config, ATSConfig):
         return dataclasses.replace(config, **changes)
     if isinstance(config, StackedConfig):
-        return StackedConfig(*(with_ats_options(part, **changes) for part in config.configs))
+        return StackedConfig(*(with_ats_options(part, **changes) for part in config.configs), restore=config.restore)
     return config
 
 

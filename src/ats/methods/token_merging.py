@@ -57,11 +57,13 @@ class MergeConfig(FromBlock):
 def merge_block(parts: BlockParts, batch: TokenBatch, r: int, context: BlockContext) -> TokenBatch:
     """The token-merging baseline: attention over all tokens, merge r of them, MLP on the rest. The
     tokens leave in ToMe's order: prefix, the unmerged tokens of set A, then set B."""
-    batch, _, k = attention_half(parts, batch)
-    positions = torch.arange(batch.width, device=k.device)
-    patches = batch.patch_positions(context.prefix)
+    attended, _, k = attention_half(parts, batch)
+    positions = torch.arange(attended.width, device=k.device)
+    patches = attended.patch_positions(context.prefix)
     target, side_b = bipartite_soft_matching(k.mean(dim=1), r, patches)
-    batch = fold_tokens(batch, target)
-    kept, _ = batch.select(batch.position_mask & (target == positions), last=side_b, capacity=context.capacity)
+    batch = fold_tokens(attended, target)
+    keep = batch.position_mask & (target == positions)
+    kept, _ = batch.select(keep, last=side_b, capacity=context.capacity)
     context.record.record_sampling(context.index, batch.source, kept.source, None, None)
+    context.record.record_dropped(attended, keep, patches, k, target)
     return mlp_half(parts, kept)

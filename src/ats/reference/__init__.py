@@ -23,6 +23,7 @@ from ..data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASH
 from ..data.moving_garments import MOVING_GARMENT_CLASSES, MOVING_GARMENTS_TEST_SET
 from ..models.conv_stem import ConvStemPatchEmbed
 from ..models.psvit import PSVIT_TINY_FMNIST, PSViT
+from ..models.segmentation_head import PatchSegmentationHead
 from ..models.xvit import XVIT_TINY_GARMENTS, XViT
 from .checkpoints import load_weights, read_state_dict
 
@@ -40,6 +41,10 @@ CONV_STEM_KEY = "patch_embed.proj.0.weight"
 #: The models too big for the wheel's 15 MB (docs/reference-model.md): the repository's ``checkpoints/`` folder.
 CHECKPOINTS_DIR = Path(__file__).resolve().parents[3] / "checkpoints"
 REFERENCE_CLUTTERED_CHECKPOINT = CHECKPOINTS_DIR / "reference-cluttered.pt"
+#: The segmentation head on the cluttered reference ViT's frozen token map (``scripts/train_segmentation_head.py``):
+#: 11 classes (10 garments and background) per patch of its 14 x 14 grid.
+REFERENCE_SEGMENTATION_KWARGS = dict(embed_dim=96, num_classes=11, grid_size=(14, 14), num_prefix_tokens=1, hidden=64)
+REFERENCE_SEGMENTATION_CHECKPOINT = CHECKPOINTS_DIR / "reference-cluttered-segmentation.pt"
 TRAINING_COMMAND = "python scripts/train_reference.py (see docs/reference-model.md)"
 #: The CvT-13 layout (1, 2, 10 blocks; 1, 2, 3 heads) at a width that trains on a CPU. Stage strides
 #: 1, 2, 1 on 28x28 input: stages of 28x28, 14x14 and 14x14 tokens, the last with a class token.
@@ -146,6 +151,21 @@ def load_reference_cluttered(path: Optional[Path] = None) -> VisionTransformer:
     conv_stem = path.is_file() and CONV_STEM_KEY in read_state_dict(path)
     return _load_trained(create_reference_cluttered(conv_stem), path, REFERENCE_CLUTTERED_CHECKPOINT,
                          "reference cluttered-Fashion-MNIST checkpoint (in the repository, not the wheel)", "cluttered")
+
+
+def create_reference_segmentation_head() -> PatchSegmentationHead:
+    """The segmentation head of the cluttered reference ViT, randomly initialised."""
+    return PatchSegmentationHead(**REFERENCE_SEGMENTATION_KWARGS)
+
+
+def load_reference_segmentation_head(path: Optional[Path] = None) -> PatchSegmentationHead:
+    """The trained segmentation head of the cluttered reference ViT in eval mode, from ``path`` (default: the
+    repository's ``checkpoints/reference-cluttered-segmentation.pt``)."""
+    path = Path(path) if path is not None else REFERENCE_SEGMENTATION_CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"segmentation head {path} does not exist; make it with python "
+                                "scripts/train_segmentation_head.py (see docs/reference-model.md)")
+    return load_weights(create_reference_segmentation_head(), path).eval()
 
 
 def load_reference_cvt(path: Optional[Path] = None) -> nn.Module:
