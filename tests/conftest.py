@@ -134,6 +134,23 @@ def assert_pickles_patched(model, config, inputs: torch.Tensor, output=lambda re
     return loaded
 
 
+def assert_exact_kept_all_and_alone_in_a_batch(model, config, images: torch.Tensor) -> None:
+    """Keep-all gives the unpatched output (< 1e-5); under ``config`` the output changes, images keep different
+    token counts, and each image's output is the one it gets alone (< 1e-5)."""
+    import ats
+
+    with torch.no_grad():
+        before = model(images)
+        ats.patch(model, ats.KeepAllConfig())
+        assert (model(images) - before).abs().max() < 1e-5
+        ats.patch(model, config)
+        together = model(images)
+        kept = ats.last_stats(model).tokens_out[:, -1]
+        alone = torch.cat([model(images[i:i + 1]) for i in range(len(images))])
+    assert (together - alone).abs().max() < 1e-5 and kept.unique().numel() > 1
+    assert not torch.allclose(together, before)
+
+
 def assert_unpatch_restores(model, config, images: torch.Tensor) -> None:
     """Patching with ``config`` changes the output and ``ats.unpatch`` restores the original class and output."""
     import ats

@@ -4,7 +4,12 @@ gradients, and the post-norm variant refused with the reason."""
 import pytest
 import timm
 import torch
-from conftest import assert_gradients_reach_every_parameter, assert_pickles_patched, assert_unpatch_restores
+from conftest import (
+    assert_exact_kept_all_and_alone_in_a_batch,
+    assert_gradients_reach_every_parameter,
+    assert_pickles_patched,
+    assert_unpatch_restores,
+)
 from torch.utils.flop_counter import FlopCounterMode
 
 import ats
@@ -35,17 +40,7 @@ def images(count: int = 3) -> torch.Tensor:
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_keep_all_is_the_unpatched_model_and_a_batch_is_its_images_alone(variant):
     model = tiny_relpos(variant)
-    x = images()
-    with torch.no_grad():
-        before = model(x)
-        ats.patch(model, ats.KeepAllConfig())
-        assert (model(x) - before).abs().max() < 1e-5
-        ats.patch(model, CONFIG)
-        together = model(x)
-        kept = ats.last_stats(model).tokens_out[:, -1]
-        alone = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
-    assert (together - alone).abs().max() < 1e-5 and kept.unique().numel() > 1
-    assert not torch.allclose(together, before)
+    assert_exact_kept_all_and_alone_in_a_batch(model, CONFIG, images())
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -2,7 +2,12 @@
 unpatch, FLOPs equal to PyTorch's counter, gradients and pickling."""
 import pytest
 import torch
-from conftest import assert_gradients_reach_every_parameter, assert_pickles_patched, assert_unpatch_restores
+from conftest import (
+    assert_exact_kept_all_and_alone_in_a_batch,
+    assert_gradients_reach_every_parameter,
+    assert_pickles_patched,
+    assert_unpatch_restores,
+)
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.vision_transformer import VisionTransformer
 
@@ -31,17 +36,7 @@ def images(count: int = 3) -> torch.Tensor:
 
 def test_keep_all_is_the_unpatched_model_and_a_batch_is_its_images_alone():
     model = tiny_torchvision_vit()
-    x = images()
-    with torch.no_grad():
-        before = model(x)
-        ats.patch(model, ats.KeepAllConfig())
-        assert (model(x) - before).abs().max() < 1e-5
-        ats.patch(model, CONFIG)
-        together = model(x)
-        kept = ats.last_stats(model).tokens_out[:, -1]
-        alone = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
-    assert (together - alone).abs().max() < 1e-5 and kept.unique().numel() > 1
-    assert not torch.allclose(together, before)
+    assert_exact_kept_all_and_alone_in_a_batch(model, CONFIG, images())
 
 
 def test_gflops_match_pytorchs_flop_counter():
