@@ -1,8 +1,14 @@
 import json
 
 import pytest
+import torch
+from test_datasets import write_image_folder
 
+import ats
+from ats.adapters import family_of
+from ats.commands.bench import bench_images
 from ats.commands.cli import main
+from ats.reference import create_reference_model
 
 
 def test_bench_rows_are_consistent(checkpoint, capsys):
@@ -74,3 +80,22 @@ def test_bench_static_rows_cost_the_capacity_and_compile_whole(checkpoint, capsy
     static = json.loads(capsys.readouterr().out)[1]
     assert static["config"] == "rho=0.7 @ blocks 3..11 [static]" and static["throughput"] > 0
     assert static["gflops"] >= adaptive["gflops"]  # the capacity, at least what each image kept
+
+
+def test_bench_times_the_images_of_data(tmp_path, checkpoint, capsys):
+    """--data: the folder's first images (taken again from the first when it has fewer), and the patched row's
+    tokens are those its config keeps on them."""
+    root = write_image_folder(tmp_path / "data", per_class=2)
+    model = create_reference_model()
+    model.load_state_dict(torch.load(checkpoint))
+    images = bench_images(model, 6, reference=False, data=str(root))
+    assert images.shape == (6, *family_of(model).input_size(model))
+    assert torch.equal(images[4:], images[:2]) and not torch.equal(images[0], images[1])
+    assert main(["bench", "--checkpoint", str(checkpoint), "--data", str(root), "--multi-stage", "0.7",
+                 "--batch-size", "6", "--repeats", "1", "--warmup", "0", "--json"]) == 0
+    patched = json.loads(capsys.readouterr().out)[1]
+    with torch.inference_mode():
+        ats.patch(model.eval(), ats.ATSConfig.multi_stage(0.7))(images)
+    assert patched["tokens_per_block"] == ats.last_stats(model).tokens.float().mean(0).tolist()
+    bundled = bench_images(model, 6, reference=True)
+    assert not torch.equal(images, bundled)

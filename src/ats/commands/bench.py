@@ -55,13 +55,14 @@ class BenchRow:
         return dataclasses.asdict(self)
 
 
-def bench_images(model: nn.Module, batch_size: int, reference: bool) -> torch.Tensor:
-    """[batch_size, C, H, W] (or clips [batch_size, T, C, H, W]): the bundled test images (or the moving-garment
-    test clips) for a reference model, else seeded random ones."""
+def bench_images(model: nn.Module, batch_size: int, reference: bool, data: Optional[str] = None) -> torch.Tensor:
+    """[batch_size, C, H, W] (or clips [batch_size, T, C, H, W]): the first images of the ImageFolder ``data`` (taken
+    again from the first when it has fewer), else the bundled test images (or the moving-garment test clips) for a
+    reference model, else seeded random ones."""
     device = next(model.parameters()).device
-    if reference:
-        test_set = build_dataset(None, data_config(model), limit=batch_size)
-        return torch.stack([test_set[index][0] for index in range(batch_size)]).to(device)
+    if data is not None or reference:
+        test_set = build_dataset(data, data_config(model), limit=batch_size)
+        return torch.stack([test_set[index % len(test_set)][0] for index in range(batch_size)]).to(device)
     generator = torch.Generator().manual_seed(0)
     return torch.randn(batch_size, *family_of(model).input_size(model), generator=generator).to(device)
 
@@ -92,13 +93,15 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 @torch.inference_mode()
 def bench(model: nn.Module, configs: Sequence[PatchConfig], batch_sizes: Sequence[int], repeats: int = 5,
           warmup: int = 2, reference: bool = False, compile: bool = False, autocast: str = "none",
-          static: bool = False, compile_mode: str = "default", compile_backend: str = "inductor") -> List[BenchRow]:
+          static: bool = False, compile_mode: str = "default", compile_backend: str = "inductor",
+          data: Optional[str] = None) -> List[BenchRow]:
     """Rows for the unpatched model and each config at each batch size; the model is left unpatched.
 
     compile: time ``torch.compile`` of the unpatched model and of a patched copy per config instead
     (the warm-up repeats then include compiling), in ``compile_mode`` with ``compile_backend``; autocast:
     "none", "bf16" or "fp16" (``autocast_context``); static: the configs in static mode (compiled with
-    ``fullgraph=True``).
+    ``fullgraph=True``); data: an ImageFolder to time on (``bench_images``; default: the bundled images for a
+    reference model, else random ones).
     """
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
@@ -114,7 +117,7 @@ def bench(model: nn.Module, configs: Sequence[PatchConfig], batch_sizes: Sequenc
     rows = []
     try:
         for batch_size in batch_sizes:
-            images = bench_images(model, batch_size, reference)
+            images = bench_images(model, batch_size, reference, data)
             timings: List[List[float]] = [[] for _ in contenders]
             for repeat in range(warmup + repeats):
                 for index, (forward, _, config) in enumerate(contenders):
@@ -161,7 +164,7 @@ def result_rows(model: nn.Module, base_gflops: float, batch_size: int, seconds: 
 
 def bench_onnxruntime(model: nn.Module, configs: Sequence[PatchConfig], batch_sizes: Sequence[int], repeats: int = 5,
                       warmup: int = 2, reference: bool = False, threads: int = 1,
-                      static: bool = False) -> List[BenchRow]:
+                      static: bool = False, data: Optional[str] = None) -> List[BenchRow]:
     """``bench``'s rows for ONNX Runtime: the unpatched model and each config (in static mode with ``static``), each
     exported once (``ats.export``, dynamic batch) and run by ONNX Runtime's CPU provider with ``threads`` intra-op
     threads; the graphs alternate in every repeat. GFLOPs and tokens are the PyTorch forward's."""
@@ -170,14 +173,14 @@ def bench_onnxruntime(model: nn.Module, configs: Sequence[PatchConfig], batch_si
     rows = []
     try:
         with tempfile.TemporaryDirectory() as folder:
-            example = bench_images(model, 2, reference).cpu()
+            example = bench_images(model, 2, reference, data).cpu()
             sessions = []
             for index, config in enumerate([None, *configs]):
                 set_config(model, config, static)
                 export_onnx(model, example, Path(folder) / f"{index}.onnx")
                 sessions.append(onnx_session(Path(folder) / f"{index}.onnx", threads))
             for batch_size in batch_sizes:
-                images = bench_images(model, batch_size, reference).cpu()
+                images = bench_images(model, batch_size, reference, data).cpu()
                 seconds = time_sessions(sessions, images, repeats, warmup)
                 patched_stats = []
                 for config in configs:
@@ -236,6 +239,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="torch (eager PyTorch, default) or onnxruntime: export the unpatched model and each "
                              "config (with --static in static mode) to ONNX and time the graphs in ONNX Runtime on "
                              "the CPU with --threads intra-op threads")
+    parser.add_argument("--data", help="an ImageFolder (root/<class>/<image>) whose first images to time on (ATS keeps "
+                                       "as many tokens as each image needs, so real images give real timings); "
+                                       "default: the bundled test images for a reference model, else seeded random "
+                                       "ones")
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows")
     parser.set_defaults(func=run)
 
@@ -261,11 +268,11 @@ def run(args: argparse.Namespace) -> int:
     if args.runtime == "onnxruntime":
         refuse_with_onnxruntime(args)
         rows = bench_onnxruntime(model.cpu(), configs, args.batch_size or [1, 64], args.repeats, args.warmup,
-                                 reference, args.threads, args.static)
+                                 reference, args.threads, args.static, args.data)
     else:
         rows = bench(model, configs, args.batch_size or [1, 64], args.repeats, args.warmup, reference=reference,
                      compile=args.compile, autocast=args.autocast, static=args.static, compile_mode=args.compile_mode,
-                     compile_backend=args.compile_backend)
+                     compile_backend=args.compile_backend, data=args.data)
     print(f"threads: {args.threads}, runtime: {args.runtime}", file=sys.stderr)
     print(json.dumps([row.to_json() for row in rows], indent=1) if args.json else format_rows(rows))
     return 0
