@@ -1,6 +1,6 @@
-"""ATS on more Hugging Face image models: CLIP and SigLIP towers and classifiers, DINOv3 (rotary embeddings), BEiT
-and Data2Vec-Vision (relative position biases), I-JEPA (no class token), ViT-MAE (mask_ratio 0); each class the
-installed transformers has (CI runs this file under transformers 4.x and 5.x)."""
+"""ATS on more Hugging Face image models: CLIP and SigLIP towers and classifiers, DINOv3 (rotary embeddings),
+AIMv2, BEiT and Data2Vec-Vision (relative position biases), I-JEPA (no class token), ViT-MAE (mask_ratio 0); each
+class the installed transformers has (CI runs this file under transformers 4.x and 5.x)."""
 import copy
 
 import pytest
@@ -13,6 +13,7 @@ from conftest import (
     contrasted_images,
 )
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import ats
@@ -46,6 +47,7 @@ CONFIGS = {
     "SiglipVisionModel": config("SiglipVisionConfig"),
     "SiglipForImageClassification": joint_config("SiglipConfig", vision_use_head=False),
     "DINOv3ViTModel": config("DINOv3ViTConfig", num_register_tokens=2, layerscale_value=0.5),
+    "Aimv2VisionModel": config("Aimv2VisionConfig", qkv_bias=True),
     "BeitModel": config("BeitConfig", **BIASES, use_mean_pooling=False),
     "BeitForImageClassification": config("BeitConfig", **BIASES, num_labels=10),
     "Data2VecVisionModel": config("Data2VecVisionConfig", **BIASES),
@@ -152,9 +154,10 @@ def test_unpatch_restores_the_original_forward_exactly(name):
 def test_flops_match_pytorchs_flop_counter(name):
     """The analytic count of the unpatched model, and of a patched one that keeps every token, equals
     FlopCounterMode (2 per multiply-add) on the unpatched model with eager attention; a patched one costs less
-    per image (rotations and position biases are elementwise, counted by neither)."""
+    per image (rotations and position biases are elementwise, counted by neither). A head's own
+    scaled_dot_product_attention (AIMv2's pool) runs its math kernel, which the counter sees."""
     model, image = tiny(name, "eager"), contrasted_images(1)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         model(image, **unpatched_kwargs(name, 1))
     assert_gflops_match_the_counter(model, counter.get_total_flops() / 2, contrasted_images(2), contrasted_images(),
                                     FUSE_DISTINCT)
@@ -186,7 +189,7 @@ def test_bad_input_gets_a_clear_error(name):
 
 
 @pytest.mark.parametrize("name", available("SiglipVisionModel", "SiglipForImageClassification",
-                                            "IJepaForImageClassification"))
+                                            "IJepaForImageClassification", "Aimv2VisionModel"))
 def test_without_a_class_token_tokens_are_scored_by_self_attention(name):
     model, images = tiny(name), contrasted_images()
     results = []
@@ -199,10 +202,11 @@ def test_without_a_class_token_tokens_are_scored_by_self_attention(name):
         ats.patch(model, ats.ATSConfig.multi_stage(0.8, first=1, depth=4, score="cls"))
 
 
-def test_the_siglip_pool_attends_over_valid_tokens_in_proportion_to_their_size():
+@pytest.mark.parametrize("name", available("SiglipVisionModel", "Aimv2VisionModel"))
+def test_an_attention_pool_attends_over_valid_tokens_in_proportion_to_their_size(name):
     """With fused tokens, the pool over an image's valid tokens with their log sizes added to the logits is the
     model's own pool over those tokens, each repeated as many times as the patches it holds."""
-    model, images = tiny("SiglipVisionModel"), contrasted_images()
+    model, images = tiny(name), contrasted_images()
     ats.patch(model, FUSE_DISTINCT)
     with torch.no_grad():
         output = model(images)
@@ -333,11 +337,13 @@ def test_each_kept_dinov3_token_keeps_its_own_rotation(name, config):
 
 
 @pytest.mark.parametrize("name, options", [(name, {}) for name in available("DINOv3ViTModel")] + [
-    ("BeitForImageClassification", {}), ("CLIPVisionModel", dict(interpolate_pos_encoding=True))])
+    ("BeitForImageClassification", {}), ("CLIPVisionModel", dict(interpolate_pos_encoding=True))] + [
+    (name, dict(is_native=True)) for name in available("Aimv2VisionModel")])
 def test_other_image_sizes(name, options):
-    """Rotary embeddings and relative position biases are made for the input's grid; CLIP's position embedding
-    is resampled with interpolate_pos_encoding."""
-    model, images = tiny(name), contrasted_images(4, 48)
+    """Rotary embeddings, relative position biases and AIMv2's native sine-cosine embedding are made for the input's
+    grid; CLIP's position embedding is resampled with interpolate_pos_encoding."""
+    overrides = dict(is_native=options.pop("is_native")) if "is_native" in options else {}
+    model, images = tiny(name, **overrides), contrasted_images(4, 48)
     with torch.no_grad():
         before = primary(model(images, **options))
         ats.patch(model, ats.ATSConfig({1: 1000, 3: 1000}, sampler="topk"))
@@ -430,3 +436,12 @@ def test_vit_mae_random_masking_is_refused_and_mask_ratio_0_returns_an_empty_mas
     assert (output.mask == 0).all() and torch.equal(output.ids_restore[1], torch.arange(64))
     with pytest.raises(TypeError, match="does not take noise"):
         model(contrasted_images(2), noise=torch.rand(2, 64))
+
+
+@pytest.mark.skipif("Aimv2VisionModel" not in CLASSES, reason="this transformers has no AIMv2")
+def test_an_aimv2_model_with_a_learnt_position_embedding_takes_only_its_own_size():
+    model = ats.patch(tiny("Aimv2VisionModel"), CONFIG)
+    with pytest.raises(ValueError, match=r"pixel_values of shape \[B, 3, 32, 32\]"):
+        model(contrasted_images(2, 48))
+    with pytest.raises(ValueError, match="does not resample"):
+        model(contrasted_images(2), interpolate_pos_encoding=True)

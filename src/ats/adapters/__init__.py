@@ -14,6 +14,7 @@ from .cvt import CVT
 from .eva import EVA
 from .family import Family, as_logits, last_stats, named, owns, patch_with, run_patched, unpatch, upper_bound_flops
 from .hf import HF
+from .hf_aimv2 import AIMV2
 from .hf_beit import HF_BEIT
 from .hf_clip import TOWERS
 from .hf_dinov3 import DINOV3
@@ -25,8 +26,8 @@ from .timm import TIMM
 from .torchvision import TORCHVISION
 from .xvit import XVIT
 
-FAMILIES = (TIMM, EVA, BEIT, RELPOS, HF, TOWERS, DINOV3, HF_BEIT, HF_VIDEO, CVT, PSVIT, TIMESFORMER, XVIT, OPEN_CLIP,
-            TORCHVISION)
+FAMILIES = (TIMM, EVA, BEIT, RELPOS, HF, TOWERS, DINOV3, AIMV2, HF_BEIT, HF_VIDEO, CVT, PSVIT, TIMESFORMER, XVIT,
+            OPEN_CLIP, TORCHVISION)
 __all__ = ["FAMILIES", "Family", "as_logits", "data_config", "depth_of", "family_of", "gflops", "is_patched",
            "last_stats", "logits_from", "patch", "takes_clips", "tokens_before", "unpatch"]
 
@@ -55,8 +56,8 @@ REFUSED = {
     "PixtralVisionModel": "it packs the patches of images of different sizes into one sequence, each attending within "
                           "its own image through a block-diagonal mask with 2-D rotary embeddings per image, which "
                           "ATS's packing does not yet start from",
-    "Aimv2VisionModel": "its adapter is not written yet (its pre-norm RMSNorm and SwiGLU blocks would fit the step, "
-                        "but it has no class token and pools with its own attention head)",
+    "Aimv2Model": "it is the joint image-text model; patch its image tower, ats.patch(model.vision_model, config), "
+                  "which ATS runs, and get_image_features runs it",
     "open_clip.timm_model.TimmModel": "it wraps a timm model (its trunk) with a head of its own; patch the trunk, "
                                       "ats.patch(model.visual.trunk, config), which ATS runs exactly, and the "
                                       "wrapper's forward and encode_image run it",

@@ -226,9 +226,9 @@ class Attention:
 def attention_of(layer: nn.Module) -> Attention:
     """The self-attention of an encoder layer in each layout transformers' vision models use: ``self_attn``
     with ``out_proj`` (CLIP, SigLIP); ``attention`` with ``q_proj .. o_proj`` (ViT, DeiT, DINOv2, DINOv3,
-    I-JEPA, ViT-MAE, ViViT, BEiT from transformers 5.18 on); ``attention.attention`` with ``query, key, value``
-    and ``attention.output.dense`` (Data2Vec-Vision, VideoMAE; ViT, DeiT, DINOv2, ... before 5.18; VideoMAE
-    before 5.x keeps its query and value biases apart, as ``q_bias`` and ``v_bias``)."""
+    I-JEPA, ViT-MAE, ViViT, BEiT from transformers 5.18 on) or ``.. out_proj`` (AIMv2); ``attention.attention``
+    with ``query, key, value`` and ``attention.output.dense`` (Data2Vec-Vision, VideoMAE; ViT, DeiT, DINOv2, ...
+    before 5.18; VideoMAE before 5.x keeps its query and value biases apart, as ``q_bias`` and ``v_bias``)."""
     if hasattr(layer, "self_attn"):
         attn = layer.self_attn
         return Attention(attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, nn.Identity(), attn.num_heads,
@@ -237,8 +237,9 @@ def attention_of(layer: nn.Module) -> Attention:
     if hasattr(attn, "q_proj"):
         heads = getattr(attn, "num_attention_heads", None) or attn.num_heads
         dropout = attn.attention_dropout if hasattr(attn, "attention_dropout") else attn.dropout
-        return Attention(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, getattr(layer, "dropout", nn.Identity()),
-                         heads, attn.head_dim, attn.scaling, dropout)
+        proj, scale = (attn.o_proj, attn.scaling) if hasattr(attn, "o_proj") else (attn.out_proj, attn.scale)  # AIMv2
+        return Attention(attn.q_proj, attn.k_proj, attn.v_proj, proj, getattr(layer, "dropout", nn.Identity()),
+                         heads, attn.head_dim, scale, dropout)
     inner, output = attn.attention, attn.output
     dropout = inner.dropout.p if isinstance(getattr(inner, "dropout", None), nn.Dropout) else inner.dropout_prob
     head_dim = inner.attention_head_size
@@ -273,10 +274,13 @@ def layer_parts(layer: nn.Module, dense: Optional[Callable[[torch.Tensor], torch
         norm1, norm2 = layer.layer_norm1, layer.layer_norm2
     elif hasattr(layer, "norm1"):  # DINOv2, DINOv3
         norm1, norm2 = layer.norm1, layer.norm2
+    elif hasattr(layer, "rms_norm1"):  # AIMv2
+        norm1, norm2 = layer.rms_norm1, layer.rms_norm2
     else:
         norm1, norm2 = layer.layernorm_before, layer.layernorm_after
-    if hasattr(layer, "mlp"):
-        mlp, mlp_drop = layer.mlp, getattr(layer, "dropout", nn.Identity())
+    if hasattr(layer, "mlp") or hasattr(layer, "ffn"):  # AIMv2: ffn
+        mlp = layer.mlp if hasattr(layer, "mlp") else layer.ffn
+        mlp_drop = getattr(layer, "dropout", nn.Identity())
     else:  # Data2Vec-Vision, VideoMAE
         mlp, mlp_drop = partial(_bert_mlp, layer), layer.output.dropout
     drop_path = getattr(layer, "drop_path", None)
@@ -292,7 +296,8 @@ def layer_parts(layer: nn.Module, dense: Optional[Callable[[torch.Tensor], torch
 def layer_sizes(layer: nn.Module) -> Tuple[int, int, int]:
     """(attention width, head width, the MLP's multiply-adds per token) of a transformers encoder layer."""
     attn = attention_of(layer)
-    mlp_flops = linear_flops(layer.mlp) if hasattr(layer, "mlp") else \
+    mlp = layer.mlp if hasattr(layer, "mlp") else getattr(layer, "ffn", None)  # AIMv2: ffn
+    mlp_flops = linear_flops(mlp) if mlp is not None else \
         linear_flops(layer.intermediate) + linear_flops(layer.output.dense)
     return attn.q.out_features, attn.head_dim, mlp_flops
 
