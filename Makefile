@@ -56,7 +56,7 @@ wheel-check: $(STAMP)
 # compatibility tests of their families but torch.compile's (6 minutes here; make test runs them under 5.x).
 VENV4 := .venv-transformers4
 STAMP4 := $(VENV4)/.installed
-HF_TESTS := tests/test_patch_hf.py tests/test_patch_hf_images.py tests/test_patch_hf_video.py tests/test_patch_cvt.py
+HF_TESTS := tests/test_patch_hf.py tests/test_patch_hf_images.py tests/test_patch_hf_siglip2.py tests/test_patch_hf_video.py tests/test_patch_cvt.py
 
 $(STAMP4): pyproject.toml requirements-ci.txt requirements-transformers4.txt
 	$(PYTHON) -m venv $(VENV4)

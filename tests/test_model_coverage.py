@@ -140,8 +140,6 @@ def test_every_vit_like_timm_model_is_accepted_or_refused_with_a_reason():
 HF_REFUSED = {
     "SwinModel": ("SwinConfig", dict(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 1],
                                      window_size=2), "attends only within its local window"),
-    "Siglip2VisionModel": ("Siglip2VisionConfig", dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                       intermediate_size=32), "pre-cut patches of its own length"),
     "PixtralVisionModel": ("PixtralVisionConfig", dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                        intermediate_size=32, image_size=32, patch_size=4),
                            "block-diagonal mask"),

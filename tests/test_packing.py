@@ -13,6 +13,19 @@ from ats.merging import (
 from ats.packing import TokenBatch, _kept_first
 
 
+def test_with_lengths_takes_each_images_first_tokens_and_pads_the_rest():
+    x = torch.arange(3 * 4 * 2, dtype=torch.float32).reshape(3, 4, 2)
+    for static in (False, True):
+        batch = TokenBatch.from_dense(x, static=static).with_lengths(torch.tensor([4, 2, 3]))
+        assert batch.width == 4 and batch.lengths.tolist() == [4, 2, 3] and not batch.full
+        assert batch.source.tolist() == [[0, 1, 2, 3], [0, 1, -1, -1], [0, 1, 2, -1]]
+        padded = batch.pad(batch.rows) * batch.position_mask[..., None]
+        assert torch.equal(padded, x * batch.position_mask[..., None])
+        assert batch.live_tokens.tolist() == [4, 2, 3] and batch.common_live_tokens is None
+    whole = TokenBatch.from_dense(x).with_lengths(torch.tensor([4, 4, 4]))
+    assert whole.full and whole.in_source_order and torch.equal(whole.dense(), x)
+
+
 def test_select_packs_kept_tokens_to_the_front_in_order():
     x = torch.arange(2 * 4 * 2, dtype=torch.float32).reshape(2, 4, 2)
     batch = TokenBatch.from_dense(x)

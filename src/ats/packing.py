@@ -103,6 +103,13 @@ class TokenBatch:
         return cls(x.reshape(batch * n, -1), lengths, n, None, source, keep_padding=keep_padding or static,
                    num_source_tokens=n, static=static)
 
+    def with_lengths(self, lengths: torch.Tensor) -> "TokenBatch":
+        """A batch of whole sequences [B, N] in their order as image i's first ``lengths[i]`` tokens, padding after
+        them (inputs that come padded: each image takes part with its own count)."""
+        width = self.width
+        keep = torch.arange(width, device=lengths.device) < lengths.to(self.lengths.device)[:, None]
+        return self.select(keep, capacity=width)[0]
+
     @property
     def batch_size(self) -> int:
         return self.lengths.shape[0]

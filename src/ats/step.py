@@ -152,10 +152,11 @@ class BlockParts:
 
 
 def run_blocks(blocks: Sequence[BlockParts], x: torch.Tensor, config: Method, num_prefix_tokens: int,
-               has_cls: bool, start: int = 0, static: bool = False,
-               taps: Tuple[int, ...] = ()) -> Tuple[TokenBatch, ForwardRecord]:
+               has_cls: bool, start: int = 0, static: bool = False, taps: Tuple[int, ...] = (),
+               lengths: Optional[torch.Tensor] = None) -> Tuple[TokenBatch, ForwardRecord]:
     """Run ``blocks[start:]`` under ``config`` on the tokens x [B, N, C] that the first ``start`` blocks
-    made (all N of them: no block before the first patched one drops any).
+    made (all N of them: no block before the first patched one drops any; or with ``lengths`` [B] long each image's
+    first ``lengths[i]``, padding after them, for a model that takes images of their own token counts).
 
     static: give every block's output the width of its capacity (``token_capacities``: the most it can
     keep) instead of its largest kept count, so that the forward reads nothing on the host and compiles to one
@@ -168,6 +169,8 @@ def run_blocks(blocks: Sequence[BlockParts], x: torch.Tensor, config: Method, nu
         raise ValueError(f"the blocks can start at 0..{config.first_block} (up to the first patched block) for "
                          f"{config.describe()}, got {start}")
     batch = TokenBatch.from_dense(x, keep_padding=config.packing == "padded", static=static)
+    if lengths is not None:
+        batch = batch.with_lengths(lengths)
     capacities = token_capacities(config, x.shape[1], num_prefix_tokens, len(blocks)) if static else None
     record = ForwardRecord(static=static, restore=restore_rule(config.restore), taps=tuple(taps))
     record.tap(start - 1, batch)  # the tokens entering block ``start``: the embeddings when it is 0

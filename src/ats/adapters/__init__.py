@@ -18,6 +18,7 @@ from .hf_aimv2 import AIMV2
 from .hf_beit import HF_BEIT
 from .hf_clip import TOWERS
 from .hf_dinov3 import DINOV3
+from .hf_siglip2 import SIGLIP2
 from .hf_video import HF_VIDEO
 from .open_clip import OPEN_CLIP
 from .psvit import PSVIT
@@ -26,8 +27,8 @@ from .timm import TIMM
 from .torchvision import TORCHVISION
 from .xvit import XVIT
 
-FAMILIES = (TIMM, EVA, BEIT, RELPOS, HF, TOWERS, DINOV3, AIMV2, HF_BEIT, HF_VIDEO, CVT, PSVIT, TIMESFORMER, XVIT,
-            OPEN_CLIP, TORCHVISION)
+FAMILIES = (TIMM, EVA, BEIT, RELPOS, HF, TOWERS, SIGLIP2, DINOV3, AIMV2, HF_BEIT, HF_VIDEO, CVT, PSVIT, TIMESFORMER,
+            XVIT, OPEN_CLIP, TORCHVISION)
 __all__ = ["FAMILIES", "Family", "as_logits", "data_config", "depth_of", "family_of", "gflops", "is_patched",
            "last_stats", "logits_from", "patch", "takes_clips", "tokens_before", "unpatch"]
 
@@ -50,12 +51,9 @@ REFUSED = {
     "SwinForImageClassification": _WINDOWED,
     "Swinv2Model": _WINDOWED,
     "Swinv2ForImageClassification": _WINDOWED,
-    "Siglip2VisionModel": "it takes each image as a sequence of pre-cut patches of its own length (NaFlex: "
-                          "pixel_attention_mask marks the padded patches, spatial_shapes each image's grid, and the "
-                          "position embeddings are resized per image), which ATS's packing does not yet start from",
-    "PixtralVisionModel": "it packs the patches of images of different sizes into one sequence, each attending within "
-                          "its own image through a block-diagonal mask with 2-D rotary embeddings per image, which "
-                          "ATS's packing does not yet start from",
+    "PixtralVisionModel": "it packs the patches of several images into one sequence, each attending within its own "
+                          "image through a block-diagonal mask with 2-D rotary embeddings per image; ATS takes each "
+                          "image as its own sequence (as Siglip2VisionModel's padded ones)",
     "Aimv2Model": "it is the joint image-text model; patch its image tower, ats.patch(model.vision_model, config), "
                   "which ATS runs, and get_image_features runs it",
     "open_clip.timm_model.TimmModel": "it wraps a timm model (its trunk) with a head of its own; patch the trunk, "

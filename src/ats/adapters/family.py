@@ -138,6 +138,7 @@ class ATSState:
     last_stats: Optional[ATSStats] = None
     record: Optional[ForwardRecord] = None
     taps: Tuple[int, ...] = ()
+    lengths: Optional[torch.Tensor] = None
     pool_weights: Optional[torch.Tensor] = None
     shapes: Dict[Tuple[int, ...], ViTShape] = field(default_factory=dict)
     parts_key: Any = None
@@ -223,7 +224,7 @@ def run_parts(model: nn.Module, parts: Sequence[BlockParts], x: torch.Tensor, sh
     """``step.run_blocks`` on the blocks ``parts`` of a patched model from ``start``, as it is patched."""
     state: ATSState = model._ats
     return run_blocks(parts, x, state.config, shape.num_prefix_tokens, shape.has_class_token, start, state.static,
-                      state.taps)
+                      state.taps, state.lengths)
 
 
 def cached_block_parts(family: Family, model: nn.Module, input_size: Sequence[int]) -> List[BlockParts]:
@@ -260,17 +261,19 @@ def cached_shape(family: Family, model: nn.Module, input_size: Sequence[int]) ->
 
 
 def run_patched(model: nn.Module, x: torch.Tensor, start: int, input_size: Sequence[int],
-                stop: Optional[int] = None, taps: Sequence[int] = ()) -> TokenBatch:
+                stop: Optional[int] = None, taps: Sequence[int] = (), lengths: Optional[torch.Tensor] = None
+                ) -> TokenBatch:
     """Run a patched model's blocks ``start`` to ``stop`` (default the last) on the tokens x [B, N, C'] the blocks
     before ``start`` made (``Family.embed``'s layout), keep the forward's statistics and record on the model and
-    return the packed tokens; the record keeps the outputs of the blocks ``taps`` (``tapped_maps``)."""
+    return the packed tokens; the record keeps the outputs of the blocks ``taps`` (``tapped_maps``). lengths: [B]
+    long, each image's token count where inputs come padded (its first ones in x), for ``run_parts``."""
     state: ATSState = model._ats
     shape = cached_shape(state.family, model, input_size)
-    state.taps = tuple(taps)
+    state.taps, state.lengths = tuple(taps), lengths
     try:
         batch, record = state.family.run_blocks(model, x, shape, start, input_size, stop)
     finally:
-        state.taps = ()
+        state.taps, state.lengths = (), None
     state.record = record
     state.last_stats = record.finish(shape, state.family.block_costs(model, shape, state.config))
     state.pool_weights = batch.padded_sizes() * batch.position_mask

@@ -325,14 +325,15 @@ class ATSHuggingFaceModel(PatchedModel):
         family: HuggingFaceFamily = self._ats.family
         restore = bool(self._ats.config.restore)
         hidden_states = asks_hidden_states(self, output_hidden_states)
+        inputs = {name: kwargs.pop(name, None) for name in family.padded_inputs}
         refuse_unsupported(self, attention_mask, bool_masked_pos, output_attentions, hidden_states and not restore,
                            kwargs)
         if pixel_values is None:
             raise ValueError(f"pass pixel_values, {family.inputs}")
-        tokens = family.embed(self, pixel_values, bool(interpolate_pos_encoding))
+        tokens, lengths = family.embed_padded(self, pixel_values, bool(interpolate_pos_encoding), **inputs)
         every_block = restore and (hidden_states or family.layout(self).stages)
         taps = range(-1, len(family.blocks(self))) if every_block else ()
-        batch = run_patched(self, tokens, 0, tuple(pixel_values.shape[1:]), taps=taps)
+        batch = run_patched(self, tokens, 0, tuple(pixel_values.shape[1:]), taps=taps, lengths=lengths)
         output = family.output(self, batch, self._ats.pool_weights, labels)
         if restore:
             output = family.restored_output(self, batch, output, hidden_states)
@@ -385,6 +386,8 @@ class HuggingFaceFamily(Family):
     layouts: Mapping[str, Layout] = {}
     mixin = ATSHuggingFaceModel
     inputs = "images [B, C, H, W]"
+    #: The forward's inputs that say which of each image's tokens are padding (``embed_padded`` takes them).
+    padded_inputs: Tuple[str, ...] = ()
 
     @property
     def models(self) -> Tuple[str, ...]:
@@ -453,7 +456,7 @@ class HuggingFaceFamily(Family):
         return ViTShape(embed_dim=self.base(model).config.hidden_size, attn_dim=attn_dim, head_dim=head_dim,
                         mlp_flops=mlp_flops, depth=len(self.blocks(model)), num_patches=math.prod(grid),
                         num_prefix_tokens=self.num_prefix_tokens(model),
-                        patch_embed_flops=conv_flops(self.patches(model).projection, grid), head_flops=head_flops,
+                        patch_embed_flops=self.patch_embed_flops(model, grid), head_flops=head_flops,
                         grid_size=grid[-2:], head_token_flops=head_token_flops,
                         has_class_token=self.num_prefix_tokens(model) > 0)
 
@@ -482,6 +485,16 @@ class HuggingFaceFamily(Family):
     def embed(self, model: nn.Module, images: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """Images -> the tokens [B, N, C'] entering block 0."""
         raise NotImplementedError
+
+    def embed_padded(self, model: nn.Module, images: torch.Tensor, interpolate_pos_encoding: bool = False,
+                     **inputs) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The tokens [B, N, C'] entering block 0 and each image's token count [B] where inputs come padded (its
+        first ones; None: all N), from the images and the ``padded_inputs``."""
+        return self.embed(model, images, interpolate_pos_encoding), None
+
+    def patch_embed_flops(self, model: nn.Module, grid: Tuple[int, ...]) -> int:
+        """FLOPs of the patch embedding on a grid of (rows, columns)."""
+        return conv_flops(self.patches(model).projection, grid)
 
     def final_norm(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         """The norm of the tokens leaving the last block."""

@@ -64,7 +64,7 @@ def _clip_classifier_output(model: nn.Module, base: nn.Module, features: torch.T
     return classifier_output(model, model.classifier(valid_mean(features, weights, prefix)), labels)
 
 
-def _siglip_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weights: torch.Tensor, prefix: int,
+def siglip_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weights: torch.Tensor, prefix: int,
                    labels: Optional[torch.Tensor]):
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -72,7 +72,7 @@ def _siglip_output(model: nn.Module, base: nn.Module, features: torch.Tensor, we
     return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=pooled)
 
 
-def _siglip_classifier_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weights: torch.Tensor,
+def siglip_classifier_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weights: torch.Tensor,
                               prefix: int, labels: Optional[torch.Tensor]):
     """SigLIP's classifier: the mean of all tokens (valid ones, by size)."""
     return classifier_output(model, model.classifier(valid_mean(features, weights)), labels)
@@ -82,8 +82,8 @@ LAYOUTS = {
     "CLIPVisionModel": Layout(None, _clip_output),
     "CLIPVisionModelWithProjection": Layout("vision_model", _clip_projection_output),
     "CLIPForImageClassification": Layout("vision_model", _clip_classifier_output),
-    "SiglipVisionModel": Layout(None, _siglip_output),
-    "SiglipForImageClassification": Layout("vision_model", _siglip_classifier_output),
+    "SiglipVisionModel": Layout(None, siglip_output),
+    "SiglipForImageClassification": Layout("vision_model", siglip_classifier_output),
 }
 
 
@@ -119,7 +119,7 @@ class VisionTowers(HuggingFaceFamily):
         output projection and the MLP per image, each token's key, value and attention
         (``flops.attention_pool_token_flops``)."""
         head = getattr(self.base(model), "head", None)
-        if head is None or self.layout(model).output is not _siglip_output:
+        if head is None or self.layout(model).output is not siglip_output:
             return super().head_flops(model)
         width = head.attention.embed_dim
         return width * width + linear_flops(head), attention_pool_token_flops(2 * width * width, 1, width)
