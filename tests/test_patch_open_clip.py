@@ -1,12 +1,14 @@
 """open_clip's VisionTransformer (``model.visual`` of its CLIP models), random init: exact with nothing dropped, a
 batch equal to its images alone, ``encode_image`` and zero-shot classification through a patched tower, pooling
-variants, FLOPs equal to PyTorch's counter, gradients, pickling, and the TimmModel towers pointed at their trunk."""
+variants, FLOPs equal to PyTorch's counter, gradients, pickling, and the TimmModel towers patched through their
+trunk."""
 import types
 
 import open_clip
 import pytest
 import torch
 from conftest import assert_gradients_reach_every_parameter, assert_pickles_patched, assert_unpatch_restores
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import ats
@@ -109,8 +111,54 @@ def test_unpatch_pickling_and_gradients():
     assert_gradients_reach_every_parameter(visual, images())
 
 
-def test_a_timm_tower_is_pointed_at_its_trunk():
-    model = open_clip.create_model("ViT-B-16-SigLIP", pretrained=None, device="meta")
-    with pytest.raises(TypeError, match=r"patch the trunk, ats.patch\(model.visual.trunk"):
-        ats.patch(model.visual, CONFIG)
-    assert ats.patch(model.visual.trunk, CONFIG) is model.visual.trunk
+def test_a_timm_tower_is_patched_through_its_trunk():
+    """open_clip's TimmModel (SigLIP's, EVA's, PE's towers) wraps a timm model and a head of its own: patching the
+    wrapper patches the trunk, and encode_image, GFLOPs (with the wrapper's head), stats and unpatch take the
+    wrapper."""
+    torch.manual_seed(0)
+    vision_cfg = dict(timm_model_name="test_vit", timm_pool="token", timm_proj="linear", image_size=160)
+    text_cfg = dict(context_length=8, vocab_size=50, width=32, heads=2, layers=1)
+    model = open_clip.CLIP(embed_dim=24, vision_cfg=vision_cfg, text_cfg=text_cfg).eval()
+    tower = model.visual
+    with torch.no_grad():
+        for block in tower.trunk.blocks:
+            block.attn.qkv.weight.mul_(6.0)
+    x = images_of_size(4, 160)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        tower(x[:1])
+    head = tower.head.proj.in_features * tower.head.proj.out_features
+    assert ats.gflops(tower) * 1e9 == pytest.approx(counter.get_total_flops() / 2, rel=1e-12)
+    assert ats.gflops(tower) * 1e9 == pytest.approx(ats.gflops(tower.trunk) * 1e9 + head, rel=1e-12)
+    with torch.no_grad():
+        before = model.encode_image(x)
+        assert ats.patch(tower, ats.KeepAllConfig()) is tower and ats.is_patched(tower)
+        assert ats.is_patched(tower.trunk) and type(tower) is open_clip.timm_model.TimmModel
+        assert (model.encode_image(x) - before).abs().max() < 1e-5
+        ats.patch(tower, ats.ATSConfig.multi_stage(0.7, first=1))
+        together = model.encode_image(x)
+        stats, trunk_stats = ats.last_stats(tower), ats.last_stats(tower.trunk)
+        alone = torch.cat([model.encode_image(x[i:i + 1]) for i in range(len(x))])
+    assert (together - alone).abs().max() < 1e-5 and stats.tokens_out[:, -1].unique().numel() > 1
+    assert torch.allclose(stats.gflops.double() * 1e9, trunk_stats.gflops.double() * 1e9 + head)
+    assert ats.unpatch(tower) is tower and not ats.is_patched(tower.trunk)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(x), before)
+
+
+def images_of_size(count: int, size: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    scale = torch.linspace(0.2, 2.0, count)[:, None, None, None]
+    return torch.randn(count, 3, size, size, generator=generator) * scale
+
+
+def test_the_command_line_takes_an_open_clip_tower_and_a_timm_towers_trunk():
+    from timm.models.vision_transformer import VisionTransformer
+
+    from ats.commands.options import load_package_model
+
+    clip = load_package_model("open_clip:ViT-B-32", pretrained=False)
+    siglip = load_package_model("open_clip:ViT-B-16-SigLIP", pretrained=False)
+    assert isinstance(clip, open_clip.transformer.VisionTransformer) and isinstance(siglip, VisionTransformer)
+    assert ats.gflops(siglip) == pytest.approx(ats.gflops(open_clip.create_model("ViT-B-16-SigLIP").visual))
+    with pytest.raises(ValueError, match="unknown open_clip model"):
+        load_package_model("open_clip:ViT-X-99", pretrained=False)

@@ -95,3 +95,16 @@ def test_the_old_package_name_is_a_deprecated_alias_and_ats_patch_stays_the_func
 
     assert FAMILIES is ats.adapters.FAMILIES
     assert callable(ats.patch) and ats.patch is ats.adapters.patch
+
+
+def test_submodules_are_attributes_of_the_lazy_package():
+    """``import ats`` loads nothing heavy, yet ``ats.adapters``, ``ats.flops``, ... are there on first use, as they
+    would be from an eager package; an unknown name is an AttributeError."""
+    import subprocess
+    import sys
+
+    script = ("import ats, sys; assert 'ats.adapters' not in sys.modules; "
+              "assert ats.adapters.FAMILIES and ats.flops.ViTShape and ats.methods.METHODS; "
+              "assert not hasattr(ats, 'no_such_module')")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

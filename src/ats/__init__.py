@@ -19,6 +19,7 @@ method, and ``tubes``) -> the step (``method``, ``stats``, ``step``) -> the algo
 (``sampling``, ``packing``, ``merging``, ``evit``, ``saint``, ``flops``, ``profiling``).
 """
 import importlib
+import importlib.util
 import sys
 import types
 import warnings
@@ -43,6 +44,8 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
     elif not name.startswith("_") and name in _methods():
         value = getattr(importlib.import_module(f"{__name__}.methods"), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f"{__name__}.{name}")  # a subpackage or module: ats.adapters, ats.flops, ...
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value

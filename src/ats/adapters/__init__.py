@@ -2,17 +2,21 @@
 model), the lookup of a model's family, and the calls that patch a model through it (``ats.patch``,
 ``ats.unpatch``, ``ats.gflops``) or run a patched model from a block on (``tokens_before``, ``logits_from``). A new
 pre-norm family is one ``Family`` subclass (see ``family.py`` and ``timm.py``) added to FAMILIES."""
-from typing import Any, Dict, Optional, Sequence
+from dataclasses import replace
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .. import methods
+from ..flops import ViTShape, linear_flops
 from ..methods import PatchConfig, method_list
+from ..stats import ATSStats
+from . import family as described
 from .beit import BEIT, RELPOS
 from .cvt import CVT
 from .eva import EVA
-from .family import Family, as_logits, last_stats, named, owns, patch_with, run_patched, unpatch, upper_bound_flops
+from .family import Family, as_logits, named, owns, patch_with, run_patched, upper_bound_flops
 from .hf import HF
 from .hf_aimv2 import AIMV2
 from .hf_beit import HF_BEIT
@@ -56,13 +60,24 @@ REFUSED = {
                           "image as its own sequence (as Siglip2VisionModel's padded ones)",
     "Aimv2Model": "it is the joint image-text model; patch its image tower, ats.patch(model.vision_model, config), "
                   "which ATS runs, and get_image_features runs it",
-    "open_clip.timm_model.TimmModel": "it wraps a timm model (its trunk) with a head of its own; patch the trunk, "
-                                      "ats.patch(model.visual.trunk, config), which ATS runs exactly, and the "
-                                      "wrapper's forward and encode_image run it",
     "timm.models.naflexvit.NaFlexVit": "it packs images of their own patch counts itself (NaFlex: variable "
                                        "resolution and aspect, its own patch masks and position embeddings from "
                                        "per-patch coordinates), which ATS's packing does not yet combine with",
 }
+
+
+#: Wrappers whose forward runs a model ATS takes (by class): the attribute holding it, and the wrapper's own head
+#: (None: none) after it. ``ats.patch``, ``unpatch``, ``gflops``, ``last_stats`` and ``is_patched`` take the wrapper.
+WRAPPERS = {"open_clip.timm_model.TimmModel": ("trunk", "head")}
+
+
+def unwrapped(model: nn.Module) -> Tuple[nn.Module, int]:
+    """The model ATS patches for ``model``: itself, or the one a wrapper runs (``WRAPPERS``: open_clip's timm towers,
+    e.g. SigLIP's ``model.visual``, run their ``trunk``); and the multiply-adds per image of the wrapper's head."""
+    for name, (inner, head) in WRAPPERS.items():
+        if named(type(model), name):
+            return getattr(model, inner), 0 if head is None else linear_flops(getattr(model, head))
+    return model, 0
 
 
 def family_of(model: nn.Module) -> Family:
@@ -95,11 +110,28 @@ def patch(model: nn.Module, config: PatchConfig, static: bool = False) -> nn.Mod
                         "ats.ATSConfig.multi_stage(rho=1.0)")
     if not isinstance(static, bool):
         raise TypeError(f"static must be True or False, got {static!r}")
-    return patch_with(family_of(model), model, config, static)
+    inner, _ = unwrapped(model)
+    patch_with(family_of(inner), inner, config, static)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the model's original class (a wrapper's: the model it runs); its forward is then exactly the
+    unpatched one."""
+    described.unpatch(unwrapped(model)[0])
+    return model
 
 
 def is_patched(model: nn.Module) -> bool:
-    return hasattr(model, "_ats")
+    return hasattr(unwrapped(model)[0], "_ats")
+
+
+def last_stats(model: nn.Module) -> ATSStats:
+    """Statistics of the last forward of a patched model (tokens per block, GFLOPs per image with a wrapper's head,
+    ...)."""
+    inner, head_flops = unwrapped(model)
+    stats = described.last_stats(inner)
+    return replace(stats, shape=with_head(stats.shape, head_flops)) if head_flops else stats
 
 
 def gflops(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> float:
@@ -107,11 +139,17 @@ def gflops(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> floa
 
     input_size: (C, H, W); defaults to the model's own.
     """
+    model, head_flops = unwrapped(model)
     family = family_of(model)
     family.check(model)
     shape = family.shape(model, input_size)
-    config = model._ats.config if is_patched(model) else None
-    return upper_bound_flops(shape, config, family.block_costs(model, shape, config)) / 1e9
+    config = model._ats.config if hasattr(model, "_ats") else None
+    return upper_bound_flops(with_head(shape, head_flops), config, family.block_costs(model, shape, config)) / 1e9
+
+
+def with_head(shape: ViTShape, head_flops: int) -> ViTShape:
+    """``shape`` with a wrapper's head of ``head_flops`` multiply-adds per image after the model's own."""
+    return replace(shape, head_flops=shape.head_flops + head_flops)
 
 
 def tokens_before(model: nn.Module, images: torch.Tensor, count: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ import timm
 import torch
 from torch import nn
 
-from ..adapters import data_config
+from ..adapters import data_config, unwrapped
 from ..data.build import knows_bundled_classes
 from ..data.skipped import DEFAULT_MAX_BAD
 from ..methods import (
@@ -115,7 +115,8 @@ def load_model(args: argparse.Namespace) -> nn.Module:
 
 def load_package_model(spec: str, pretrained: bool) -> nn.Module:
     """``open_clip:NAME[:TAG]``: the image tower of open_clip's model NAME (with TAG's weights, downloaded on first
-    use); ``torchvision:NAME``: torchvision's model NAME (its default weights with ``pretrained``)."""
+    use; a tower that wraps a timm model, as SigLIP's, gives its trunk, which runs all but the wrapper's projection);
+    ``torchvision:NAME``: torchvision's model NAME (its default weights with ``pretrained``)."""
     package, _, name = spec.partition(":")
     if package == "torchvision":
         import torchvision
@@ -130,7 +131,7 @@ def load_package_model(spec: str, pretrained: bool) -> nn.Module:
     name, _, tag = name.partition(":")
     if name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models(), e.g. open_clip:ViT-B-16")
-    return open_clip.create_model(name, pretrained=tag or None).visual
+    return unwrapped(open_clip.create_model(name, pretrained=tag or None).visual)[0]
 
 
 #: How long ``require_hub`` waits for the Hugging Face hub to answer before saying it cannot be reached.
