@@ -12,7 +12,7 @@ Hidden states are refused (their sizes differ per image) unless the config resto
 in the original order, and the classifiers still read the kept tokens. Attention maps are refused.
 
 ``HF`` is the adapter for ViT, DeiT (with or without its distillation head), DINOv2 and DINOv2 with
-registers, I-JEPA (no class token) and ViT-MAE (with ``mask_ratio=0``), as base models or image
+registers, I-JEPA (no class token), ViT-MAE (with ``mask_ratio=0``) and ViT-MSN, as base models or image
 classifiers. transformers is imported only when a model of it is met.
 """
 from __future__ import annotations
@@ -79,6 +79,14 @@ def base_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weigh
     else:  # DINOv2: the class token
         pooled = features[:, 0]
     return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=pooled)
+
+
+def sequence_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weights: torch.Tensor, prefix: int,
+                    labels: Optional[torch.Tensor]):
+    """The final features alone (ViT-MSN)."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    return BaseModelOutput(last_hidden_state=features)
 
 
 def class_token_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weights: torch.Tensor,
@@ -174,6 +182,8 @@ LAYOUTS = {
     "IJepaModel": Layout(None, base_output),
     "IJepaForImageClassification": Layout("ijepa", _mean_output),
     "ViTMAEModel": Layout(None, _mae_output),
+    "ViTMSNModel": Layout(None, sequence_output),
+    "ViTMSNForImageClassification": Layout("vit", class_token_output),
 }
 
 
