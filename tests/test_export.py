@@ -159,6 +159,14 @@ def test_the_adaptive_mode_exports_at_batch_1(name, tmp_path):
         assert len(set(counts)) > 1  # one graph, each image its own width
 
 
+@pytest.mark.parametrize("pool", ["avg", "map"])
+def test_the_adaptive_mode_exports_a_model_without_a_class_token(pool, tmp_path):
+    """Tokens scored by self-attention, pooled by the mean or an attention pool over each image's kept tokens."""
+    model = ats.patch(tiny_vit(depth=4, class_token=False, global_pool=pool),
+                      ats.ATSConfig.multi_stage(0.7, first=1, depth=4))
+    assert_adaptive_export_is_faithful(model, contrasted_images(), tmp_path / "adaptive.onnx", True)
+
+
 def test_exporting_a_tube_model_is_refused_with_the_reason():
     from ats.patch import family_of
 
