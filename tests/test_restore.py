@@ -122,6 +122,22 @@ def test_restore_gives_the_grid_and_keeps_the_kept_tokens_and_logits(method):
     assert torch.allclose(late, restored[:, 1:], atol=1e-6)
 
 
+@pytest.mark.parametrize("method", DROPPING)
+def test_static_mode_restores_what_the_adaptive_mode_does(method):
+    """In static mode (every block at its capacity) each rule gives the adaptive mode's full grid, and compiles whole
+    (dynamo's eager backend: the graph without building kernels)."""
+    model = tiny_vit()
+    with torch.no_grad():
+        for rule in RESTORE_RULES:
+            ats.patch(model, DROPPING[method](rule))
+            adaptive = model.forward_features(IMAGES)
+            ats.patch(model, DROPPING[method](rule), static=True)
+            assert (model.forward_features(IMAGES) - adaptive).abs().max() < 1e-5
+        if method == "ATS fuse":
+            compiled = torch.compile(model.forward_features, backend="eager", fullgraph=True)
+            assert (compiled(IMAGES) - adaptive).abs().max() < 1e-5
+
+
 def test_timm_features_only_and_refusals():
     model = tiny_vit()
     ats.patch(model, ats.ATSConfig.multi_stage(0.6))
