@@ -22,15 +22,11 @@ from ..flops import linear_flops
 from .hf import Layout, PatchEmbedding, pair
 from .hf_clip import VisionTowers, siglip_classifier_output, siglip_output
 
-LAYOUTS = {
-    "Siglip2VisionModel": Layout(None, siglip_output),
-    "Siglip2ForImageClassification": Layout("vision_model", siglip_classifier_output),
-}
-
 
 class Siglip2Towers(VisionTowers):
-    name = "Hugging Face " + ", ".join(LAYOUTS)
-    layouts = LAYOUTS
+    layouts = {"Siglip2VisionModel": Layout(None, siglip_output),
+               "Siglip2ForImageClassification": Layout("vision_model", siglip_classifier_output)}
+    name = "Hugging Face " + ", ".join(layouts)
     inputs = "the image processor's pixel_values [B, N, C*p*p], pixel_attention_mask [B, N] and spatial_shapes [B, 2]"
     padded_inputs = ("pixel_attention_mask", "spatial_shapes")
 
