@@ -106,9 +106,9 @@ class TokenBatch:
     def with_lengths(self, lengths: torch.Tensor) -> "TokenBatch":
         """A batch of whole sequences [B, N] in their order as image i's first ``lengths[i]`` tokens, padding after
         them (inputs that come padded: each image takes part with its own count)."""
-        width = self.width
-        keep = torch.arange(width, device=lengths.device) < lengths.to(self.lengths.device)[:, None]
-        return self.select(keep, capacity=width)[0]
+        lengths = lengths.to(self.lengths.device)
+        keep = torch.arange(self.width, device=lengths.device) < lengths[:, None]
+        return self.select(keep, capacity=self.width)[0]
 
     @property
     def batch_size(self) -> int:

@@ -129,7 +129,8 @@ class ATSState:
     """What a patched model carries: its family, config and original class, whether it runs in static mode, the
     last forward's stats and record (``token_map`` reads its restore data and tapped outputs), its shapes by input
     size (C, H, W), and the block parts of its last forward with what they depend on (neither record nor parts
-    pickled: they come with the next forward); taps: the blocks whose outputs the running forward keeps."""
+    pickled: they come with the next forward); taps: the blocks whose outputs the running forward keeps; lengths:
+    each image's token count where the running forward's inputs come padded (None: all of them)."""
 
     family: Family
     config: Method

@@ -22,7 +22,7 @@ from .hf import HuggingFaceFamily, Layout, PatchEmbedding, pair
 def attention_pool(head: nn.Module, features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """AIMv2's attention-pool head on features [B, m, C] whose tokens weigh ``weights`` [B, m] (each token's size,
     0 on padding) -> [B, C]: its learnt query attends over the valid tokens, proportionally to their size."""
-    batch, width, channels = features.shape
+    batch, _, channels = features.shape
     heads = head.num_heads
 
     def split(x: torch.Tensor) -> torch.Tensor:  # [B, n, C] -> [B, heads, n, C / heads]

@@ -76,7 +76,8 @@ class Siglip2Towers(VisionTowers):
         lengths = pixel_attention_mask.long().sum(dim=1)
         if not torch.compiler.is_compiling():
             first = torch.arange(patches, device=lengths.device) < lengths[:, None]
-            if not torch.equal(pixel_attention_mask.bool(), first) or not torch.equal(spatial_shapes.prod(1), lengths):
+            grids = spatial_shapes.prod(1).long()
+            if not torch.equal(pixel_attention_mask.bool(), first) or not torch.equal(grids, lengths):
                 raise ValueError("each image's patches must come first, padding after them, and fill its "
                                  "spatial_shapes grid, as the image processor gives them")
         if interpolate_pos_encoding:
