@@ -178,3 +178,21 @@ def test_torch_compile_does_not_recompile_for_new_token_counts(name):
             assert torch.allclose(logits, main_output(model(images)), atol=1e-5)
     recompiling_batches = sum(after > before for before, after in zip(compiled_frames[1:], compiled_frames[2:]))
     assert len(widths) >= 3 and recompiling_batches <= 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_half_precision_models_run_in_their_dtype(name, dtype):
+    """A model cast to float16 or bfloat16: keep-all gives its unpatched output, and fusing, distinct tokens,
+    merging and static mode give finite outputs in its dtype."""
+    model = MODELS[name]().to(dtype)
+    inputs = inputs_for(model).to(dtype)
+    configs = [dataclasses.replace(config_for(name), distinct=0.9), ats.MergeConfig(4)]
+    with torch.no_grad():
+        before = main_output(model(inputs)).float()
+        ats.patch(model, ats.KeepAllConfig())
+        assert (main_output(model(inputs)).float() - before).abs().max() <= 1e-2 * before.abs().max()
+        for config, static in [(config, False) for config in configs] + [(config_for(name), True)]:
+            ats.patch(model, config, static=static)
+            output = main_output(model(inputs))
+            assert output.dtype == dtype and torch.isfinite(output).all(), (config, static)

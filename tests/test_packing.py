@@ -88,6 +88,9 @@ def test_fold_averages_groups_by_size():
     folded, new_sizes = fold(x, sizes, target)
     assert folded[1, 0] == (1 * 1 + 3 * 3) / 4 and folded[2, 0] == 10
     assert new_sizes.tolist() == [0.0, 4.0, 2.0]  # token 0 moved away
+    for dtype in (torch.float16, torch.bfloat16):  # the token that moved away holds zeros, not 0 / 0
+        folded, _ = fold(x.to(dtype), sizes.to(dtype), target)
+        assert folded[0, 0] == 0 and folded[1, 0] == 2.5
 
 
 def test_rows_at_maps_each_rows_target_position_to_its_row():

@@ -183,7 +183,7 @@ def fold(x: torch.Tensor, sizes: torch.Tensor, target: torch.Tensor) -> tuple[to
     """
     weighted = torch.zeros_like(x).index_add_(0, target, x * sizes.unsqueeze(1))
     total = torch.zeros_like(sizes).index_add_(0, target, sizes)
-    return weighted / total.clamp_min(1e-12).unsqueeze(1), total
+    return weighted / total.clamp_min(torch.finfo(total.dtype).tiny).unsqueeze(1), total  # 1e-12 is 0 in fp16
 
 
 #: The rules ``restore_tokens`` rebuilds a dropped position by (the module docstring).

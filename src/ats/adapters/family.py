@@ -322,7 +322,7 @@ def valid_mean(x: torch.Tensor, weights: torch.Tensor, start: int = 0) -> torch.
     """The mean of features x [B, m, C] over each image's tokens from position ``start`` on, weighted by
     ``weights`` [B, m] (each token's size, 0 on padding) -> [B, C]."""
     x, weights = x[:, start:], weights[:, start:, None]
-    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-12)
+    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(torch.finfo(weights.dtype).tiny)
 
 
 def upper_bound_flops(shape: ViTShape, config: Optional[Method], costs: Mapping[int, BlockCost]) -> float:
