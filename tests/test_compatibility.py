@@ -17,7 +17,8 @@ from test_patch_siglip import tiny_siglip
 from torch._dynamo.testing import CompileCounter
 
 import ats
-from ats.adapters import takes_clips
+from ats.adapters import family_of, takes_clips
+from ats.reference import create_reference_video, create_reference_xvit
 
 CONFIG = ats.ATSConfig.multi_stage(0.87, first=1, depth=6, fuse=True)
 #: The video models' blocks as wide as the image models' (their clips are larger than their tokens).
@@ -196,3 +197,27 @@ def test_half_precision_models_run_in_their_dtype(name, dtype):
             ats.patch(model, config, static=static)
             output = main_output(model(inputs))
             assert output.dtype == dtype and torch.isfinite(output).all(), (config, static)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_an_empty_batch_gives_an_empty_output(name):
+    """A batch of no images (the last shard of an uneven split) passes through a patched model, even where the
+    unpatched one fails on it (transformers' ViT and timm's Beit cannot size their attention heads)."""
+    model = MODELS[name]()
+    inputs = inputs_for(model)
+    with torch.no_grad():
+        one = main_output(model(inputs[:1]))
+        for static in (False, True):
+            ats.patch(model, config_for(name), static=static)
+            assert main_output(model(inputs[:0])).shape == (0, *one.shape[1:])
+            assert ats.last_stats(model).gflops.shape == (0,)
+
+
+@pytest.mark.parametrize("create", [create_reference_video, create_reference_xvit], ids=["TimeSformer", "XViT"])
+def test_an_empty_batch_of_clips_passes_through_the_tube_families(create):
+    model = create().eval()
+    clips = torch.zeros(1, *family_of(model).input_size(model))
+    with torch.no_grad():
+        one = main_output(model(clips))
+        ats.patch(model, ats.ATSConfig.multi_stage(1.0, first=1, fuse=True, distinct=0.9))
+        assert main_output(model(clips[:0])).shape == (0, *one.shape[1:])

@@ -100,7 +100,7 @@ class TokenBatch:
         batch, n, _ = x.shape
         lengths = torch.full((batch,), n, dtype=torch.long, device=x.device)
         source = torch.arange(n, device=x.device).expand(batch, n)
-        return cls(x.reshape(batch * n, -1), lengths, n, None, source, keep_padding=keep_padding or static,
+        return cls(x.reshape(batch * n, x.shape[-1]), lengths, n, None, source, keep_padding=keep_padding or static,
                    num_source_tokens=n, static=static)
 
     def with_lengths(self, lengths: torch.Tensor) -> "TokenBatch":
@@ -183,16 +183,16 @@ class TokenBatch:
 
     def dense(self) -> torch.Tensor:
         """[B, m, C] view of the rows; only for a batch whose rows are the whole padded layout."""
-        return self.rows.view(self.batch_size, self.width, -1)
+        return self.rows.view(self.batch_size, self.width, self.rows.shape[-1])
 
     def pad(self, rows: torch.Tensor) -> torch.Tensor:
         """Scatter per-row values [T, D] into the padded layout [B, m, D] (zeros on padding)."""
         if self.row_index is None:
-            return rows.view(self.batch_size, self.width, -1)
+            return rows.view(self.batch_size, self.width, rows.shape[-1])
         with region("ats.pack"):
             padded = rows.new_zeros(self.batch_size * self.width, rows.shape[-1])
             padded.index_copy_(0, self.row_index, rows)
-            return padded.view(self.batch_size, self.width, -1)
+            return padded.view(self.batch_size, self.width, rows.shape[-1])
 
     def pad_values(self, values: torch.Tensor) -> torch.Tensor:
         """Scatter one value per row [T] into the padded layout [B, m] (zeros on padding).
@@ -205,7 +205,7 @@ class TokenBatch:
 
     def unpad(self, padded: torch.Tensor) -> torch.Tensor:
         """Gather the valid rows [T, D] of a padded tensor [B, m, D]."""
-        flat = padded.reshape(self.batch_size * self.width, -1)
+        flat = padded.reshape(self.batch_size * self.width, padded.shape[-1])
         if self.row_index is None:
             return flat
         with region("ats.pack"):

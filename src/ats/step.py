@@ -176,7 +176,7 @@ def run_blocks(blocks: Sequence[BlockParts], x: torch.Tensor, config: Method, nu
     record.tap(start - 1, batch)  # the tokens entering block ``start``: the embeddings when it is 0
     for index, parts in enumerate(blocks):
         record.enter(batch)
-        if index >= start:
+        if index >= start and batch.batch_size:  # an empty batch passes through every block as it is
             step = run_block
             if parts.checkpoint is not None and torch.is_grad_enabled():
                 step = partial(parts.checkpoint, run_block, use_reentrant=False)

@@ -95,23 +95,23 @@ def frames_to_tubes(x: torch.Tensor) -> torch.Tensor:
 
 def tubes_to_frames(tubes: torch.Tensor, frames: int) -> torch.Tensor:
     """Padded tubes [B, m, T * C] -> per-frame tokens [B, T, m, C]; the inverse of ``frames_to_tubes``."""
-    return tubes.unflatten(-1, (frames, -1)).transpose(1, 2)
+    return tubes.unflatten(-1, (frames, tubes.shape[-1] // frames)).transpose(1, 2)
 
 
 def to_tubes(tokens: torch.Tensor, frames: int) -> torch.Tensor:
     """TimeSformer's token sequence [B, 1 + P * T, C] (class token, then position-major, frames inner)
     -> tubes [B, 1 + P, T * C] (the class token repeated over frames)."""
-    batch, _, channels = tokens.shape
+    batch, length, channels = tokens.shape
     cls = tokens[:, :1].repeat(1, 1, frames)
-    return torch.cat([cls, tokens[:, 1:].reshape(batch, -1, frames * channels)], dim=1)
+    return torch.cat([cls, tokens[:, 1:].reshape(batch, (length - 1) // frames, frames * channels)], dim=1)
 
 
 def from_tubes(tubes: torch.Tensor, frames: int) -> torch.Tensor:
     """Padded tubes [B, m, T * C] -> TimeSformer's layout [B, 1 + (m - 1) * T, C] (the first copy of
     the class token); the inverse of ``to_tubes``."""
-    batch, _, width = tubes.shape
+    batch, length, width = tubes.shape
     channels = width // frames
-    return torch.cat([tubes[:, :1, :channels], tubes[:, 1:].reshape(batch, -1, channels)], dim=1)
+    return torch.cat([tubes[:, :1, :channels], tubes[:, 1:].reshape(batch, (length - 1) * frames, channels)], dim=1)
 
 
 def check_tube_config(config: Method, depth: int, blocks: str, alternative: str = "", static: bool = False) -> None:
@@ -150,7 +150,7 @@ def run_tube_blocks(blocks: Sequence[TubeBlockParts], tubes: torch.Tensor, frame
     record = ForwardRecord()
     for index, parts in enumerate(blocks):
         record.tokens_in.append(batch.live_tokens)
-        if index >= start:
+        if index >= start and batch.batch_size:  # an empty batch passes through every block as it is
             step = tube_block
             if parts.checkpoint is not None and torch.is_grad_enabled():
                 step = partial(parts.checkpoint, tube_block, use_reentrant=False)
@@ -239,13 +239,14 @@ def _keep_and_fold(x: torch.Tensor, keep: torch.Tensor, scores: torch.Tensor, k:
 
 def _frames_first(padded: torch.Tensor, frames: int) -> torch.Tensor:
     """Padded per-tube values [B, m, T * D] -> per-frame sequences [B * T, m, D]."""
-    batch, width, _ = padded.shape
-    return padded.view(batch, width, frames, -1).transpose(1, 2).reshape(batch * frames, width, -1)
+    batch, width, channels = padded.shape
+    return padded.view(batch, width, frames, channels // frames).transpose(1, 2).reshape(batch * frames, width,
+                                                                                         channels // frames)
 
 
 def _frames_last(per_frame: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
     """Per-frame sequences [B * T, m, D] -> padded tubes [B, m, T, D]."""
-    return per_frame.view(batch, frames, per_frame.shape[1], -1).transpose(1, 2)
+    return per_frame.view(batch, frames, *per_frame.shape[1:]).transpose(1, 2)
 
 
 def _per_clip(parts: TubeBlockParts, update: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
