@@ -258,6 +258,12 @@ def attention_of(layer: nn.Module) -> Attention:
                      getattr(inner, "q_bias", None), getattr(inner, "v_bias", None))
 
 
+def _mlp_module(layer: nn.Module) -> Optional[nn.Module]:
+    """A layer's MLP as one module (``mlp``; AIMv2's ``ffn``), or None where it keeps it as ``intermediate`` and
+    ``output.dense`` (Data2Vec-Vision, VideoMAE)."""
+    return layer.mlp if hasattr(layer, "mlp") else getattr(layer, "ffn", None)
+
+
 def _bert_mlp(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """The MLP of a layer that keeps it as ``intermediate`` and ``output.dense`` (its residual left out)."""
     return layer.output.dense(layer.intermediate(y))
@@ -288,8 +294,8 @@ def layer_parts(layer: nn.Module, dense: Optional[Callable[[torch.Tensor], torch
         norm1, norm2 = layer.rms_norm1, layer.rms_norm2
     else:
         norm1, norm2 = layer.layernorm_before, layer.layernorm_after
-    if hasattr(layer, "mlp") or hasattr(layer, "ffn"):  # AIMv2: ffn
-        mlp = layer.mlp if hasattr(layer, "mlp") else layer.ffn
+    mlp = _mlp_module(layer)
+    if mlp is not None:
         mlp_drop = getattr(layer, "dropout", nn.Identity())
     else:  # Data2Vec-Vision, VideoMAE
         mlp, mlp_drop = partial(_bert_mlp, layer), layer.output.dropout
@@ -306,7 +312,7 @@ def layer_parts(layer: nn.Module, dense: Optional[Callable[[torch.Tensor], torch
 def layer_sizes(layer: nn.Module) -> Tuple[int, int, int]:
     """(attention width, head width, the MLP's multiply-adds per token) of a transformers encoder layer."""
     attn = attention_of(layer)
-    mlp = layer.mlp if hasattr(layer, "mlp") else getattr(layer, "ffn", None)  # AIMv2: ffn
+    mlp = _mlp_module(layer)
     mlp_flops = linear_flops(mlp) if mlp is not None else \
         linear_flops(layer.intermediate) + linear_flops(layer.output.dense)
     return attn.q.out_features, attn.head_dim, mlp_flops

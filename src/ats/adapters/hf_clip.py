@@ -65,7 +65,7 @@ def _clip_classifier_output(model: nn.Module, base: nn.Module, features: torch.T
 
 
 def siglip_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weights: torch.Tensor, prefix: int,
-                   labels: Optional[torch.Tensor]):
+                  labels: Optional[torch.Tensor]):
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     pooled = attention_pool(base.head, features, weights) if base.use_head else None
@@ -73,7 +73,7 @@ def siglip_output(model: nn.Module, base: nn.Module, features: torch.Tensor, wei
 
 
 def siglip_classifier_output(model: nn.Module, base: nn.Module, features: torch.Tensor, weights: torch.Tensor,
-                              prefix: int, labels: Optional[torch.Tensor]):
+                             prefix: int, labels: Optional[torch.Tensor]):
     """SigLIP's classifier: the mean of all tokens (valid ones, by size)."""
     return classifier_output(model, model.classifier(valid_mean(features, weights)), labels)
 
